@@ -1,0 +1,88 @@
+//! Ingestion: every source (embedded MQTT broker, Modbus poller, HTTP line-protocol writes)
+//! turns its input into readings or points and hands them to the pipeline through an
+//! [`IngestHandle`].
+
+pub mod payload;
+pub mod mqtt;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::{DeviceId, Reading};
+use crate::storage::Point;
+
+/// Why a device changed its liveness.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LivenessCause {
+    /// The device or its MQTT last will published to `status/{site}/{device}`.
+    StatusMessage,
+    /// No reading arrived within the device's staleness timeout.
+    Stale,
+    /// The poller failed to read the device this many times in a row.
+    PollFailures(u32),
+    /// A reading arrived from a device marked offline.
+    Reading,
+}
+
+/// A message to the pipeline task.
+#[derive(Debug)]
+pub enum IngestMessage {
+    /// Validated readings of known devices.
+    Readings(Vec<Reading>),
+    /// Points written over HTTP. Points whose measurement and tags map to a known device
+    /// become readings; the rest are stored as they are. `done` receives the outcome
+    /// once the points were handed to storage.
+    Points { points: Vec<Point>, done: Option<oneshot::Sender<Result<(), String>>> },
+    /// A device went offline or came back.
+    Liveness { device: DeviceId, online: bool, cause: LivenessCause },
+}
+
+/// Error returned when the pipeline has shut down.
+#[derive(Debug, thiserror::Error)]
+#[error("the ingest pipeline is shut down")]
+pub struct PipelineClosed;
+
+/// A cloneable handle that sources use to feed the pipeline.
+///
+/// The channel is bounded, so a slow pipeline slows its sources down instead of letting
+/// memory grow.
+#[derive(Clone, Debug)]
+pub struct IngestHandle {
+    tx: mpsc::Sender<IngestMessage>,
+}
+
+impl IngestHandle {
+    /// Creates a handle and the receiver that the pipeline task drains.
+    pub fn channel(capacity: usize) -> (IngestHandle, mpsc::Receiver<IngestMessage>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (IngestHandle { tx }, rx)
+    }
+
+    /// Sends readings of known devices into the pipeline.
+    pub async fn submit(&self, readings: Vec<Reading>) -> Result<(), PipelineClosed> {
+        if readings.is_empty() {
+            return Ok(());
+        }
+        self.send(IngestMessage::Readings(readings)).await
+    }
+
+    /// Sends points and waits until the pipeline has handed them to storage.
+    pub async fn write_points(&self, points: Vec<Point>) -> Result<Result<(), String>, PipelineClosed> {
+        let (done, wait) = oneshot::channel();
+        self.send(IngestMessage::Points { points, done: Some(done) }).await?;
+        wait.await.map_err(|_| PipelineClosed)
+    }
+
+    /// Reports that a device went offline (`online == false`) or came back.
+    pub async fn liveness(
+        &self,
+        device: DeviceId,
+        online: bool,
+        cause: LivenessCause,
+    ) -> Result<(), PipelineClosed> {
+        self.send(IngestMessage::Liveness { device, online, cause }).await
+    }
+
+    async fn send(&self, message: IngestMessage) -> Result<(), PipelineClosed> {
+        self.tx.send(message).await.map_err(|_| PipelineClosed)
+    }
+}

@@ -1,0 +1,22 @@
+//! Stonelion: a safety-production telemetry and alarm server.
+//!
+//! Readings flow through stages, one module each: [`ingest`] (MQTT broker, Modbus poller,
+//! HTTP writes), [`pipeline`] (validation and routing), [`storage`] (time series),
+//! [`rules`] and [`alarms`] (thresholds and the alarm lifecycle), [`notify`] (webhooks)
+//! and [`api`] (HTTP). [`server`] starts and stops them in order.
+
+pub mod alarms;
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod notify;
+pub mod pipeline;
+pub mod profile;
+pub mod rules;
+pub mod server;
+pub mod storage;
