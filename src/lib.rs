@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod ingest;
 pub mod metrics;
+pub mod modbus;
 pub mod model;
 pub mod notify;
 pub mod pipeline;

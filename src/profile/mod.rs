@@ -1,14 +1,21 @@
-//! Device profiles: one TOML file per device type in `device-profiles/`, listing its metrics
-//! and its default rules.
+//! Device profiles: one TOML file per device type in `device-profiles/`, listing its metrics,
+//! where a Modbus device keeps them, and its default rules.
+
+pub mod check;
+pub mod register;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
 
 use crate::model::{MetricName, ProfileName, ValueKind};
 use crate::rules::spec::{Rule, RuleSpec};
+
+pub use check::check_dir;
+pub use register::{ByteOrder, DataType, Function, Register, RegisterSpec};
 
 /// A profile file as written.
 #[derive(Clone, Debug, Deserialize)]
@@ -28,6 +35,21 @@ pub struct ProfileSpec {
     /// Default rules for every device of this type.
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
+    /// Defaults for polling devices of this type over Modbus.
+    #[serde(default)]
+    pub modbus: Option<ProfileModbusSpec>,
+}
+
+/// Modbus defaults of a device type, as written under `[modbus]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileModbusSpec {
+    /// Default time between polls, such as `"5s"`; a device's `poll_interval` overrides it.
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
+    /// Most registers the device accepts in one read, from its manual; at most 125.
+    #[serde(default)]
+    pub max_registers_per_read: Option<u16>,
 }
 
 /// One metric of a device type.
@@ -39,9 +61,15 @@ pub struct MetricSpec {
     /// Unit of the value, such as `%LEL`, `ppm`, `°C` or `kWh`.
     #[serde(default)]
     pub unit: Option<String>,
-    /// `number` or `bool`.
+    /// `number` or `bool`. Bits, coils and discrete inputs must be `bool`.
     #[serde(default = "default_kind")]
     pub kind: ValueKind,
+    /// What the metric means, for operators.
+    #[serde(default)]
+    pub description: String,
+    /// Where a Modbus device keeps the metric; absent for metrics that arrive over MQTT.
+    #[serde(default)]
+    pub modbus: Option<RegisterSpec>,
 }
 
 fn default_kind() -> ValueKind {
@@ -56,13 +84,29 @@ pub struct Profile {
     pub source: Option<String>,
     pub metrics: Vec<MetricSpec>,
     pub rules: Vec<Rule>,
+    /// Checked Modbus registers of the metrics that have them, in file order.
+    pub registers: Vec<MetricRegister>,
+    /// Modbus defaults of the device type.
+    pub modbus: ProfileModbusSpec,
     /// The file the profile was read from, or `None` for a built-in one.
     pub path: Option<PathBuf>,
+}
+
+/// A metric and the checked register it is read from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricRegister {
+    pub metric: MetricName,
+    pub register: Register,
 }
 
 impl Profile {
     pub fn metric(&self, name: &MetricName) -> Option<&MetricSpec> {
         self.metrics.iter().find(|m| m.name == *name)
+    }
+
+    /// The register a metric is read from, if the profile gives one.
+    pub fn register(&self, name: &MetricName) -> Option<&Register> {
+        self.registers.iter().find(|r| r.metric == *name).map(|r| &r.register)
     }
 }
 
@@ -148,6 +192,21 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Profile, Vec<ProfileErro
                 metric.name
             )));
         }
+        if !is_snake_case(metric.name.as_str()) {
+            errors.push(invalid(format!(
+                "metric `{}`: names are snake_case (lowercase letters, digits, `_`); rename it",
+                metric.name
+            )));
+        }
+    }
+    let registers = check_registers(&spec, &mut errors, &invalid);
+    errors.extend(check::overlaps(&registers).into_iter().map(&invalid));
+    if let Some(max) = spec.modbus.as_ref().and_then(|m| m.max_registers_per_read) {
+        if !(1..=125).contains(&max) {
+            errors.push(invalid(format!(
+                "[modbus] max_registers_per_read {max} is invalid; write 1 to 125"
+            )));
+        }
     }
     let mut rules = Vec::new();
     for rule in &spec.rules {
@@ -174,6 +233,53 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Profile, Vec<ProfileErro
         source: spec.source,
         metrics: spec.metrics,
         rules,
+        registers,
+        modbus: spec.modbus.unwrap_or_default(),
         path: path.map(Path::to_owned),
     })
+}
+
+/// Checks each metric's register description and that its kind matches the register.
+fn check_registers(
+    spec: &ProfileSpec,
+    errors: &mut Vec<ProfileError>,
+    invalid: &dyn Fn(String) -> ProfileError,
+) -> Vec<MetricRegister> {
+    let mut registers = Vec::new();
+    for metric in &spec.metrics {
+        let Some(register_spec) = &metric.modbus else { continue };
+        match register_spec.check() {
+            Ok(register) => {
+                check_kind(metric, &register, errors, invalid);
+                registers.push(MetricRegister { metric: metric.name.clone(), register });
+            }
+            Err(problems) => errors.extend(problems.into_iter().map(|(key, message)| {
+                invalid(format!("metric `{}`: modbus.{key}: {message}", metric.name))
+            })),
+        }
+    }
+    registers
+}
+
+fn check_kind(
+    metric: &MetricSpec,
+    register: &Register,
+    errors: &mut Vec<ProfileError>,
+    invalid: &dyn Fn(String) -> ProfileError,
+) {
+    let expected = if register.is_bool() { ValueKind::Bool } else { ValueKind::Number };
+    if register.data_type != DataType::String && metric.kind != expected {
+        let kind = if expected == ValueKind::Bool { "bool" } else { "number" };
+        errors.push(invalid(format!(
+            "metric `{}`: its register decodes to a {kind}, so write `kind = \"{kind}\"`",
+            metric.name
+        )));
+    }
+}
+
+/// Whether `name` is lowercase snake_case, such as `gas_lel`.
+pub fn is_snake_case(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
