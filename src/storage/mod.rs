@@ -5,6 +5,7 @@
 //! is the device profile, the tags are `site`, `device` and `site_kind`, and each metric
 //! is a field. Timestamps are milliseconds since the Unix epoch.
 
+pub mod engine;
 pub mod sqlite;
 
 use std::time::Duration;

@@ -1,0 +1,255 @@
+//! Sealed segment files: one compressed chunk per series, written once and never changed.
+//!
+//! Layout, all integers little-endian:
+//!
+//! ```text
+//! "SLSEG001"                         8-byte magic
+//! chunk data ...                     per chunk: pco timestamps (i64) then pco values (f64)
+//! index: count u32, then per chunk   series u32, points u32, min_ts i64, max_ts i64,
+//!                                    offset u64, ts_len u32, values_len u32, crc32 u32
+//! footer: index_offset u64, index_crc32 u32, "SLSEGEND"
+//! ```
+//!
+//! A segment is written to a `.tmp` file, synced and renamed, so a crash leaves either
+//! the whole file or none of it. Chunks are sorted by timestamp with duplicates removed.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use pco::ChunkConfig;
+use pco::standalone::{simple_compress, simple_decompress};
+
+use crate::storage::StorageError;
+
+use super::memtable::SeriesBuf;
+
+const MAGIC: &[u8; 8] = b"SLSEG001";
+const FOOTER_MAGIC: &[u8; 8] = b"SLSEGEND";
+const INDEX_ENTRY_LEN: usize = 44;
+const FOOTER_LEN: usize = 20;
+
+/// Where one series' chunk sits in a segment file.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkMeta {
+    pub series: u32,
+    pub points: u32,
+    pub min_ts: i64,
+    pub max_ts: i64,
+    offset: u64,
+    ts_len: u32,
+    values_len: u32,
+    crc: u32,
+}
+
+/// An open, immutable segment of one partition.
+#[derive(Debug)]
+pub struct Segment {
+    pub path: PathBuf,
+    /// First and last WAL epoch whose data this segment contains. Later epochs win
+    /// when two segments store the same series and timestamp.
+    pub seq_lo: u64,
+    pub seq_hi: u64,
+    pub file_len: u64,
+    /// Sorted by series id.
+    chunks: Vec<ChunkMeta>,
+    file: File,
+}
+
+/// The file name of a segment covering WAL epochs `seq_lo..=seq_hi`.
+pub fn segment_file_name(seq_lo: u64, seq_hi: u64) -> String {
+    format!("seg-{seq_lo:020}-{seq_hi:020}.seg")
+}
+
+/// Parses `seg-LO-HI.seg` back into its epoch range.
+pub fn parse_segment_file_name(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("seg-")?.strip_suffix(".seg")?;
+    let (lo, hi) = rest.split_once('-')?;
+    Some((lo.parse().ok()?, hi.parse().ok()?))
+}
+
+fn corrupt(path: &Path, what: &str) -> StorageError {
+    StorageError::Database(format!(
+        "segment {} is corrupt: {what}; move the file away to open the store without it",
+        path.display()
+    ))
+}
+
+fn codec_error(err: &pco::errors::PcoError) -> StorageError {
+    StorageError::Database(format!("pco codec failed: {err}"))
+}
+
+/// Encodes sorted, deduplicated points of one series into timestamp and value blobs.
+pub fn encode_chunk(ts: &[i64], values: &[f64]) -> Result<(Vec<u8>, Vec<u8>), StorageError> {
+    let config = ChunkConfig::default();
+    let ts_bytes = simple_compress(ts, &config).map_err(|e| codec_error(&e))?;
+    let value_bytes = simple_compress(values, &config).map_err(|e| codec_error(&e))?;
+    Ok((ts_bytes, value_bytes))
+}
+
+/// Writes a segment atomically into `dir` from sorted, deduplicated chunks in series
+/// id order. Chunks come from an iterator so that compaction holds one series at a time.
+pub fn write_segment(
+    dir: &Path,
+    seq_lo: u64,
+    seq_hi: u64,
+    chunks: impl IntoIterator<Item = Result<(u32, SeriesBuf), StorageError>>,
+) -> Result<Segment, StorageError> {
+    fs::create_dir_all(dir)?;
+    let name = segment_file_name(seq_lo, seq_hi);
+    let path = dir.join(&name);
+    let tmp_path = dir.join(format!("{name}.tmp"));
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp_path)?);
+    out.write_all(MAGIC)?;
+    let mut offset = MAGIC.len() as u64;
+    let mut index = Vec::new();
+
+    for chunk in chunks {
+        let (series, SeriesBuf { ts, values }) = chunk?;
+        if ts.is_empty() {
+            continue;
+        }
+        let (ts_bytes, value_bytes) = encode_chunk(&ts, &values)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&ts_bytes);
+        crc.update(&value_bytes);
+        out.write_all(&ts_bytes)?;
+        out.write_all(&value_bytes)?;
+        index.push(ChunkMeta {
+            series,
+            points: ts.len() as u32,
+            min_ts: ts[0],
+            max_ts: ts[ts.len() - 1],
+            offset,
+            ts_len: ts_bytes.len() as u32,
+            values_len: value_bytes.len() as u32,
+            crc: crc.finalize(),
+        });
+        offset += (ts_bytes.len() + value_bytes.len()) as u64;
+    }
+
+    let index_bytes = encode_index(&index);
+    out.write_all(&index_bytes)?;
+    out.write_all(&offset.to_le_bytes())?;
+    out.write_all(&crc32fast::hash(&index_bytes).to_le_bytes())?;
+    out.write_all(FOOTER_MAGIC)?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp_path, &path)?;
+    sync_dir(dir)?;
+    Segment::open(&path, seq_lo, seq_hi)
+}
+
+fn encode_index(index: &[ChunkMeta]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(4 + index.len() * INDEX_ENTRY_LEN);
+    bytes.extend_from_slice(&(index.len() as u32).to_le_bytes());
+    for c in index {
+        bytes.extend_from_slice(&c.series.to_le_bytes());
+        bytes.extend_from_slice(&c.points.to_le_bytes());
+        bytes.extend_from_slice(&c.min_ts.to_le_bytes());
+        bytes.extend_from_slice(&c.max_ts.to_le_bytes());
+        bytes.extend_from_slice(&c.offset.to_le_bytes());
+        bytes.extend_from_slice(&c.ts_len.to_le_bytes());
+        bytes.extend_from_slice(&c.values_len.to_le_bytes());
+        bytes.extend_from_slice(&c.crc.to_le_bytes());
+    }
+    bytes
+}
+
+fn read_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn read_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn decode_index(path: &Path, bytes: &[u8]) -> Result<Vec<ChunkMeta>, StorageError> {
+    let count = read_u32(bytes, 0) as usize;
+    if bytes.len() != 4 + count * INDEX_ENTRY_LEN {
+        return Err(corrupt(path, "index length does not match its entry count"));
+    }
+    let mut chunks = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = 4 + i * INDEX_ENTRY_LEN;
+        chunks.push(ChunkMeta {
+            series: read_u32(bytes, at),
+            points: read_u32(bytes, at + 4),
+            min_ts: read_u64(bytes, at + 8).cast_signed(),
+            max_ts: read_u64(bytes, at + 16).cast_signed(),
+            offset: read_u64(bytes, at + 24),
+            ts_len: read_u32(bytes, at + 32),
+            values_len: read_u32(bytes, at + 36),
+            crc: read_u32(bytes, at + 40),
+        });
+    }
+    chunks.sort_by_key(|c| c.series);
+    Ok(chunks)
+}
+
+/// Syncs a directory so that renames and deletions in it survive a power loss.
+pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+impl Segment {
+    /// Opens a segment and checks its footer and index.
+    pub fn open(path: &Path, seq_lo: u64, seq_hi: u64) -> Result<Segment, StorageError> {
+        let file = File::open(path)?;
+        let file_len = file.metadata()?.len();
+        if file_len < (MAGIC.len() + 4 + FOOTER_LEN) as u64 {
+            return Err(corrupt(path, "file is shorter than its header and footer"));
+        }
+        let mut footer = [0u8; FOOTER_LEN];
+        file.read_exact_at(&mut footer, file_len - FOOTER_LEN as u64)?;
+        if &footer[12..] != FOOTER_MAGIC {
+            return Err(corrupt(path, "footer magic is missing"));
+        }
+        let index_offset = read_u64(&footer, 0);
+        let index_crc = read_u32(&footer, 8);
+        let index_end = file_len - FOOTER_LEN as u64;
+        if index_offset < MAGIC.len() as u64 || index_offset > index_end {
+            return Err(corrupt(path, "index offset is outside the file"));
+        }
+        let mut index = vec![0u8; (index_end - index_offset) as usize];
+        file.read_exact_at(&mut index, index_offset)?;
+        if crc32fast::hash(&index) != index_crc {
+            return Err(corrupt(path, "index checksum does not match"));
+        }
+        let chunks = decode_index(path, &index)?;
+        Ok(Segment { path: path.to_owned(), seq_lo, seq_hi, file_len, chunks, file })
+    }
+
+    pub fn chunk(&self, series: u32) -> Option<&ChunkMeta> {
+        let i = self.chunks.binary_search_by_key(&series, |c| c.series).ok()?;
+        Some(&self.chunks[i])
+    }
+
+    pub fn chunks(&self) -> &[ChunkMeta] {
+        &self.chunks
+    }
+
+    pub fn point_count(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.points)).sum()
+    }
+
+    /// Reads and decodes one chunk, checking its checksum.
+    pub fn read_chunk(&self, meta: &ChunkMeta) -> Result<SeriesBuf, StorageError> {
+        let total = meta.ts_len as usize + meta.values_len as usize;
+        let mut bytes = vec![0u8; total];
+        self.file.read_exact_at(&mut bytes, meta.offset)?;
+        if crc32fast::hash(&bytes) != meta.crc {
+            return Err(corrupt(&self.path, &format!("chunk of series {} fails its checksum", meta.series)));
+        }
+        let (ts_bytes, value_bytes) = bytes.split_at(meta.ts_len as usize);
+        let ts = simple_decompress::<i64>(ts_bytes).map_err(|e| codec_error(&e))?;
+        let values = simple_decompress::<f64>(value_bytes).map_err(|e| codec_error(&e))?;
+        if ts.len() != meta.points as usize || values.len() != meta.points as usize {
+            return Err(corrupt(&self.path, &format!("chunk of series {} has the wrong length", meta.series)));
+        }
+        Ok(SeriesBuf { ts, values })
+    }
+}
