@@ -362,6 +362,17 @@ mod tests {
     }
 
     #[test]
+    fn secret_env_read_from_environment() {
+        // PATH is set in every test environment, and setting a variable here would need
+        // `unsafe` in edition 2024.
+        let config = parse("name = \"a\"\nurl = \"https://h/\"\nsecret_env = \"PATH\"");
+        let path = std::env::var("PATH").expect("PATH is set");
+
+        let webhook = config.to_webhook().expect("valid config builds");
+        assert_eq!(webhook.secret.expose(), path.as_bytes());
+    }
+
+    #[test]
     fn backoff_and_events_checked() {
         let config = parse(
             "name = \"a\"\nurl = \"https://h/\"\nsecret = \"s\"\ntimeout = \"0s\"\n\
