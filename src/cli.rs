@@ -1,3 +1,196 @@
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! Command-line interface: `run`, `demo`, `check-config` and `profiles check`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::clock::SystemClock;
+use crate::config::{self, Config, Overrides, builtin::builtin_profiles};
+use crate::server::Server;
+
+#[derive(Debug, Parser)]
+#[command(name = "stonelion", version, about = "Safety-production telemetry and alarm server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Run {
+        /// Config file; without it the server runs on the built-in defaults.
+        #[arg(long, short, env = "STONELION_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        listen: ListenArgs,
+    },
+    /// Run the server with simulated devices and a webhook receiver, raising a gas alarm
+    /// within a minute.
+    Demo {
+        #[command(flatten)]
+        listen: ListenArgs,
+        /// Address of the demo's own webhook receiver; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        webhook_listen: SocketAddr,
+    },
+    /// Check a config file and print every problem; exits with 0 only for a valid file.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Work with device profiles.
+    Profiles {
+        #[command(subcommand)]
+        command: ProfilesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfilesCommand {
+    /// Check every profile in a directory and print every problem.
+    Check {
+        /// Directory of profile files.
+        #[arg(default_value = "device-profiles")]
+        dir: PathBuf,
+    },
+}
+
+/// Flags that override the config file; each also reads an environment variable.
+#[derive(Debug, Args)]
+struct ListenArgs {
+    /// HTTP API address, such as 127.0.0.1:8080; port 0 picks a free port.
+    #[arg(long, env = "STONELION_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// MQTT broker address, such as 127.0.0.1:1883; port 0 picks a free port.
+    #[arg(long, env = "STONELION_MQTT_LISTEN")]
+    mqtt_listen: Option<SocketAddr>,
+    /// Directory for time series, alarms and the webhook queue.
+    #[arg(long, env = "STONELION_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl ListenArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides { http_listen: self.http_listen, mqtt_listen: self.mqtt_listen, data_dir: self.data_dir.clone() }
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Profiles { command: ProfilesCommand::Check { dir } } => check_profiles(&dir),
+        Command::Run { config, listen } => run_async(async move {
+            let mut config = match config {
+                Some(path) => config::load_file(&path, builtin_profiles())?,
+                None => config::parse("", builtin_profiles()).map_err(|problems| config::ConfigError {
+                    source_name: "built-in defaults".to_owned(),
+                    problems,
+                })?,
+            };
+            listen.overrides().apply(&mut config.server);
+            serve(config).await
+        }),
+        Command::Demo { listen, webhook_listen } => {
+            run_async(async move { crate::demo::run(listen.overrides(), webhook_listen).await })
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STONELION_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run_async(job: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a server until SIGTERM or Ctrl-C, then shuts it down in order.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = Server::start(config, Arc::new(SystemClock)).await?;
+    println!("stonelion listening: http={} mqtt={}", server.http_addr, server.mqtt_addr);
+    wait_for_signal().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; stop the server with Ctrl-C");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match config::load_file(path, builtin_profiles()) {
+        Ok(config) => {
+            println!(
+                "{}: valid ({} sites, {} devices, {} webhooks)",
+                path.display(),
+                config.sites.len(),
+                config.devices.len(),
+                config.webhooks.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            for problem in &error.problems {
+                let place = if problem.line == 0 { String::new() } else { format!("{}:", problem.line) };
+                let key = if problem.key.is_empty() { String::new() } else { format!(" {}:", problem.key) };
+                println!("{}:{place}{key} {}", error.source_name, problem.message);
+            }
+            println!("{}: {} problem(s) found", error.source_name, error.problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_profiles(dir: &Path) -> ExitCode {
+    let problems = crate::profile::check::check_dir(dir);
+    if problems.is_empty() {
+        println!("{}: all profiles are valid", dir.display());
+        ExitCode::SUCCESS
+    } else {
+        for problem in &problems {
+            println!("{problem}");
+        }
+        println!("{}: {} problem(s) found", dir.display(), problems.len());
+        ExitCode::FAILURE
+    }
 }

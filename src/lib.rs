@@ -20,4 +20,6 @@ pub mod pipeline;
 pub mod profile;
 pub mod rules;
 pub mod server;
+mod server_http;
+mod server_modbus;
 pub mod storage;

@@ -1,1 +1,291 @@
+//! The pipeline task: takes readings and points from every source, keeps each device's
+//! liveness and latest values, stores the data, and passes readings to the alarm stage.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::alarms::manager::{AlarmCommand, AlarmHandle};
+use crate::clock::SharedClock;
+use crate::ingest::directory::{DeviceEntry, Directory};
+use crate::ingest::{IngestMessage, LivenessCause};
+use crate::metrics::SharedRegistry;
+use crate::model::{DeviceId, MetricName, Reading, Source, Timestamp, Value};
+use crate::storage::{Point, SeriesKey, TimeSeriesStore};
+
+/// Liveness and latest values of one device, as the API shows them.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceState {
+    /// `None` until the device reports or its staleness timeout passes.
+    pub online: Option<bool>,
+    pub last_seen: Option<Timestamp>,
+    pub latest: BTreeMap<MetricName, (Timestamp, Value)>,
+}
+
+/// Device states shared with the API.
+pub type DeviceStates = Arc<RwLock<HashMap<DeviceId, DeviceState>>>;
+
+/// Builds the storage key of a device's metric: measurement = profile, tags site, device and
+/// site kind, field = metric.
+pub fn series_key(entry: &DeviceEntry, metric: &MetricName) -> SeriesKey {
+    SeriesKey::new(
+        entry.profile.as_str(),
+        vec![
+            ("site".to_owned(), entry.site.to_string()),
+            ("device".to_owned(), entry.id.to_string()),
+            ("site_kind".to_owned(), entry.site_kind.as_str().to_owned()),
+        ],
+        metric.as_str(),
+    )
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
+}
+
+struct PipelineMetrics {
+    readings: Family<SourceLabel, Counter>,
+    points_stored: Counter,
+    storage_failures: Counter,
+    devices_online: Gauge,
+    devices_offline: Gauge,
+}
+
+/// Everything the pipeline task needs.
+pub struct Pipeline {
+    pub directory: Arc<Directory>,
+    pub store: Arc<dyn TimeSeriesStore>,
+    pub alarms: AlarmHandle,
+    pub states: DeviceStates,
+    pub clock: SharedClock,
+    /// Staleness timeout per device.
+    pub stale_after: HashMap<DeviceId, Duration>,
+}
+
+impl Pipeline {
+    /// Runs until the channel closes or `shutdown` is cancelled and the channel is drained,
+    /// then flushes storage.
+    pub async fn run(self, mut rx: mpsc::Receiver<IngestMessage>, registry: &SharedRegistry, shutdown: CancellationToken) {
+        let metrics = self.register(registry);
+        let started = self.clock.now();
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = rx.recv() => match message {
+                    Some(message) => self.handle(message, &metrics).await,
+                    None => break,
+                },
+                _ = ticker.tick() => self.check_staleness(started, &metrics).await,
+                () = shutdown.cancelled() => {
+                    // Take what the sources already handed over, then stop.
+                    rx.close();
+                    while let Some(message) = rx.recv().await {
+                        self.handle(message, &metrics).await;
+                    }
+                    break;
+                }
+            }
+        }
+        match self.store.flush() {
+            Ok(()) => tracing::info!("storage flushed"),
+            Err(e) => tracing::error!(error = %e, "flushing storage at shutdown failed; recent readings may be lost"),
+        }
+    }
+
+    fn register(&self, registry: &SharedRegistry) -> PipelineMetrics {
+        let metrics = PipelineMetrics {
+            readings: Family::default(),
+            points_stored: Counter::default(),
+            storage_failures: Counter::default(),
+            devices_online: Gauge::default(),
+            devices_offline: Gauge::default(),
+        };
+        registry.register(|r| {
+            r.register("readings_received", "Readings accepted, by source", metrics.readings.clone());
+            r.register("points_stored", "Points handed to storage", metrics.points_stored.clone());
+            r.register("storage_failures", "Storage writes that failed", metrics.storage_failures.clone());
+            r.register("devices_online", "Devices currently online", metrics.devices_online.clone());
+            r.register("devices_offline", "Devices currently offline", metrics.devices_offline.clone());
+        });
+        metrics
+    }
+
+    async fn handle(&self, message: IngestMessage, metrics: &PipelineMetrics) {
+        match message {
+            IngestMessage::Readings(readings) => {
+                let _ = self.readings(readings, metrics).await;
+            }
+            IngestMessage::Points { points, done } => {
+                let result = self.points(points, metrics).await;
+                if let Some(done) = done {
+                    let _ = done.send(result);
+                }
+            }
+            IngestMessage::Liveness { device, online, cause } => {
+                self.set_liveness(&device, online, &cause, metrics).await;
+            }
+        }
+    }
+
+    async fn readings(&self, readings: Vec<Reading>, metrics: &PipelineMetrics) -> Result<(), String> {
+        if readings.is_empty() {
+            return Ok(());
+        }
+        let mut points = Vec::with_capacity(readings.len());
+        let mut came_online = Vec::new();
+        {
+            let mut states = self.states.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for reading in &readings {
+                let Some(entry) = self.directory.device(&reading.device) else { continue };
+                metrics.readings.get_or_create(&SourceLabel { source: source_name(reading.source).to_owned() }).inc();
+                points.push(Point { series: series_key(entry, &reading.metric), ts: reading.ts, value: reading.value });
+                let state = states.entry(reading.device.clone()).or_default();
+                if state.online != Some(true) && !came_online.contains(&reading.device) {
+                    came_online.push(reading.device.clone());
+                }
+                state.last_seen = Some(state.last_seen.map_or(reading.ts, |t| t.max(reading.ts)).max(self.clock.now()));
+                let newer = state.latest.get(&reading.metric).is_none_or(|(t, _)| *t <= reading.ts);
+                if newer {
+                    state.latest.insert(reading.metric.clone(), (reading.ts, reading.value));
+                }
+            }
+        }
+        let stored = self.store_points(points, metrics);
+        for device in came_online {
+            self.set_liveness(&device, true, &LivenessCause::Reading, metrics).await;
+        }
+        // Rules run on readings even when storage failed: an alarm must not wait for a disk.
+        let _ = self.alarms.send(AlarmCommand::Readings(readings)).await;
+        stored
+    }
+
+    fn store_points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), String> {
+        let count = points.len() as u64;
+        match self.store.write(points) {
+            Ok(()) => {
+                metrics.points_stored.inc_by(count);
+                Ok(())
+            }
+            Err(e) => {
+                metrics.storage_failures.inc();
+                tracing::error!(error = %e, points = count, "storing readings failed");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Stores points written over HTTP. Points of a known device's profile measurement and
+    /// `device` tag become readings, so rules apply to them; the rest are stored as they are.
+    async fn points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), String> {
+        let mut readings = Vec::new();
+        let mut other = Vec::new();
+        for point in points {
+            match self.as_reading(&point) {
+                Some(reading) => readings.push(reading),
+                None => other.push(point),
+            }
+        }
+        let stored = if other.is_empty() { Ok(()) } else { self.store_points(other, metrics) };
+        let readings_stored = self.readings(readings, metrics).await;
+        stored.and(readings_stored)
+    }
+
+    fn as_reading(&self, point: &Point) -> Option<Reading> {
+        let device = DeviceId::new(point.series.tag("device")?);
+        let entry = self.directory.device(&device)?;
+        if entry.profile.as_str() != point.series.measurement {
+            return None;
+        }
+        if point.series.tag("site").is_some_and(|s| s != entry.site.as_str()) {
+            return None;
+        }
+        let metric = MetricName::new(point.series.field.as_str());
+        entry.metrics.get(&metric)?;
+        Some(Reading {
+            site: entry.site.clone(),
+            device,
+            metric,
+            ts: point.ts,
+            value: point.value,
+            source: Source::HttpWrite,
+        })
+    }
+
+    async fn set_liveness(&self, device: &DeviceId, online: bool, cause: &LivenessCause, metrics: &PipelineMetrics) {
+        let changed = {
+            let mut states = self.states.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let state = states.entry(device.clone()).or_default();
+            let changed = state.online != Some(online);
+            state.online = Some(online);
+            if online && matches!(cause, LivenessCause::StatusMessage) {
+                state.last_seen = Some(self.clock.now());
+            }
+            changed
+        };
+        self.update_gauges(metrics);
+        if !changed {
+            return;
+        }
+        let cause_text = describe(cause);
+        tracing::info!(device = %device, online, cause = %cause_text, "device {}", if online { "online" } else { "offline" });
+        let _ = self
+            .alarms
+            .send(AlarmCommand::Liveness { device: device.clone(), online, at: self.clock.now(), cause: cause_text })
+            .await;
+    }
+
+    async fn check_staleness(&self, started: Timestamp, metrics: &PipelineMetrics) {
+        let now = self.clock.now();
+        let stale: Vec<DeviceId> = {
+            let states = self.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.stale_after
+                .iter()
+                .filter(|(device, timeout)| {
+                    let state = states.get(*device);
+                    let since = state.and_then(|s| s.last_seen).unwrap_or(started);
+                    let online = state.and_then(|s| s.online) != Some(false);
+                    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+                    online && now.0.saturating_sub(since.0) > timeout_ms
+                })
+                .map(|(device, _)| device.clone())
+                .collect()
+        };
+        for device in stale {
+            self.set_liveness(&device, false, &LivenessCause::Stale, metrics).await;
+        }
+    }
+
+    fn update_gauges(&self, metrics: &PipelineMetrics) {
+        let states = self.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let online = states.values().filter(|s| s.online == Some(true)).count();
+        let offline = states.values().filter(|s| s.online == Some(false)).count();
+        metrics.devices_online.set(i64::try_from(online).unwrap_or(i64::MAX));
+        metrics.devices_offline.set(i64::try_from(offline).unwrap_or(i64::MAX));
+    }
+}
+
+fn source_name(source: Source) -> &'static str {
+    match source {
+        Source::Mqtt => "mqtt",
+        Source::Modbus => "modbus",
+        Source::HttpWrite => "http_write",
+    }
+}
+
+fn describe(cause: &LivenessCause) -> String {
+    match cause {
+        LivenessCause::StatusMessage => "status message".to_owned(),
+        LivenessCause::Stale => "no reading within the staleness timeout".to_owned(),
+        LivenessCause::PollFailures(n) => format!("{n} consecutive poll failures"),
+        LivenessCause::Reading => "reading received".to_owned(),
+    }
+}

@@ -1,1 +1,210 @@
+//! Starts the stages in order and stops them in reverse: ingest first, then the pipeline
+//! flushes storage, then the HTTP API and the alarm stage stop, then the webhook
+//! dispatcher finishes its in-flight deliveries.
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::alarms::manager::AlarmManager;
+use crate::alarms::store::{self as alarm_store, AlarmStore};
+use crate::api::AppState;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::ingest::directory::Directory;
+use crate::ingest::mqtt::{BrokerSettings, EmbeddedBroker, spawn_ingest_link};
+use crate::ingest::reject::RejectLog;
+use crate::ingest::IngestHandle;
+use crate::metrics::SharedRegistry;
+use crate::pipeline::{DeviceStates, Pipeline};
+use crate::storage::TimeSeriesStore;
+use crate::storage::sqlite::SqliteStore;
+
+/// Capacity of the channel into the pipeline, in messages.
+const INGEST_CHANNEL: usize = 4096;
+/// Capacity of the channel into the alarm stage, in commands.
+const ALARM_CHANNEL: usize = 4096;
+/// How often retention runs.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// A running server.
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
+    pub registry: SharedRegistry,
+    pub ingest: IngestHandle,
+    pub states: DeviceStates,
+    pub store: Arc<dyn TimeSeriesStore>,
+    broker: EmbeddedBroker,
+    stop_ingest: CancellationToken,
+    stop_http: CancellationToken,
+    stop_dispatcher: CancellationToken,
+    ingest_tasks: Vec<JoinHandle<()>>,
+    pipeline: JoinHandle<()>,
+    http: JoinHandle<()>,
+    alarms: JoinHandle<()>,
+    dispatcher: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts every stage on the current tokio runtime.
+    pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Server> {
+        let data_dir = config.server.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+        let registry = SharedRegistry::new();
+        let config = Arc::new(config);
+
+        let store: Arc<dyn TimeSeriesStore> = Arc::new(
+            SqliteStore::open(&data_dir.join("series"), config.storage.commit_interval)
+                .context("cannot open the time-series store")?,
+        );
+
+        let state_db = data_dir.join("state.sqlite");
+        let alarm_store = AlarmStore::open(&state_db, config.webhooks.clone())
+            .with_context(|| format!("cannot open the state database {}", state_db.display()))?;
+        let stop_dispatcher = CancellationToken::new();
+        let (dispatcher_handle, dispatcher) = crate::notify::spawn_dispatcher(
+            &state_db,
+            config.webhooks.clone(),
+            &clock,
+            &registry,
+            &stop_dispatcher,
+        )
+        .context("cannot start the webhook dispatcher")?;
+        let manager = AlarmManager::new(
+            &config,
+            alarm_store,
+            clock.clone(),
+            dispatcher_handle,
+            Some(store.clone()),
+            &registry,
+        )
+        .context("cannot load the open alarms")?;
+        let (alarm_handle, alarms) = manager.spawn(ALARM_CHANNEL);
+
+        let directory = Arc::new(Directory::from_config(&config));
+        let states: DeviceStates = Arc::new(RwLock::new(Default::default()));
+        let (ingest, ingest_rx) = IngestHandle::channel(INGEST_CHANNEL);
+        let stop_ingest = CancellationToken::new();
+        let pipeline = Pipeline {
+            directory: directory.clone(),
+            store: store.clone(),
+            alarms: alarm_handle.clone(),
+            states: states.clone(),
+            clock: clock.clone(),
+            stale_after: config.devices.iter().map(|d| (d.id.clone(), d.stale_after)).collect(),
+        };
+        let pipeline_registry = registry.clone();
+        let pipeline_stop = stop_ingest.clone();
+        let pipeline = tokio::spawn(async move { pipeline.run(ingest_rx, &pipeline_registry, pipeline_stop).await });
+
+        let broker = EmbeddedBroker::start(&BrokerSettings {
+            listen: config.server.mqtt_listen,
+            max_payload_bytes: config.ingest.max_payload_bytes,
+            max_connections: 10_000,
+        })
+        .await?;
+        let rejects = Arc::new(RejectLog::new(&registry));
+        let mut ingest_tasks = vec![spawn_ingest_link(
+            &broker,
+            directory.clone(),
+            ingest.clone(),
+            rejects,
+            clock.clone(),
+            config.ingest.max_payload_bytes,
+            stop_ingest.clone(),
+        )?];
+        ingest_tasks.extend(crate::server_modbus::start(&config, ingest.clone(), &registry, clock.clone(), stop_ingest.clone())?);
+
+        let reader = alarm_store::open_connection(&state_db).context("cannot open the state database for reading")?;
+        let app = AppState {
+            config: config.clone(),
+            states: states.clone(),
+            store: store.clone(),
+            alarms: alarm_handle,
+            alarm_reader: Arc::new(Mutex::new(reader)),
+            state_db,
+            registry: registry.clone(),
+            clock: clock.clone(),
+        };
+        let router = crate::server_http::router(app, ingest.clone(), store.clone(), &registry);
+        let listener = tokio::net::TcpListener::bind(config.server.http_listen)
+            .await
+            .with_context(|| format!("cannot listen for HTTP on {}; free the port or set --http-listen", config.server.http_listen))?;
+        let http_addr = listener.local_addr()?;
+        let stop_http = CancellationToken::new();
+        let http_stop = stop_http.clone();
+        let http = tokio::spawn(async move {
+            let served = axum::serve(listener, router).with_graceful_shutdown(http_stop.cancelled_owned()).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the HTTP server failed");
+            }
+        });
+        tracing::info!(%http_addr, "HTTP API listening");
+
+        let background = vec![spawn_retention(store.clone(), clock.clone(), config.storage.retention)];
+        Ok(Server {
+            http_addr,
+            mqtt_addr: broker.addr,
+            registry,
+            ingest,
+            states,
+            store,
+            broker,
+            stop_ingest,
+            stop_http,
+            stop_dispatcher,
+            ingest_tasks,
+            pipeline,
+            http,
+            alarms,
+            dispatcher,
+            background,
+        })
+    }
+
+    /// Stops every stage in order; see the module docs.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.broker.stop_listening();
+        self.stop_ingest.cancel();
+        for task in self.ingest_tasks {
+            let _ = task.await;
+        }
+        drop(self.ingest);
+        let _ = self.pipeline.await;
+        self.stop_http.cancel();
+        let _ = self.http.await;
+        let _ = self.alarms.await;
+        self.stop_dispatcher.cancel();
+        let _ = self.dispatcher.await;
+        for task in self.background {
+            task.abort();
+        }
+        tracing::info!("stopped");
+    }
+}
+
+fn spawn_retention(store: Arc<dyn TimeSeriesStore>, clock: SharedClock, retention: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(RETENTION_INTERVAL);
+        loop {
+            ticker.tick().await;
+            let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+            let cutoff = crate::model::Timestamp(clock.now().0.saturating_sub(retention_ms));
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.enforce_retention(cutoff)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(deleted)) => tracing::info!(deleted, %cutoff, "retention deleted old points"),
+                Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+                Err(e) => tracing::error!(error = %e, "retention task failed"),
+            }
+        }
+    })
+}

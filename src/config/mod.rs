@@ -1,1 +1,485 @@
-//! TODO
+//! Server configuration: the TOML file as written, and its checked runtime form.
+//!
+//! Every section rejects unknown keys. Durations are strings with units (`"30s"`, `"5m"`,
+//! `"90d"`). Listen addresses and the data directory can be overridden by flags and
+//! environment variables; see [`Overrides`].
+
+pub mod builtin;
+pub mod check;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::model::{DeviceId, ProfileName, SiteId};
+use crate::notify::{Webhook, WebhookConfig};
+use crate::profile::ProfileSet;
+use crate::rules::spec::{Rule, RuleSpec};
+pub use check::ConfigProblem;
+use check::{Checker, EntrySpans};
+
+/// `[server]`: where the server listens and keeps its data.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Directory for time series, alarm state and the webhook queue.
+    pub data_dir: PathBuf,
+    /// Address of the HTTP API, such as `127.0.0.1:8080`.
+    pub http_listen: SocketAddr,
+    /// Address of the embedded MQTT broker (MQTT 3.1.1 and 5), such as `127.0.0.1:1883`.
+    pub mqtt_listen: SocketAddr,
+    /// Extra directory of device profiles; its files add to or replace the built-in ones.
+    pub profiles_dir: Option<PathBuf>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            profiles_dir: None,
+        }
+    }
+}
+
+/// `[ingest]`: limits applied to every incoming message.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSection {
+    /// Largest MQTT payload accepted, in bytes; larger messages are rejected.
+    pub max_payload_bytes: usize,
+    /// How far in the future a reading's timestamp may be, to allow for device clock skew.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// How old a reading's timestamp may be; older readings are rejected, which also
+    /// catches devices whose clock was reset to 1970.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Default time without a reading after which a device is marked offline.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 64 * 1024,
+            max_future_skew: Duration::from_secs(5 * 60),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            stale_after: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// `[storage]`: the time-series store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// How long readings are kept; older data is deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Longest time between accepting a reading and its reaching the disk. Writes are
+    /// committed in groups at this interval.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(365 * 24 * 3600),
+            commit_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// `[alarms]`: settings shared by every alarm.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlarmsSection {
+    /// Level (1 or 2) of the alarm raised when a device goes offline.
+    pub offline_level: u8,
+}
+
+impl Default for AlarmsSection {
+    fn default() -> Self {
+        Self { offline_level: 1 }
+    }
+}
+
+/// Kind of a monitored site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteKind {
+    /// A key enterprise's plant.
+    Enterprise,
+    /// A building in an industrial or city park.
+    ParkBuilding,
+}
+
+impl SiteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteKind::Enterprise => "enterprise",
+            SiteKind::ParkBuilding => "park_building",
+        }
+    }
+}
+
+/// `[[sites]]`: a monitored site.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// Site id, used in MQTT topics (`telemetry/{site}/{device}`) and the API.
+    pub id: SiteId,
+    /// Name shown to operators.
+    pub name: String,
+    /// `enterprise` or `park_building`.
+    pub kind: SiteKind,
+}
+
+/// `[[devices]]`: a field device as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    /// Device id, unique across all sites.
+    pub id: DeviceId,
+    /// Id of the site the device belongs to.
+    pub site: SiteId,
+    /// Name of the device profile that describes its metrics and default rules.
+    pub profile: ProfileName,
+    /// Name shown to operators; defaults to the id.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Time without a reading after which the device is marked offline; defaults to
+    /// `[ingest] stale_after`.
+    #[serde(default, with = "humantime_serde")]
+    pub stale_after: Option<Duration>,
+    /// Rules for this device; a rule with the id of a profile rule replaces it.
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+/// A checked device.
+#[derive(Clone, Debug)]
+pub struct Device {
+    pub id: DeviceId,
+    pub site: SiteId,
+    pub profile: ProfileName,
+    pub name: String,
+    pub stale_after: Duration,
+    /// Effective rules: the profile's defaults with this device's overrides applied.
+    pub rules: Vec<Rule>,
+}
+
+/// The checked configuration the server runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerSection,
+    pub ingest: IngestSection,
+    pub storage: StorageSection,
+    pub alarms: AlarmsSection,
+    pub sites: Vec<Site>,
+    pub devices: Vec<Device>,
+    pub webhooks: Vec<Webhook>,
+    pub profiles: ProfileSet,
+}
+
+impl Config {
+    pub fn site(&self, id: &SiteId) -> Option<&Site> {
+        self.sites.iter().find(|s| s.id == *id)
+    }
+
+    pub fn device(&self, id: &DeviceId) -> Option<&Device> {
+        self.devices.iter().find(|d| d.id == *id)
+    }
+}
+
+/// Values from flags and environment variables that replace the file's.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub http_listen: Option<SocketAddr>,
+    pub mqtt_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Overrides {
+    pub fn apply(&self, server: &mut ServerSection) {
+        if let Some(addr) = self.http_listen {
+            server.http_listen = addr;
+        }
+        if let Some(addr) = self.mqtt_listen {
+            server.mqtt_listen = addr;
+        }
+        if let Some(dir) = &self.data_dir {
+            server.data_dir.clone_from(dir);
+        }
+    }
+}
+
+/// The config error: every problem found, in file order.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {} problem(s):\n{}", problems.len(), render(problems))]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<ConfigProblem>,
+}
+
+fn render(problems: &[ConfigProblem]) -> String {
+    problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Reads and checks a config file. Relative paths in it are relative to the current
+/// directory.
+pub fn load_file(path: &Path, builtin: ProfileSet) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        source_name: path.display().to_string(),
+        problems: vec![ConfigProblem {
+            line: 0,
+            key: String::new(),
+            message: format!("cannot read the config file: {e}; check the path"),
+        }],
+    })?;
+    parse(&text, builtin).map_err(|problems| ConfigError {
+        source_name: path.display().to_string(),
+        problems,
+    })
+}
+
+/// Parses and checks config text against the built-in profiles plus `profiles_dir`.
+pub fn parse(text: &str, builtin: ProfileSet) -> Result<Config, Vec<ConfigProblem>> {
+    let document = check::parse_document(text).map_err(|p| vec![p])?;
+    let mut checker = Checker::new(text);
+    let mut raw = RawSections::default();
+
+    for (key, value) in document.get_ref() {
+        let name: &str = key.get_ref();
+        match name {
+            "server" => raw.server = checker.deserialize(name, value),
+            "ingest" => raw.ingest = checker.deserialize(name, value),
+            "storage" => raw.storage = checker.deserialize(name, value),
+            "alarms" => raw.alarms = checker.deserialize(name, value),
+            "sites" => raw.sites = checker.deserialize_array(name, value),
+            "devices" => raw.devices = checker.deserialize_array(name, value),
+            "webhooks" => raw.webhooks = checker.deserialize_array(name, value),
+            other => checker.push(
+                Some(key.span()),
+                other,
+                format!(
+                    "unknown section `{other}`; expected one of server, ingest, storage, \
+                     alarms, sites, devices, webhooks"
+                ),
+            ),
+        }
+    }
+    let config = raw.check(&mut checker, builtin);
+    if checker.problems.is_empty() {
+        Ok(config)
+    } else {
+        checker.problems.sort_by_key(|p| p.line);
+        Err(checker.problems)
+    }
+}
+
+/// Sections as deserialized, before cross-checks.
+#[derive(Default)]
+struct RawSections {
+    server: Option<ServerSection>,
+    ingest: Option<IngestSection>,
+    storage: Option<StorageSection>,
+    alarms: Option<AlarmsSection>,
+    sites: Vec<(Site, EntrySpans)>,
+    devices: Vec<(DeviceSpec, EntrySpans)>,
+    webhooks: Vec<(WebhookConfig, EntrySpans)>,
+}
+
+impl RawSections {
+    fn check(self, checker: &mut Checker<'_>, builtin: ProfileSet) -> Config {
+        let server = self.server.unwrap_or_default();
+        let ingest = self.ingest.unwrap_or_default();
+        let alarms = self.alarms.unwrap_or_default();
+        if !(1..=2).contains(&alarms.offline_level) {
+            checker.push(None, "alarms.offline_level", format!("level {} is invalid; write 1 or 2", alarms.offline_level));
+        }
+        let profiles = load_profiles(checker, builtin, server.profiles_dir.as_deref());
+        let sites = check_sites(checker, self.sites);
+        let devices = check_devices(checker, self.devices, &sites, &profiles, &ingest);
+        let webhooks = check_webhooks(checker, self.webhooks);
+        Config {
+            server,
+            ingest,
+            storage: self.storage.unwrap_or_default(),
+            alarms,
+            sites,
+            devices,
+            webhooks,
+            profiles,
+        }
+    }
+}
+
+fn load_profiles(checker: &mut Checker<'_>, builtin: ProfileSet, dir: Option<&Path>) -> ProfileSet {
+    let Some(dir) = dir else { return builtin };
+    match ProfileSet::load_dir(dir) {
+        Ok(extra) => {
+            let mut all = builtin;
+            for name in extra.names().cloned().collect::<Vec<_>>() {
+                if let Some(profile) = extra.get(&name) {
+                    all.insert(profile.clone());
+                }
+            }
+            all
+        }
+        Err(errors) => {
+            for error in errors {
+                checker.push(None, "server.profiles_dir", error.to_string());
+            }
+            builtin
+        }
+    }
+}
+
+fn check_sites(checker: &mut Checker<'_>, entries: Vec<(Site, EntrySpans)>) -> Vec<Site> {
+    let mut seen = HashSet::new();
+    let mut sites = Vec::new();
+    for (index, (site, spans)) in entries.into_iter().enumerate() {
+        if let Err(message) = check_id(site.id.as_str()) {
+            checker.push(Some(spans.key("id")), format!("sites[{index}].id"), message);
+        } else if !seen.insert(site.id.clone()) {
+            checker.push(
+                Some(spans.key("id")),
+                format!("sites[{index}].id"),
+                format!("site id `{}` is used twice; give each site a unique id", site.id),
+            );
+        } else {
+            sites.push(site);
+        }
+    }
+    sites
+}
+
+fn check_devices(
+    checker: &mut Checker<'_>,
+    entries: Vec<(DeviceSpec, EntrySpans)>,
+    sites: &[Site],
+    profiles: &ProfileSet,
+    ingest: &IngestSection,
+) -> Vec<Device> {
+    let mut seen = HashSet::new();
+    let mut devices = Vec::new();
+    for (index, (spec, spans)) in entries.into_iter().enumerate() {
+        let key = |field: &str| format!("devices[{index}].{field}");
+        let mut ok = true;
+        if let Err(message) = check_id(spec.id.as_str()) {
+            checker.push(Some(spans.key("id")), key("id"), message);
+            ok = false;
+        } else if !seen.insert(spec.id.clone()) {
+            checker.push(
+                Some(spans.key("id")),
+                key("id"),
+                format!("device id `{}` is used twice; device ids must be unique across sites", spec.id),
+            );
+            ok = false;
+        }
+        if !sites.iter().any(|s| s.id == spec.site) {
+            let known: Vec<&str> = sites.iter().map(|s| s.id.as_str()).collect();
+            checker.push(
+                Some(spans.key("site")),
+                key("site"),
+                format!("unknown site `{}`; declare it in [[sites]] or use one of: {}", spec.site, known.join(", ")),
+            );
+            ok = false;
+        }
+        let Some(profile) = profiles.get(&spec.profile) else {
+            let known: Vec<&str> = profiles.names().map(ProfileName::as_str).collect();
+            checker.push(
+                Some(spans.key("profile")),
+                key("profile"),
+                format!("unknown profile `{}`; use one of: {}", spec.profile, known.join(", ")),
+            );
+            continue;
+        };
+        let mut rules: BTreeMap<_, Rule> = profile.rules.iter().map(|r| (r.id.clone(), r.clone())).collect();
+        for (rule_index, rule) in spec.rules.iter().enumerate() {
+            let rule_key = format!("devices[{index}].rules[{rule_index}]");
+            if profile.metric(&rule.metric).is_none() {
+                checker.push(
+                    Some(spans.key("rules")),
+                    format!("{rule_key}.metric"),
+                    format!(
+                        "profile `{}` has no metric `{}`; use one of: {}",
+                        profile.name,
+                        rule.metric,
+                        profile.metrics.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                );
+                ok = false;
+            }
+            match rule.check() {
+                Ok(checked) => {
+                    rules.insert(checked.id.clone(), checked);
+                }
+                Err(problems) => {
+                    ok = false;
+                    for (field, message) in problems {
+                        checker.push(Some(spans.key("rules")), format!("{rule_key}.{field}"), message);
+                    }
+                }
+            }
+        }
+        if ok {
+            devices.push(Device {
+                name: spec.name.unwrap_or_else(|| spec.id.to_string()),
+                stale_after: spec.stale_after.unwrap_or(ingest.stale_after),
+                id: spec.id,
+                site: spec.site,
+                profile: spec.profile,
+                rules: rules.into_values().collect(),
+            });
+        }
+    }
+    devices
+}
+
+fn check_webhooks(checker: &mut Checker<'_>, entries: Vec<(WebhookConfig, EntrySpans)>) -> Vec<Webhook> {
+    let mut seen = HashSet::new();
+    let mut webhooks = Vec::new();
+    for (index, (spec, spans)) in entries.into_iter().enumerate() {
+        if !seen.insert(spec.name.clone()) {
+            checker.push(
+                Some(spans.key("name")),
+                format!("webhooks[{index}].name"),
+                format!("webhook name `{}` is used twice; give each webhook a unique name", spec.name),
+            );
+            continue;
+        }
+        match spec.to_webhook() {
+            Ok(webhook) => webhooks.push(webhook),
+            Err(problems) => {
+                for (key, message) in problems {
+                    checker.push(Some(spans.key(&key)), format!("webhooks[{index}].{key}"), message);
+                }
+            }
+        }
+    }
+    webhooks
+}
+
+/// Checks that an id can be used as one MQTT topic level and in URLs.
+pub fn check_id(id: &str) -> Result<(), String> {
+    let valid = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "id `{id}` is invalid; use 1 to 64 letters, digits, `-`, `_` or `.`, because ids \
+             appear in MQTT topics and URLs"
+        ))
+    }
+}

@@ -1,1 +1,87 @@
-//! TODO
+//! `stonelion demo`: the server on its embedded defaults, simulated field devices that
+//! publish over their own MQTT connections, and a webhook receiver that prints what it
+//! receives. One combustible gas detector climbs past level 1 and level 2 within a minute.
+
+mod devices;
+mod receiver;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::SystemClock;
+use crate::config::{self, Overrides, builtin::builtin_profiles};
+use crate::server::Server;
+
+/// The demo's config; `WEBHOOK_URL` is replaced with the receiver's address.
+pub const DEMO_CONFIG: &str = include_str!("demo.toml");
+
+/// Secret that the demo's webhook signs with.
+pub const DEMO_SECRET: &str = "demo-secret";
+
+/// Runs the demo until SIGTERM or Ctrl-C.
+pub async fn run(overrides: Overrides, webhook_listen: SocketAddr) -> anyhow::Result<()> {
+    let (receiver_addr, receiver) = receiver::start(webhook_listen, DEMO_SECRET.as_bytes().to_vec())
+        .await
+        .with_context(|| format!("cannot start the demo webhook receiver on {webhook_listen}"))?;
+    let text = DEMO_CONFIG.replace("WEBHOOK_URL", &format!("http://{receiver_addr}/stonelion"));
+    let mut config = config::parse(&text, builtin_profiles()).map_err(|problems| config::ConfigError {
+        source_name: "demo config".to_owned(),
+        problems,
+    })?;
+    overrides.apply(&mut config.server);
+    let data_dir = config.server.data_dir.clone();
+    let sites = config.sites.clone();
+
+    let server = Server::start(config, Arc::new(SystemClock)).await?;
+    let http = server.http_addr;
+    let mqtt = server.mqtt_addr;
+    println!("stonelion listening: http={http} mqtt={mqtt}");
+    print_banner(http, mqtt, receiver_addr, &data_dir, &sites);
+
+    let stop_devices = CancellationToken::new();
+    let simulated = devices::spawn_all(mqtt, stop_devices.clone());
+    crate::cli::wait_for_signal().await;
+
+    stop_devices.cancel();
+    for task in simulated {
+        let _ = task.await;
+    }
+    server.shutdown().await;
+    receiver.abort();
+    Ok(())
+}
+
+fn print_banner(
+    http: SocketAddr,
+    mqtt: SocketAddr,
+    receiver: SocketAddr,
+    data_dir: &std::path::Path,
+    sites: &[crate::config::Site],
+) {
+    let site_list: Vec<String> = sites.iter().map(|s| format!("{} ({}, {})", s.id, s.name, s.kind.as_str())).collect();
+    println!(
+        "\nStonelion demo\n\
+         \n  sites:            {}\
+         \n  MQTT broker:      {mqtt} (open, no credentials: demo only)\
+         \n  HTTP API:         http://{http}/api/v1/devices\
+         \n  alarms:           http://{http}/api/v1/alarms\
+         \n  gas series:       http://{http}/api/v1/devices/gas-a-01/series?metric=gas_lel&from=now-10m\
+         \n  metrics:          http://{http}/metrics\
+         \n  webhook receiver: http://{receiver}/stonelion (prints each delivery below)\
+         \n  data directory:   {}\
+         \n\
+         \n  gas-a-01 climbs past level 1 (25 %LEL) about 20 s from now and level 2 (50 %LEL) about 15 s later.\
+         \n  Raise another alarm yourself (Debian package mosquitto-clients):\
+         \n    mosquitto_pub -h {} -p {} -q 1 -t telemetry/park-b3/smoke-b3-01 -m '{{\"values\": {{\"smoke\": true}}}}'\
+         \n  Acknowledge alarm 1:\
+         \n    curl -X POST http://{http}/api/v1/alarms/1/ack -H 'content-type: application/json' -d '{{\"by\": \"duty officer\"}}'\
+         \n\nPress Ctrl-C to stop.\n",
+        site_list.join(", "),
+        data_dir.display(),
+        mqtt.ip(),
+        mqtt.port(),
+    );
+}

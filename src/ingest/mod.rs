@@ -3,7 +3,10 @@
 //! [`IngestHandle`].
 
 pub mod payload;
+pub mod directory;
+pub mod line_protocol;
 pub mod mqtt;
+pub mod reject;
 
 use tokio::sync::{mpsc, oneshot};
 

@@ -1,1 +1,271 @@
+//! The embedded MQTT broker (rumqttd) and the in-process link that takes telemetry from it.
+//!
+//! The router runs on its own thread; the listener runs as a task on the server's runtime.
+//! The ingest link subscribes to `telemetry/#` and `status/#` and turns messages into
+//! readings.
+//!
+//! Durability window: a device receives PUBACK when the router accepts its publish, before
+//! the reading is stored. A reading in that window is lost if the process dies; the window
+//! is the time through this link and the pipeline plus the storage commit interval.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::{ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::directory::Directory;
+use super::payload::{self, RejectReason, Rejection, TopicKind};
+use super::reject::RejectLog;
+use super::{IngestHandle, LivenessCause};
+use crate::clock::SharedClock;
+use crate::model::Source;
+
+/// Settings of the embedded broker.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest payload accepted by the broker, in bytes.
+    pub max_payload_bytes: usize,
+    /// Most client connections at once.
+    pub max_connections: usize,
+}
+
+type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync;
+
+/// A running broker: its bound address and a way to open in-process links to it.
+pub struct EmbeddedBroker {
+    pub addr: SocketAddr,
+    links: Arc<LinkFactory>,
+    listener: JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen for MQTT on {addr}: {reason}; free the port or set --mqtt-listen")]
+    Listen { addr: SocketAddr, reason: String },
+    #[error("cannot open the in-process link to the broker: {0}")]
+    Link(String),
+}
+
+impl EmbeddedBroker {
+    /// Starts the router and the listener, returning once the listener accepts MQTT
+    /// connections.
+    pub async fn start(settings: &BrokerSettings) -> Result<EmbeddedBroker, BrokerError> {
+        let router = Router::new(0, router_config(settings));
+        let router_tx = router.spawn();
+
+        // rumqttd binds inside its accept loop and cannot report the port, so port 0 is
+        // resolved here first; a lost race for the port is retried.
+        let attempts = 5;
+        let mut last_error = String::new();
+        for _ in 0..attempts {
+            let addr = resolve_port(settings.listen)?;
+            let mut server = Server::new(server_settings(settings, addr), router_tx.clone(), rumqttd::protocol::v4::V4);
+            let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+            let listener = tokio::spawn(async move {
+                if let Err(e) = server.start(LinkType::Remote).await {
+                    let _ = failed_tx.send(e.to_string());
+                }
+            });
+            match wait_until_listening(addr, failed_rx).await {
+                Ok(()) => {
+                    let tx = router_tx.clone();
+                    let links: Arc<LinkFactory> = Arc::new(move |name: &str| {
+                        let (link_tx, link_rx, _) =
+                            LinkBuilder::new(name, tx.clone()).dynamic_filters(true).build()?;
+                        Ok((link_tx, link_rx))
+                    });
+                    tracing::info!(%addr, "embedded MQTT broker listening");
+                    return Ok(EmbeddedBroker { addr, links, listener });
+                }
+                Err(reason) => last_error = reason,
+            }
+        }
+        Err(BrokerError::Listen { addr: settings.listen, reason: last_error })
+    }
+
+    /// Opens an in-process link with the given client id.
+    pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
+        (self.links)(client_id).map_err(|e| BrokerError::Link(e.to_string()))
+    }
+
+    /// Stops accepting MQTT connections.
+    pub fn stop_listening(&self) {
+        self.listener.abort();
+    }
+}
+
+fn router_config(settings: &BrokerSettings) -> RouterConfig {
+    RouterConfig {
+        max_connections: settings.max_connections,
+        max_outgoing_packet_count: 200,
+        // Each topic keeps at most 4 segments of 8 MiB in memory; the ingest link reads
+        // far faster than that fills.
+        max_segment_size: 8 * 1024 * 1024,
+        max_segment_count: 4,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: rumqttd::Strategy::default(),
+    }
+}
+
+fn server_settings(settings: &BrokerSettings, addr: SocketAddr) -> ServerSettings {
+    ServerSettings {
+        name: "mqtt".to_owned(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: settings.max_payload_bytes,
+            max_inflight_count: 500,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    }
+}
+
+/// Checks that the address is free, choosing a free port for port 0.
+fn resolve_port(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
+    let probe = std::net::TcpListener::bind(listen)
+        .map_err(|e| BrokerError::Listen { addr: listen, reason: e.to_string() })?;
+    probe.local_addr().map_err(|e| BrokerError::Listen { addr: listen, reason: e.to_string() })
+}
+
+/// Waits until the listener has bound its port, or the listener task reports an error.
+///
+/// Binding the same address is the check: it fails with `AddrInUse` once rumqttd listens.
+/// The check opens no connection, so the broker logs nothing for it.
+async fn wait_until_listening(
+    addr: SocketAddr,
+    mut failed: tokio::sync::oneshot::Receiver<String>,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::task::yield_now().await;
+        if let Ok(reason) = failed.try_recv() {
+            return Err(reason);
+        }
+        match std::net::TcpListener::bind(addr) {
+            // `resolve_port` found the port free just before, so rumqttd holds it now.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+            Ok(probe) => drop(probe),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err("the listener did not bind within 10 s".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Spawns the task that drains the ingest link into the pipeline.
+pub fn spawn_ingest_link(
+    broker: &EmbeddedBroker,
+    directory: Arc<Directory>,
+    ingest: IngestHandle,
+    rejects: Arc<RejectLog>,
+    clock: SharedClock,
+    max_payload_bytes: usize,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<()>, BrokerError> {
+    let (mut link_tx, mut link_rx) = broker.link("stonelion-ingest")?;
+    for filter in ["telemetry/#", "status/#"] {
+        link_tx.subscribe(filter).map_err(|e| BrokerError::Link(e.to_string()))?;
+    }
+    let consumer = LinkConsumer { directory, ingest, rejects, clock, max_payload_bytes };
+    Ok(tokio::spawn(async move {
+        // The link must stay alive for the subscription to last.
+        let _link_tx = link_tx;
+        loop {
+            let notification = tokio::select! {
+                () = shutdown.cancelled() => break,
+                n = link_rx.next() => n,
+            };
+            match notification {
+                Ok(Some(Notification::Forward(forward))) => {
+                    consumer.handle(&forward.publish.topic, &forward.publish.payload).await;
+                }
+                // The router pauses a link that does not answer `Unschedule`.
+                Ok(Some(Notification::Unschedule)) => {
+                    if link_rx.wake().await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "MQTT ingest link closed; MQTT telemetry is no longer received");
+                    break;
+                }
+            }
+        }
+    }))
+}
+
+struct LinkConsumer {
+    directory: Arc<Directory>,
+    ingest: IngestHandle,
+    rejects: Arc<RejectLog>,
+    clock: SharedClock,
+    max_payload_bytes: usize,
+}
+
+impl LinkConsumer {
+    async fn handle(&self, topic: &[u8], payload: &[u8]) {
+        let topic = String::from_utf8_lossy(topic);
+        if let Err(rejection) = self.handle_message(&topic, payload).await {
+            self.rejects.reject("mqtt", &topic, &rejection);
+        }
+    }
+
+    async fn handle_message(&self, topic: &str, payload: &[u8]) -> Result<(), Rejection> {
+        if payload.len() > self.max_payload_bytes {
+            return Err(Rejection::new(
+                RejectReason::PayloadTooLarge,
+                format!(
+                    "payload of {} bytes exceeds the limit of {} bytes; split it or raise \
+                     [ingest] max_payload_bytes",
+                    payload.len(),
+                    self.max_payload_bytes
+                ),
+            ));
+        }
+        match payload::parse_topic(topic)? {
+            TopicKind::Telemetry { site, device, metric } => {
+                let entry = self.directory.resolve(&site, &device)?;
+                let (ts, values, mut rejected) = match metric {
+                    Some(metric) => {
+                        let value = payload::decode_bare_value(&metric, payload)?;
+                        (None, vec![(metric, value)], Vec::new())
+                    }
+                    None => {
+                        let t = payload::decode_telemetry(payload)?;
+                        (t.ts, t.values, t.rejected)
+                    }
+                };
+                let (readings, invalid) =
+                    self.directory.readings(entry, ts, values, self.clock.now(), Source::Mqtt)?;
+                rejected.extend(invalid);
+                for rejection in &rejected {
+                    self.rejects.reject("mqtt", topic, rejection);
+                }
+                if self.ingest.submit(readings).await.is_err() {
+                    return Err(Rejection::new(RejectReason::PipelineBusy, "the pipeline is shut down"));
+                }
+                Ok(())
+            }
+            TopicKind::Status { site, device } => {
+                let entry = self.directory.resolve(&site, &device)?;
+                let online = payload::decode_status(payload)?;
+                let _ = self.ingest.liveness(entry.id.clone(), online, LivenessCause::StatusMessage).await;
+                Ok(())
+            }
+        }
+    }
+}

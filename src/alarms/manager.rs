@@ -1,0 +1,489 @@
+//! The alarm stage: one task that owns every open alarm and applies rule level changes,
+//! liveness changes and operator actions in the order they arrive.
+//!
+//! At most one alarm is open (not closed) per device and rule. A level rise on an active
+//! alarm escalates it; a level drop to 0 clears it; a new rise on a cleared alarm raises
+//! the same alarm again, which then needs a new acknowledgement. An alarm keeps the
+//! highest level it reached until it clears.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{mpsc, oneshot};
+
+use super::store::AlarmStore;
+use super::{Alarm, AlarmId, AlarmKind, AlarmState, EventKind, OFFLINE_RULE, Signoff, Transition};
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::metrics::SharedRegistry;
+use crate::model::{DeviceId, MetricName, Reading, RuleId, SiteId, Timestamp, Value};
+use crate::notify::DispatcherHandle;
+use crate::rules::engine::{Evaluator, LevelChange};
+use crate::rules::spec::Rule;
+use crate::storage::{Point, SeriesKey, TimeSeriesStore};
+
+/// Measurement that alarm transitions are written to, for dashboards and annotations.
+pub const ALARM_EVENTS_MEASUREMENT: &str = "alarm_events";
+
+/// Why an operator action was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("alarm {0} not found")]
+    NotFound(AlarmId),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("storing the alarm failed: {0}")]
+    Storage(String),
+    #[error("the alarm stage is shut down")]
+    Closed,
+}
+
+/// A message to the alarm task.
+pub enum AlarmCommand {
+    Readings(Vec<Reading>),
+    Liveness { device: DeviceId, online: bool, at: Timestamp, cause: String },
+    Acknowledge { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
+    Close { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
+}
+
+/// A cloneable handle to the alarm task.
+#[derive(Clone)]
+pub struct AlarmHandle {
+    tx: mpsc::Sender<AlarmCommand>,
+}
+
+impl AlarmHandle {
+    pub async fn send(&self, command: AlarmCommand) -> Result<(), ActionError> {
+        self.tx.send(command).await.map_err(|_| ActionError::Closed)
+    }
+
+    pub async fn acknowledge(&self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+        let (reply, wait) = oneshot::channel();
+        self.send(AlarmCommand::Acknowledge { id, by, note, reply }).await?;
+        wait.await.map_err(|_| ActionError::Closed)?
+    }
+
+    pub async fn close(&self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+        let (reply, wait) = oneshot::channel();
+        self.send(AlarmCommand::Close { id, by, note, reply }).await?;
+        wait.await.map_err(|_| ActionError::Closed)?
+    }
+}
+
+struct DeviceRules {
+    site: SiteId,
+    rules: Vec<Rule>,
+    units: HashMap<MetricName, Option<String>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLevel {
+    state: String,
+    level: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: String,
+}
+
+struct AlarmMetrics {
+    open: Family<StateLevel, Gauge>,
+    transitions: Family<EventLabel, Counter>,
+    store_failures: Counter,
+}
+
+/// The alarm stage's state; see the module docs.
+pub struct AlarmManager {
+    store: AlarmStore,
+    evaluator: Evaluator,
+    open: HashMap<(DeviceId, RuleId), Alarm>,
+    devices: HashMap<DeviceId, DeviceRules>,
+    offline_level: u8,
+    clock: SharedClock,
+    dispatcher: DispatcherHandle,
+    series: Option<Arc<dyn TimeSeriesStore>>,
+    metrics: AlarmMetrics,
+}
+
+impl AlarmManager {
+    /// Builds the stage from the config and restores open alarms from the store.
+    pub fn new(
+        config: &Config,
+        store: AlarmStore,
+        clock: SharedClock,
+        dispatcher: DispatcherHandle,
+        series: Option<Arc<dyn TimeSeriesStore>>,
+        registry: &SharedRegistry,
+    ) -> rusqlite::Result<AlarmManager> {
+        let mut devices = HashMap::new();
+        for device in &config.devices {
+            let units = config
+                .profiles
+                .get(&device.profile)
+                .map(|p| p.metrics.iter().map(|m| (m.name.clone(), m.unit.clone())).collect())
+                .unwrap_or_default();
+            devices.insert(
+                device.id.clone(),
+                DeviceRules { site: device.site.clone(), rules: device.rules.clone(), units },
+            );
+        }
+        let metrics = AlarmMetrics {
+            open: Family::default(),
+            transitions: Family::default(),
+            store_failures: Counter::default(),
+        };
+        registry.register(|r| {
+            r.register("alarms", "Alarms that are not closed, by state and level", metrics.open.clone());
+            r.register("alarm_transitions", "Alarm transitions, by event", metrics.transitions.clone());
+            r.register(
+                "alarm_store_failures",
+                "Alarm transitions that could not be stored",
+                metrics.store_failures.clone(),
+            );
+        });
+
+        let mut evaluator = Evaluator::default();
+        let mut open = HashMap::new();
+        for alarm in store.open_alarms()? {
+            if alarm.state == AlarmState::Active && alarm.kind == AlarmKind::Rule {
+                evaluator.restore(alarm.device.clone(), alarm.rule.clone(), alarm.level);
+            }
+            open.insert((alarm.device.clone(), alarm.rule.clone()), alarm);
+        }
+        if !open.is_empty() {
+            tracing::info!(open_alarms = open.len(), "restored open alarms");
+        }
+        let manager = AlarmManager {
+            store,
+            evaluator,
+            open,
+            devices,
+            offline_level: config.alarms.offline_level,
+            clock,
+            dispatcher,
+            series,
+            metrics,
+        };
+        manager.update_gauges();
+        Ok(manager)
+    }
+
+    /// Starts the task; it ends when every handle is dropped.
+    pub fn spawn(mut self, capacity: usize) -> (AlarmHandle, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel(capacity);
+        let task = tokio::task::spawn_blocking(move || {
+            while let Some(command) = rx.blocking_recv() {
+                self.handle(command);
+            }
+        });
+        (AlarmHandle { tx }, task)
+    }
+
+    /// Applies one command.
+    pub fn handle(&mut self, command: AlarmCommand) {
+        match command {
+            AlarmCommand::Readings(readings) => {
+                for reading in readings {
+                    self.evaluate(&reading);
+                }
+            }
+            AlarmCommand::Liveness { device, online, at, cause } => self.liveness(&device, online, at, &cause),
+            AlarmCommand::Acknowledge { id, by, note, reply } => {
+                let _ = reply.send(self.acknowledge(id, by, note));
+            }
+            AlarmCommand::Close { id, by, note, reply } => {
+                let _ = reply.send(self.close(id, by, note));
+            }
+        }
+    }
+
+    fn evaluate(&mut self, reading: &Reading) {
+        let Some(device) = self.devices.get(&reading.device) else { return };
+        let changes: Vec<(LevelChange, Rule)> = device
+            .rules
+            .iter()
+            .filter(|r| r.metric == reading.metric)
+            .filter_map(|rule| {
+                self.evaluator
+                    .evaluate(&reading.device, rule, reading.value, reading.ts)
+                    .map(|change| (change, rule.clone()))
+            })
+            .collect();
+        for (change, rule) in changes {
+            self.apply_level(&change, &rule, reading);
+        }
+    }
+
+    fn apply_level(&mut self, change: &LevelChange, rule: &Rule, reading: &Reading) {
+        let key = (change.device.clone(), change.rule.clone());
+        let actor = format!("rule:{}", rule.id);
+        let value = Some(change.value.as_f64());
+        let existing = self.open.get(&key).map(|a| a.state);
+        match (existing, change.to) {
+            (None, level) if level > 0 => {
+                let alarm = self.new_alarm(rule, reading, level);
+                let transition = transition(EventKind::Raised, change.ts, &actor, level, value);
+                self.insert(alarm, transition);
+            }
+            (Some(AlarmState::Cleared), level) if level > 0 => {
+                self.modify(&key, transition(EventKind::Raised, change.ts, &actor, level, value), |alarm| {
+                    alarm.state = AlarmState::Active;
+                    alarm.level = level;
+                    alarm.acknowledged = None;
+                    alarm.cleared_at = None;
+                    alarm.raised_at = change.ts;
+                    alarm.value = value;
+                    alarm.threshold = rule.threshold(level);
+                });
+            }
+            (Some(AlarmState::Active), 0) => {
+                let level = self.open.get(&key).map_or(1, |a| a.level);
+                self.modify(&key, transition(EventKind::Cleared, change.ts, &actor, level, value), |alarm| {
+                    alarm.state = AlarmState::Cleared;
+                    alarm.cleared_at = Some(change.ts);
+                    alarm.value = value;
+                });
+            }
+            (Some(AlarmState::Active), level) if level > self.open.get(&key).map_or(0, |a| a.level) => {
+                self.modify(&key, transition(EventKind::Escalated, change.ts, &actor, level, value), |alarm| {
+                    alarm.level = level;
+                    alarm.value = value;
+                    alarm.threshold = rule.threshold(level);
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn new_alarm(&self, rule: &Rule, reading: &Reading, level: u8) -> Alarm {
+        let unit = self.devices.get(&reading.device).and_then(|d| d.units.get(&reading.metric).cloned().flatten());
+        Alarm {
+            id: AlarmId(0),
+            rule: rule.id.clone(),
+            kind: AlarmKind::Rule,
+            site: reading.site.clone(),
+            device: reading.device.clone(),
+            metric: Some(reading.metric.clone()),
+            unit,
+            level,
+            state: AlarmState::Active,
+            acknowledged: None,
+            closed: None,
+            value: Some(reading.value.as_f64()),
+            threshold: rule.threshold(level),
+            raised_at: reading.ts,
+            updated_at: reading.ts,
+            cleared_at: None,
+            description: rule.description.clone(),
+            history: Vec::new(),
+        }
+    }
+
+    fn liveness(&mut self, device: &DeviceId, online: bool, at: Timestamp, cause: &str) {
+        let Some(site) = self.devices.get(device).map(|d| d.site.clone()) else { return };
+        let key = (device.clone(), RuleId::from(OFFLINE_RULE));
+        let note = Some(cause.to_owned());
+        let state = self.open.get(&key).map(|a| a.state);
+        let level = self.offline_level;
+        match (online, state) {
+            (false, None) => {
+                let alarm = Alarm {
+                    id: AlarmId(0),
+                    rule: key.1.clone(),
+                    kind: AlarmKind::Offline,
+                    site,
+                    device: device.clone(),
+                    metric: None,
+                    unit: None,
+                    level,
+                    state: AlarmState::Active,
+                    acknowledged: None,
+                    closed: None,
+                    value: None,
+                    threshold: None,
+                    raised_at: at,
+                    updated_at: at,
+                    cleared_at: None,
+                    description: "device offline".to_owned(),
+                    history: Vec::new(),
+                };
+                let mut t = transition(EventKind::DeviceOffline, at, "system", level, None);
+                t.note = note;
+                self.insert(alarm, t);
+            }
+            (false, Some(AlarmState::Cleared)) => {
+                let mut t = transition(EventKind::DeviceOffline, at, "system", level, None);
+                t.note = note;
+                self.modify(&key, t, |alarm| {
+                    alarm.state = AlarmState::Active;
+                    alarm.acknowledged = None;
+                    alarm.cleared_at = None;
+                    alarm.raised_at = at;
+                });
+            }
+            (true, Some(AlarmState::Active)) => {
+                let mut t = transition(EventKind::DeviceOnline, at, "system", level, None);
+                t.note = note;
+                self.modify(&key, t, |alarm| {
+                    alarm.state = AlarmState::Cleared;
+                    alarm.cleared_at = Some(at);
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn find_open(&self, id: AlarmId) -> Option<(DeviceId, RuleId)> {
+        self.open.iter().find(|(_, a)| a.id == id).map(|(k, _)| k.clone())
+    }
+
+    fn not_open_error(&self, id: AlarmId) -> ActionError {
+        match self.store.get(id) {
+            Ok(Some(_)) => ActionError::Conflict(format!("alarm {id} is already closed")),
+            Ok(None) => ActionError::NotFound(id),
+            Err(e) => ActionError::Storage(e.to_string()),
+        }
+    }
+
+    fn acknowledge(&mut self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+        let key = self.find_open(id).ok_or_else(|| self.not_open_error(id))?;
+        let alarm = &self.open[&key];
+        if let Some(ack) = &alarm.acknowledged {
+            return Err(ActionError::Conflict(format!(
+                "alarm {id} was already acknowledged by {} at {}",
+                ack.by, ack.at
+            )));
+        }
+        let now = self.clock.now();
+        let mut t = transition(EventKind::Acknowledged, now, &by, alarm.level, alarm.value);
+        t.note.clone_from(&note);
+        self.modify(&key, t, |alarm| alarm.acknowledged = Some(Signoff { by, at: now, note }))
+            .ok_or_else(|| ActionError::Storage("see the server log".to_owned()))
+    }
+
+    fn close(&mut self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+        let key = self.find_open(id).ok_or_else(|| self.not_open_error(id))?;
+        let alarm = &self.open[&key];
+        if alarm.state == AlarmState::Active {
+            return Err(ActionError::Conflict(format!(
+                "alarm {id} is still active; it can be closed once its condition clears"
+            )));
+        }
+        let now = self.clock.now();
+        let mut t = transition(EventKind::Closed, now, &by, alarm.level, alarm.value);
+        t.note.clone_from(&note);
+        let closed = self.modify(&key, t, |alarm| {
+            alarm.state = AlarmState::Closed;
+            if alarm.acknowledged.is_none() {
+                alarm.acknowledged = Some(Signoff { by: by.clone(), at: now, note: None });
+            }
+            alarm.closed = Some(Signoff { by, at: now, note });
+        });
+        self.open.remove(&key);
+        self.update_gauges();
+        closed.ok_or_else(|| ActionError::Storage("see the server log".to_owned()))
+    }
+
+    fn insert(&mut self, alarm: Alarm, transition: Transition) {
+        let level = transition.level;
+        match self.store.insert(alarm, transition) {
+            Ok((alarm, event)) => {
+                self.after_transition(&alarm, event.kind, level);
+                self.open.insert((alarm.device.clone(), alarm.rule.clone()), alarm);
+                self.update_gauges();
+            }
+            Err(e) => self.store_failed(&e),
+        }
+    }
+
+    /// Changes an open alarm, stores it with the transition, and returns the new alarm.
+    fn modify(
+        &mut self,
+        key: &(DeviceId, RuleId),
+        transition: Transition,
+        change: impl FnOnce(&mut Alarm),
+    ) -> Option<Alarm> {
+        let mut alarm = self.open.get(key)?.clone();
+        change(&mut alarm);
+        alarm.updated_at = transition.at;
+        let level = transition.level;
+        match self.store.update(&mut alarm, transition) {
+            Ok(event) => {
+                self.after_transition(&alarm, event.kind, level);
+                self.open.insert(key.clone(), alarm.clone());
+                self.update_gauges();
+                Some(alarm)
+            }
+            Err(e) => {
+                self.store_failed(&e);
+                None
+            }
+        }
+    }
+
+    fn store_failed(&self, error: &rusqlite::Error) {
+        self.metrics.store_failures.inc();
+        tracing::error!(error = %error, "storing an alarm transition failed; check the data directory's disk");
+    }
+
+    fn after_transition(&self, alarm: &Alarm, kind: EventKind, level: u8) {
+        self.dispatcher.wake();
+        self.metrics.transitions.get_or_create(&EventLabel { event: kind.as_str().to_owned() }).inc();
+        tracing::info!(
+            alarm = alarm.id.0,
+            event = kind.as_str(),
+            site = %alarm.site,
+            device = %alarm.device,
+            rule = %alarm.rule,
+            level,
+            value = alarm.value,
+            "alarm {}", kind.as_str()
+        );
+        if let Some(series) = &self.series {
+            let at = alarm.history.last().map_or(alarm.updated_at, |t| t.at);
+            let tags = vec![
+                ("site".to_owned(), alarm.site.to_string()),
+                ("device".to_owned(), alarm.device.to_string()),
+                ("rule".to_owned(), alarm.rule.to_string()),
+                ("event".to_owned(), kind.as_str().to_owned()),
+            ];
+            let mut points = vec![Point {
+                series: SeriesKey::new(ALARM_EVENTS_MEASUREMENT, tags.clone(), "level"),
+                ts: at,
+                value: Value::Number(f64::from(level)),
+            }];
+            if let Some(value) = alarm.value {
+                points.push(Point {
+                    series: SeriesKey::new(ALARM_EVENTS_MEASUREMENT, tags, "value"),
+                    ts: at,
+                    value: Value::Number(value),
+                });
+            }
+            if let Err(e) = series.write(points) {
+                tracing::warn!(error = %e, "writing the alarm event to the time series failed");
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.open.clear();
+        for state in [AlarmState::Active, AlarmState::Cleared] {
+            for level in [1u8, 2] {
+                let count = self.open.values().filter(|a| a.state == state && a.level == level).count();
+                self.metrics
+                    .open
+                    .get_or_create(&StateLevel { state: state.as_str().to_owned(), level: level.to_string() })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
+fn transition(event: EventKind, at: Timestamp, actor: &str, level: u8, value: Option<f64>) -> Transition {
+    Transition { event, at, actor: actor.to_owned(), level, value, note: None }
+}
