@@ -1,7 +1,7 @@
 //! Webhook delivery against a real HTTP receiver on loopback.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -216,11 +216,11 @@ impl Running {
     }
 }
 
-fn start(db_path: PathBuf, webhooks: Vec<Webhook>) -> Running {
+fn start(db_path: &Path, webhooks: Vec<Webhook>) -> Running {
     let registry = SharedRegistry::new();
     let shutdown = CancellationToken::new();
     let clock: SharedClock = Arc::new(SystemClock);
-    let (handle, task) = notify::spawn_dispatcher(&db_path, webhooks, &clock, &registry, &shutdown)
+    let (handle, task) = notify::spawn_dispatcher(db_path, webhooks, &clock, &registry, &shutdown)
         .expect("dispatcher starts");
     Running {
         handle,
@@ -319,7 +319,7 @@ async fn signature_and_headers_verify() {
     let raised = event(EventKind::Raised, "alarm-1", 1);
     enqueue_all(&mut conn, &webhooks, std::slice::from_ref(&raised));
 
-    let running = start(db_path.clone(), webhooks.clone());
+    let running = start(&db_path, webhooks.clone());
     wait_until("the event arrives", || receiver.state.accepted().len() == 1).await;
     running.stop().await;
 
@@ -353,7 +353,7 @@ async fn delivery_id_stable_across_retries() {
         &[event(EventKind::Escalated, "alarm-1", 1)],
     );
 
-    let running = start(db_path.clone(), webhooks.clone());
+    let running = start(&db_path, webhooks.clone());
     wait_until("the event is accepted", || {
         receiver.state.accepted().len() == 1
     })
@@ -404,7 +404,7 @@ async fn unavailable_receiver_gets_all_in_order() {
     ];
     enqueue_all(&mut conn, &webhooks, &events);
 
-    let running = start(db_path.clone(), webhooks.clone());
+    let running = start(&db_path, webhooks.clone());
     wait_until("attempts fail while the receiver is down", || {
         receiver.state.requests().len() >= 4
     })
@@ -453,7 +453,7 @@ async fn refused_connection_then_receiver_binds() {
     ];
     enqueue_all(&mut conn, &webhooks, &events);
 
-    let running = start(db_path.clone(), webhooks.clone());
+    let running = start(&db_path, webhooks.clone());
     wait_until("two attempts were refused", || {
         state_of(&db_path, &webhooks, "ops").max_attempts >= 2
     })
@@ -500,7 +500,7 @@ async fn restart_sends_pending_once_in_order() {
     ];
     enqueue_all(&mut conn, &webhooks, &events);
 
-    let first = start(db_path.clone(), webhooks.clone());
+    let first = start(&db_path, webhooks.clone());
     wait_until("attempts fail before the restart", || {
         receiver.state.requests().len() >= 3
     })
@@ -524,7 +524,7 @@ async fn restart_sends_pending_once_in_order() {
     enqueue_all(&mut conn, &webhooks, std::slice::from_ref(&late));
     events.push(late);
     receiver.state.down.store(false, Ordering::SeqCst);
-    let second = start(db_path.clone(), webhooks.clone());
+    let second = start(&db_path, webhooks.clone());
     wait_until("every event is accepted", || {
         receiver.state.accepted().len() == events.len()
     })
@@ -570,7 +570,7 @@ async fn healthy_webhook_unaffected_by_dead_one() {
     ];
     enqueue_all(&mut conn, &webhooks, &events);
 
-    let running = start(db_path.clone(), webhooks.clone());
+    let running = start(&db_path, webhooks.clone());
     wait_until("the live webhook gets every event", || {
         receiver.state.accepted().len() == events.len()
     })
@@ -610,7 +610,7 @@ async fn rejected_event_holds_only_its_alarm() {
     ];
     enqueue_all(&mut conn, &webhooks, &events);
 
-    let running = start(db_path.clone(), webhooks.clone());
+    let running = start(&db_path, webhooks.clone());
     wait_until("alarm-b gets through", || {
         receiver.state.accepted().len() == 2
     })
@@ -645,7 +645,7 @@ async fn wake_starts_delivery_at_once() {
     let receiver = receiver().await;
     let webhooks = vec![webhook("ops", &hook_url(receiver.addr), None)];
     let mut conn = open_db(&db_path);
-    let running = start(db_path.clone(), webhooks.clone());
+    let running = start(&db_path, webhooks.clone());
     wait_until("the dispatcher reports an empty queue", || {
         metric(&running.registry, "webhook_queue_depth", "ops") == Some(0.0)
     })
