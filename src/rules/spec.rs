@@ -119,11 +119,10 @@ impl RuleSpec {
         if let (Some(l1), Some(l2)) = (self.level1, self.level2) {
             let ordered = if above { l2 > l1 } else { l2 < l1 };
             if !ordered {
-                let relation = if above { "greater" } else { "less" };
+                let (relation, kind) = if above { ("greater", "above") } else { ("less", "below") };
                 problems.push((
                     "level2",
-                    format!("level2 ({l2}) must be {relation} than level1 ({l1}) for a {:?} rule", self.kind)
-                        .to_lowercase(),
+                    format!("level2 ({l2}) must be {relation} than level1 ({l1}) for an `{kind}` rule"),
                 ));
             }
         }
