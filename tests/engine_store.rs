@@ -1,5 +1,7 @@
 //! Behaviour of the embedded engine through the `TimeSeriesStore` trait.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use stonelion::model::{Timestamp, Value, ValueKind};

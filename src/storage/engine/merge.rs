@@ -34,9 +34,10 @@ fn is_strictly_sorted(ts: &[i64]) -> bool {
     ts.windows(2).all(|w| w[0] < w[1])
 }
 
-/// Start of the step that contains `ts`, with steps aligned to the Unix epoch.
+/// Start of the step that contains `ts`, with steps aligned to the Unix epoch. Steps that
+/// would start before `i64::MIN` start at `i64::MIN`.
 pub fn step_start(ts: i64, step_ms: i64) -> i64 {
-    ts - ts.rem_euclid(step_ms)
+    ts.checked_sub(ts.rem_euclid(step_ms)).unwrap_or(i64::MIN)
 }
 
 /// Aggregates sorted points into one value per step that has data.
