@@ -387,10 +387,15 @@ fn check_devices(
         }
         if !sites.iter().any(|s| s.id == spec.site) {
             let known: Vec<&str> = sites.iter().map(|s| s.id.as_str()).collect();
+            let hint = if known.is_empty() {
+                "no sites are declared yet".to_owned()
+            } else {
+                format!("declared sites: {}", known.join(", "))
+            };
             checker.push(
                 Some(spans.key("site")),
                 key("site"),
-                format!("unknown site `{}`; declare it in [[sites]] or use one of: {}", spec.site, known.join(", ")),
+                format!("unknown site `{}`; declare it in [[sites]] ({hint})", spec.site),
             );
             ok = false;
         }

@@ -122,13 +122,21 @@ fn server_settings(settings: &BrokerSettings, addr: SocketAddr) -> ServerSetting
         next_connection_delay_ms: 0,
         connections: ConnectionSettings {
             connection_timeout_ms: 60_000,
-            max_payload_size: settings.max_payload_bytes,
+            // The broker's own limit closes the connection, so it sits above the ingest
+            // limit: a payload between the two is rejected, logged and counted instead.
+            max_payload_size: broker_payload_limit(settings.max_payload_bytes),
             max_inflight_count: 500,
             auth: None,
             external_auth: None,
             dynamic_filters: true,
         },
     }
+}
+
+/// Largest payload the broker accepts before it closes a connection: four times the
+/// ingest limit, at most 16 MiB.
+pub fn broker_payload_limit(ingest_limit: usize) -> usize {
+    ingest_limit.saturating_mul(4).clamp(ingest_limit, 16 * 1024 * 1024)
 }
 
 /// Checks that the address is free, choosing a free port for port 0.

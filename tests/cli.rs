@@ -1,0 +1,231 @@
+//! The built binary: `check-config`, `profiles check`, `run` with flag and environment
+//! overrides, clean shutdown on SIGTERM, and the demo raising its alarm.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stonelion");
+
+fn stonelion() -> Command {
+    let mut command = Command::new(BIN);
+    command.env_remove("STONELION_HTTP_LISTEN").env_remove("STONELION_MQTT_LISTEN").env_remove("STONELION_DATA_DIR");
+    command
+}
+
+/// A child process whose stdout lines arrive on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn spawn(mut command: Command) -> Running {
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a stdout line containing `needle` and returns it.
+    fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line with {needle:?} within {timeout:?}; output so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Sends SIGTERM and returns whether the process exited successfully.
+    fn terminate(mut self) -> bool {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "the server did not stop within 20 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Returns the `http=` address from the listening line.
+fn http_of(line: &str) -> String {
+    line.split_whitespace().find_map(|w| w.strip_prefix("http=")).unwrap().to_owned()
+}
+
+#[test]
+fn check_config_accepts_example() {
+    let output = stonelion()
+        .args(["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/stonelion.example.toml")])
+        .env("STONELION_WEBHOOK_SECRET", "s3cret")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("valid (2 sites, 4 devices, 1 webhooks)"), "{stdout}");
+    assert!(!stdout.contains("s3cret"), "the secret is never printed");
+}
+
+#[test]
+fn check_config_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"[server]
+colour = "red"
+
+[[sites]]
+id = "a"
+name = "A"
+kind = "factory"
+
+[[sites]]
+id = "b"
+name = "B"
+kind = "enterprise"
+
+[[devices]]
+id = "d1"
+site = "zz"
+profile = "gas-detector"
+
+[[devices]]
+id = "d2"
+site = "b"
+profile = "nope"
+
+[[webhooks]]
+name = "w"
+url = "ftp://example.com"
+secret = "x"
+"#,
+    )
+    .unwrap();
+    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    let expected = [
+        ("bad.toml:2: server:", "colour"),
+        ("bad.toml:7: sites[0]:", "factory"),
+        ("bad.toml:16: devices[0].site:", "unknown site `zz`"),
+        ("bad.toml:22: devices[1].profile:", "unknown profile `nope`"),
+        ("bad.toml:26: webhooks[0].url:", "ftp"),
+    ];
+    for (place, text) in expected {
+        assert!(
+            stdout.lines().any(|l| l.contains(place) && l.contains(text)),
+            "missing {place} {text} in:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("5 problem(s) found"), "{stdout}");
+}
+
+#[test]
+fn check_config_reports_syntax_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, "[server]\nhttp_listen = \"127.0.0.1:8080\"\n[[sites]\n").unwrap();
+    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stdout.contains("broken.toml:3:"), "{stdout}");
+    assert!(stdout.contains("invalid TOML"), "{stdout}");
+}
+
+#[test]
+fn profiles_check_accepts_shipped_profiles() {
+    let output = stonelion()
+        .args(["profiles", "check", concat!(env!("CARGO_MANIFEST_DIR"), "/device-profiles")])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+}
+
+#[test]
+fn flag_beats_env_beats_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nhttp_listen = \"127.0.0.3:0\"\nmqtt_listen = \"127.0.0.3:0\"\ndata_dir = {:?}\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+
+    // The environment variable beats the file.
+    let mut command = stonelion();
+    command.args(["run", "--config", config.to_str().unwrap()]).env("STONELION_HTTP_LISTEN", "127.0.0.2:0");
+    let mut run = Running::spawn(command);
+    let line = run.wait_line("stonelion listening", Duration::from_secs(30));
+    assert!(http_of(&line).starts_with("127.0.0.2:"), "{line}");
+    assert!(line.contains("mqtt=127.0.0.3:"), "the file's MQTT address applies: {line}");
+    assert!(run.terminate(), "exit status after SIGTERM");
+
+    // The flag beats the environment variable.
+    let mut command = stonelion();
+    command
+        .args(["run", "--config", config.to_str().unwrap(), "--http-listen", "127.0.0.1:0"])
+        .env("STONELION_HTTP_LISTEN", "127.0.0.2:0");
+    let mut run = Running::spawn(command);
+    let line = run.wait_line("stonelion listening", Duration::from_secs(30));
+    assert!(http_of(&line).starts_with("127.0.0.1:"), "{line}");
+    let health = reqwest::blocking::get(format!("http://{}/healthz", http_of(&line))).unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(run.terminate());
+    assert!(data.join("state.sqlite").exists(), "the data directory from the file was used");
+}
+
+#[test]
+fn demo_raises_its_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = stonelion();
+    command.args([
+        "demo",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--mqtt-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    let mut demo = Running::spawn(command);
+    let listening = demo.wait_line("stonelion listening", Duration::from_secs(30));
+    let http = http_of(&listening);
+    demo.wait_line("mosquitto_pub", Duration::from_secs(5));
+    let raised = demo.wait_line("webhook received: alarm.raised", Duration::from_secs(60));
+    assert!(raised.contains("device gas-a-01") && raised.contains("signature valid"), "{raised}");
+    let escalated = demo.wait_line("webhook received: alarm.escalated", Duration::from_secs(60));
+    assert!(escalated.contains("level 2"), "{escalated}");
+
+    let alarms: serde_json::Value =
+        reqwest::blocking::get(format!("http://{http}/api/v1/alarms?device=gas-a-01")).unwrap().json().unwrap();
+    assert_eq!(alarms["alarms"][0]["level"], 2, "{alarms}");
+    assert_eq!(alarms["alarms"][0]["state"], "active");
+    assert!(demo.terminate(), "the demo exits cleanly on SIGTERM");
+}
