@@ -127,7 +127,7 @@ fn fill_span(sim: &SimulatorHandle, profile: &Profile) {
     }
 }
 
-/// A raw integer whose scaled value lies inside the metric's valid range.
+/// Picks a raw integer whose scaled value lies inside the metric's valid range.
 #[allow(clippy::cast_possible_truncation)]
 fn raw_inside_range(register: &profile::Register, seed: i64) -> i64 {
     let min = register.valid_min.unwrap_or(0.0);
@@ -368,7 +368,8 @@ async fn dead_device_goes_offline_other_keeps_interval() {
     dead.set_behaviour(UNIT, Behaviour::Normal);
     let back = |l: &[(DeviceId, bool, LivenessCause)]| l.iter().any(|(d, online, _)| d.as_str() == "dead" && *online);
     let (readings, liveness) = harness.collect_until(|r, l| back(l) && r.iter().any(|r| r.device.as_str() == "dead")).await;
-    assert!(liveness.iter().any(|(d, online, cause)| d.as_str() == "dead" && *online && *cause == LivenessCause::Reading));
+    let back_online = liveness.iter().find(|(d, online, _)| d.as_str() == "dead" && *online).expect("online again");
+    assert_eq!(back_online.2, LivenessCause::Reading);
     assert_close("dead temperature", readings.iter().find(|r| r.device.as_str() == "dead").map(|r| r.value), 21.5);
     harness.stop().await;
 }
@@ -410,7 +411,7 @@ async fn late_reply_is_never_misattributed() {
     assert!(matches!(timed_out, Err(ReadError::Timeout)), "{timed_out:?}");
     sim.set_behaviour(UNIT, Behaviour::Normal);
     // The reply to the first request arrives 200 ms from now on the old connection; the
-    // next read must get its own answer, not that one.
+    // next read must get its own response, not that one.
     let next = connection.read(UNIT, &second, Duration::from_millis(1000)).await.expect("second read");
     assert_eq!(next, Reply::Words(vec![222]));
     let again = connection.read(UNIT, &first, Duration::from_millis(1000)).await.expect("third read");
@@ -478,7 +479,8 @@ async fn rtu_over_tcp_polls_units_behind_gateway() {
     assert_close("th-4 temperature", of("th-4", "temperature_c"), -10.0);
     assert_close("th-4 humidity", of("th-4", "humidity_pct"), 90.0);
     let units: Vec<u8> = gateway.requests().iter().map(|r| r.unit_id).collect();
-    assert!(units.contains(&3) && units.contains(&4), "{units:?}");
+    assert!(units.contains(&3), "{units:?}");
+    assert!(units.contains(&4), "{units:?}");
     harness.stop().await;
 }
 

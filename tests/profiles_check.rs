@@ -148,8 +148,10 @@ modbus = { register = 30001, function = "holding_register" }
 "#;
     let problems = check_one("kinds.toml", text);
     assert_eq!(problems.len(), 2, "{problems:#?}");
-    assert!(problems[0].contains("`alarm`") && problems[0].contains("kind = \"bool\""), "{}", problems[0]);
-    assert!(problems[1].contains("`level`") && problems[1].contains("input_register"), "{}", problems[1]);
+    assert!(problems[0].contains("`alarm`"), "{}", problems[0]);
+    assert!(problems[0].contains("kind = \"bool\""), "{}", problems[0]);
+    assert!(problems[1].contains("`level`"), "{}", problems[1]);
+    assert!(problems[1].contains("input_register"), "{}", problems[1]);
 }
 
 #[test]

@@ -26,7 +26,7 @@ use crate::clock::SharedClock;
 use crate::ingest::{IngestHandle, LivenessCause};
 use crate::model::{MetricName, Reading, Source, Value};
 
-/// What the poll tasks share.
+/// State shared by the poll tasks.
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub ingest: IngestHandle,
@@ -258,7 +258,7 @@ async fn finish_poll(state: &mut DeviceState, answered: bool, readings: Vec<Read
     let labels = DeviceLabels { device: state.device.id.to_string() };
     if answered {
         if state.offline {
-            info!(device = %state.device.id, "modbus device answers again");
+            info!(device = %state.device.id, "modbus device responds again");
             report_liveness(state, true, LivenessCause::Reading, shared).await;
         }
         state.failures = 0;
@@ -318,8 +318,8 @@ fn filter_reported(state: &mut DeviceState, readings: Vec<Reading>) -> Vec<Readi
         .collect()
 }
 
-/// The next poll time: the interval after the last start, or an exponential backoff with
-/// jitter once the device is offline.
+/// Computes the next poll time: the interval after the last start, or an exponential
+/// backoff with jitter once the device is offline.
 fn next_due(state: &DeviceState, started: Instant) -> Instant {
     if !state.offline {
         let due = started + state.interval;

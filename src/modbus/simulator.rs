@@ -1,8 +1,8 @@
 //! A Modbus TCP (or RTU-over-TCP) device simulator for the demo and tests, built on
 //! tokio-modbus's server.
 //!
-//! Its registers can be changed while it runs, and each unit can be told to stop answering
-//! or to answer late, so tests can exercise timeouts and reconnects on loopback.
+//! Its registers can be changed while it runs, and each unit can be set to stop responding
+//! or to respond late, so tests can exercise timeouts and reconnects on loopback.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use super::decode::{self, Decoded};
 use crate::profile::{Function, Register};
 
-/// The four object tables of one simulated unit. Addresses not present answer with the
-/// exception "illegal data address", as real devices do.
+/// The four object tables of one simulated unit. A read of an address not present gets the
+/// exception "illegal data address", as from real devices.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RegisterBank {
     pub coils: BTreeMap<u16, bool>,
@@ -100,14 +100,14 @@ impl RegisterBank {
     }
 }
 
-/// How a simulated unit answers.
+/// How a simulated unit responds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Behaviour {
     #[default]
     Normal,
     /// Reads no request and sends nothing, like a powered-off device behind a gateway.
     Silent,
-    /// Answers every request after this delay.
+    /// Responds to every request after this delay.
     Delay(Duration),
 }
 
@@ -172,7 +172,7 @@ impl SimulatorHandle {
         self.lock().units.entry(unit_id).or_default().behaviour = behaviour;
     }
 
-    /// Every read request received so far, in order.
+    /// Returns every read request received so far, in order.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.lock().requests.clone()
     }

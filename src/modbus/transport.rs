@@ -1,8 +1,8 @@
 //! Connections to Modbus devices and single read requests with a timeout.
 //!
 //! tokio-modbus 0.17 has no timeout of its own, so every connect and read here is wrapped in
-//! `tokio::time::timeout`. After a timeout the connection is dropped: a late reply would
-//! otherwise be read as the answer to the next request.
+//! `tokio::time::timeout`. After a timeout the connection is dropped, because a late reply
+//! would otherwise be read as the response to the next request.
 
 use std::fmt;
 use std::io;
@@ -17,7 +17,7 @@ use super::config::{ModbusDeviceConfig, Parity, Transport};
 use super::plan::ReadBlock;
 use crate::profile::Function;
 
-/// Where a connection goes. Devices with the same link share one connection.
+/// Target of a connection. Devices with the same link share one connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Link {
     Tcp(String),
@@ -70,8 +70,8 @@ pub enum Reply {
     Bits(Vec<bool>),
 }
 
-/// Why a read failed. Exceptions come from a device that answered; the rest mean no usable
-/// answer arrived.
+/// Reason a read failed. Exceptions come from a device that responded, and the other
+/// variants mean no usable response arrived.
 #[derive(Debug)]
 pub enum ReadError {
     Connect(io::Error),
@@ -97,7 +97,7 @@ impl ReadError {
         }
     }
 
-    /// Whether the device (not a gateway in front of it) answered.
+    /// Whether the device (not a gateway in front of it) responded.
     pub fn device_answered(&self) -> bool {
         match self {
             ReadError::Exception(code) => !matches!(
