@@ -120,7 +120,7 @@ impl Server {
             config.ingest.max_payload_bytes,
             stop_ingest.clone(),
         )?];
-        ingest_tasks.extend(crate::server_modbus::start(&config, ingest.clone(), &registry, clock.clone(), stop_ingest.clone())?);
+        ingest_tasks.extend(crate::server_modbus::start(&config, ingest.clone(), &registry, clock.clone(), stop_ingest.clone()));
 
         let reader = alarm_store::open_connection(&state_db).context("cannot open the state database for reading")?;
         let app = AppState {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::modbus::ModbusDeviceConfig;
 use crate::model::{DeviceId, ProfileName, SiteId};
 use crate::notify::{Webhook, WebhookConfig};
 use crate::profile::ProfileSet;
@@ -162,6 +163,10 @@ pub struct DeviceSpec {
     /// Rules for this device; a rule with the id of a profile rule replaces it.
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
+    /// How to poll the device over Modbus; absent for devices that publish over MQTT.
+    /// See docs/modbus.md.
+    #[serde(default)]
+    pub modbus: Option<ModbusDeviceConfig>,
 }
 
 /// A checked device.
@@ -174,6 +179,7 @@ pub struct Device {
     pub stale_after: Duration,
     /// Effective rules: the profile's defaults with this device's overrides applied.
     pub rules: Vec<Rule>,
+    pub modbus: Option<ModbusDeviceConfig>,
 }
 
 /// The checked configuration the server runs with.
@@ -436,6 +442,24 @@ fn check_devices(
                 }
             }
         }
+        if let Some(modbus) = &spec.modbus {
+            for (field, message) in modbus.validate() {
+                checker.push(Some(spans.key("modbus")), format!("devices[{index}].modbus.{field}"), message);
+                ok = false;
+            }
+            if profile.registers.is_empty() {
+                checker.push(
+                    Some(spans.key("modbus")),
+                    key("modbus"),
+                    format!(
+                        "profile `{}` describes no Modbus registers, so the device cannot be polled; \
+                         use a profile with registers or remove [devices.modbus]",
+                        profile.name
+                    ),
+                );
+                ok = false;
+            }
+        }
         if ok {
             devices.push(Device {
                 name: spec.name.unwrap_or_else(|| spec.id.to_string()),
@@ -444,6 +468,7 @@ fn check_devices(
                 site: spec.site,
                 profile: spec.profile,
                 rules: rules.into_values().collect(),
+                modbus: spec.modbus,
             });
         }
     }

@@ -1,0 +1,55 @@
+//! Line protocol written over HTTP flows through the same pipeline as MQTT: points of a
+//! known device raise alarms, other points are stored, and `/query` reads both.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Receiver, alarms_of, get_json, start_server, wait_for, CONFIG};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn line_protocol_raises_alarm_and_stores_other_points() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(CONFIG, &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+    let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let body = format!(
+        "gas-detector,site=plant-a,device=gas-01 gas_lel=61.5 {now_ns}\n\
+         boiler,site=plant-a,unit=2 pressure_mpa=1.2 {now_ns}\n"
+    );
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/api/v2/write?org=stonelion&bucket=stonelion&precision=ns"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204, "{}", response.text().await.unwrap());
+
+    let raised = wait_for("an alarm from the written point", WAIT, || async { receiver.events("alarm.raised").pop() }).await;
+    assert_eq!(raised.body["alarm"]["device"], "gas-01");
+    assert_eq!(raised.body["alarm"]["value"], 61.5);
+    assert_eq!(alarms_of(http, "gas-01").await[0]["level"], 2);
+    let device = get_json(http, "/api/v1/devices/gas-01").await;
+    assert_eq!(device["latest"]["gas_lel"]["value"], 61.5);
+
+    let query = wait_for("the other point through /query", WAIT, || async {
+        let q = get_json(http, "/query?db=stonelion&q=SELECT%20pressure_mpa%20FROM%20boiler").await;
+        q["results"][0]["series"][0]["values"].as_array().is_some_and(|v| !v.is_empty()).then_some(q)
+    })
+    .await;
+    assert_eq!(query["results"][0]["series"][0]["values"][0][1], 1.2, "{query}");
+
+    let bad = reqwest::Client::new()
+        .post(format!("http://{http}/api/v2/write?bucket=stonelion"))
+        .body("gas-detector,site=plant-a,device=gas-01 gas_lel=\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let error: serde_json::Value = bad.json().await.unwrap();
+    assert!(error["message"].as_str().unwrap().contains("line 1"), "{error}");
+    server.shutdown().await;
+}
