@@ -120,19 +120,19 @@ fn group_devices(devices: Vec<PolledDevice>) -> Groups {
                 *entry = (*entry).min(limit);
                 groups.tcp.push((state, address.clone()));
             }
-            Link::RtuOverTcp(_) | Link::Serial(_) => add_to_bus(&mut groups, link, state),
+            Link::RtuOverTcp(_) | Link::Serial(_) => add_to_bus(&mut groups, &link, state),
         }
     }
     groups
 }
 
-fn add_to_bus(groups: &mut Groups, link: Link, state: DeviceState) {
+fn add_to_bus(groups: &mut Groups, link: &Link, state: DeviceState) {
     let key = match &link {
         Link::Serial(serial) => serial.path.clone(),
         other => other.to_string(),
     };
     let (bus_link, states) = groups.buses.entry(key).or_insert_with(|| (link.clone(), Vec::new()));
-    if *bus_link != link {
+    if bus_link != link {
         error!(link = %link, "devices on one serial port have different line settings; using the first device's");
     }
     states.push(state);

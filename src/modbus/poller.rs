@@ -6,7 +6,7 @@
 //! behind them carries one frame at a time. Every Modbus TCP device has its own task and
 //! connection, and a semaphore per `host:port` caps the requests in flight to one gateway.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,13 +102,12 @@ pub(crate) async fn run_bus(link: Link, mut states: Vec<DeviceState>, shared: Sh
     let mut connection = Connection::new(link);
     let pause = states.iter().map(|s| s.device.config.bus_pause).max().unwrap_or_default();
     info!(link = %connection.link(), devices = states.len(), "modbus bus polling started");
-    loop {
-        let Some(index) = (0..states.len()).min_by_key(|&i| states[i].next_due) else { break };
+    while let Some(index) = (0..states.len()).min_by_key(|&i| states[i].next_due) {
         if !wait_until(states[index].next_due, &shared.shutdown).await {
             break;
         }
         poll_once(&mut states[index], &mut connection, None, pause, &shared).await;
-        // A device that failed may have left the bus mid-frame; start the next one clean.
+        // A device that failed may have left a frame half sent, so the next one starts clean.
         if states[index].failures > 0 {
             connection.reset();
         }
@@ -251,7 +250,7 @@ fn note_unknown_code(state: &DeviceState, entry: &crate::profile::MetricRegister
 
 fn store_text(texts: &TextValues, state: &DeviceState, metric: &MetricName, text: String) {
     let mut texts = texts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    texts.entry(state.device.id.clone()).or_insert_with(BTreeMap::new).insert(metric.clone(), text);
+    texts.entry(state.device.id.clone()).or_default().insert(metric.clone(), text);
 }
 
 async fn finish_poll(state: &mut DeviceState, answered: bool, readings: Vec<Reading>, started: Instant, shared: &Shared) {
