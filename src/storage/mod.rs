@@ -6,6 +6,7 @@
 //! is a field. Timestamps are milliseconds since the Unix epoch.
 
 pub mod engine;
+pub mod influxdb2;
 pub mod sqlite;
 
 use std::time::Duration;
