@@ -41,7 +41,7 @@ const DEVICES: &[Simulated] = &[
 ];
 
 /// Starts every simulated device against the broker at `mqtt`.
-pub fn spawn_all(mqtt: SocketAddr, stop: CancellationToken) -> Vec<JoinHandle<()>> {
+pub fn spawn_all(mqtt: SocketAddr, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
     let started = Instant::now();
     DEVICES.iter().map(|d| tokio::spawn(run_device(d, mqtt, started, stop.clone()))).collect()
 }

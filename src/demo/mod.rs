@@ -42,7 +42,7 @@ pub async fn run(overrides: Overrides, webhook_listen: SocketAddr) -> anyhow::Re
     print_banner(http, mqtt, receiver_addr, &data_dir, &sites);
 
     let stop_devices = CancellationToken::new();
-    let simulated = devices::spawn_all(mqtt, stop_devices.clone());
+    let simulated = devices::spawn_all(mqtt, &stop_devices);
     crate::cli::wait_for_signal().await;
 
     stop_devices.cancel();

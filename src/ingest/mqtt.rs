@@ -4,6 +4,10 @@
 //! The ingest link subscribes to `telemetry/#` and `status/#` and turns messages into
 //! readings.
 //!
+//! Every connection goes through [`super::guard::GuardedV4`], which checks its
+//! credentials' topics, and, when accounts are configured, rumqttd's authentication
+//! handler checks each CONNECT's username and password ([`super::auth`]).
+//!
 //! Durability window: a device receives PUBACK when the router accepts its publish, before
 //! the reading is stored. A reading in that window is lost if the process dies; the window
 //! is the time through this link and the pipeline plus the storage commit interval.
@@ -12,12 +16,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{self, MqttAccounts, MqttDenials};
 use super::directory::Directory;
+use super::guard::{GuardPolicy, GuardedV4};
 use super::payload::{self, RejectReason, Rejection, TopicKind};
 use super::reject::RejectLog;
 use super::{IngestHandle, LivenessCause};
@@ -25,7 +31,7 @@ use crate::clock::SharedClock;
 use crate::model::Source;
 
 /// Settings of the embedded broker.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BrokerSettings {
     /// Address to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
@@ -33,9 +39,26 @@ pub struct BrokerSettings {
     pub max_payload_bytes: usize,
     /// Most client connections at once.
     pub max_connections: usize,
+    /// Accounts, topic rules and limits that every connection is checked against.
+    pub guard: Arc<GuardPolicy>,
 }
 
-type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync;
+impl BrokerSettings {
+    /// Returns the settings with an open broker: no accounts, so no checks.
+    pub fn open(listen: SocketAddr, max_payload_bytes: usize, registry: &crate::metrics::SharedRegistry) -> Self {
+        let guard = GuardPolicy {
+            accounts: Arc::new(MqttAccounts::default()),
+            denials: Arc::new(MqttDenials::new(registry)),
+            max_messages_per_second: 0.0,
+            max_burst_messages: 0,
+        };
+        Self { listen, max_payload_bytes, max_connections: 10_000, guard: Arc::new(guard) }
+    }
+}
+
+/// Opens an in-process link; rumqttd's `LinkError` carries a whole router event, so the
+/// factory reports it as text.
+type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync;
 
 /// A running broker: its bound address and a way to open in-process links to it.
 pub struct EmbeddedBroker {
@@ -65,7 +88,8 @@ impl EmbeddedBroker {
         let mut last_error = String::new();
         for _ in 0..attempts {
             let addr = resolve_port(settings.listen)?;
-            let mut server = Server::new(server_settings(settings, addr), router_tx.clone(), rumqttd::protocol::v4::V4);
+            let guard = GuardedV4::new(settings.guard.clone());
+            let mut server = Server::new(server_settings(settings, addr), router_tx.clone(), guard);
             let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
             let listener = tokio::spawn(async move {
                 if let Err(e) = server.start(LinkType::Remote).await {
@@ -76,8 +100,10 @@ impl EmbeddedBroker {
                 Ok(()) => {
                     let tx = router_tx.clone();
                     let links: Arc<LinkFactory> = Arc::new(move |name: &str| {
-                        let (link_tx, link_rx, _) =
-                            LinkBuilder::new(name, tx.clone()).dynamic_filters(true).build()?;
+                        let (link_tx, link_rx, _) = LinkBuilder::new(name, tx.clone())
+                            .dynamic_filters(true)
+                            .build()
+                            .map_err(|e| e.to_string())?;
                         Ok((link_tx, link_rx))
                     });
                     tracing::info!(%addr, "embedded MQTT broker listening");
@@ -91,7 +117,7 @@ impl EmbeddedBroker {
 
     /// Opens an in-process link with the given client id.
     pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
-        (self.links)(client_id).map_err(|e| BrokerError::Link(e.to_string()))
+        (self.links)(client_id).map_err(BrokerError::Link)
     }
 
     /// Stops accepting MQTT connections.
@@ -115,7 +141,7 @@ fn router_config(settings: &BrokerSettings) -> RouterConfig {
 }
 
 fn server_settings(settings: &BrokerSettings, addr: SocketAddr) -> ServerSettings {
-    ServerSettings {
+    let mut server = ServerSettings {
         name: "mqtt".to_owned(),
         listen: addr,
         tls: None,
@@ -130,7 +156,12 @@ fn server_settings(settings: &BrokerSettings, addr: SocketAddr) -> ServerSetting
             external_auth: None,
             dynamic_filters: true,
         },
+    };
+    let guard = &settings.guard;
+    if !guard.accounts.is_open() {
+        server.set_auth_handler(auth::auth_handler(guard.accounts.clone(), guard.denials.clone()));
     }
+    server
 }
 
 /// Largest payload the broker accepts before it closes a connection: four times the

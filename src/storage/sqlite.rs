@@ -35,6 +35,7 @@ pub struct SqliteStore {
     commit_interval: Duration,
 }
 
+#[allow(clippy::needless_pass_by_value, reason = "used as a `map_err` function")]
 fn db_error(e: rusqlite::Error) -> StorageError {
     StorageError::Database(e.to_string())
 }
@@ -73,7 +74,7 @@ impl SqliteStore {
         let writer_series = Arc::clone(&series);
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
-            .spawn(move || run_writer(writer_conn, rx, writer_series, commit_interval))?;
+            .spawn(move || run_writer(writer_conn, &rx, &writer_series, commit_interval))?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
@@ -152,7 +153,7 @@ fn load_series(conn: &Connection) -> Result<HashMap<SeriesKey, (i64, ValueKind)>
     Ok(series)
 }
 
-fn run_writer(mut conn: Connection, rx: mpsc::Receiver<WriterMessage>, series: SeriesCache, interval: Duration) {
+fn run_writer(mut conn: Connection, rx: &mpsc::Receiver<WriterMessage>, series: &SeriesCache, interval: Duration) {
     let mut pending: Vec<Point> = Vec::new();
     let mut waiters: Vec<mpsc::Sender<Result<(), String>>> = Vec::new();
     let mut deadline: Option<Instant> = None;
@@ -170,12 +171,12 @@ fn run_writer(mut conn: Connection, rx: mpsc::Receiver<WriterMessage>, series: S
         }
         let due = deadline.is_some_and(|d| Instant::now() >= d);
         if due || closed || !waiters.is_empty() || pending.len() >= EAGER_COMMIT_POINTS {
-            let result = commit(&mut conn, std::mem::take(&mut pending), &series);
+            let result = commit(&mut conn, std::mem::take(&mut pending), series);
             if let Err(e) = &result {
                 tracing::error!(error = %e, "storing readings failed; the points of this commit are lost");
             }
             for waiter in waiters.drain(..) {
-                let _ = waiter.send(result.clone().map_err(|e| e.to_string()));
+                let _ = waiter.send(result.clone());
             }
             deadline = None;
         }
@@ -321,12 +322,14 @@ fn query_aggregated(
         Aggregate::Max => "MAX(value)".to_owned(),
         Aggregate::Sum => "SUM(value)".to_owned(),
         Aggregate::Count => "COUNT(*)".to_owned(),
-        Aggregate::First => format!(
+        Aggregate::First => {
             "(SELECT p.value FROM points p WHERE p.series_id = ?1 AND p.ts >= MIN(points.ts) ORDER BY p.ts LIMIT 1)"
-        ),
-        Aggregate::Last => format!(
+                .to_owned()
+        }
+        Aggregate::Last => {
             "(SELECT p.value FROM points p WHERE p.series_id = ?1 AND p.ts <= MAX(points.ts) ORDER BY p.ts DESC LIMIT 1)"
-        ),
+                .to_owned()
+        }
     };
     let sql = format!(
         "SELECT {bucket} AS bucket, {expression} FROM points \
