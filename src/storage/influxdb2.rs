@@ -50,7 +50,7 @@ pub struct InfluxDb2Config {
     /// Maximum number of lines per write request.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// Longest time a point waits in the buffer before it is sent, for example `1s`.
+    /// Maximum time a point waits in the buffer before it is sent, for example `1s`.
     #[serde(default = "default_flush_interval", with = "humantime_serde")]
     pub flush_interval: Duration,
     /// Timeout of one HTTP request, for example `10s`.
@@ -59,7 +59,7 @@ pub struct InfluxDb2Config {
     /// First wait after a failed request; doubled after each failure, for example `500ms`.
     #[serde(default = "default_retry_initial", with = "humantime_serde")]
     pub retry_initial_backoff: Duration,
-    /// Longest wait between retries, for example `30s`.
+    /// Maximum wait between retries, for example `30s`.
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max_backoff: Duration,
     /// Whether request bodies are gzip-compressed.
@@ -154,7 +154,7 @@ impl InfluxDb2Config {
         Ok(())
     }
 
-    /// The token from `token`, or else from the `token_env` variable.
+    /// Returns the token from `token`, or else from the `token_env` variable.
     fn resolve_token(&self) -> Option<String> {
         self.token
             .clone()
@@ -363,7 +363,7 @@ fn load_buffer(dir: &Path) -> std::io::Result<BufferState> {
     })
 }
 
-/// The cursor file contains `sequence offset`; an offset for another segment is stale.
+/// Parses the cursor file, `sequence offset`. An offset for another segment is stale.
 fn parse_cursor(text: &str, first: Option<&Segment>) -> u64 {
     let mut parts = text.split_whitespace();
     let sequence: Option<u64> = parts.next().and_then(|s| s.parse().ok());
