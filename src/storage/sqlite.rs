@@ -50,6 +50,7 @@ impl SqliteStore {
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
+                 PRAGMA busy_timeout = 5000;
                  CREATE TABLE IF NOT EXISTS series (
                      id INTEGER PRIMARY KEY,
                      measurement TEXT NOT NULL,
@@ -68,6 +69,9 @@ impl SqliteStore {
             )
             .map_err(db_error)?;
         let reader = Connection::open(&path).map_err(db_error)?;
+        // Readers can meet a busy database while the writer checkpoints the WAL, and
+        // retention deletes through this connection.
+        reader.busy_timeout(Duration::from_secs(5)).map_err(db_error)?;
         let series = Arc::new(Mutex::new(load_series(&reader)?));
 
         let (tx, rx) = mpsc::channel();
