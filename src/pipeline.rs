@@ -29,6 +29,14 @@ pub struct DeviceState {
     pub latest: BTreeMap<MetricName, (Timestamp, Value)>,
 }
 
+/// Measurement with each device's liveness: field `online`, tags `site`, `device` and
+/// `site_kind`. It is written on every change and every [`STATUS_INTERVAL`], so a
+/// dashboard's time range always holds a recent value.
+pub const DEVICE_STATUS_MEASUREMENT: &str = "device_status";
+
+/// How often every device's liveness is written to `device_status`.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Device states shared with the API.
 pub type DeviceStates = Arc<RwLock<HashMap<DeviceId, DeviceState>>>;
 
@@ -76,6 +84,8 @@ impl Pipeline {
     pub async fn run(self, mut rx: mpsc::Receiver<IngestMessage>, registry: &SharedRegistry, shutdown: CancellationToken) {
         let metrics = self.register(registry);
         let started = self.clock.now();
+        let mut status_ticker = tokio::time::interval(STATUS_INTERVAL);
+        status_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -85,6 +95,7 @@ impl Pipeline {
                     None => break,
                 },
                 _ = ticker.tick() => self.check_staleness(started, &metrics).await,
+                _ = status_ticker.tick() => self.write_statuses(&metrics),
                 () = shutdown.cancelled() => {
                     // Take what the sources already handed over, then stop.
                     rx.close();
@@ -235,12 +246,33 @@ impl Pipeline {
         if !changed {
             return;
         }
+        if let Some(point) = self.status_point(device, online) {
+            let _ = self.store_points(vec![point], metrics);
+        }
         let cause_text = describe(cause);
         tracing::info!(device = %device, online, cause = %cause_text, "device {}", if online { "online" } else { "offline" });
         let _ = self
             .alarms
             .send(AlarmCommand::Liveness { device: device.clone(), online, at: self.clock.now(), cause: cause_text })
             .await;
+    }
+
+    fn status_point(&self, device: &DeviceId, online: bool) -> Option<Point> {
+        let entry = self.directory.device(device)?;
+        let mut series = series_key(entry, &MetricName::from("online"));
+        series.measurement = DEVICE_STATUS_MEASUREMENT.to_owned();
+        Some(Point { series, ts: self.clock.now(), value: Value::Bool(online) })
+    }
+
+    /// Writes the liveness of every device whose state is known.
+    fn write_statuses(&self, metrics: &PipelineMetrics) {
+        let points: Vec<Point> = {
+            let states = self.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            states.iter().filter_map(|(device, state)| self.status_point(device, state.online?)).collect()
+        };
+        if !points.is_empty() {
+            let _ = self.store_points(points, metrics);
+        }
     }
 
     async fn check_staleness(&self, started: Timestamp, metrics: &PipelineMetrics) {

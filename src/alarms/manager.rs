@@ -29,6 +29,10 @@ use crate::storage::{Point, SeriesKey, TimeSeriesStore};
 /// Measurement that alarm transitions are written to, for dashboards and annotations.
 pub const ALARM_EVENTS_MEASUREMENT: &str = "alarm_events";
 
+/// Measurement with each alarm's current level after every transition: the level while
+/// active, 0 once cleared or closed. `last(level)` per series tells what is active now.
+pub const ALARM_STATE_MEASUREMENT: &str = "alarm_state";
+
 /// Why an operator action was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
@@ -459,11 +463,17 @@ impl AlarmManager {
             }];
             if let Some(value) = alarm.value {
                 points.push(Point {
-                    series: SeriesKey::new(ALARM_EVENTS_MEASUREMENT, tags, "value"),
+                    series: SeriesKey::new(ALARM_EVENTS_MEASUREMENT, tags.clone(), "value"),
                     ts: at,
                     value: Value::Number(value),
                 });
             }
+            let active_level = if alarm.state == AlarmState::Active { alarm.level } else { 0 };
+            points.push(Point {
+                series: SeriesKey::new(ALARM_STATE_MEASUREMENT, tags[..3].to_vec(), "level"),
+                ts: at,
+                value: Value::Number(f64::from(active_level)),
+            });
             if let Err(e) = series.write(points) {
                 tracing::warn!(error = %e, "writing the alarm event to the time series failed");
             }
