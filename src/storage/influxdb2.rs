@@ -42,7 +42,9 @@ pub struct InfluxDb2Config {
     /// Environment variable that contains the API token; read when `token` is not set.
     #[serde(default = "default_token_env")]
     pub token_env: String,
-    /// Folder of the on-disk buffer; one folder per backend instance.
+    /// Folder of the on-disk buffer; one folder per backend instance. Default:
+    /// `influxdb2-buffer` in the data directory.
+    #[serde(default)]
     pub buffer_dir: PathBuf,
     /// Maximum size of the on-disk buffer in bytes; when full, the oldest points are dropped.
     #[serde(default = "default_buffer_max_bytes")]
