@@ -1,4 +1,5 @@
-//! Command-line interface: `run`, `demo`, `check-config` and `profiles check`.
+//! Command-line interface: `run`, `demo`, `check-config`, `profiles check`, and the
+//! credential helpers `hash-password`, `generate-token` and `hash-token`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,13 @@ enum Command {
         #[command(subcommand)]
         command: ProfilesCommand,
     },
+    /// Read a password from standard input (one line) and print its argon2id PHC hash, for
+    /// `mqtt_password_hash` and `[[mqtt_users]] password_hash`.
+    HashPassword,
+    /// Print a new random API token and the SHA-256 for its `[[api_tokens]] token_sha256`.
+    GenerateToken,
+    /// Read an API token from standard input (one line) and print its SHA-256.
+    HashToken,
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +94,20 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Profiles { command: ProfilesCommand::Check { dir } } => check_profiles(&dir),
+        Command::HashPassword => hash_password(),
+        Command::GenerateToken => {
+            let token = crate::security::tokens::generate_token();
+            println!("token:        {token}");
+            println!("token_sha256: {}", hex::encode(crate::security::tokens::token_digest(&token)));
+            ExitCode::SUCCESS
+        }
+        Command::HashToken => match read_secret_line() {
+            Ok(token) => {
+                println!("{}", hex::encode(crate::security::tokens::token_digest(&token)));
+                ExitCode::SUCCESS
+            }
+            Err(message) => fail(&message),
+        },
         Command::Run { config, listen } => run_async(async move {
             let mut config = match config {
                 Some(path) => config::load_file(&path, builtin_profiles())?,
@@ -129,7 +151,10 @@ fn run_async(job: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 /// Runs a server until SIGTERM or Ctrl-C, then shuts it down in order.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let server = Server::start(config, Arc::new(SystemClock)).await?;
-    println!("stonelion listening: http={} mqtt={}", server.http_addr, server.mqtt_addr);
+    match server.mqtt_tls_addr {
+        Some(tls) => println!("stonelion listening: http={} mqtt={} mqtt_tls={tls}", server.http_addr, server.mqtt_addr),
+        None => println!("stonelion listening: http={} mqtt={}", server.http_addr, server.mqtt_addr),
+    }
     wait_for_signal().await;
     server.shutdown().await;
     Ok(())
@@ -179,6 +204,36 @@ fn check_config(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn hash_password() -> ExitCode {
+    let password = match read_secret_line() {
+        Ok(password) => password,
+        Err(message) => return fail(&message),
+    };
+    match crate::security::hash_password(&password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("hashing the password failed: {e}")),
+    }
+}
+
+/// Reads one line from standard input without its line ending; an empty line is an error.
+fn read_secret_line() -> Result<String, String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| format!("cannot read standard input: {e}"))?;
+    let secret = line.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        return Err("standard input is empty; pipe the secret in, such as `read -rs P; echo \"$P\" | stonelion hash-password`".to_owned());
+    }
+    Ok(secret.to_owned())
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
 }
 
 fn check_profiles(dir: &Path) -> ExitCode {

@@ -19,6 +19,7 @@ pub mod notify;
 pub mod pipeline;
 pub mod profile;
 pub mod rules;
+pub mod security;
 pub mod server;
 mod server_http;
 mod server_modbus;

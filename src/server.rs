@@ -13,9 +13,12 @@ use tokio_util::sync::CancellationToken;
 use crate::alarms::manager::AlarmManager;
 use crate::alarms::store::{self as alarm_store, AlarmStore};
 use crate::api::AppState;
+use crate::api::auth::ApiAuth;
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::ingest::auth::{MqttAccounts, MqttDenials};
 use crate::ingest::directory::Directory;
+use crate::ingest::guard::GuardPolicy;
 use crate::ingest::mqtt::{BrokerSettings, EmbeddedBroker, spawn_ingest_link};
 use crate::ingest::reject::RejectLog;
 use crate::ingest::IngestHandle;
@@ -35,6 +38,8 @@ const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 pub struct Server {
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    /// Address of the MQTT over TLS listener, when `[mqtt] tls_listen` is set.
+    pub mqtt_tls_addr: Option<SocketAddr>,
     pub registry: SharedRegistry,
     pub ingest: IngestHandle,
     pub states: DeviceStates,
@@ -54,6 +59,8 @@ pub struct Server {
 impl Server {
     /// Starts every stage on the current tokio runtime.
     pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Server> {
+        let accounts = Arc::new(MqttAccounts::from_config(&config));
+        crate::security::check_exposure(&config, accounts.is_open())?;
         let data_dir = config.server.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
@@ -92,6 +99,7 @@ impl Server {
         let states: DeviceStates = Arc::new(RwLock::new(Default::default()));
         let (ingest, ingest_rx) = IngestHandle::channel(INGEST_CHANNEL);
         let stop_ingest = CancellationToken::new();
+        let mut background_ingest = Vec::new();
         let pipeline = Pipeline {
             directory: directory.clone(),
             store: store.clone(),
@@ -104,14 +112,29 @@ impl Server {
         let pipeline_stop = stop_ingest.clone();
         let pipeline = tokio::spawn(async move { pipeline.run(ingest_rx, &pipeline_registry, pipeline_stop).await });
 
+        let guard = GuardPolicy {
+            accounts,
+            denials: Arc::new(MqttDenials::new(&registry)),
+            max_messages_per_second: config.mqtt.max_messages_per_second,
+            max_burst_messages: config.mqtt.max_burst_messages,
+        };
         let broker = EmbeddedBroker::start(&BrokerSettings {
             listen: config.server.mqtt_listen,
             max_payload_bytes: config.ingest.max_payload_bytes,
             max_connections: 10_000,
+            guard: Arc::new(guard),
         })
         .await?;
+        let mqtt_tls_addr = match start_mqtt_tls(&config, broker.addr, &stop_ingest).await? {
+            Some((addr, task)) => {
+                background_ingest.push(task);
+                Some(addr)
+            }
+            None => None,
+        };
         let rejects = Arc::new(RejectLog::new(&registry));
-        let mut ingest_tasks = vec![spawn_ingest_link(
+        let mut ingest_tasks = std::mem::take(&mut background_ingest);
+        ingest_tasks.push(spawn_ingest_link(
             &broker,
             directory.clone(),
             ingest.clone(),
@@ -119,7 +142,7 @@ impl Server {
             clock.clone(),
             config.ingest.max_payload_bytes,
             stop_ingest.clone(),
-        )?];
+        )?);
         ingest_tasks.extend(crate::server_modbus::start(&config, ingest.clone(), &registry, clock.clone(), stop_ingest.clone()));
 
         let reader = alarm_store::open_connection(&state_db).context("cannot open the state database for reading")?;
@@ -133,25 +156,22 @@ impl Server {
             registry: registry.clone(),
             clock: clock.clone(),
         };
-        let router = crate::server_http::router(app, ingest.clone(), store.clone(), &registry);
+        let router = crate::server_http::router(app, ingest.clone(), store.clone(), &registry).layer(
+            axum::middleware::from_fn_with_state(ApiAuth::new(config.api_tokens.clone()), crate::api::auth::authorize),
+        );
         let listener = tokio::net::TcpListener::bind(config.server.http_listen)
             .await
             .with_context(|| format!("cannot listen for HTTP on {}; free the port or set --http-listen", config.server.http_listen))?;
         let http_addr = listener.local_addr()?;
         let stop_http = CancellationToken::new();
-        let http_stop = stop_http.clone();
-        let http = tokio::spawn(async move {
-            let served = axum::serve(listener, router).with_graceful_shutdown(http_stop.cancelled_owned()).await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "the HTTP server failed");
-            }
-        });
-        tracing::info!(%http_addr, "HTTP API listening");
+        let http = spawn_http(listener, router, &config, stop_http.clone())?;
+        tracing::info!(%http_addr, tls = config.api.tls_cert.is_some(), "HTTP API listening");
 
         let background = vec![spawn_retention(store.clone(), clock.clone(), config.storage.retention)];
         Ok(Server {
             http_addr,
             mqtt_addr: broker.addr,
+            mqtt_tls_addr,
             registry,
             ingest,
             states,
@@ -189,6 +209,53 @@ impl Server {
         }
         tracing::info!("stopped");
     }
+}
+
+/// Starts the MQTT over TLS listener when `[mqtt] tls_listen` is set.
+async fn start_mqtt_tls(
+    config: &Config,
+    broker: SocketAddr,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
+    let (Some(listen), Some(cert), Some(key)) = (config.mqtt.tls_listen, &config.mqtt.tls_cert, &config.mqtt.tls_key) else {
+        return Ok(None);
+    };
+    let tls = crate::security::tls::server_config(cert, key, config.mqtt.tls_client_ca.as_deref(), &[])
+        .context("cannot load the MQTT TLS certificate")?;
+    let (addr, task) = crate::security::tls::spawn_mqtt_tls(listen, tls, broker, stop.clone())
+        .await
+        .with_context(|| format!("cannot listen for MQTT over TLS on {listen}; free the port or change [mqtt] tls_listen"))?;
+    tracing::info!(%addr, client_certificates = config.mqtt.tls_client_ca.is_some(), "MQTT over TLS listening");
+    Ok(Some((addr, task)))
+}
+
+/// Serves the router over plain HTTP, or HTTPS when `[api]` has a certificate.
+fn spawn_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    config: &Config,
+    stop: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let served = match (&config.api.tls_cert, &config.api.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::security::tls::server_config(cert, key, None, &[b"http/1.1"])
+                .context("cannot load the HTTP TLS certificate")?;
+            let listener = crate::security::tls::TlsListener::new(listener, tls, "http-tls")?;
+            tokio::spawn(async move {
+                axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await
+            })
+        }
+        _ => tokio::spawn(async move {
+            axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await
+        }),
+    };
+    Ok(tokio::spawn(async move {
+        match served.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server failed"),
+            Err(e) => tracing::error!(error = %e, "the HTTP server task failed"),
+        }
+    }))
 }
 
 fn spawn_retention(store: Arc<dyn TimeSeriesStore>, clock: SharedClock, retention: Duration) -> JoinHandle<()> {

@@ -25,6 +25,14 @@ impl ApiError {
         Self { status: StatusCode::NOT_FOUND, code: "not_found", message: message.into() }
     }
 
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::UNAUTHORIZED, code: "unauthorized", message: message.into() }
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::FORBIDDEN, code: "forbidden", message: message.into() }
+    }
+
     pub fn conflict(message: impl Into<String>) -> Self {
         Self { status: StatusCode::CONFLICT, code: "conflict", message: message.into() }
     }

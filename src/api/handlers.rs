@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::Json;
+use axum::{Extension, Json};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value as Json_, json};
 
+use super::auth::Principal;
 use super::{ApiError, AppState};
 use crate::alarms::store::{self, AlarmFilter};
 use crate::alarms::{AlarmId, AlarmState};
@@ -313,10 +314,18 @@ pub async fn alarm(State(state): State<AppState>, Path(id): Path<String>) -> Res
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionBody {
-    /// Who acts: an operator's name.
-    by: String,
+    /// Who acts: an operator's name. Required on an open API; with tokens the token's
+    /// name is the actor and `by`, when given, is kept at the start of the note.
+    #[serde(default)]
+    by: Option<String>,
     /// Free text kept with the transition.
     #[serde(default)]
+    note: Option<String>,
+}
+
+/// The checked actor and note of an alarm action.
+struct Action {
+    actor: String,
     note: Option<String>,
 }
 
@@ -324,38 +333,49 @@ pub struct ActionBody {
 const MAX_ACTOR_CHARS: usize = 128;
 const MAX_NOTE_CHARS: usize = 4096;
 
-fn check_action(body: Result<Json<ActionBody>, JsonRejection>) -> Result<ActionBody, ApiError> {
+fn check_action(body: Result<Json<ActionBody>, JsonRejection>, principal: Option<&Principal>) -> Result<Action, ApiError> {
     let Json(body) = body.map_err(|e| {
         ApiError::bad_request(format!("{}; send JSON such as {{\"by\": \"duty officer\", \"note\": \"...\"}}", e.body_text()))
     })?;
-    let by = body.by.trim();
-    if by.is_empty() || by.chars().count() > MAX_ACTOR_CHARS {
+    let by = body.by.as_deref().map(str::trim);
+    if by.is_some_and(|by| by.is_empty() || by.chars().count() > MAX_ACTOR_CHARS) {
         return Err(ApiError::bad_request(format!("`by` must name who acts, in 1 to {MAX_ACTOR_CHARS} characters")));
     }
     if body.note.as_ref().is_some_and(|n| n.chars().count() > MAX_NOTE_CHARS) {
         return Err(ApiError::bad_request(format!("`note` is longer than {MAX_NOTE_CHARS} characters")));
     }
-    Ok(ActionBody { by: by.to_owned(), note: body.note })
+    let Some(principal) = principal else {
+        let by = by.ok_or_else(|| ApiError::bad_request("missing `by`; name who acts, such as {\"by\": \"duty officer\"}"))?;
+        return Ok(Action { actor: by.to_owned(), note: body.note });
+    };
+    let note = match (by, body.note) {
+        (Some(by), Some(note)) => Some(format!("by {by}: {note}")),
+        (Some(by), None) => Some(format!("by {by}")),
+        (None, note) => note,
+    };
+    Ok(Action { actor: principal.name.clone(), note })
 }
 
 pub async fn acknowledge(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    principal: Option<Extension<Principal>>,
     body: Result<Json<ActionBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_alarm_id(&id)?;
-    let body = check_action(body)?;
-    let alarm = state.alarms.acknowledge(id, body.by, body.note).await?;
+    let action = check_action(body, principal.as_deref())?;
+    let alarm = state.alarms.acknowledge(id, action.actor, action.note).await?;
     Ok((StatusCode::OK, Json(alarm.to_json())))
 }
 
 pub async fn close(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    principal: Option<Extension<Principal>>,
     body: Result<Json<ActionBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_alarm_id(&id)?;
-    let body = check_action(body)?;
-    let alarm = state.alarms.close(id, body.by, body.note).await?;
+    let action = check_action(body, principal.as_deref())?;
+    let alarm = state.alarms.close(id, action.actor, action.note).await?;
     Ok((StatusCode::OK, Json(alarm.to_json())))
 }

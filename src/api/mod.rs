@@ -2,6 +2,7 @@
 //! Prometheus metrics. [`router`] builds the whole router, so tests can call it
 //! in-process.
 
+pub mod auth;
 pub mod error;
 pub mod influxql;
 mod handlers;

@@ -19,6 +19,8 @@ use crate::model::{DeviceId, ProfileName, SiteId};
 use crate::notify::{Webhook, WebhookConfig};
 use crate::profile::ProfileSet;
 use crate::rules::spec::{Rule, RuleSpec};
+use crate::security::config::{ApiSection, MqttSection, MqttUserSpec};
+use crate::security::tokens::{ApiTokenSpec, TokenSet};
 pub use check::ConfigProblem;
 use check::{Checker, EntrySpans};
 
@@ -167,6 +169,11 @@ pub struct DeviceSpec {
     /// See docs/modbus.md.
     #[serde(default)]
     pub modbus: Option<ModbusDeviceConfig>,
+    /// argon2 PHC string (from `stonelion hash-password`) of the password the device sends
+    /// over MQTT, with its id as username. Devices without one cannot log in once any
+    /// MQTT account is configured.
+    #[serde(default)]
+    pub mqtt_password_hash: Option<String>,
 }
 
 /// A checked device.
@@ -180,6 +187,8 @@ pub struct Device {
     /// Effective rules: the profile's defaults with this device's overrides applied.
     pub rules: Vec<Rule>,
     pub modbus: Option<ModbusDeviceConfig>,
+    /// Checked argon2 PHC string of the device's MQTT password.
+    pub mqtt_password_hash: Option<String>,
 }
 
 /// The checked configuration the server runs with.
@@ -193,6 +202,10 @@ pub struct Config {
     pub devices: Vec<Device>,
     pub webhooks: Vec<Webhook>,
     pub profiles: ProfileSet,
+    pub mqtt: MqttSection,
+    pub mqtt_users: Vec<MqttUserSpec>,
+    pub api: ApiSection,
+    pub api_tokens: TokenSet,
 }
 
 impl Config {
@@ -272,12 +285,16 @@ pub fn parse(text: &str, builtin: ProfileSet) -> Result<Config, Vec<ConfigProble
             "sites" => raw.sites = checker.deserialize_array(name, value),
             "devices" => raw.devices = checker.deserialize_array(name, value),
             "webhooks" => raw.webhooks = checker.deserialize_array(name, value),
+            "mqtt" => raw.mqtt = checker.deserialize(name, value),
+            "mqtt_users" => raw.mqtt_users = checker.deserialize_array(name, value),
+            "api" => raw.api = checker.deserialize(name, value),
+            "api_tokens" => raw.api_tokens = checker.deserialize_array(name, value),
             other => checker.push(
                 Some(key.span()),
                 other,
                 format!(
                     "unknown section `{other}`; expected one of server, ingest, storage, \
-                     alarms, sites, devices, webhooks"
+                     alarms, sites, devices, webhooks, mqtt, mqtt_users, api, api_tokens"
                 ),
             ),
         }
@@ -301,6 +318,10 @@ struct RawSections {
     sites: Vec<(Site, EntrySpans)>,
     devices: Vec<(DeviceSpec, EntrySpans)>,
     webhooks: Vec<(WebhookConfig, EntrySpans)>,
+    mqtt: Option<MqttSection>,
+    mqtt_users: Vec<(MqttUserSpec, EntrySpans)>,
+    api: Option<ApiSection>,
+    api_tokens: Vec<(ApiTokenSpec, EntrySpans)>,
 }
 
 impl RawSections {
@@ -315,6 +336,12 @@ impl RawSections {
         let sites = check_sites(checker, self.sites);
         let devices = check_devices(checker, self.devices, &sites, &profiles, &ingest);
         let webhooks = check_webhooks(checker, self.webhooks);
+        let mqtt = self.mqtt.unwrap_or_default();
+        crate::security::config::check_mqtt(checker, &mqtt);
+        let mqtt_users = crate::security::config::check_mqtt_users(checker, self.mqtt_users, &sites, &devices);
+        let api = self.api.unwrap_or_default();
+        crate::security::config::check_api(checker, &api);
+        let api_tokens = crate::security::config::check_api_tokens(checker, self.api_tokens);
         Config {
             server,
             ingest,
@@ -324,6 +351,10 @@ impl RawSections {
             devices,
             webhooks,
             profiles,
+            mqtt,
+            mqtt_users,
+            api,
+            api_tokens,
         }
     }
 }
@@ -460,6 +491,11 @@ fn check_devices(
                 ok = false;
             }
         }
+        let hash_check = spec.mqtt_password_hash.as_deref().map(crate::security::check_password_hash);
+        if let Some(Err(message)) = hash_check {
+            checker.push(Some(spans.key("mqtt_password_hash")), key("mqtt_password_hash"), message);
+            ok = false;
+        }
         if ok {
             devices.push(Device {
                 name: spec.name.unwrap_or_else(|| spec.id.to_string()),
@@ -469,6 +505,7 @@ fn check_devices(
                 profile: spec.profile,
                 rules: rules.into_values().collect(),
                 modbus: spec.modbus,
+                mqtt_password_hash: spec.mqtt_password_hash,
             });
         }
     }

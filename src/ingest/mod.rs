@@ -3,7 +3,9 @@
 //! [`IngestHandle`].
 
 pub mod payload;
+pub mod auth;
 pub mod directory;
+pub mod guard;
 pub mod line_protocol;
 pub mod mqtt;
 pub mod reject;

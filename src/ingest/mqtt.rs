@@ -21,7 +21,7 @@ use rumqttd::{ConnectionSettings, LinkType, Notification, Router, RouterConfig, 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::{self, MqttAccounts, MqttDenials};
+use super::auth;
 use super::directory::Directory;
 use super::guard::{GuardPolicy, GuardedV4};
 use super::payload::{self, RejectReason, Rejection, TopicKind};
@@ -43,21 +43,7 @@ pub struct BrokerSettings {
     pub guard: Arc<GuardPolicy>,
 }
 
-impl BrokerSettings {
-    /// Returns the settings with an open broker: no accounts, so no checks.
-    pub fn open(listen: SocketAddr, max_payload_bytes: usize, registry: &crate::metrics::SharedRegistry) -> Self {
-        let guard = GuardPolicy {
-            accounts: Arc::new(MqttAccounts::default()),
-            denials: Arc::new(MqttDenials::new(registry)),
-            max_messages_per_second: 0.0,
-            max_burst_messages: 0,
-        };
-        Self { listen, max_payload_bytes, max_connections: 10_000, guard: Arc::new(guard) }
-    }
-}
 
-/// Opens an in-process link; rumqttd's `LinkError` carries a whole router event, so the
-/// factory reports it as text.
 type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync;
 
 /// A running broker: its bound address and a way to open in-process links to it.

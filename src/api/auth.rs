@@ -1,0 +1,138 @@
+//! Bearer-token authorization for every HTTP route, including the InfluxDB-compatible ones.
+//!
+//! With no `[[api_tokens]]` configured the API is open, which the server allows on
+//! loopback only. Otherwise every route except `/healthz` and `/ping` needs a token whose
+//! role allows the route ([`required_permission`]). A token is accepted as
+//! `Authorization: Bearer X`, `Authorization: Token X` (InfluxDB 2 clients), HTTP Basic
+//! auth with the token as password, or the `p` query parameter (InfluxDB 1 clients).
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+
+use super::ApiError;
+use crate::security::tokens::{Permission, Role, TokenSet};
+
+/// The token a request was authorized with, stored in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    /// The token's configured name, recorded as the actor of alarm actions.
+    pub name: String,
+    pub role: Role,
+}
+
+/// State of the authorization middleware.
+#[derive(Clone)]
+pub struct ApiAuth {
+    tokens: Arc<TokenSet>,
+}
+
+impl ApiAuth {
+    pub fn new(tokens: TokenSet) -> Self {
+        Self { tokens: Arc::new(tokens) }
+    }
+}
+
+/// Returns what a route needs, or `None` for the routes that stay open.
+pub fn required_permission(method: &Method, path: &str) -> Option<Permission> {
+    let alarm_action = path.starts_with("/api/v1/alarms/") && (path.ends_with("/ack") || path.ends_with("/close"));
+    match path {
+        "/healthz" | "/ping" => None,
+        "/write" | "/api/v2/write" => Some(Permission::Write),
+        _ if alarm_action && method == Method::POST => Some(Permission::AlarmAction),
+        _ => Some(Permission::Read),
+    }
+}
+
+/// Authorizes a request; see the module docs.
+pub async fn authorize(State(auth): State<ApiAuth>, mut request: Request, next: Next) -> Response {
+    if auth.tokens.is_empty() {
+        return next.run(request).await;
+    }
+    let Some(permission) = required_permission(request.method(), request.uri().path()) else {
+        return next.run(request).await;
+    };
+    let Some(secret) = presented_token(&request) else {
+        return unauthorized("missing API token; send `Authorization: Bearer <token>`");
+    };
+    let Some(token) = auth.tokens.find(&secret) else {
+        tracing::debug!(path = request.uri().path(), "request with an unknown API token");
+        return unauthorized("invalid API token");
+    };
+    if !token.role.allows(permission) {
+        return ApiError::forbidden(format!(
+            "token `{}` has role `{}`, which may not {}",
+            token.name,
+            token.role.as_str(),
+            describe(permission)
+        ))
+        .into_response();
+    }
+    request.extensions_mut().insert(Principal { name: token.name.clone(), role: token.role });
+    next.run(request).await
+}
+
+fn describe(permission: Permission) -> &'static str {
+    match permission {
+        Permission::Read => "read data; use a viewer, operator or admin token",
+        Permission::AlarmAction => "acknowledge or close alarms; use an operator or admin token",
+        Permission::Write => "write points; use a writer or admin token",
+        Permission::Admin => "use administrative endpoints; use an admin token",
+    }
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = ApiError::unauthorized(message).into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Returns the token from the `Authorization` header or the `p` query parameter.
+fn presented_token(request: &Request) -> Option<String> {
+    if let Some(value) = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let (scheme, credentials) = value.trim().split_once(' ')?;
+        let credentials = credentials.trim();
+        return match scheme.to_ascii_lowercase().as_str() {
+            "bearer" | "token" => Some(credentials.to_owned()),
+            "basic" => basic_password(credentials),
+            _ => None,
+        };
+    }
+    let query = request.uri().query()?;
+    let params: Vec<(String, String)> = serde_urlencoded::from_str(query).ok()?;
+    params.into_iter().find(|(key, _)| key == "p").map(|(_, value)| value)
+}
+
+/// Decodes HTTP Basic credentials and returns the password.
+fn basic_password(credentials: &str) -> Option<String> {
+    let decoded = base64::engine::general_purpose::STANDARD.decode(credentials).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    decoded.split_once(':').map(|(_, password)| password.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_by_route() {
+        assert_eq!(required_permission(&Method::GET, "/healthz"), None);
+        assert_eq!(required_permission(&Method::GET, "/metrics"), Some(Permission::Read));
+        assert_eq!(required_permission(&Method::GET, "/query"), Some(Permission::Read));
+        assert_eq!(required_permission(&Method::POST, "/api/v2/write"), Some(Permission::Write));
+        assert_eq!(required_permission(&Method::POST, "/api/v1/alarms/3/ack"), Some(Permission::AlarmAction));
+        assert_eq!(required_permission(&Method::POST, "/api/v1/alarms/3/close"), Some(Permission::AlarmAction));
+        assert_eq!(required_permission(&Method::GET, "/api/v1/alarms/3"), Some(Permission::Read));
+        assert_eq!(required_permission(&Method::GET, "/no/such/route"), Some(Permission::Read));
+    }
+
+    #[test]
+    fn basic_auth_password() {
+        assert_eq!(basic_password("dXNlcjpzZWNyZXQ="), Some("secret".to_owned()));
+        assert_eq!(basic_password("not base64!"), None);
+    }
+}

@@ -1,0 +1,283 @@
+//! MQTT accounts: who may connect to the embedded broker, and which topics each account
+//! may publish and subscribe to.
+//!
+//! Devices log in with their device id as username and the password whose argon2 hash is
+//! their `mqtt_password_hash`. Other clients (`[[mqtt_users]]`) may only subscribe, to
+//! the topics of their sites. With no account configured the broker is open: anyone who
+//! reaches the port may connect and publish to any topic, which `security::check_exposure`
+//! allows on loopback only.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::metrics::SharedRegistry;
+use crate::model::{DeviceId, SiteId};
+
+/// Password checks that run at once; each takes tens of milliseconds of CPU, so this
+/// bounds what a flood of CONNECT packets can cost.
+const CONCURRENT_PASSWORD_CHECKS: usize = 2;
+/// How often one denial reason is logged at WARN; repeats in between are counted.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Who an authenticated connection is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MqttIdentity {
+    /// A configured device: publishes its own telemetry and status, subscribes to nothing.
+    Device { device: DeviceId, site: SiteId },
+    /// An `[[mqtt_users]]` account: subscribes to its sites' topics, publishes nothing.
+    Viewer { username: String, sites: Vec<SiteId> },
+}
+
+impl MqttIdentity {
+    /// Returns whether this identity may publish to `topic`, which is also the check for
+    /// a last will's topic.
+    pub fn may_publish(&self, topic: &str) -> bool {
+        let MqttIdentity::Device { device, site } = self else { return false };
+        let telemetry = format!("telemetry/{site}/{device}");
+        topic == telemetry
+            || topic.strip_prefix(&telemetry).is_some_and(|rest| rest.starts_with('/'))
+            || topic == format!("status/{site}/{device}")
+    }
+
+    /// Returns whether this identity may subscribe to `filter`. A shared subscription
+    /// (`$share/{group}/{filter}`) is checked by its filter.
+    pub fn may_subscribe(&self, filter: &str) -> bool {
+        let MqttIdentity::Viewer { sites, .. } = self else { return false };
+        let filter = match filter.strip_prefix("$share/") {
+            Some(shared) => match shared.split_once('/') {
+                Some((_group, filter)) => filter,
+                None => return false,
+            },
+            None => filter,
+        };
+        sites.iter().any(|site| {
+            ["telemetry", "status"].iter().any(|kind| filter.starts_with(&format!("{kind}/{site}/")))
+        })
+    }
+
+    /// Returns whether a connection of this identity may use `client_id`. A device uses
+    /// its id, so it has at most one connection (rumqttd closes the older of two with one
+    /// client id) and cannot close another device's connection. A viewer uses its
+    /// username, `{username}:{anything}`, or an empty id that the broker assigns.
+    fn client_id_allowed(&self, username: &str, client_id: &str) -> bool {
+        match self {
+            MqttIdentity::Device { .. } => client_id == username,
+            MqttIdentity::Viewer { .. } => {
+                client_id.is_empty()
+                    || client_id == username
+                    || client_id.strip_prefix(username).is_some_and(|rest| rest.starts_with(':'))
+            }
+        }
+    }
+}
+
+struct Account {
+    password_hash: String,
+    identity: MqttIdentity,
+}
+
+/// The configured MQTT accounts, by username.
+#[derive(Default)]
+pub struct MqttAccounts {
+    accounts: HashMap<String, Account>,
+}
+
+impl MqttAccounts {
+    /// Collects the devices that have an `mqtt_password_hash` and the `[[mqtt_users]]`.
+    pub fn from_config(config: &Config) -> MqttAccounts {
+        let mut accounts = HashMap::new();
+        for device in &config.devices {
+            if let Some(hash) = &device.mqtt_password_hash {
+                let identity = MqttIdentity::Device { device: device.id.clone(), site: device.site.clone() };
+                accounts.insert(device.id.to_string(), Account { password_hash: hash.clone(), identity });
+            }
+        }
+        for user in &config.mqtt_users {
+            let identity = MqttIdentity::Viewer { username: user.username.clone(), sites: user.sites.clone() };
+            accounts.insert(user.username.clone(), Account { password_hash: user.password_hash.clone(), identity });
+        }
+        MqttAccounts { accounts }
+    }
+
+    /// Returns true when no account is configured, so the broker accepts anyone.
+    pub fn is_open(&self) -> bool {
+        self.accounts.is_empty()
+    }
+
+    pub fn identity(&self, username: &str) -> Option<&MqttIdentity> {
+        self.accounts.get(username).map(|a| &a.identity)
+    }
+
+    /// Checks a CONNECT's credentials and client id. The argon2 check runs on the
+    /// blocking pool; an unknown username is checked against a dummy hash, so the time
+    /// taken does not tell which usernames exist.
+    pub async fn authenticate(&self, client_id: &str, username: &str, password: String, checks: &Semaphore) -> bool {
+        let account = self.accounts.get(username);
+        let hash = account.map_or_else(|| dummy_hash().to_owned(), |a| a.password_hash.clone());
+        let Ok(_permit) = checks.acquire().await else { return false };
+        let verified = tokio::task::spawn_blocking(move || crate::security::verify_password(password.as_bytes(), &hash))
+            .await
+            .unwrap_or(false);
+        match account {
+            Some(account) => verified && account.identity.client_id_allowed(username, client_id),
+            None => false,
+        }
+    }
+}
+
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| crate::security::hash_password("no such account").unwrap_or_default())
+}
+
+/// Builds rumqttd's authentication handler over `accounts`.
+pub fn auth_handler(
+    accounts: Arc<MqttAccounts>,
+    denials: Arc<MqttDenials>,
+) -> impl Fn(String, String, String) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync + 'static {
+    let checks = Arc::new(Semaphore::new(CONCURRENT_PASSWORD_CHECKS));
+    move |client_id: String, username: String, password: String| {
+        let accounts = accounts.clone();
+        let denials = denials.clone();
+        let checks = checks.clone();
+        Box::pin(async move {
+            let accepted = accounts.authenticate(&client_id, &username, password, &checks).await;
+            if !accepted {
+                denials.deny(DenyReason::BadCredentials, &client_id, &format!("username `{username}`"));
+            }
+            accepted
+        })
+    }
+}
+
+/// Why the broker denied a connection or a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    /// Unknown username, wrong password, no credentials, or a client id that does not
+    /// belong to the username.
+    BadCredentials,
+    /// A publish to a topic the account may not publish to.
+    PublishNotAllowed,
+    /// A subscribe filter the account may not subscribe to.
+    SubscribeNotAllowed,
+    /// A last will on a topic the account may not publish to.
+    WillNotAllowed,
+    /// A publish above `[mqtt] max_messages_per_second` and `max_burst_messages`.
+    RateLimited,
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::BadCredentials => "bad_credentials",
+            DenyReason::PublishNotAllowed => "publish_not_allowed",
+            DenyReason::SubscribeNotAllowed => "subscribe_not_allowed",
+            DenyReason::WillNotAllowed => "will_not_allowed",
+            DenyReason::RateLimited => "rate_limited",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// Counts denials in `stonelion_mqtt_denied_total{reason}` and logs them at WARN, at most
+/// once per reason per interval.
+pub struct MqttDenials {
+    denied: Family<ReasonLabel, Counter>,
+    last_logged: Mutex<HashMap<DenyReason, (Instant, u64)>>,
+}
+
+impl MqttDenials {
+    pub fn new(registry: &SharedRegistry) -> Self {
+        let denied = Family::<ReasonLabel, Counter>::default();
+        registry.register(|r| {
+            r.register("mqtt_denied", "MQTT connections and packets denied by the broker, by reason", denied.clone());
+        });
+        Self { denied, last_logged: Mutex::new(HashMap::new()) }
+    }
+
+    /// Counts a denial and logs it with the client id and the topic or username
+    /// (`subject`). Passwords are never passed here.
+    pub fn deny(&self, reason: DenyReason, client_id: &str, subject: &str) {
+        self.denied.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() }).inc();
+        let now = Instant::now();
+        let mut last = self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = last.entry(reason).or_insert((now.checked_sub(LOG_INTERVAL).unwrap_or(now), 0));
+        if now.duration_since(entry.0) < LOG_INTERVAL {
+            entry.1 += 1;
+            return;
+        }
+        let suppressed = entry.1;
+        *entry = (now, 0);
+        drop(last);
+        tracing::warn!(
+            reason = reason.as_str(),
+            client_id,
+            subject,
+            suppressed_since_last_log = suppressed,
+            "MQTT client denied"
+        );
+    }
+
+    pub fn count(&self, reason: DenyReason) -> u64 {
+        self.denied.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() }).get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> MqttIdentity {
+        MqttIdentity::Device { device: DeviceId::from("gas-01"), site: SiteId::from("plant-a") }
+    }
+
+    #[test]
+    fn device_publishes_own_topics_only() {
+        let id = device();
+        assert!(id.may_publish("telemetry/plant-a/gas-01"));
+        assert!(id.may_publish("telemetry/plant-a/gas-01/gas_lel"));
+        assert!(id.may_publish("status/plant-a/gas-01"));
+        assert!(!id.may_publish("telemetry/plant-a/gas-02"));
+        assert!(!id.may_publish("telemetry/plant-a/gas-011"));
+        assert!(!id.may_publish("status/plant-a/gas-01/x"));
+        assert!(!id.may_publish("telemetry/park-b3/gas-01"));
+        assert!(!id.may_subscribe("telemetry/plant-a/gas-01"));
+    }
+
+    #[test]
+    fn viewer_subscribes_to_own_sites() {
+        let id = MqttIdentity::Viewer { username: "dash".to_owned(), sites: vec![SiteId::from("plant-a")] };
+        assert!(id.may_subscribe("telemetry/plant-a/#"));
+        assert!(id.may_subscribe("status/plant-a/+"));
+        assert!(id.may_subscribe("$share/g/telemetry/plant-a/#"));
+        assert!(!id.may_subscribe("telemetry/#"));
+        assert!(!id.may_subscribe("telemetry/+/gas-01"));
+        assert!(!id.may_subscribe("#"));
+        assert!(!id.may_subscribe("telemetry/plant-a"));
+        assert!(!id.may_subscribe("telemetry/park-b3/#"));
+        assert!(!id.may_publish("telemetry/plant-a/gas-01"));
+    }
+
+    #[test]
+    fn client_id_rules() {
+        assert!(device().client_id_allowed("gas-01", "gas-01"));
+        assert!(!device().client_id_allowed("gas-01", "gas-02"));
+        assert!(!device().client_id_allowed("gas-01", ""));
+        let viewer = MqttIdentity::Viewer { username: "dash".to_owned(), sites: vec![] };
+        assert!(viewer.client_id_allowed("dash", "dash:1"));
+        assert!(viewer.client_id_allowed("dash", ""));
+        assert!(!viewer.client_id_allowed("dash", "dashboard"));
+    }
+}

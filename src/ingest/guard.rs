@@ -1,0 +1,309 @@
+//! The per-connection guard: a wrapper around rumqttd's MQTT 3.1.1 codec that checks
+//! every CONNECT, PUBLISH and SUBSCRIBE against the connection's account, because rumqttd
+//! has no topic ACL of its own.
+//!
+//! rumqttd clones the codec for each connection and decodes every packet through
+//! `read_mut`, so the guard sees each packet before the router. A denied packet does not
+//! close the connection, because a client that reconnects would resend its unacknowledged
+//! messages, and a persistent session would loop on the denied one:
+//!
+//! - a denied QoS 0 publish is dropped;
+//! - a denied QoS 1 publish is answered with PUBACK by the guard itself, and a QoS 2 one
+//!   with PUBREC and then PUBCOMP, without reaching the router;
+//! - denied SUBSCRIBE filters are removed and get Failure (0x80) in the SUBACK.
+//!
+//! The guard's own replies are written before the next packet the broker sends. To make
+//! sure one follows, a dropped packet that needs a reply is replaced by a PINGREQ, which
+//! the router answers with PINGRESP.
+//!
+//! A denied last will in CONNECT closes the connection before CONNACK.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{
+    Error, Packet, PingReq, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Protocol,
+    SubAck, Subscribe, SubscribeReasonCode,
+};
+
+use super::auth::{DenyReason, MqttAccounts, MqttDenials, MqttIdentity};
+
+/// What every connection's guard shares.
+pub struct GuardPolicy {
+    pub accounts: Arc<MqttAccounts>,
+    pub denials: Arc<MqttDenials>,
+    /// Average publishes per second of one authenticated device; 0 disables the limit.
+    pub max_messages_per_second: f64,
+    /// Publishes one device may send at once above the average.
+    pub max_burst_messages: u32,
+}
+
+/// The guarded codec; see the module docs.
+pub struct GuardedV4 {
+    policy: Arc<GuardPolicy>,
+    inner: V4,
+    client_id: String,
+    identity: Option<MqttIdentity>,
+    bucket: Option<TokenBucket>,
+    replies: Mutex<Replies>,
+}
+
+/// Packets the guard answers itself, written before the broker's next packet.
+#[derive(Default)]
+struct Replies {
+    pending: Vec<Packet>,
+    /// For each SUBSCRIBE packet id, the positions of the filters that were removed.
+    removed_filters: HashMap<u16, Vec<usize>>,
+    /// Packet ids of denied QoS 2 publishes whose PUBREL the guard answers.
+    denied_exactly_once: HashSet<u16>,
+}
+
+impl GuardedV4 {
+    pub fn new(policy: Arc<GuardPolicy>) -> Self {
+        Self { policy, inner: V4, client_id: String::new(), identity: None, bucket: None, replies: Mutex::default() }
+    }
+
+    fn replies(&mut self) -> &mut Replies {
+        self.replies.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Checks one decoded packet. `Ok(None)` drops it and decodes the next one.
+    fn inspect(&mut self, packet: Packet, publish: Option<PublishHeader>) -> Result<Option<Packet>, Error> {
+        match packet {
+            Packet::Connect(connect, properties, will, will_properties, login) => {
+                self.client_id.clone_from(&connect.client_id);
+                if !self.policy.accounts.is_open() {
+                    let username = login.as_ref().map_or("", |l| l.username.as_str());
+                    self.identity = self.policy.accounts.identity(username).cloned();
+                    self.bucket = self.new_bucket();
+                    if let Some(will) = &will {
+                        let topic = String::from_utf8_lossy(&will.topic);
+                        if !self.identity.as_ref().is_some_and(|id| id.may_publish(&topic)) {
+                            self.policy.denials.deny(DenyReason::WillNotAllowed, &self.client_id, &topic);
+                            return Err(Error::InvalidProtocol);
+                        }
+                    }
+                }
+                Ok(Some(Packet::Connect(connect, properties, will, will_properties, login)))
+            }
+            Packet::Publish(message, properties) => {
+                let topic = String::from_utf8_lossy(&message.topic).into_owned();
+                match self.check_publish(&topic) {
+                    Ok(()) => Ok(Some(Packet::Publish(message, properties))),
+                    Err(reason) => {
+                        self.policy.denials.deny(reason, &self.client_id, &topic);
+                        Ok(self.deny_publish(publish))
+                    }
+                }
+            }
+            Packet::Subscribe(subscribe, properties) => Ok(Some(self.filter_subscribe(subscribe, properties))),
+            Packet::PubRel(release, properties) => {
+                if self.replies().denied_exactly_once.remove(&release.pkid) {
+                    let complete = PubComp { pkid: release.pkid, reason: PubCompReason::Success };
+                    self.replies().pending.push(Packet::PubComp(complete, None));
+                    return Ok(Some(Packet::PingReq(PingReq)));
+                }
+                Ok(Some(Packet::PubRel(release, properties)))
+            }
+            other => Ok(Some(other)),
+        }
+    }
+
+    fn new_bucket(&self) -> Option<TokenBucket> {
+        let is_device = matches!(self.identity, Some(MqttIdentity::Device { .. }));
+        (is_device && self.policy.max_messages_per_second > 0.0)
+            .then(|| TokenBucket::new(self.policy.max_messages_per_second, self.policy.max_burst_messages))
+    }
+
+    fn check_publish(&mut self, topic: &str) -> Result<(), DenyReason> {
+        if self.policy.accounts.is_open() {
+            return Ok(());
+        }
+        if !self.identity.as_ref().is_some_and(|id| id.may_publish(topic)) {
+            return Err(DenyReason::PublishNotAllowed);
+        }
+        let within_rate = self.bucket.as_mut().is_none_or(|bucket| bucket.take(Instant::now()));
+        if within_rate { Ok(()) } else { Err(DenyReason::RateLimited) }
+    }
+
+    /// Drops a denied publish, queueing the acknowledgement its QoS needs.
+    fn deny_publish(&mut self, header: Option<PublishHeader>) -> Option<Packet> {
+        let header = header?;
+        let reply = match header.qos {
+            1 => Packet::PubAck(PubAck { pkid: header.pkid, reason: PubAckReason::NotAuthorized }, None),
+            2 => {
+                self.replies().denied_exactly_once.insert(header.pkid);
+                Packet::PubRec(PubRec { pkid: header.pkid, reason: PubRecReason::NotAuthorized }, None)
+            }
+            _ => return None,
+        };
+        self.replies().pending.push(reply);
+        Some(Packet::PingReq(PingReq))
+    }
+
+    fn filter_subscribe(
+        &mut self,
+        mut subscribe: Subscribe,
+        properties: Option<rumqttd::protocol::SubscribeProperties>,
+    ) -> Packet {
+        if self.policy.accounts.is_open() {
+            return Packet::Subscribe(subscribe, properties);
+        }
+        let mut removed = Vec::new();
+        let mut kept = Vec::new();
+        for (index, filter) in subscribe.filters.into_iter().enumerate() {
+            if self.identity.as_ref().is_some_and(|id| id.may_subscribe(&filter.path)) {
+                kept.push(filter);
+            } else {
+                self.policy.denials.deny(DenyReason::SubscribeNotAllowed, &self.client_id, &filter.path);
+                removed.push(index);
+            }
+        }
+        subscribe.filters = kept;
+        if removed.is_empty() {
+            return Packet::Subscribe(subscribe, properties);
+        }
+        if subscribe.filters.is_empty() {
+            let codes = vec![SubscribeReasonCode::Failure; removed.len()];
+            let ack = SubAck { pkid: subscribe.pkid, return_codes: codes };
+            self.replies().pending.push(Packet::SubAck(ack, None));
+            return Packet::PingReq(PingReq);
+        }
+        self.replies().removed_filters.insert(subscribe.pkid, removed);
+        Packet::Subscribe(subscribe, properties)
+    }
+}
+
+impl Clone for GuardedV4 {
+    /// Returns a guard for a new connection: the shared policy with no connection state.
+    fn clone(&self) -> Self {
+        GuardedV4::new(self.policy.clone())
+    }
+}
+
+impl Protocol for GuardedV4 {
+    fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
+        loop {
+            let header = PublishHeader::peek(stream);
+            let packet = self.inner.read_mut(stream, max_size)?;
+            if let Some(packet) = self.inspect(packet, header)? {
+                return Ok(packet);
+            }
+        }
+    }
+
+    fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
+        let mut replies = self.replies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut size = 0;
+        for reply in replies.pending.drain(..) {
+            size += self.inner.write(reply, buffer)?;
+        }
+        let packet = match packet {
+            Packet::SubAck(mut ack, properties) => {
+                for index in replies.removed_filters.remove(&ack.pkid).unwrap_or_default() {
+                    let index = index.min(ack.return_codes.len());
+                    ack.return_codes.insert(index, SubscribeReasonCode::Failure);
+                }
+                Packet::SubAck(ack, properties)
+            }
+            other => other,
+        };
+        drop(replies);
+        Ok(size + self.inner.write(packet, buffer)?)
+    }
+}
+
+/// QoS and packet id of a PUBLISH, read from its bytes because rumqttd keeps both fields
+/// private.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PublishHeader {
+    qos: u8,
+    pkid: u16,
+}
+
+impl PublishHeader {
+    /// Reads the header of the packet at the start of `stream` if it is a PUBLISH.
+    fn peek(stream: &[u8]) -> Option<PublishHeader> {
+        let first = *stream.first()?;
+        if first >> 4 != 3 {
+            return None;
+        }
+        let qos = (first >> 1) & 0b11;
+        // The remaining length is a variable-length integer of 1 to 4 bytes.
+        let mut position = 1;
+        loop {
+            let byte = *stream.get(position)?;
+            position += 1;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            if position > 4 {
+                return None;
+            }
+        }
+        if qos == 0 {
+            return Some(PublishHeader { qos, pkid: 0 });
+        }
+        let topic_len = usize::from(u16::from_be_bytes([*stream.get(position)?, *stream.get(position + 1)?]));
+        let at = position + 2 + topic_len;
+        let pkid = u16::from_be_bytes([*stream.get(at)?, *stream.get(at + 1)?]);
+        Some(PublishHeader { qos, pkid })
+    }
+}
+
+/// A token bucket: `rate` tokens per second up to `burst`, one per publish.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self { rate, burst, tokens: burst, last: Instant::now() }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn peeks_publish_header() {
+        // PUBLISH QoS 1, remaining length 9, topic "a/b", packet id 0x0102, payload "xy".
+        let packet = [0x32, 9, 0, 3, b'a', b'/', b'b', 1, 2, b'x', b'y'];
+        assert_eq!(PublishHeader::peek(&packet), Some(PublishHeader { qos: 1, pkid: 0x0102 }));
+        assert_eq!(PublishHeader::peek(&[0x30, 5, 0, 3, b'a', b'/', b'b']), Some(PublishHeader { qos: 0, pkid: 0 }));
+        assert_eq!(PublishHeader::peek(&[0xC0, 0]), None);
+        assert_eq!(PublishHeader::peek(&[0x32, 9, 0]), None);
+    }
+
+    #[test]
+    fn bucket_refills_at_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10.0, 2);
+        assert!(bucket.take(start));
+        assert!(bucket.take(start));
+        assert!(!bucket.take(start));
+        assert!(bucket.take(start + Duration::from_millis(100)));
+        assert!(!bucket.take(start + Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,182 @@
+//! Config sections for credentials and TLS: `[mqtt]`, `[[mqtt_users]]`, `[api]` and
+//! `[[api_tokens]]` (the last in [`super::tokens`]).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::tokens::{ApiTokenSpec, TokenSet};
+use crate::config::check::{Checker, EntrySpans};
+use crate::config::{Device, Site, check_id};
+use crate::model::SiteId;
+
+/// `[mqtt]`: limits per connection and the optional MQTT over TLS listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    /// Messages per second that one connection may publish on average; publishes above
+    /// the rate are dropped and counted.
+    pub max_messages_per_second: f64,
+    /// Messages that one connection may publish at once above the average rate.
+    pub max_burst_messages: u32,
+    /// Address of the MQTT over TLS listener, such as `0.0.0.0:8883`; needs `tls_cert`
+    /// and `tls_key`.
+    pub tls_listen: Option<SocketAddr>,
+    /// Server certificate chain, PEM.
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of the server certificate, PEM (PKCS #8, PKCS #1 or SEC 1).
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates, PEM. When set, TLS clients must present a certificate that one of
+    /// them signed, in addition to their username and password.
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        Self {
+            max_messages_per_second: 50.0,
+            max_burst_messages: 200,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+        }
+    }
+}
+
+/// `[[mqtt_users]]`: an MQTT client that is not a device, such as a dashboard or an
+/// integration that subscribes to the telemetry of some sites. It cannot publish.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttUserSpec {
+    /// MQTT username; must not be a device id. Its client id must be the username, or
+    /// start with `{username}:`.
+    pub username: String,
+    /// argon2 PHC string from `stonelion hash-password`.
+    pub password_hash: String,
+    /// Sites whose `telemetry/{site}/...` and `status/{site}/...` topics it may subscribe to.
+    pub sites: Vec<SiteId>,
+}
+
+impl std::fmt::Debug for MqttUserSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttUserSpec").field("username", &self.username).field("sites", &self.sites).finish_non_exhaustive()
+    }
+}
+
+/// `[api]`: TLS for the HTTP API.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Server certificate chain, PEM. With `tls_key`, the API serves HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of the server certificate, PEM.
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Checks `[mqtt]`: a finite, non-negative rate, and TLS files that go together.
+pub fn check_mqtt(checker: &mut Checker<'_>, mqtt: &MqttSection) {
+    if !mqtt.max_messages_per_second.is_finite() || mqtt.max_messages_per_second < 0.0 {
+        checker.push(
+            None,
+            "mqtt.max_messages_per_second",
+            "must be a number of 0 or more; 0 turns the limit off",
+        );
+    }
+    let files = [("tls_cert", mqtt.tls_cert.is_some()), ("tls_key", mqtt.tls_key.is_some())];
+    match mqtt.tls_listen {
+        Some(_) => {
+            for (key, present) in files {
+                if !present {
+                    checker.push(None, format!("mqtt.{key}"), format!("missing; `tls_listen` needs `{key}`"));
+                }
+            }
+        }
+        None => {
+            let set = files.iter().filter(|(_, present)| *present).map(|(key, _)| *key);
+            let set = set.chain(mqtt.tls_client_ca.is_some().then_some("tls_client_ca"));
+            for key in set {
+                checker.push(None, format!("mqtt.{key}"), "is set but `tls_listen` is not; add `tls_listen = \"0.0.0.0:8883\"`");
+            }
+        }
+    }
+}
+
+/// Checks `[api]`: a certificate and a key, or neither.
+pub fn check_api(checker: &mut Checker<'_>, api: &ApiSection) {
+    match (&api.tls_cert, &api.tls_key) {
+        (Some(_), None) => checker.push(None, "api.tls_key", "missing; `tls_cert` needs `tls_key`"),
+        (None, Some(_)) => checker.push(None, "api.tls_cert", "missing; `tls_key` needs `tls_cert`"),
+        _ => {}
+    }
+}
+
+/// Checks `[[mqtt_users]]`: unique usernames that are not device ids, valid hashes and
+/// declared sites.
+pub fn check_mqtt_users(
+    checker: &mut Checker<'_>,
+    entries: Vec<(MqttUserSpec, EntrySpans)>,
+    sites: &[Site],
+    devices: &[Device],
+) -> Vec<MqttUserSpec> {
+    let mut seen = HashSet::new();
+    let mut users = Vec::new();
+    for (index, (user, spans)) in entries.into_iter().enumerate() {
+        let key = |field: &str| format!("mqtt_users[{index}].{field}");
+        let mut ok = true;
+        let mut problem = |checker: &mut Checker<'_>, field: &str, message: String| {
+            checker.push(Some(spans.key(field)), key(field), message);
+            ok = false;
+        };
+        if let Err(message) = check_id(&user.username) {
+            problem(checker, "username", message);
+        } else if devices.iter().any(|d| d.id.as_str() == user.username) {
+            problem(checker, "username", format!("`{}` is a device id; give the user another name", user.username));
+        } else if !seen.insert(user.username.clone()) {
+            problem(checker, "username", format!("username `{}` is used twice", user.username));
+        }
+        if let Err(message) = crate::security::check_password_hash(&user.password_hash) {
+            problem(checker, "password_hash", message);
+        }
+        if user.sites.is_empty() {
+            problem(checker, "sites", "is empty; list the sites whose topics the user may subscribe to".to_owned());
+        }
+        for site in &user.sites {
+            if !sites.iter().any(|s| s.id == *site) {
+                problem(checker, "sites", format!("unknown site `{site}`; declare it in [[sites]]"));
+            }
+        }
+        if ok {
+            users.push(user);
+        }
+    }
+    users
+}
+
+/// Checks `[[api_tokens]]`: unique names and valid digests.
+pub fn check_api_tokens(checker: &mut Checker<'_>, entries: Vec<(ApiTokenSpec, EntrySpans)>) -> TokenSet {
+    let mut seen = HashSet::new();
+    let mut tokens = Vec::new();
+    for (index, (spec, spans)) in entries.into_iter().enumerate() {
+        let name = spec.name.trim();
+        if name.is_empty() || name.chars().count() > 128 {
+            checker.push(Some(spans.key("name")), format!("api_tokens[{index}].name"), "must be 1 to 128 characters");
+            continue;
+        }
+        if !seen.insert(name.to_owned()) {
+            checker.push(
+                Some(spans.key("name")),
+                format!("api_tokens[{index}].name"),
+                format!("token name `{name}` is used twice; alarm histories record it, so make it unique"),
+            );
+            continue;
+        }
+        match spec.check() {
+            Ok(token) => tokens.push(token),
+            Err(message) => checker.push(Some(spans.key("token_sha256")), format!("api_tokens[{index}].token_sha256"), message),
+        }
+    }
+    TokenSet::new(tokens)
+}

@@ -1,0 +1,116 @@
+//! Credentials and transport security shared by the MQTT broker and the HTTP API:
+//! argon2 password hashes, SHA-256 hashed API tokens, and rustls server configs.
+
+pub mod config;
+pub mod tls;
+pub mod tokens;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use std::net::SocketAddr;
+
+use crate::config::Config;
+
+/// Hashes a password with argon2id and the crate's default cost (19 MiB, 2 passes) into a
+/// PHC string such as `$argon2id$v=19$m=19456,t=2,p=1$...`.
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default().hash_password(password.as_bytes(), &salt)?.to_string())
+}
+
+/// Checks that `phc` is an argon2 PHC string, returning a message for the config on error.
+pub fn check_password_hash(phc: &str) -> Result<(), String> {
+    let hash = PasswordHash::new(phc).map_err(|e| {
+        format!("invalid password hash ({e}); write the PHC string that `stonelion hash-password` prints")
+    })?;
+    match hash.algorithm.as_str() {
+        "argon2id" | "argon2i" | "argon2d" => Ok(()),
+        other => Err(format!(
+            "password hash algorithm `{other}` is not supported; use `stonelion hash-password`, \
+             which writes argon2id"
+        )),
+    }
+}
+
+/// Verifies a password against a PHC string. The cost comes from the string's own
+/// parameters, so this takes tens of milliseconds: call it off the async threads.
+pub fn verify_password(password: &[u8], phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(hash) => Argon2::default().verify_password(password, &hash).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// An open listener on an address that other hosts can reach.
+#[derive(Debug, thiserror::Error)]
+pub enum ExposureError {
+    #[error(
+        "the MQTT broker would accept anyone on {addr}: no device has `mqtt_password_hash` and \
+         no [[mqtt_users]] is configured; add credentials (see `stonelion hash-password`) or \
+         listen on 127.0.0.1"
+    )]
+    OpenMqtt { addr: SocketAddr },
+    #[error(
+        "the HTTP API would accept anyone on {addr}: no [[api_tokens]] is configured; add a \
+         token (see `stonelion generate-token`) or listen on 127.0.0.1"
+    )]
+    OpenApi { addr: SocketAddr },
+}
+
+/// Rejects open listeners beyond loopback, and logs a WARN for each open loopback one.
+///
+/// `mqtt_open` is true when no MQTT account is configured.
+pub fn check_exposure(config: &Config, mqtt_open: bool) -> Result<(), ExposureError> {
+    if mqtt_open {
+        let listeners = std::iter::once(config.server.mqtt_listen).chain(config.mqtt.tls_listen);
+        if let Some(addr) = listeners.clone().find(|a| !a.ip().is_loopback()) {
+            return Err(ExposureError::OpenMqtt { addr });
+        }
+        tracing::warn!(
+            addr = %config.server.mqtt_listen,
+            "the MQTT broker is open: any local process can connect and publish to any topic; \
+             configure device credentials before listening beyond loopback"
+        );
+    }
+    if config.api_tokens.is_empty() {
+        let addr = config.server.http_listen;
+        if !addr.ip().is_loopback() {
+            return Err(ExposureError::OpenApi { addr });
+        }
+        tracing::warn!(
+            %addr,
+            "the HTTP API is open: any local process can read data and acknowledge alarms; \
+             configure [[api_tokens]] before listening beyond loopback"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_round_trip() {
+        let hash = hash_password("correct horse").expect("hashing works");
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(check_password_hash(&hash).is_ok());
+        assert!(verify_password(b"correct horse", &hash));
+        assert!(!verify_password(b"wrong horse", &hash));
+    }
+
+    #[test]
+    fn rejects_other_hash_formats() {
+        assert!(check_password_hash("plain-text").is_err());
+        assert!(check_password_hash("$pbkdf2-sha256$i=1000$c2FsdA$aGFzaA").is_err());
+    }
+}

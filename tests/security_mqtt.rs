@@ -1,0 +1,355 @@
+//! MQTT authentication, topic isolation and rate limits on the real embedded broker, with
+//! rumqttc and mosquitto clients.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use argon2::password_hash::{PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, SubscribeReasonCode};
+use serde_json::json;
+use support::{Receiver, alarms_of, get_json, metric, start_server, wait_for};
+
+/// Hashes with a low cost, so that debug builds verify quickly; the server reads the cost
+/// from the PHC string.
+fn cheap_hash(password: &str) -> String {
+    let params = Params::new(1024, 1, 1, None).unwrap();
+    let salt = SaltString::encode_b64(b"sixteen byte salt").unwrap();
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+[ingest]
+stale_after = "1h"
+
+{extra}
+
+[[sites]]
+id = "plant-a"
+name = "Plant A"
+kind = "enterprise"
+
+[[sites]]
+id = "park-b3"
+name = "Building B3"
+kind = "park_building"
+
+[[devices]]
+id = "gas-01"
+site = "plant-a"
+profile = "gas-detector"
+mqtt_password_hash = "{gas01}"
+
+[[devices]]
+id = "gas-02"
+site = "plant-a"
+profile = "gas-detector"
+mqtt_password_hash = "{gas02}"
+
+[[devices]]
+id = "gas-b3"
+site = "park-b3"
+profile = "gas-detector"
+mqtt_password_hash = "{gasb3}"
+
+[[mqtt_users]]
+username = "dashboard"
+password_hash = "{dashboard}"
+sites = ["plant-a"]
+
+[[webhooks]]
+name = "assistant"
+url = "WEBHOOK_URL"
+secret = "test-secret"
+timeout = "2s"
+initial_backoff = "50ms"
+max_backoff = "200ms"
+"#,
+        gas01 = cheap_hash("pw-gas-01"),
+        gas02 = cheap_hash("pw-gas-02"),
+        gasb3 = cheap_hash("pw-gas-b3"),
+        dashboard = cheap_hash("pw-dashboard"),
+    )
+}
+
+fn options(addr: std::net::SocketAddr, client_id: &str, login: Option<(&str, &str)>) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    if let Some((username, password)) = login {
+        options.set_credentials(username, password);
+    }
+    options
+}
+
+/// Polls until CONNACK (`Ok`) or until the connection fails (`Err`).
+async fn connack(events: &mut EventLoop) -> Result<(), String> {
+    let outcome = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    outcome.unwrap_or_else(|_| Err("no CONNACK and no error within 15 s".to_owned()))
+}
+
+/// Connects and returns the client with its event loop after CONNACK.
+async fn connect(addr: std::net::SocketAddr, client_id: &str, login: Option<(&str, &str)>) -> (AsyncClient, EventLoop) {
+    let (client, mut events) = AsyncClient::new(options(addr, client_id, login), 100);
+    connack(&mut events).await.unwrap();
+    (client, events)
+}
+
+/// Polls the event loop until `pick` returns a value.
+async fn next_incoming<T>(events: &mut EventLoop, what: &str, mut pick: impl FnMut(Packet) -> Option<T>) -> T {
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Event::Incoming(packet) = events.poll().await.unwrap() {
+                if let Some(value) = pick(packet) {
+                    return value;
+                }
+            }
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Drives the event loop in the background, so that publishes go out.
+fn drive(mut events: EventLoop) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while events.poll().await.is_ok() {} })
+}
+
+async fn latest_gas(http: std::net::SocketAddr, device: &str) -> Option<f64> {
+    get_json(http, &format!("/api/v1/devices/{device}")).await["latest"]["gas_lel"]["value"].as_f64()
+}
+
+fn reading(value: f64) -> String {
+    json!({ "ts": support::unique_millis(), "values": { "gas_lel": value } }).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_gets_no_connack() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(""), &receiver.url(), data.path()).await;
+    let addr = server.mqtt_addr;
+
+    let cases = [
+        ("wrong password", "gas-01", Some(("gas-01", "not-the-password"))),
+        ("no credentials", "gas-01", None),
+        ("unknown user", "intruder", Some(("intruder", "pw-gas-01"))),
+        ("client id of another device", "gas-02", Some(("gas-01", "pw-gas-01"))),
+    ];
+    for (case, client_id, login) in cases {
+        let (_client, mut events) = AsyncClient::new(options(addr, client_id, login), 10);
+        assert!(connack(&mut events).await.is_err(), "{case}: the broker sent CONNACK");
+    }
+    let denied = metric(server.http_addr, r#"stonelion_mqtt_denied_total{reason="bad_credentials"}"#).await;
+    assert_eq!(denied, 3.0, "the client without credentials is refused by rumqttd before the handler");
+
+    connect(addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_cannot_publish_for_another() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(""), &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+
+    let (victim, events) = connect(server.mqtt_addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
+    let _victim_loop = drive(events);
+    victim.publish("telemetry/plant-a/gas-02", QoS::AtLeastOnce, false, reading(40.0)).await.unwrap();
+    wait_for("gas-02 at 40", Duration::from_secs(10), || async { (latest_gas(http, "gas-02").await == Some(40.0)).then_some(()) })
+        .await;
+
+    // gas-01 tries to report gas-02 safe, over QoS 1 and QoS 0, then reports itself.
+    let (attacker, mut events) = connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    attacker.publish("telemetry/plant-a/gas-02", QoS::AtLeastOnce, false, reading(0.0)).await.unwrap();
+    let acked = next_incoming(&mut events, "PUBACK of the denied publish", |p| match p {
+        Packet::PubAck(ack) => Some(ack.pkid),
+        _ => None,
+    })
+    .await;
+    assert_eq!(acked, 1, "the guard acknowledges the denied QoS 1 publish");
+    attacker.publish("telemetry/plant-a/gas-02/gas_lel", QoS::AtMostOnce, false, "0").await.unwrap();
+    attacker.publish("status/plant-a/gas-02", QoS::AtMostOnce, false, "offline").await.unwrap();
+    attacker.publish("telemetry/plant-a/gas-01", QoS::AtLeastOnce, false, reading(5.0)).await.unwrap();
+    let _attacker_loop = drive(events);
+
+    wait_for("gas-01's own reading", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-01").await == Some(5.0)).then_some(())
+    })
+    .await;
+    assert_eq!(latest_gas(http, "gas-02").await, Some(40.0), "a denied publish reached the pipeline");
+    let gas02 = get_json(http, "/api/v1/devices/gas-02").await;
+    assert_eq!(gas02["online"], true, "the denied status message reached the pipeline");
+    let alarms = alarms_of(http, "gas-02").await;
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0]["state"], "active", "the fake reading cleared the alarm");
+    let denied = metric(http, r#"stonelion_mqtt_denied_total{reason="publish_not_allowed"}"#).await;
+    assert_eq!(denied, 3.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_subscribes_to_own_site_only() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(""), &receiver.url(), data.path()).await;
+
+    let (viewer, mut events) = connect(server.mqtt_addr, "dashboard:1", Some(("dashboard", "pw-dashboard"))).await;
+    viewer
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new("telemetry/plant-a/#".to_owned(), QoS::AtMostOnce),
+            rumqttc::SubscribeFilter::new("telemetry/park-b3/#".to_owned(), QoS::AtMostOnce),
+            rumqttc::SubscribeFilter::new("#".to_owned(), QoS::AtMostOnce),
+        ])
+        .await
+        .unwrap();
+    let codes = next_incoming(&mut events, "SUBACK", |p| match p {
+        Packet::SubAck(ack) => Some(ack.return_codes),
+        _ => None,
+    })
+    .await;
+    assert_eq!(codes.len(), 3);
+    assert_eq!(codes[0], SubscribeReasonCode::Success(QoS::AtMostOnce));
+    assert_eq!(codes[1], SubscribeReasonCode::Failure);
+    assert_eq!(codes[2], SubscribeReasonCode::Failure);
+
+    viewer.subscribe("status/park-b3/#", QoS::AtMostOnce).await.unwrap();
+    let codes = next_incoming(&mut events, "SUBACK of a wholly denied SUBSCRIBE", |p| match p {
+        Packet::SubAck(ack) => Some(ack.return_codes),
+        _ => None,
+    })
+    .await;
+    assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
+
+    // The viewer may not publish; a device of each site publishes, and only plant-a's
+    // message reaches the viewer.
+    viewer.publish("telemetry/plant-a/gas-01", QoS::AtMostOnce, false, reading(99.0)).await.unwrap();
+    let (b3, b3_events) = connect(server.mqtt_addr, "gas-b3", Some(("gas-b3", "pw-gas-b3"))).await;
+    let _b3_loop = drive(b3_events);
+    b3.publish("telemetry/park-b3/gas-b3", QoS::AtLeastOnce, false, reading(1.0)).await.unwrap();
+    let (a, a_events) = connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let _a_loop = drive(a_events);
+    a.publish("telemetry/plant-a/gas-01", QoS::AtLeastOnce, false, reading(2.0)).await.unwrap();
+    let (topic, payload) = next_incoming(&mut events, "a forwarded publish", |p| match p {
+        Packet::Publish(publish) => Some((publish.topic, publish.payload)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(topic, "telemetry/plant-a/gas-01");
+    let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(payload["values"]["gas_lel"], 2.0, "the first message forwarded is not gas-01's own");
+    assert_eq!(latest_gas(server.http_addr, "gas-01").await, Some(2.0), "the viewer's publish was stored");
+    let denied = metric(server.http_addr, r#"stonelion_mqtt_denied_total{reason="subscribe_not_allowed"}"#).await;
+    assert_eq!(denied, 3.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_subscribe_and_will_denied() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(""), &receiver.url(), data.path()).await;
+
+    let (device, mut events) = connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    device.subscribe("telemetry/plant-a/#", QoS::AtLeastOnce).await.unwrap();
+    let codes = next_incoming(&mut events, "SUBACK", |p| match p {
+        Packet::SubAck(ack) => Some(ack.return_codes),
+        _ => None,
+    })
+    .await;
+    assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
+
+    let mut own_will = options(server.mqtt_addr, "gas-02", Some(("gas-02", "pw-gas-02")));
+    own_will.set_last_will(LastWill::new("status/plant-a/gas-02", "offline", QoS::AtLeastOnce, false));
+    let (_client, mut will_events) = AsyncClient::new(own_will, 10);
+    connack(&mut will_events).await.unwrap();
+
+    let mut foreign_will = options(server.mqtt_addr, "gas-b3", Some(("gas-b3", "pw-gas-b3")));
+    foreign_will.set_last_will(LastWill::new("status/plant-a/gas-01", "offline", QoS::AtLeastOnce, false));
+    let (_client, mut will_events) = AsyncClient::new(foreign_will, 10);
+    assert!(connack(&mut will_events).await.is_err(), "a last will on another device's topic was accepted");
+    let denied = metric(server.http_addr, r#"stonelion_mqtt_denied_total{reason="will_not_allowed"}"#).await;
+    assert_eq!(denied, 1.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_spares_other_devices() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let limits = "[mqtt]\nmax_messages_per_second = 0.5\nmax_burst_messages = 3";
+    let server = start_server(&config(limits), &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+
+    let (flood, flood_events) = connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let _flood_loop = drive(flood_events);
+    for value in 1..=10 {
+        flood.publish("telemetry/plant-a/gas-01", QoS::AtLeastOnce, false, reading(f64::from(value))).await.unwrap();
+    }
+    wait_for("7 rate-limited publishes", Duration::from_secs(10), || async {
+        (metric(http, r#"stonelion_mqtt_denied_total{reason="rate_limited"}"#).await >= 7.0).then_some(())
+    })
+    .await;
+    assert_eq!(latest_gas(http, "gas-01").await, Some(3.0), "the burst of 3 passes, the rest is dropped");
+
+    let (calm, calm_events) = connect(server.mqtt_addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
+    let _calm_loop = drive(calm_events);
+    calm.publish("telemetry/plant-a/gas-02", QoS::AtLeastOnce, false, reading(7.0)).await.unwrap();
+    wait_for("gas-02's reading", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-02").await == Some(7.0)).then_some(())
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_needs_password() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(""), &receiver.url(), data.path()).await;
+    let port = server.mqtt_addr.port().to_string();
+    let publish = |password: &str, value: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-i", "gas-01", "-u", "gas-01", "-P", password])
+            .args(["-t", "telemetry/plant-a/gas-01/gas_lel", "-m", value])
+            .output()
+            .expect("mosquitto_pub must be installed (Debian package mosquitto-clients)")
+    };
+    assert!(!publish("wrong", "60").status.success(), "mosquitto_pub succeeded with a wrong password");
+    let accepted = publish("pw-gas-01", "12.5");
+    assert!(accepted.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&accepted.stderr));
+    wait_for("the reading", Duration::from_secs(10), || async {
+        (latest_gas(server.http_addr, "gas-01").await == Some(12.5)).then_some(())
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_broker_beyond_loopback_rejected() {
+    let data = tempfile::tempdir().unwrap();
+    let text = "[server]\nmqtt_listen = \"0.0.0.0:0\"\nhttp_listen = \"127.0.0.1:0\"\n";
+    let mut open = stonelion::config::parse(text, stonelion::config::builtin::builtin_profiles()).unwrap();
+    open.server.data_dir = data.path().to_owned();
+    let error = stonelion::server::Server::start(open, std::sync::Arc::new(stonelion::clock::SystemClock))
+        .await
+        .err()
+        .expect("Server::start must reject an open broker on 0.0.0.0");
+    assert!(error.to_string().contains("MQTT broker would accept anyone on 0.0.0.0:0"), "{error}");
+}

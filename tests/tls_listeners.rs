@@ -1,0 +1,128 @@
+//! TLS on the HTTP API and on the MQTT over TLS listener, with certificates generated in
+//! the test: HTTPS with reqwest, MQTT with mosquitto_pub, and client certificates.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use support::{Receiver, start_server, wait_for};
+
+/// A CA with a server certificate for 127.0.0.1 and a client certificate, written as PEM
+/// files into `dir`.
+struct Pki {
+    ca_pem: String,
+}
+
+fn issue(params: CertificateParams, ca: &Certificate, ca_key: &KeyPair, dir: &Path, name: &str) {
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, ca, ca_key).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "Stonelion test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+
+    let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    server.distinguished_name.push(DnType::CommonName, "stonelion");
+    issue(server, &ca, &ca_key, dir, "server");
+
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client.distinguished_name.push(DnType::CommonName, "gas-01");
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    issue(client, &ca, &ca_key, dir, "client");
+    Pki { ca_pem: ca.pem() }
+}
+
+fn config(dir: &Path, client_ca: bool) -> String {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let ca_line = if client_ca { format!("tls_client_ca = \"{}\"", path("ca.pem")) } else { String::new() };
+    format!(
+        "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n{ca_line}\n\n\
+         [api]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\n{}",
+        support::CONFIG,
+        cert = path("server.pem"),
+        key = path("server.key"),
+    )
+}
+
+fn mosquitto_pub(port: u16, dir: &Path, extra: &[&str], value: &str) -> Output {
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
+        .arg(dir.join("ca.pem"))
+        .args(["-q", "1", "-i", "tls-test", "-t", "telemetry/plant-a/gas-01/gas_lel", "-m", value])
+        .args(extra)
+        .output()
+        .expect("mosquitto_pub must be installed (Debian package mosquitto-clients)")
+}
+
+async fn latest_gas(client: &reqwest::Client, http: std::net::SocketAddr) -> Option<f64> {
+    let url = format!("https://127.0.0.1:{}/api/v1/devices/gas-01", http.port());
+    let body: serde_json::Value = client.get(url).send().await.ok()?.json().await.ok()?;
+    body["latest"]["gas_lel"]["value"].as_f64()
+}
+
+fn https_client(pki: &Pki) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    reqwest::Client::builder().add_root_certificate(ca).build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_mqtt_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = make_pki(certs.path());
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(certs.path(), false), &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+    let client = https_client(&pki);
+
+    let health = client.get(format!("https://127.0.0.1:{}/healthz", http.port())).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    let plain = reqwest::get(format!("http://{http}/healthz")).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP was served on the TLS port");
+    let untrusted = reqwest::get(format!("https://127.0.0.1:{}/healthz", http.port())).await;
+    assert!(untrusted.is_err(), "a client without the CA accepted the certificate");
+
+    let tls = server.mqtt_tls_addr.expect("the MQTT over TLS listener is on");
+    let output = mosquitto_pub(tls.port(), certs.path(), &[], "14.5");
+    assert!(output.status.success(), "mosquitto_pub over TLS failed: {}", String::from_utf8_lossy(&output.stderr));
+    wait_for("the reading sent over TLS", Duration::from_secs(10), || async {
+        (latest_gas(&client, http).await == Some(14.5)).then_some(())
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_tls_requires_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = make_pki(certs.path());
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(certs.path(), true), &receiver.url(), data.path()).await;
+    let tls = server.mqtt_tls_addr.expect("the MQTT over TLS listener is on");
+    let dir = certs.path();
+
+    let without = mosquitto_pub(tls.port(), dir, &[], "40");
+    assert!(!without.status.success(), "a client without a certificate connected");
+
+    let cert = dir.join("client.pem").display().to_string();
+    let key = dir.join("client.key").display().to_string();
+    let with = mosquitto_pub(tls.port(), dir, &["--cert", &cert, "--key", &key], "21.5");
+    assert!(with.status.success(), "mosquitto_pub with a client certificate failed: {}", String::from_utf8_lossy(&with.stderr));
+    let client = https_client(&pki);
+    wait_for("the reading sent with a client certificate", Duration::from_secs(10), || async {
+        (latest_gas(&client, server.http_addr).await == Some(21.5)).then_some(())
+    })
+    .await;
+    server.shutdown().await;
+}
