@@ -66,7 +66,7 @@ fn print_banner(
         "\nStonelion demo\n\
          \n  sites:            {}\
          \n  MQTT broker:      {mqtt} (open, no credentials: demo only)\
-         \n  HTTP API:         http://{http}/api/v1/devices\
+         \n  HTTP API:         http://{http}/api/v1/devices (open, no API tokens: demo only)\
          \n  alarms:           http://{http}/api/v1/alarms\
          \n  gas series:       http://{http}/api/v1/devices/gas-a-01/series?metric=gas_lel&from=now-10m\
          \n  metrics:          http://{http}/metrics\
