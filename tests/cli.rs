@@ -227,5 +227,14 @@ fn demo_raises_its_alarm() {
         reqwest::blocking::get(format!("http://{http}/api/v1/alarms?device=gas-a-01")).unwrap().json().unwrap();
     assert_eq!(alarms["alarms"][0]["level"], 2, "{alarms}");
     assert_eq!(alarms["alarms"][0]["state"], "active");
+
+    // The Modbus devices are polled into the same pipeline and raise alarms too.
+    let modbus = demo.wait_line("webhook received: alarm.raised alarm 2", Duration::from_secs(60));
+    assert!(modbus.contains("device gasctl-b3-01"), "{modbus}");
+    let meter: serde_json::Value =
+        reqwest::blocking::get(format!("http://{http}/api/v1/devices/meter-a-02")).unwrap().json().unwrap();
+    let energy = meter["latest"]["energy_import_kwh"]["value"].as_f64();
+    assert!(energy.is_some_and(|kwh| kwh > 52_000.0), "{meter}");
+    assert_eq!(meter["online"], true);
     assert!(demo.terminate(), "the demo exits cleanly on SIGTERM");
 }
