@@ -3,6 +3,7 @@
 //! receives. One combustible gas detector climbs past level 1 and level 2 within a minute.
 
 mod devices;
+mod modbus;
 mod receiver;
 
 use std::net::SocketAddr;
@@ -26,7 +27,10 @@ pub async fn run(overrides: Overrides, webhook_listen: SocketAddr) -> anyhow::Re
     let (receiver_addr, receiver) = receiver::start(webhook_listen, DEMO_SECRET.as_bytes().to_vec())
         .await
         .with_context(|| format!("cannot start the demo webhook receiver on {webhook_listen}"))?;
-    let text = DEMO_CONFIG.replace("WEBHOOK_URL", &format!("http://{receiver_addr}/stonelion"));
+    let simulated_modbus = modbus::start(&builtin_profiles()).await.context("cannot start the demo's Modbus simulator")?;
+    let text = DEMO_CONFIG
+        .replace("WEBHOOK_URL", &format!("http://{receiver_addr}/stonelion"))
+        .replace("MODBUS_ADDR", &simulated_modbus.addr.to_string());
     let mut config = config::parse(&text, builtin_profiles()).map_err(|problems| config::ConfigError {
         source_name: "demo config".to_owned(),
         problems,
@@ -39,10 +43,11 @@ pub async fn run(overrides: Overrides, webhook_listen: SocketAddr) -> anyhow::Re
     let http = server.http_addr;
     let mqtt = server.mqtt_addr;
     println!("stonelion listening: http={http} mqtt={mqtt}");
-    print_banner(http, mqtt, receiver_addr, &data_dir, &sites);
+    print_banner(http, mqtt, receiver_addr, simulated_modbus.addr, &data_dir, &sites);
 
     let stop_devices = CancellationToken::new();
-    let simulated = devices::spawn_all(mqtt, &stop_devices);
+    let mut simulated = devices::spawn_all(mqtt, &stop_devices);
+    simulated.push(simulated_modbus.spawn_updates(stop_devices.clone()));
     crate::cli::wait_for_signal().await;
 
     stop_devices.cancel();
@@ -58,6 +63,7 @@ fn print_banner(
     http: SocketAddr,
     mqtt: SocketAddr,
     receiver: SocketAddr,
+    modbus: SocketAddr,
     data_dir: &std::path::Path,
     sites: &[crate::config::Site],
 ) {
@@ -71,9 +77,11 @@ fn print_banner(
          \n  gas series:       http://{http}/api/v1/devices/gas-a-01/series?metric=gas_lel&from=now-10m\
          \n  metrics:          http://{http}/metrics\
          \n  webhook receiver: http://{receiver}/stonelion (prints each delivery below)\
+         \n  Modbus TCP:       {modbus} (simulated gateway: meter-a-02 unit 1, gasctl-b3-01 unit 2)\
          \n  data directory:   {}\
          \n\
-         \n  gas-a-01 climbs past level 1 (25 %LEL) about 20 s from now and level 2 (50 %LEL) about 15 s later.\
+         \n  gas-a-01 (MQTT) climbs past level 1 (25 %LEL) about 20 s from now and level 2 (50 %LEL) about 15 s later;\
+         \n  gasctl-b3-01 (Modbus) climbs past level 1 about a minute from now.\
          \n  Raise another alarm yourself (Debian package mosquitto-clients):\
          \n    mosquitto_pub -h {} -p {} -q 1 -t telemetry/park-b3/smoke-b3-01 -m '{{\"values\": {{\"smoke\": true}}}}'\
          \n  Acknowledge alarm 1:\
