@@ -3,6 +3,7 @@
 //! dispatcher finishes its in-flight deliveries.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -24,7 +25,10 @@ use crate::ingest::reject::RejectLog;
 use crate::ingest::IngestHandle;
 use crate::metrics::SharedRegistry;
 use crate::pipeline::{DeviceStates, Pipeline};
+use crate::config::StorageBackend;
 use crate::storage::TimeSeriesStore;
+use crate::storage::engine::{Engine, EngineOptions};
+use crate::storage::influxdb2::{InfluxDb2Store, TeeStore};
 use crate::storage::sqlite::SqliteStore;
 
 /// Capacity of the channel into the pipeline, in messages.
@@ -67,10 +71,7 @@ impl Server {
         let registry = SharedRegistry::new();
         let config = Arc::new(config);
 
-        let store: Arc<dyn TimeSeriesStore> = Arc::new(
-            SqliteStore::open(&data_dir.join("series"), config.storage.commit_interval)
-                .context("cannot open the time-series store")?,
-        );
+        let store = open_store(&config, &data_dir, &registry).await?;
 
         let state_db = data_dir.join("state.sqlite");
         let alarm_store = AlarmStore::open(&state_db, config.webhooks.clone())
@@ -256,6 +257,40 @@ fn spawn_http(
             Err(e) => tracing::error!(error = %e, "the HTTP server task failed"),
         }
     }))
+}
+
+/// Opens the configured time-series backend.
+async fn open_store(config: &Config, data_dir: &Path, registry: &SharedRegistry) -> anyhow::Result<Arc<dyn TimeSeriesStore>> {
+    let storage = &config.storage;
+    let embedded = || -> anyhow::Result<Arc<dyn TimeSeriesStore>> {
+        let options = EngineOptions {
+            commit_interval: storage.commit_interval,
+            memory_budget_bytes: storage.memory_budget_bytes,
+            ..EngineOptions::default()
+        };
+        let engine = Engine::open(&data_dir.join("tsdb"), options).context("cannot open the embedded time-series store")?;
+        registry.register(|r| engine.register_metrics(r));
+        Ok(Arc::new(engine))
+    };
+    let influx = || async {
+        let mut influx = storage.influxdb2.clone().context("the backend needs [storage.influxdb2]")?;
+        if influx.buffer_dir.as_os_str().is_empty() {
+            influx.buffer_dir = data_dir.join("influxdb2-buffer");
+        }
+        let store = InfluxDb2Store::open(influx, registry).await.context("cannot start the InfluxDB 2 backend")?;
+        anyhow::Ok(Arc::new(store) as Arc<dyn TimeSeriesStore>)
+    };
+    let store = match storage.backend {
+        StorageBackend::Embedded => embedded()?,
+        StorageBackend::Sqlite => Arc::new(
+            SqliteStore::open(&data_dir.join("series"), storage.commit_interval)
+                .context("cannot open the SQLite time-series store")?,
+        ),
+        StorageBackend::Influxdb2 => influx().await?,
+        StorageBackend::Both => Arc::new(TeeStore::new(embedded()?, influx().await?)),
+    };
+    tracing::info!(backend = ?storage.backend, "time-series store open");
+    Ok(store)
 }
 
 fn spawn_retention(store: Arc<dyn TimeSeriesStore>, clock: SharedClock, retention: Duration) -> JoinHandle<()> {

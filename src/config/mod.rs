@@ -78,10 +78,31 @@ impl Default for IngestSection {
     }
 }
 
+/// Where readings are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    /// The embedded time-series engine in the data directory.
+    Embedded,
+    /// SQLite in the data directory: slower and larger, kept as a reference.
+    Sqlite,
+    /// InfluxDB 2 only; `[storage.influxdb2]` is required, and `/query` cannot read it.
+    Influxdb2,
+    /// The embedded engine and InfluxDB 2 together; queries read the embedded engine.
+    Both,
+}
+
 /// `[storage]`: the time-series store.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
+    /// `embedded` (default), `sqlite`, `influxdb2` or `both`.
+    pub backend: StorageBackend,
+    /// Memory for readings not yet sealed into compressed segments, in bytes; writers
+    /// wait when it is full (embedded engine only).
+    pub memory_budget_bytes: usize,
+    /// InfluxDB 2 connection, for the `influxdb2` and `both` backends.
+    pub influxdb2: Option<crate::storage::influxdb2::InfluxDb2Config>,
     /// How long readings are kept; older data is deleted.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -94,6 +115,9 @@ pub struct StorageSection {
 impl Default for StorageSection {
     fn default() -> Self {
         Self {
+            backend: StorageBackend::Embedded,
+            memory_budget_bytes: 512 << 20,
+            influxdb2: None,
             retention: Duration::from_secs(365 * 24 * 3600),
             commit_interval: Duration::from_millis(500),
         }
@@ -332,6 +356,8 @@ impl RawSections {
         if !(1..=2).contains(&alarms.offline_level) {
             checker.push(None, "alarms.offline_level", format!("level {} is invalid; write 1 or 2", alarms.offline_level));
         }
+        let storage = self.storage.unwrap_or_default();
+        check_storage(checker, &storage);
         let profiles = load_profiles(checker, builtin, server.profiles_dir.as_deref());
         let sites = check_sites(checker, self.sites);
         let devices = check_devices(checker, self.devices, &sites, &profiles, &ingest);
@@ -345,7 +371,7 @@ impl RawSections {
         Config {
             server,
             ingest,
-            storage: self.storage.unwrap_or_default(),
+            storage,
             alarms,
             sites,
             devices,
@@ -356,6 +382,29 @@ impl RawSections {
             api,
             api_tokens,
         }
+    }
+}
+
+fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
+    let needs_influx = matches!(storage.backend, StorageBackend::Influxdb2 | StorageBackend::Both);
+    match (&storage.influxdb2, needs_influx) {
+        (None, true) => checker.push(
+            None,
+            "storage.influxdb2",
+            "the influxdb2 and both backends need a [storage.influxdb2] section with url, org and bucket",
+        ),
+        (Some(influx), true) => {
+            if let Err(e) = influx.validate() {
+                checker.push(None, "storage.influxdb2", e.to_string());
+            }
+        }
+        _ => {}
+    }
+    if storage.commit_interval.is_zero() || storage.commit_interval > Duration::from_secs(60) {
+        checker.push(None, "storage.commit_interval", "write a duration between 1ms and 60s, such as \"500ms\"");
+    }
+    if storage.memory_budget_bytes < 16 << 20 {
+        checker.push(None, "storage.memory_budget_bytes", "write at least 16777216 (16 MiB)");
     }
 }
 
