@@ -84,7 +84,7 @@ fn check_config_accepts_example() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("valid (2 sites, 4 devices, 1 webhooks)"), "{stdout}");
+    assert!(stdout.contains("valid (2 sites, 5 devices, 1 webhooks)"), "{stdout}");
     assert!(!stdout.contains("s3cret"), "the secret is never printed");
 }
 
