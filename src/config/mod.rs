@@ -197,7 +197,7 @@ pub struct DeviceSpec {
     /// over MQTT, with its id as username. Devices without one cannot log in once any
     /// MQTT account is configured.
     #[serde(default)]
-    pub mqtt_password_hash: Option<String>,
+    pub mqtt_password_hash: Option<crate::security::PhcString>,
 }
 
 /// A checked device.
@@ -212,7 +212,7 @@ pub struct Device {
     pub rules: Vec<Rule>,
     pub modbus: Option<ModbusDeviceConfig>,
     /// Checked argon2 PHC string of the device's MQTT password.
-    pub mqtt_password_hash: Option<String>,
+    pub mqtt_password_hash: Option<crate::security::PhcString>,
 }
 
 /// The checked configuration the server runs with.
@@ -540,7 +540,7 @@ fn check_devices(
                 ok = false;
             }
         }
-        let hash_check = spec.mqtt_password_hash.as_deref().map(crate::security::check_password_hash);
+        let hash_check = spec.mqtt_password_hash.as_ref().map(|hash| crate::security::check_password_hash(hash.as_str()));
         if let Some(Err(message)) = hash_check {
             checker.push(Some(spans.key("mqtt_password_hash")), key("mqtt_password_hash"), message);
             ok = false;

@@ -97,7 +97,7 @@ impl MqttAccounts {
         for device in &config.devices {
             if let Some(hash) = &device.mqtt_password_hash {
                 let identity = MqttIdentity::Device { device: device.id.clone(), site: device.site.clone() };
-                accounts.insert(device.id.to_string(), Account { password_hash: hash.clone(), identity });
+                accounts.insert(device.id.to_string(), Account { password_hash: hash.as_str().to_owned(), identity });
             }
         }
         for user in &config.mqtt_users {

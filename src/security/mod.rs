@@ -19,6 +19,24 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
     Ok(Argon2::default().hash_password(password.as_bytes(), &salt)?.to_string())
 }
 
+/// An argon2 PHC string from the config. Its `Debug` output is redacted, so printing a
+/// config does not print hashes that an attacker could try to crack offline.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct PhcString(String);
+
+impl PhcString {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PhcString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Checks that `phc` is an argon2 PHC string, returning a message for the config on error.
 pub fn check_password_hash(phc: &str) -> Result<(), String> {
     let hash = PasswordHash::new(phc).map_err(|e| {
