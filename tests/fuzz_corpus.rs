@@ -61,3 +61,29 @@ fn corpus_config() {
 fn corpus_profile() {
     replay("profile", targets::profile);
 }
+
+#[test]
+fn modbus_scaled_overflow_rejected() {
+    // A u32 of 0xFFFFFFFF times a scale of 1e300 overflows to infinity, which must not
+    // become a reading: MQTT and HTTP ingest reject non-finite values too.
+    use stonelion::modbus::decode::{DecodeError, decode_words};
+    use stonelion::profile::{DataType, Function, RegisterSpec};
+
+    let spec = RegisterSpec {
+        function: Some(Function::HoldingRegister),
+        address: Some(0),
+        register: None,
+        data_type: Some(DataType::U32),
+        count: None,
+        bit: None,
+        order: Default::default(),
+        scale: 1e300,
+        offset: 0.0,
+        valid_min: None,
+        valid_max: None,
+        no_value: Vec::new(),
+        codes: Default::default(),
+    };
+    let register = spec.check().unwrap();
+    assert_eq!(decode_words(&register, &[0xFFFF, 0xFFFF]), Err(DecodeError::NotFinite));
+}

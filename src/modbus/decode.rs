@@ -23,7 +23,7 @@ pub enum DecodeError {
     NoValue { raw: f64 },
     /// The scaled value is outside the profile's valid range.
     OutOfRange { value: f64, min: Option<f64>, max: Option<f64> },
-    /// A float register holds NaN or an infinity.
+    /// A float register holds NaN or an infinity, or scaling overflowed to one.
     NotFinite,
     /// A string register holds bytes that are not UTF-8.
     InvalidText,
@@ -53,7 +53,7 @@ impl fmt::Display for DecodeError {
                 let bound = |b: &Option<f64>| b.map_or_else(|| "-".to_owned(), |v| v.to_string());
                 write!(f, "value {value} is outside the valid range {}..{}", bound(min), bound(max))
             }
-            DecodeError::NotFinite => f.write_str("float value is NaN or infinite"),
+            DecodeError::NotFinite => f.write_str("value is NaN or infinite; check the register type and scale"),
             DecodeError::InvalidText => f.write_str("string registers are not valid UTF-8"),
         }
     }
@@ -80,6 +80,10 @@ pub fn decode_words(register: &Register, words: &[u16]) -> Result<Decoded, Decod
         return Ok(Decoded::Bool(words[0] >> bit & 1 == 1));
     }
     let value = raw * register.scale + register.offset;
+    // A large scale or offset can overflow a finite raw value to infinity.
+    if !value.is_finite() {
+        return Err(DecodeError::NotFinite);
+    }
     let below = register.valid_min.is_some_and(|min| value < min);
     let above = register.valid_max.is_some_and(|max| value > max);
     if below || above {
