@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use stonelion::ingest::line_protocol::router;
-use stonelion::ingest::{IngestHandle, IngestMessage};
+use stonelion::ingest::{IngestHandle, IngestMessage, WriteFailure};
 use stonelion::metrics::SharedRegistry;
 use stonelion::model::Timestamp;
 use stonelion::storage::engine::{Engine, EngineOptions};
@@ -232,7 +232,7 @@ fn serve(dir: &Path) {
         tokio::spawn(async move {
             while let Some(message) = rx.recv().await {
                 if let IngestMessage::Points { points, done } = message {
-                    let result = tokio::task::block_in_place(|| store.write(points)).map_err(|e| e.to_string());
+                    let result = tokio::task::block_in_place(|| store.write(points)).map_err(|e| WriteFailure::Storage(e.to_string()));
                     if let Some(done) = done {
                         let _ = done.send(result);
                     }

@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::alarms::manager::{AlarmCommand, AlarmHandle};
 use crate::clock::SharedClock;
 use crate::ingest::directory::{DeviceEntry, Directory};
-use crate::ingest::{IngestMessage, LivenessCause};
+use crate::ingest::{IngestMessage, LivenessCause, WriteFailure};
 use crate::metrics::SharedRegistry;
 use crate::model::{DeviceId, MetricName, Reading, Source, Timestamp, Value};
-use crate::storage::{Point, SeriesKey, TimeSeriesStore};
+use crate::storage::{Point, SeriesKey, StorageError, TimeSeriesStore};
 
 /// Liveness and latest values of one device, as the API shows them.
 #[derive(Clone, Debug, Default)]
@@ -147,7 +147,7 @@ impl Pipeline {
         }
     }
 
-    async fn readings(&self, readings: Vec<Reading>, metrics: &PipelineMetrics) -> Result<(), String> {
+    async fn readings(&self, readings: Vec<Reading>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
         if readings.is_empty() {
             return Ok(());
         }
@@ -179,24 +179,52 @@ impl Pipeline {
         stored
     }
 
-    fn store_points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), String> {
+    fn store_points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
         let count = points.len() as u64;
-        match self.store.write(points) {
+        match self.store.write(points.clone()) {
             Ok(()) => {
                 metrics.points_stored.inc_by(count);
                 Ok(())
             }
+            // A backend rejects a whole batch for one conflicting point, so the batch is
+            // written again point by point to keep every point that does not conflict.
+            Err(StorageError::KindMismatch { .. }) => self.store_each(points, metrics),
             Err(e) => {
                 metrics.storage_failures.inc();
                 tracing::error!(error = %e, points = count, "storing readings failed");
-                Err(e.to_string())
+                Err(WriteFailure::Storage(e.to_string()))
             }
+        }
+    }
+
+    fn store_each(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
+        let mut first_conflict = None;
+        let mut conflicts = 0u64;
+        for point in points {
+            match self.store.write(vec![point]) {
+                Ok(()) => {
+                    metrics.points_stored.inc();
+                }
+                Err(e @ StorageError::KindMismatch { .. }) => {
+                    conflicts += 1;
+                    first_conflict.get_or_insert_with(|| e.to_string());
+                }
+                Err(e) => {
+                    metrics.storage_failures.inc();
+                    tracing::error!(error = %e, "storing readings failed");
+                    return Err(WriteFailure::Storage(e.to_string()));
+                }
+            }
+        }
+        match first_conflict {
+            None => Ok(()),
+            Some(message) => Err(WriteFailure::Conflict(format!("{conflicts} point(s) not stored: {message}"))),
         }
     }
 
     /// Stores points written over HTTP. Points of a known device's profile measurement and
     /// `device` tag become readings, so rules apply to them; the rest are stored as they are.
-    async fn points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), String> {
+    async fn points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
         let mut readings = Vec::new();
         let mut other = Vec::new();
         for point in points {

@@ -53,3 +53,31 @@ async fn line_protocol_raises_alarm_and_stores_other_points() {
     assert!(error["message"].as_str().unwrap().contains("line 1"), "{error}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_conflict_is_422_and_keeps_other_points() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(CONFIG, &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+    let client = reqwest::Client::new();
+    let now = chrono::Utc::now().timestamp_millis();
+    let write = |body: String| {
+        let client = client.clone();
+        async move {
+            client.post(format!("http://{http}/write?db=stonelion&precision=ms")).body(body).send().await.unwrap()
+        }
+    };
+    assert_eq!(write(format!("boiler,unit=1 running=true {now}\n")).await.status(), 204);
+    server.store.flush().unwrap();
+    let later = now + 1;
+    let conflict = write(format!("boiler,unit=1 running=5 {later}\nboiler,unit=2 running=false {later}\n")).await;
+    assert_eq!(conflict.status(), 422);
+    let body: serde_json::Value = conflict.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("conflict"), "{body}");
+
+    let query = get_json(http, "/query?db=stonelion&q=SELECT%20running%20FROM%20boiler%20GROUP%20BY%20unit").await;
+    let series = query["results"][0]["series"].as_array().unwrap();
+    assert_eq!(series.len(), 2, "the point without a conflict was stored: {query}");
+    server.shutdown().await;
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stonelion::ingest::{IngestHandle, IngestMessage};
+use stonelion::ingest::{IngestHandle, IngestMessage, WriteFailure};
 use stonelion::metrics::SharedRegistry;
 use stonelion::storage::TimeSeriesStore;
 use support::{MemStore, seed_demo, serve};
@@ -20,7 +20,7 @@ fn spawn_store_writer(store: Arc<MemStore>) -> IngestHandle {
     tokio::spawn(async move {
         while let Some(message) = receiver.recv().await {
             if let IngestMessage::Points { points, done } = message {
-                let outcome = store.write(points).map_err(|e| e.to_string());
+                let outcome = store.write(points).map_err(|e| WriteFailure::Storage(e.to_string()));
                 if let Some(done) = done {
                     let _ = done.send(outcome);
                 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use stonelion::clock::ManualClock;
 use stonelion::ingest::line_protocol::{Precision, WriteOptions, parse_body, router_with_options};
-use stonelion::ingest::{IngestHandle, IngestMessage};
+use stonelion::ingest::{IngestHandle, IngestMessage, WriteFailure};
 use stonelion::metrics::SharedRegistry;
 use stonelion::model::{Timestamp, Value, ValueKind};
 use stonelion::storage::engine::{Engine, EngineOptions};
@@ -32,7 +32,7 @@ async fn start(max_body_bytes: usize) -> Server {
     tokio::spawn(async move {
         while let Some(message) = rx.recv().await {
             if let IngestMessage::Points { points, done } = message {
-                let result = store.write(points).map_err(|e| e.to_string());
+                let result = store.write(points).map_err(|e| WriteFailure::Storage(e.to_string()));
                 if let Some(done) = done {
                     let _ = done.send(result);
                 }

@@ -26,7 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 
 use crate::clock::{SharedClock, SystemClock};
-use crate::ingest::IngestHandle;
+use crate::ingest::{IngestHandle, WriteFailure};
 use crate::metrics::SharedRegistry;
 use crate::model::{Timestamp, Value};
 use crate::storage::{Point, SeriesKey};
@@ -359,9 +359,13 @@ async fn handle_write(
 async fn store(state: &WriteState, points: Vec<Point>) -> Result<(), WriteError> {
     match state.ingest.write_points(points).await {
         Ok(Ok(())) => Ok(()),
-        // NOTE: the pipeline reports storage failures as text, so a kind conflict (a
-        // client error) cannot be distinguished from an I/O failure, and both return 500.
-        Ok(Err(message)) => {
+        // InfluxDB answers a field type conflict with 422; the other points are stored.
+        Ok(Err(WriteFailure::Conflict(message))) => Err(WriteError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable entity",
+            format!("field type conflict: {message}; write each field with one type"),
+        )),
+        Ok(Err(WriteFailure::Storage(message))) => {
             tracing::warn!(error = %message, "storage rejected an HTTP write");
             Err(WriteError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", format!("storing the points failed: {message}")))
         }

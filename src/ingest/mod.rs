@@ -36,9 +36,21 @@ pub enum IngestMessage {
     /// Points written over HTTP. Points whose measurement and tags map to a known device
     /// become readings; the rest are stored as they are. `done` receives the outcome
     /// once the points were handed to storage.
-    Points { points: Vec<Point>, done: Option<oneshot::Sender<Result<(), String>>> },
+    Points { points: Vec<Point>, done: Option<oneshot::Sender<Result<(), WriteFailure>>> },
     /// A device went offline or came back.
     Liveness { device: DeviceId, online: bool, cause: LivenessCause },
+}
+
+/// Why written points were not all stored.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WriteFailure {
+    /// The client sent points that conflict with stored data, such as a boolean for a
+    /// number series; the other points were stored.
+    #[error("{0}")]
+    Conflict(String),
+    /// Storage failed; the client may retry.
+    #[error("{0}")]
+    Storage(String),
 }
 
 /// Error returned when the pipeline has shut down.
@@ -71,7 +83,7 @@ impl IngestHandle {
     }
 
     /// Sends points and waits until the pipeline has handed them to storage.
-    pub async fn write_points(&self, points: Vec<Point>) -> Result<Result<(), String>, PipelineClosed> {
+    pub async fn write_points(&self, points: Vec<Point>) -> Result<Result<(), WriteFailure>, PipelineClosed> {
         let (done, wait) = oneshot::channel();
         self.send(IngestMessage::Points { points, done: Some(done) }).await?;
         wait.await.map_err(|_| PipelineClosed)
