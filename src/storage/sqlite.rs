@@ -320,23 +320,19 @@ fn query_aggregated(
     // Steps are aligned to multiples of the step since the epoch, as Grafana and InfluxDB
     // align `GROUP BY time()`.
     let bucket = "(ts - ((ts % ?4) + ?4) % ?4)";
-    let expression = match aggregate {
-        Aggregate::Mean => "AVG(value)".to_owned(),
-        Aggregate::Min => "MIN(value)".to_owned(),
-        Aggregate::Max => "MAX(value)".to_owned(),
-        Aggregate::Sum => "SUM(value)".to_owned(),
-        Aggregate::Count => "COUNT(*)".to_owned(),
-        Aggregate::First => {
-            "(SELECT p.value FROM points p WHERE p.series_id = ?1 AND p.ts >= MIN(points.ts) ORDER BY p.ts LIMIT 1)"
-                .to_owned()
-        }
-        Aggregate::Last => {
-            "(SELECT p.value FROM points p WHERE p.series_id = ?1 AND p.ts <= MAX(points.ts) ORDER BY p.ts DESC LIMIT 1)"
-                .to_owned()
-        }
+    // For `first` and `last`, SQLite takes a bare column from the row that holds the
+    // group's MIN(ts) or MAX(ts), which is the first or last point of the step.
+    let (expression, selector) = match aggregate {
+        Aggregate::Mean => ("AVG(value)", ""),
+        Aggregate::Min => ("MIN(value)", ""),
+        Aggregate::Max => ("MAX(value)", ""),
+        Aggregate::Sum => ("SUM(value)", ""),
+        Aggregate::Count => ("COUNT(*)", ""),
+        Aggregate::First => ("value", ", MIN(ts)"),
+        Aggregate::Last => ("value", ", MAX(ts)"),
     };
     let sql = format!(
-        "SELECT {bucket} AS bucket, {expression} FROM points \
+        "SELECT {bucket} AS bucket, {expression}{selector} FROM points \
          WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY bucket ORDER BY bucket LIMIT ?5"
     );
     let mut statement = conn.prepare_cached(&sql).map_err(db_error)?;
