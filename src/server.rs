@@ -158,7 +158,7 @@ impl Server {
             clock: clock.clone(),
         };
         let router = crate::server_http::router(app, ingest.clone(), store.clone(), &registry).layer(
-            axum::middleware::from_fn_with_state(ApiAuth::new(config.api_tokens.clone()), crate::api::auth::authorize),
+            axum::middleware::from_fn_with_state(ApiAuth::new(config.api_tokens.clone(), &registry), crate::api::auth::authorize),
         );
         let listener = tokio::net::TcpListener::bind(config.server.http_listen)
             .await

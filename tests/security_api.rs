@@ -1,6 +1,8 @@
 //! HTTP API bearer tokens: 401 and 403 with the API's JSON errors, roles per route, the
 //! token's name as the actor of alarm actions, and InfluxDB-style credentials.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::net::SocketAddr;
@@ -100,6 +102,16 @@ async fn requests_need_token_and_role() {
 
     let (status, _) = get(http, "/no/such/route", None).await;
     assert_eq!(status, 401, "unknown routes do not reveal themselves without a token");
+
+    let metrics = reqwest::Client::new().get(format!("http://{http}/metrics")).bearer_auth(VIEWER).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    let count = |reason: &str| {
+        let sample = format!("stonelion_api_denied_total{{reason=\"{reason}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&sample)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    assert_eq!(count("missing_token"), 3.0);
+    assert_eq!(count("invalid_token"), 1.0);
+    assert_eq!(count("role_not_allowed"), 2.0);
     server.shutdown().await;
 }
 

@@ -1,6 +1,8 @@
 //! MQTT authentication, topic isolation and rate limits on the real embedded broker, with
 //! rumqttc and mosquitto clients.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::process::Command;
@@ -114,10 +116,9 @@ async fn connect(addr: std::net::SocketAddr, client_id: &str, login: Option<(&st
 async fn next_incoming<T>(events: &mut EventLoop, what: &str, mut pick: impl FnMut(Packet) -> Option<T>) -> T {
     let found = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            if let Event::Incoming(packet) = events.poll().await.unwrap() {
-                if let Some(value) = pick(packet) {
-                    return value;
-                }
+            let Event::Incoming(packet) = events.poll().await.unwrap() else { continue };
+            if let Some(value) = pick(packet) {
+                return value;
             }
         }
     })

@@ -1,6 +1,8 @@
 //! TLS on the HTTP API and on the MQTT over TLS listener, with certificates generated in
 //! the test: HTTPS with reqwest, MQTT with mosquitto_pub, and client certificates.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::path::Path;

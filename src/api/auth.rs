@@ -6,16 +6,25 @@
 //! `Authorization: Bearer X`, `Authorization: Token X` (InfluxDB 2 clients), HTTP Basic
 //! auth with the token as password, or the `p` query parameter (InfluxDB 1 clients).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use super::ApiError;
+use crate::metrics::SharedRegistry;
 use crate::security::tokens::{Permission, Role, TokenSet};
+
+/// How often one denial reason is logged at WARN; repeats in between are counted.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The token a request was authorized with, stored in the request's extensions.
 #[derive(Clone, Debug)]
@@ -29,11 +38,55 @@ pub struct Principal {
 #[derive(Clone)]
 pub struct ApiAuth {
     tokens: Arc<TokenSet>,
+    denials: Arc<ApiDenials>,
 }
 
 impl ApiAuth {
-    pub fn new(tokens: TokenSet) -> Self {
-        Self { tokens: Arc::new(tokens) }
+    pub fn new(tokens: TokenSet, registry: &SharedRegistry) -> Self {
+        Self { tokens: Arc::new(tokens), denials: Arc::new(ApiDenials::new(registry)) }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Counts denied requests in `stonelion_api_denied_total{reason}` and logs them at WARN,
+/// at most once per reason per interval.
+struct ApiDenials {
+    denied: Family<ReasonLabel, Counter>,
+    last_logged: Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+impl ApiDenials {
+    fn new(registry: &SharedRegistry) -> Self {
+        let denied = Family::<ReasonLabel, Counter>::default();
+        registry.register(|r| r.register("api_denied", "HTTP requests denied for their token, by reason", denied.clone()));
+        Self { denied, last_logged: Mutex::new(HashMap::new()) }
+    }
+
+    /// Counts and logs a denial. `token` is the token's configured name, never the token.
+    fn deny(&self, reason: &'static str, request: &Request, token: Option<&str>) {
+        self.denied.get_or_create(&ReasonLabel { reason }).inc();
+        let now = Instant::now();
+        let mut last = self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = last.entry(reason).or_insert((now.checked_sub(LOG_INTERVAL).unwrap_or(now), 0));
+        if now.duration_since(entry.0) < LOG_INTERVAL {
+            entry.1 += 1;
+            return;
+        }
+        let suppressed = entry.1;
+        *entry = (now, 0);
+        drop(last);
+        tracing::warn!(
+            reason,
+            method = %request.method(),
+            path = request.uri().path(),
+            token,
+            suppressed_since_last_log = suppressed,
+            "HTTP request denied"
+        );
     }
 }
 
@@ -57,13 +110,15 @@ pub async fn authorize(State(auth): State<ApiAuth>, mut request: Request, next: 
         return next.run(request).await;
     };
     let Some(secret) = presented_token(&request) else {
+        auth.denials.deny("missing_token", &request, None);
         return unauthorized("missing API token; send `Authorization: Bearer <token>`");
     };
     let Some(token) = auth.tokens.find(&secret) else {
-        tracing::debug!(path = request.uri().path(), "request with an unknown API token");
+        auth.denials.deny("invalid_token", &request, None);
         return unauthorized("invalid API token");
     };
     if !token.role.allows(permission) {
+        auth.denials.deny("role_not_allowed", &request, Some(&token.name));
         return ApiError::forbidden(format!(
             "token `{}` has role `{}`, which may not {}",
             token.name,

@@ -89,8 +89,8 @@ pub enum ExposureError {
 /// `mqtt_open` is true when no MQTT account is configured.
 pub fn check_exposure(config: &Config, mqtt_open: bool) -> Result<(), ExposureError> {
     if mqtt_open {
-        let listeners = std::iter::once(config.server.mqtt_listen).chain(config.mqtt.tls_listen);
-        if let Some(addr) = listeners.clone().find(|a| !a.ip().is_loopback()) {
+        let mut listeners = std::iter::once(config.server.mqtt_listen).chain(config.mqtt.tls_listen);
+        if let Some(addr) = listeners.find(|a| !a.ip().is_loopback()) {
             return Err(ExposureError::OpenMqtt { addr });
         }
         tracing::warn!(

@@ -1,0 +1,136 @@
+//! The credential helpers of the built binary, config checks of the security sections,
+//! and `run` rejecting open listeners beyond loopback.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
+
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stonelion");
+
+fn stonelion(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("STONELION_HTTP_LISTEN")
+        .env_remove("STONELION_MQTT_LISTEN")
+        .env_remove("STONELION_DATA_DIR")
+        .env_remove("STONELION_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn hash_password_prints_verifiable_hash() {
+    let output = stonelion(&["hash-password"], "s3cret pass\n");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let hash = stdout(&output).trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(stonelion::security::verify_password(b"s3cret pass", &hash), "the line ending was hashed too");
+    assert!(!stonelion::security::verify_password(b"s3cret pass\n", &hash));
+
+    let empty = stonelion(&["hash-password"], "");
+    assert!(!empty.status.success(), "an empty password was hashed");
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("standard input is empty"));
+}
+
+#[test]
+fn generated_token_matches_its_digest() {
+    let output = stonelion(&["generate-token"], "");
+    assert!(output.status.success());
+    let text = stdout(&output);
+    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().to_owned();
+    let token = field("token:");
+    let digest = field("token_sha256:");
+    assert_eq!(token.len(), 64, "32 random bytes in hex");
+    assert_eq!(digest, hex::encode(Sha256::digest(token.as_bytes())));
+
+    let hashed = stonelion(&["hash-token"], &format!("{token}\n"));
+    assert!(hashed.status.success());
+    assert_eq!(stdout(&hashed).trim(), digest);
+}
+
+#[test]
+fn check_config_reports_security_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let text = r#"
+[mqtt]
+tls_cert = "server.pem"
+
+[[sites]]
+id = "plant-a"
+name = "Plant A"
+kind = "enterprise"
+
+[[devices]]
+id = "gas-01"
+site = "plant-a"
+profile = "gas-detector"
+mqtt_password_hash = "plain-text-password"
+
+[[devices]]
+id = "gas-02"
+site = "plant-a"
+profile = "gas-detector"
+
+[[mqtt_users]]
+username = "gas-02"
+password_hash = "$argon2id$v=19$m=1024,t=1,p=1$c2l4dGVlbiBieXRlIHNhbHQ$1HqTgW0mJ7Ju1a3Rv4j5Kb0c3wTg7m2vZx0yE8n1o5Q"
+sites = ["nowhere"]
+
+[[api_tokens]]
+name = "ops"
+role = "operator"
+token_sha256 = "abc"
+
+[[api_tokens]]
+name = "ops"
+role = "superuser"
+token_sha256 = "abc"
+"#;
+    std::fs::write(&path, text).unwrap();
+    let output = stonelion(&["check-config", path.to_str().unwrap()], "");
+    assert!(!output.status.success());
+    let report = stdout(&output);
+    let expected = [
+        "mqtt.tls_cert: is set but `tls_listen` is not",
+        "devices[0].mqtt_password_hash: invalid password hash",
+        "mqtt_users[0].username: `gas-02` is a device id",
+        "mqtt_users[0].sites: unknown site `nowhere`",
+        "api_tokens[0].token_sha256: `token_sha256` must be 64 hex digits",
+        "api_tokens[1]: unknown variant `superuser`",
+    ];
+    for line in expected {
+        assert!(report.contains(line), "missing {line:?} in:\n{report}");
+    }
+    assert!(!report.contains("plain-text-password"), "the problem report repeats the hash:\n{report}");
+}
+
+#[test]
+fn run_rejects_open_wildcard_listener() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    let cases = [
+        (["--mqtt-listen", "0.0.0.0:0", "--http-listen", "127.0.0.1:0"], "MQTT broker would accept anyone on 0.0.0.0:0"),
+        (["--mqtt-listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"], "HTTP API would accept anyone on 0.0.0.0:0"),
+    ];
+    for (listen, message) in cases {
+        let mut args = vec!["run", "--data-dir", data_dir];
+        args.extend(listen);
+        let output = stonelion(&args, "");
+        assert!(!output.status.success(), "`run {}` started", listen.join(" "));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(message), "{stderr}");
+    }
+}
