@@ -86,6 +86,11 @@ async fn https_and_mqtt_over_tls() {
     let server = start_server(&config(certs.path(), false), &receiver.url(), data.path()).await;
     let http = server.http_addr;
     let client = https_client(&pki);
+    let tls = server.mqtt_tls_addr.expect("the MQTT over TLS listener is on");
+
+    // Connections that never start their handshake must not delay the others.
+    let _idle_http = tokio::net::TcpStream::connect(http).await.unwrap();
+    let _idle_mqtt = tokio::net::TcpStream::connect(tls).await.unwrap();
 
     let health = client.get(format!("https://127.0.0.1:{}/healthz", http.port())).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
@@ -94,7 +99,6 @@ async fn https_and_mqtt_over_tls() {
     let untrusted = reqwest::get(format!("https://127.0.0.1:{}/healthz", http.port())).await;
     assert!(untrusted.is_err(), "a client without the CA accepted the certificate");
 
-    let tls = server.mqtt_tls_addr.expect("the MQTT over TLS listener is on");
     let output = mosquitto_pub(tls.port(), certs.path(), &[], "14.5");
     assert!(output.status.success(), "mosquitto_pub over TLS failed: {}", String::from_utf8_lossy(&output.stderr));
     wait_for("the reading sent over TLS", Duration::from_secs(10), || async {
