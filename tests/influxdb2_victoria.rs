@@ -241,3 +241,81 @@ async fn unreachable_server_fails_health_check() {
         "{message}"
     );
 }
+
+/// A whole server with `backend = "both"`: a reading written over HTTP raises its alarm,
+/// is stored in the embedded engine and reaches VictoriaMetrics with the shared schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_with_both_backends() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let victoria = start_victoria(free_port(), &temp.path().join("victoria")).await;
+    let text = format!(
+        r#"
+[storage]
+backend = "both"
+
+[storage.influxdb2]
+url = "{}"
+org = "plant"
+bucket = "stonelion"
+token = "test-token"
+flush_interval = "100ms"
+
+[[sites]]
+id = "plant-a"
+name = "Plant A"
+kind = "enterprise"
+
+[[devices]]
+id = "gas-01"
+site = "plant-a"
+profile = "gas-detector"
+"#,
+        victoria.base
+    );
+    let mut config = stonelion::config::parse(&text, stonelion::config::builtin::builtin_profiles())
+        .expect("config with both backends parses");
+    config.server.data_dir = temp.path().join("data");
+    config.server.http_listen = "127.0.0.1:0".parse().expect("address");
+    config.server.mqtt_listen = "127.0.0.1:0".parse().expect("address");
+    let server = stonelion::server::Server::start(config, std::sync::Arc::new(stonelion::clock::SystemClock))
+        .await
+        .expect("server starts");
+    let http = server.http_addr;
+
+    let ts = chrono::Utc::now().timestamp_millis();
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/api/v2/write?bucket=stonelion&precision=ms"))
+        .body(format!("gas-detector,site=plant-a,device=gas-01 gas_lel=31.5 {ts}\n"))
+        .send()
+        .await
+        .expect("write request");
+    assert_eq!(response.status(), 204);
+
+    let expected = BTreeMap::from([(("gas-01".to_owned(), ts), 31.5)]);
+    wait_for_all(&victoria.base, &expected).await;
+
+    let started = Instant::now();
+    loop {
+        let series: serde_json::Value =
+            reqwest::get(format!("http://{http}/api/v1/devices/gas-01/series?metric=gas_lel&from=now-1h"))
+                .await
+                .expect("series request")
+                .json()
+                .await
+                .expect("series JSON");
+        let alarms: serde_json::Value = reqwest::get(format!("http://{http}/api/v1/alarms?device=gas-01"))
+            .await
+            .expect("alarms request")
+            .json()
+            .await
+            .expect("alarms JSON");
+        let stored = series["points"][0]["value"] == 31.5;
+        let raised = alarms["alarms"][0]["level"] == 1;
+        if stored && raised {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "embedded store or alarm missing: {series} {alarms}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+}
