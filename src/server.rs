@@ -113,9 +113,10 @@ impl Server {
         let pipeline_stop = stop_ingest.clone();
         let pipeline = tokio::spawn(async move { pipeline.run(ingest_rx, &pipeline_registry, pipeline_stop).await });
 
+        let denials = Arc::new(MqttDenials::new(&registry));
         let guard = GuardPolicy {
             accounts,
-            denials: Arc::new(MqttDenials::new(&registry)),
+            denials: denials.clone(),
             max_messages_per_second: config.mqtt.max_messages_per_second,
             max_burst_messages: config.mqtt.max_burst_messages,
         };
@@ -126,7 +127,7 @@ impl Server {
             guard: Arc::new(guard),
         })
         .await?;
-        let mqtt_tls_addr = match start_mqtt_tls(&config, broker.addr, &stop_ingest).await? {
+        let mqtt_tls_addr = match start_mqtt_tls(&config, broker.addr, denials, &stop_ingest).await? {
             Some((addr, task)) => {
                 background_ingest.push(task);
                 Some(addr)
@@ -216,6 +217,7 @@ impl Server {
 async fn start_mqtt_tls(
     config: &Config,
     broker: SocketAddr,
+    denials: Arc<MqttDenials>,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
     let (Some(listen), Some(cert), Some(key)) = (config.mqtt.tls_listen, &config.mqtt.tls_cert, &config.mqtt.tls_key) else {
@@ -223,7 +225,8 @@ async fn start_mqtt_tls(
     };
     let tls = crate::security::tls::server_config(cert, key, config.mqtt.tls_client_ca.as_deref(), &[])
         .context("cannot load the MQTT TLS certificate")?;
-    let (addr, task) = crate::security::tls::spawn_mqtt_tls(listen, tls, broker, stop.clone())
+    let bind_certificates = config.mqtt.tls_client_ca.is_some().then_some(denials);
+    let (addr, task) = crate::security::mqtt_tls::spawn(listen, tls, broker, bind_certificates, stop.clone())
         .await
         .with_context(|| format!("cannot listen for MQTT over TLS on {listen}; free the port or change [mqtt] tls_listen"))?;
     tracing::info!(%addr, client_certificates = config.mqtt.tls_client_ca.is_some(), "MQTT over TLS listening");

@@ -123,12 +123,18 @@ async fn mqtt_tls_requires_client_certificate() {
 
     let cert = dir.join("client.pem").display().to_string();
     let key = dir.join("client.key").display().to_string();
-    let with = mosquitto_pub(tls.port(), dir, &["--cert", &cert, "--key", &key], "21.5");
+    let other = mosquitto_pub(tls.port(), dir, &["--cert", &cert, "--key", &key, "-u", "gas-02"], "30");
+    assert!(!other.status.success(), "gas-01's certificate logged in as gas-02");
+    let with = mosquitto_pub(tls.port(), dir, &["--cert", &cert, "--key", &key, "-u", "gas-01"], "21.5");
     assert!(with.status.success(), "mosquitto_pub with a client certificate failed: {}", String::from_utf8_lossy(&with.stderr));
     let client = https_client(&pki);
     wait_for("the reading sent with a client certificate", Duration::from_secs(10), || async {
         (latest_gas(&client, server.http_addr).await == Some(21.5)).then_some(())
     })
     .await;
+    let metrics_url = format!("https://127.0.0.1:{}/metrics", server.http_addr.port());
+    let metrics = client.get(metrics_url).send().await.unwrap().text().await.unwrap();
+    let sample = r#"stonelion_mqtt_denied_total{reason="certificate_mismatch"} 1"#;
+    assert!(metrics.lines().any(|l| l == sample), "missing {sample} in:\n{metrics}");
     server.shutdown().await;
 }

@@ -172,6 +172,8 @@ pub enum DenyReason {
     WillNotAllowed,
     /// A publish above `[mqtt] max_messages_per_second` and `max_burst_messages`.
     RateLimited,
+    /// A TLS client whose certificate's common name is not its CONNECT username.
+    CertificateMismatch,
 }
 
 impl DenyReason {
@@ -182,6 +184,7 @@ impl DenyReason {
             DenyReason::SubscribeNotAllowed => "subscribe_not_allowed",
             DenyReason::WillNotAllowed => "will_not_allowed",
             DenyReason::RateLimited => "rate_limited",
+            DenyReason::CertificateMismatch => "certificate_mismatch",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! argon2 password hashes, SHA-256 hashed API tokens, and rustls server configs.
 
 pub mod config;
+pub mod mqtt_tls;
 pub mod tls;
 pub mod tokens;
 

@@ -1,5 +1,5 @@
-//! TLS with rustls (ring provider): server configs from PEM files, a TLS listener for the
-//! HTTP API, and the MQTT over TLS listener.
+//! TLS with rustls (ring provider): server configs from PEM files and a listener that
+//! yields connections once their handshake has finished.
 //!
 //! Handshakes run in their own tasks with a deadline, so a client that opens a connection
 //! and never finishes its handshake delays nobody else.
@@ -19,7 +19,6 @@ use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
 
 /// Longest time a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,51 +155,5 @@ async fn accept_loop(
                 Err(_) => tracing::debug!(listener = name, %peer, "TLS handshake timed out"),
             }
         });
-    }
-}
-
-/// Starts the MQTT over TLS listener on `listen`. It terminates TLS and relays each
-/// connection to the broker's plain listener at `broker`, which checks credentials and
-/// topics as for any other client.
-pub async fn spawn_mqtt_tls(
-    listen: SocketAddr,
-    config: Arc<ServerConfig>,
-    broker: SocketAddr,
-    stop: CancellationToken,
-) -> io::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(listen).await?;
-    let mut listener = TlsListener::new(listener, config, "mqtt-tls")?;
-    let addr = listener.local_addr;
-    let broker = relay_target(broker);
-    let task = tokio::spawn(async move {
-        loop {
-            let (mut client, peer) = tokio::select! {
-                () = stop.cancelled() => break,
-                next = listener.next() => match next {
-                    Some(connection) => connection,
-                    None => break,
-                },
-            };
-            tokio::spawn(async move {
-                let mut upstream = match TcpStream::connect(broker).await {
-                    Ok(upstream) => upstream,
-                    Err(e) => {
-                        tracing::warn!(%peer, %broker, error = %e, "cannot relay an MQTT over TLS connection to the broker");
-                        return;
-                    }
-                };
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            });
-        }
-    });
-    Ok((addr, task))
-}
-
-/// Returns the address to reach a listener on: its own, or loopback for a wildcard bind.
-fn relay_target(broker: SocketAddr) -> SocketAddr {
-    match broker.ip() {
-        std::net::IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], broker.port())),
-        std::net::IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, broker.port())),
-        _ => broker,
     }
 }

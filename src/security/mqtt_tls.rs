@@ -1,0 +1,250 @@
+//! The MQTT over TLS listener: terminates TLS and relays each connection to the broker's
+//! plain listener, which checks credentials and topics as for any other client.
+//!
+//! With client certificates required, the relay also reads the client's CONNECT and
+//! requires its username to equal the certificate's subject common name (CN), so a
+//! device's certificate works only with that device's account.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use super::tls::TlsListener;
+use crate::ingest::auth::{DenyReason, MqttDenials};
+
+/// Maximum time between the end of a client's handshake and its CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Maximum size of a CONNECT packet that the relay reads, in bytes.
+const MAX_CONNECT_BYTES: usize = 64 * 1024;
+
+/// Starts the listener on `listen`, relaying to the plain listener at `broker`. With
+/// `bind_certificates`, the CONNECT username must equal the client certificate's CN.
+pub async fn spawn(
+    listen: SocketAddr,
+    config: Arc<ServerConfig>,
+    broker: SocketAddr,
+    bind_certificates: Option<Arc<MqttDenials>>,
+    stop: CancellationToken,
+) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let mut listener = TlsListener::new(listener, config, "mqtt-tls")?;
+    let broker = relay_target(broker);
+    let task = tokio::spawn(async move {
+        loop {
+            let (client, peer) = tokio::select! {
+                () = stop.cancelled() => break,
+                next = listener.next() => match next {
+                    Some(connection) => connection,
+                    None => break,
+                },
+            };
+            tokio::spawn(relay(client, peer, broker, bind_certificates.clone()));
+        }
+    });
+    Ok((addr, task))
+}
+
+async fn relay(mut client: TlsStream<TcpStream>, peer: SocketAddr, broker: SocketAddr, bind: Option<Arc<MqttDenials>>) {
+    let mut first = Vec::new();
+    if let Some(denials) = bind {
+        let common_name = client.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_common_name(c));
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut client)).await;
+        let Ok(Ok(connect)) = connect else { return };
+        let username = connect_username(&connect);
+        if username.is_none() || username != common_name {
+            let subject = format!("certificate CN {common_name:?}, username {username:?}");
+            denials.deny(DenyReason::CertificateMismatch, &peer.to_string(), &subject);
+            return;
+        }
+        first = connect;
+    }
+    let mut upstream = match TcpStream::connect(broker).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::warn!(%peer, %broker, error = %e, "cannot relay an MQTT over TLS connection to the broker");
+            return;
+        }
+    };
+    if upstream.write_all(&first).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+/// Reads one whole MQTT packet: the fixed header and its remaining length.
+async fn read_packet(stream: &mut TlsStream<TcpStream>) -> io::Result<Vec<u8>> {
+    let mut packet = vec![stream.read_u8().await?];
+    let mut remaining = 0usize;
+    for shift in [0, 7, 14, 21] {
+        let byte = stream.read_u8().await?;
+        packet.push(byte);
+        remaining |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    if remaining > MAX_CONNECT_BYTES {
+        let message = format!("CONNECT packet of {remaining} bytes exceeds the maximum of {MAX_CONNECT_BYTES} bytes");
+        return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+    }
+    let header = packet.len();
+    packet.resize(header + remaining, 0);
+    stream.read_exact(&mut packet[header..]).await?;
+    Ok(packet)
+}
+
+/// Returns the username of an MQTT 3.1.1 or 5 CONNECT packet, or `None` for another
+/// packet or a CONNECT without one.
+fn connect_username(packet: &[u8]) -> Option<String> {
+    if packet.first()? >> 4 != 1 {
+        return None;
+    }
+    let mut at = 1;
+    while packet.get(at)? & 0x80 != 0 {
+        at += 1;
+    }
+    let mut reader = Reader { bytes: packet, at: at + 1 };
+    reader.string()?;
+    let level = reader.byte()?;
+    let flags = reader.byte()?;
+    reader.skip(2)?;
+    if level == 5 {
+        let length = reader.varint()?;
+        reader.skip(length)?;
+    }
+    reader.string()?;
+    if flags & 0x04 != 0 {
+        if level == 5 {
+            let length = reader.varint()?;
+            reader.skip(length)?;
+        }
+        reader.string()?;
+        reader.string()?;
+    }
+    if flags & 0x80 == 0 {
+        return None;
+    }
+    String::from_utf8(reader.string()?.to_vec()).ok()
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let byte = *self.bytes.get(self.at)?;
+        self.at += 1;
+        Some(byte)
+    }
+
+    fn skip(&mut self, count: usize) -> Option<()> {
+        self.at = self.at.checked_add(count).filter(|end| *end <= self.bytes.len())?;
+        Some(())
+    }
+
+    /// Reads a two-byte length and that many bytes.
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let length = usize::from(u16::from_be_bytes([self.byte()?, self.byte()?]));
+        let start = self.at;
+        self.skip(length)?;
+        self.bytes.get(start..self.at)
+    }
+
+    fn varint(&mut self) -> Option<usize> {
+        let mut value = 0usize;
+        for shift in [0, 7, 14, 21] {
+            let byte = self.byte()?;
+            value |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+}
+
+/// Returns the first common name (OID 2.5.4.3) of a DER certificate's subject.
+fn subject_common_name(certificate: &[u8]) -> Option<String> {
+    let (_, certificate) = der_element(certificate, 0x30)?;
+    let (_, mut tbs) = der_element(certificate, 0x30)?;
+    if tbs.first() == Some(&0xa0) {
+        tbs = der_element(tbs, 0xa0)?.0;
+    }
+    // serialNumber, signature, issuer and validity come before the subject.
+    for tag in [0x02, 0x30, 0x30, 0x30] {
+        tbs = der_element(tbs, tag)?.0;
+    }
+    let (_, mut subject) = der_element(tbs, 0x30)?;
+    while !subject.is_empty() {
+        let (rest, set) = der_element(subject, 0x31)?;
+        subject = rest;
+        let (_, attribute) = der_element(set, 0x30)?;
+        let (value, oid) = der_element(attribute, 0x06)?;
+        if oid == [0x55, 0x04, 0x03] {
+            let tag = *value.first()?;
+            let (_, name) = der_element(value, tag)?;
+            return String::from_utf8(name.to_vec()).ok();
+        }
+    }
+    None
+}
+
+/// Splits a DER element with tag `tag` off `input`, returning the rest and its content.
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    if *input.first()? != tag {
+        return None;
+    }
+    let first = *input.get(1)?;
+    let (length, header) = if first & 0x80 == 0 {
+        (usize::from(first), 2)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 {
+            return None;
+        }
+        let bytes = input.get(2..2 + count)?;
+        (bytes.iter().fold(0usize, |length, b| (length << 8) | usize::from(*b)), 2 + count)
+    };
+    let end = header.checked_add(length)?;
+    Some((input.get(end..)?, input.get(header..end)?))
+}
+
+/// Returns the address to reach a listener on: its own, or loopback for a wildcard bind.
+fn relay_target(broker: SocketAddr) -> SocketAddr {
+    match broker.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], broker.port())),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, broker.port())),
+        _ => broker,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_connect_username() {
+        // MQTT 3.1.1 CONNECT: client id "c", username "gas-01", password "pw".
+        let mut packet = vec![0x10, 0];
+        packet.extend([0, 4, b'M', b'Q', b'T', b'T', 4, 0xc2, 0, 60]);
+        packet.extend([0, 1, b'c', 0, 6]);
+        packet.extend(b"gas-01");
+        packet.extend([0, 2, b'p', b'w']);
+        packet[1] = u8::try_from(packet.len() - 2).unwrap_or(0);
+        assert_eq!(connect_username(&packet).as_deref(), Some("gas-01"));
+        packet[9] = 0x02;
+        assert_eq!(connect_username(&packet), None, "no username flag");
+        assert_eq!(connect_username(&[0x30, 0]), None, "not a CONNECT");
+    }
+}
