@@ -99,7 +99,6 @@ impl ServerProcess {
             .env_remove("STONELION_HTTP_LISTEN")
             .env_remove("STONELION_MQTT_LISTEN")
             .env_remove("STONELION_DATA_DIR")
-            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
