@@ -157,7 +157,7 @@ async fn connect_device(mqtt: SocketAddr, n: usize, stop: Arc<AtomicBool>, acked
         let mut count = 0u64;
         while !stop.load(Ordering::SeqCst) {
             ticker.tick().await;
-            let alarming = n % ALARMING_EVERY == 0 && (count / 5) % 2 == 1;
+            let alarming = n.is_multiple_of(ALARMING_EVERY) && (count / 5) % 2 == 1;
             let value = if alarming { 60.0 } else { 10.0 + (count % 7) as f64 };
             let payload = serde_json::json!({ "ts": unique_millis(), "values": { "gas_lel": value } }).to_string();
             client.publish(topic.as_str(), QoS::AtLeastOnce, false, payload).await.unwrap();
