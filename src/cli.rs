@@ -125,10 +125,21 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The default log filter. rumqttd logs every connection at INFO and routine disconnects
+/// and failed logins at ERROR from its broker module, so that module is silenced; the
+/// broker's login and topic checks log and count denials themselves.
+const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,rumqttd::server::broker=off";
+
 fn init_logging() {
+    use std::io::IsTerminal as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("STONELION_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 fn run_async(job: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

@@ -151,18 +151,10 @@ fn metric_value() -> impl Strategy<Value = Value> {
     ]
 }
 
-/// Whether two values are equal, numbers allowing four units in the last place.
-///
-/// NOTE: serde_json is built without its `float_roundtrip` feature, so a JSON number can
-/// decode to a float a few units in the last place away from the one written;
-/// `telemetry_float_exact` below fails until the feature is on. Drop this tolerance then.
+/// Whether two values are equal. Numbers must round-trip exactly, which serde_json's
+/// `float_roundtrip` feature guarantees.
 fn nearly_equal(a: Value, b: Value) -> bool {
-    match (a, b) {
-        (Value::Number(a), Value::Number(b)) => {
-            a == b || (a.is_sign_negative() == b.is_sign_negative() && a.to_bits().abs_diff(b.to_bits()) <= 4)
-        }
-        (a, b) => a == b,
-    }
+    a == b
 }
 
 fn json_value(value: Value) -> serde_json::Value {
@@ -257,7 +249,6 @@ fn telemetry_value_limit() {
 }
 
 #[test]
-#[ignore = "fails until serde_json's float_roundtrip feature is enabled"]
 fn telemetry_float_exact() {
     // Found by `telemetry_roundtrip`: serde_json's default float parser rounds this
     // shortest-form number to its neighbour, 1.141605258645438e-74.
