@@ -12,6 +12,12 @@ use super::ast::{
 use super::lexer::{Spanned, Symbol, Token, tokenize};
 use super::time::parse_time_string;
 
+/// Deepest nesting of parentheses in a condition. Evaluation recurses over the condition
+/// tree, so an unbounded depth could overflow a worker's stack.
+const MAX_CONDITION_DEPTH: usize = 64;
+/// Most comparisons in one statement's conditions, which bounds chains of AND and OR.
+const MAX_COMPARISONS: usize = 1_000;
+
 /// Parses every `;`-separated statement of a query. `now_ns` resolves `now()`.
 pub fn parse_query(query: &str, now_ns: i64) -> Result<Vec<Statement>, ParseError> {
     let tokens = tokenize(query)?;
@@ -20,6 +26,8 @@ pub fn parse_query(query: &str, now_ns: i64) -> Result<Vec<Statement>, ParseErro
         tokens,
         pos: 0,
         now_ns,
+        depth: 0,
+        comparisons: 0,
     };
     let mut statements = Vec::new();
     loop {
@@ -43,6 +51,10 @@ struct Parser<'a> {
     tokens: Vec<Spanned>,
     pos: usize,
     now_ns: i64,
+    /// Parentheses open around the condition being parsed.
+    depth: usize,
+    /// Comparisons parsed so far in the query.
+    comparisons: usize,
 }
 
 impl Parser<'_> {
@@ -609,9 +621,23 @@ impl Parser<'_> {
 
     fn unary_expr(&mut self) -> Result<Expr, ParseError> {
         if self.eat_symbol(Symbol::LParen) {
-            let expr = self.or_expr()?;
+            if self.depth >= MAX_CONDITION_DEPTH {
+                return Err(self.error_here(format!(
+                    "conditions are nested deeper than {MAX_CONDITION_DEPTH} parentheses; simplify the WHERE clause"
+                )));
+            }
+            self.depth += 1;
+            let expr = self.or_expr();
+            self.depth -= 1;
+            let expr = expr?;
             self.expect_symbol(Symbol::RParen, ")")?;
             return Ok(expr);
+        }
+        self.comparisons += 1;
+        if self.comparisons > MAX_COMPARISONS {
+            return Err(self.error_here(format!(
+                "more than {MAX_COMPARISONS} comparisons in the query; split it or use a regular expression"
+            )));
         }
         let left = self.operand()?;
         let op = match self.advance() {
@@ -757,6 +783,22 @@ mod tests {
             Statement::Select(select) => *select,
             other => panic!("expected SELECT, parsed {other:?}"),
         }
+    }
+
+    #[test]
+    fn deep_nesting_rejected_not_overflowed() {
+        let deep = format!("SELECT x FROM m WHERE {}a = 'b'{}", "(".repeat(100_000), ")".repeat(100_000));
+        let error = parse_query(&deep, NOW).unwrap_err();
+        assert!(error.to_string().contains("nested deeper"), "{error}");
+        let ok = format!("SELECT x FROM m WHERE {}a = 'b'{}", "(".repeat(60), ")".repeat(60));
+        assert!(parse_query(&ok, NOW).is_ok());
+    }
+
+    #[test]
+    fn long_or_chain_rejected() {
+        let chain = vec!["a = 'b'"; 5_000].join(" OR ");
+        let error = parse_query(&format!("SELECT x FROM m WHERE {chain}"), NOW).unwrap_err();
+        assert!(error.to_string().contains("comparisons"), "{error}");
     }
 
     #[test]
