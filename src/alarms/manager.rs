@@ -208,13 +208,14 @@ impl AlarmManager {
 
     fn evaluate(&mut self, reading: &Reading) {
         let Some(device) = self.devices.get(&reading.device) else { return };
+        let now = self.clock.now();
         let changes: Vec<(LevelChange, Rule)> = device
             .rules
             .iter()
             .filter(|r| r.metric == reading.metric)
             .filter_map(|rule| {
                 self.evaluator
-                    .evaluate(&reading.device, rule, reading.value, reading.ts)
+                    .evaluate(&reading.device, rule, reading.value, reading.ts, now)
                     .map(|change| (change, rule.clone()))
             })
             .collect();

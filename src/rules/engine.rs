@@ -1,8 +1,11 @@
 //! Rule evaluation: turns each reading into the confirmed alarm level of every rule that
 //! watches its metric, with deadband hysteresis and a minimum duration.
 //!
-//! The evaluator keeps its own state per (device, rule) and takes time from the readings,
-//! so it is deterministic and testable without a clock.
+//! The evaluator keeps its own state per (device, rule). Readings are evaluated in time
+//! order: one older than the last evaluated reading of its rule is stored but changes no
+//! alarm, so a late or replayed reading cannot clear a live alarm. The minimum duration is
+//! measured with the server's clock (`now`), not the devices' timestamps, so a device clock
+//! running ahead cannot shorten it.
 
 use std::collections::HashMap;
 
@@ -13,8 +16,11 @@ use crate::model::{DeviceId, RuleId, Timestamp, Value};
 struct RuleState {
     /// The level last confirmed: 0 (normal), 1 or 2.
     level: u8,
-    /// A higher level seen but not yet held for the rule's minimum duration.
+    /// A higher level seen but not yet held for the rule's minimum duration, and the
+    /// server time it was first seen.
     pending: Option<(u8, Timestamp)>,
+    /// Timestamp of the last reading evaluated.
+    last_ts: Option<Timestamp>,
 }
 
 /// A change of a rule's confirmed level for one device.
@@ -37,7 +43,7 @@ pub struct Evaluator {
 impl Evaluator {
     /// Sets a confirmed level, as restored from open alarms after a restart.
     pub fn restore(&mut self, device: DeviceId, rule: RuleId, level: u8) {
-        self.states.insert((device, rule), RuleState { level, pending: None });
+        self.states.insert((device, rule), RuleState { level, pending: None, last_ts: None });
     }
 
     /// Returns the confirmed level of a rule for a device.
@@ -45,9 +51,21 @@ impl Evaluator {
         self.states.get(&(device.clone(), rule.clone())).map_or(0, |s| s.level)
     }
 
-    /// Evaluates one reading against one rule, returning the change of confirmed level.
-    pub fn evaluate(&mut self, device: &DeviceId, rule: &Rule, value: Value, ts: Timestamp) -> Option<LevelChange> {
+    /// Evaluates one reading against one rule at server time `now`, returning the change
+    /// of confirmed level. A reading older than the last one evaluated is ignored.
+    pub fn evaluate(
+        &mut self,
+        device: &DeviceId,
+        rule: &Rule,
+        value: Value,
+        ts: Timestamp,
+        now: Timestamp,
+    ) -> Option<LevelChange> {
         let state = self.states.entry((device.clone(), rule.id.clone())).or_default();
+        if state.last_ts.is_some_and(|last| ts < last) {
+            return None;
+        }
+        state.last_ts = Some(ts);
         let observed = observed_level(rule, value, state.level);
         let from = state.level;
 
@@ -59,10 +77,10 @@ impl Evaluator {
                 // brief spike to level 2 inside a level 1 episode does not confirm level 2.
                 let (pending_level, since) = match state.pending {
                     Some((level, since)) => (level.min(observed), since),
-                    None => (observed, ts),
+                    None => (observed, now),
                 };
                 state.pending = Some((pending_level, since));
-                let held_ms = ts.0.saturating_sub(since.0);
+                let held_ms = now.0.saturating_sub(since.0);
                 let needed_ms = i64::try_from(rule.min_duration.as_millis()).unwrap_or(i64::MAX);
                 (held_ms >= needed_ms).then_some(pending_level)
             }
@@ -96,10 +114,12 @@ fn observed_level(rule: &Rule, value: Value, current: u8) -> u8 {
             let v = value.as_f64();
             for (level, threshold) in [(2u8, *level2), (1u8, *level1)] {
                 let Some(threshold) = threshold else { continue };
+                // A level is left only when the value is beyond the threshold by more
+                // than the deadband: with 25 and a deadband of 2, 23 keeps level 1.
                 let (enters, stays) = if *above {
-                    (v >= threshold, v > threshold - deadband)
+                    (v >= threshold, v >= threshold - deadband)
                 } else {
-                    (v <= threshold, v < threshold + deadband)
+                    (v <= threshold, v <= threshold + deadband)
                 };
                 if enters || (level <= current && stays) {
                     return level;
@@ -132,7 +152,7 @@ mod tests {
         let device = DeviceId::from("gas-01");
         values
             .iter()
-            .filter_map(|(t, v)| evaluator.evaluate(&device, rule, Value::Number(*v), Timestamp(*t)))
+            .filter_map(|(t, v)| evaluator.evaluate(&device, rule, Value::Number(*v), Timestamp(*t), Timestamp(*t)))
             .map(|c| (c.from, c.to))
             .collect()
     }
@@ -172,6 +192,34 @@ mod tests {
     }
 
     #[test]
+    fn late_reading_changes_nothing() {
+        let rule = gas_rule(Duration::ZERO);
+        let changes = run(&rule, &[(10_000, 60.0), (5_000, 0.0), (11_000, 61.0)]);
+        assert_eq!(changes, vec![(0, 2)], "the reading from before the alarm must not clear it");
+    }
+
+    #[test]
+    fn deadband_edge_keeps_level() {
+        let rule = gas_rule(Duration::ZERO);
+        assert_eq!(run(&rule, &[(1, 26.0), (2, 23.0)]), vec![(0, 1)]);
+        assert_eq!(run(&rule, &[(1, 26.0), (2, 22.99)]), vec![(0, 1), (1, 0)]);
+    }
+
+    #[test]
+    fn min_duration_uses_server_time() {
+        let rule = gas_rule(Duration::from_secs(10));
+        let mut evaluator = Evaluator::default();
+        let device = DeviceId::from("gas-01");
+        let mut step = |ts: i64, now: i64| {
+            evaluator.evaluate(&device, &rule, Value::Number(30.0), Timestamp(ts), Timestamp(now))
+        };
+        assert!(step(0, 0).is_none());
+        // The device's clock jumps 200 s ahead, but only 300 ms passed at the server.
+        assert!(step(200_000, 300).is_none(), "a device clock running ahead must not skip the wait");
+        assert!(step(200_100, 10_000).is_some());
+    }
+
+    #[test]
     fn equals_rule_for_smoke() {
         let rule = Rule {
             id: RuleId::from("smoke"),
@@ -184,7 +232,7 @@ mod tests {
         let device = DeviceId::from("smoke-01");
         let mut changes = Vec::new();
         for (t, v) in [(1, false), (2, true), (3, true), (4, false)] {
-            if let Some(c) = evaluator.evaluate(&device, &rule, Value::Bool(v), Timestamp(t)) {
+            if let Some(c) = evaluator.evaluate(&device, &rule, Value::Bool(v), Timestamp(t), Timestamp(t)) {
                 changes.push((c.from, c.to));
             }
         }
