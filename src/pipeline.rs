@@ -163,7 +163,8 @@ impl Pipeline {
                 if state.online != Some(true) && !came_online.contains(&reading.device) {
                     came_online.push(reading.device.clone());
                 }
-                state.last_seen = Some(state.last_seen.map_or(reading.ts, |t| t.max(reading.ts)).max(self.clock.now()));
+                // Server time, so a device clock running ahead cannot keep it online.
+                state.last_seen = Some(self.clock.now());
                 let newer = state.latest.get(&reading.metric).is_none_or(|(t, _)| *t <= reading.ts);
                 if newer {
                     state.latest.insert(reading.metric.clone(), (reading.ts, reading.value));
@@ -227,36 +228,56 @@ impl Pipeline {
     async fn points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
         let mut readings = Vec::new();
         let mut other = Vec::new();
+        let mut rejected = Vec::new();
         for point in points {
             match self.as_reading(&point) {
-                Some(reading) => readings.push(reading),
-                None => other.push(point),
+                DevicePoint::Reading(reading) => readings.push(reading),
+                DevicePoint::Other => other.push(point),
+                DevicePoint::Rejected(rejection) => rejected.push(rejection),
             }
         }
         let stored = if other.is_empty() { Ok(()) } else { self.store_points(other, metrics) };
         let readings_stored = self.readings(readings, metrics).await;
-        stored.and(readings_stored)
+        let checked = match rejected.first() {
+            None => Ok(()),
+            Some(first) => Err(WriteFailure::Conflict(format!(
+                "{} point(s) of configured devices rejected; the first: {}",
+                rejected.len(),
+                first.message
+            ))),
+        };
+        stored.and(readings_stored).and(checked)
     }
 
-    fn as_reading(&self, point: &Point) -> Option<Reading> {
-        let device = DeviceId::new(point.series.tag("device")?);
-        let entry = self.directory.device(&device)?;
+    /// Classifies a written point. A point of a configured device's profile measurement
+    /// passes the same checks as MQTT telemetry (site, metric, kind, timestamp window), so
+    /// it cannot add readings the device never sent or drive its rules with bad data.
+    fn as_reading(&self, point: &Point) -> DevicePoint {
+        let Some(device) = point.series.tag("device").map(DeviceId::new) else { return DevicePoint::Other };
+        let Some(entry) = self.directory.device(&device) else { return DevicePoint::Other };
         if entry.profile.as_str() != point.series.measurement {
-            return None;
+            return DevicePoint::Other;
         }
-        if point.series.tag("site").is_some_and(|s| s != entry.site.as_str()) {
-            return None;
+        if let Some(site) = point.series.tag("site").filter(|s| *s != entry.site.as_str()) {
+            return DevicePoint::Rejected(crate::ingest::payload::Rejection::new(
+                crate::ingest::payload::RejectReason::SiteMismatch,
+                format!("device `{device}` belongs to site `{}`, not `{site}`", entry.site),
+            ));
         }
         let metric = MetricName::new(point.series.field.as_str());
-        entry.metrics.get(&metric)?;
-        Some(Reading {
-            site: entry.site.clone(),
-            device,
-            metric,
-            ts: point.ts,
-            value: point.value,
-            source: Source::HttpWrite,
-        })
+        let checked = crate::ingest::directory::check_value(entry, &metric, point.value)
+            .and_then(|value| self.directory.check_timestamp(point.ts, self.clock.now()).map(|()| value));
+        match checked {
+            Ok(value) => DevicePoint::Reading(Reading {
+                site: entry.site.clone(),
+                device,
+                metric,
+                ts: point.ts,
+                value,
+                source: Source::HttpWrite,
+            }),
+            Err(rejection) => DevicePoint::Rejected(rejection),
+        }
     }
 
     async fn set_liveness(&self, device: &DeviceId, online: bool, cause: &LivenessCause, metrics: &PipelineMetrics) {
@@ -331,6 +352,16 @@ impl Pipeline {
         metrics.devices_online.set(i64::try_from(online).unwrap_or(i64::MAX));
         metrics.devices_offline.set(i64::try_from(offline).unwrap_or(i64::MAX));
     }
+}
+
+/// What a written point is to the pipeline.
+enum DevicePoint {
+    /// A reading of a configured device, checked like MQTT telemetry.
+    Reading(Reading),
+    /// Not a device reading: stored as written.
+    Other,
+    /// A point of a configured device that failed a check.
+    Rejected(crate::ingest::payload::Rejection),
 }
 
 fn source_name(source: Source) -> &'static str {

@@ -133,6 +133,32 @@ async fn hovering_inside_deadband_raises_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_reading_leaves_alarm_active() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(CONFIG, &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+    let device = Publisher::connect(server.mqtt_addr, "gas-01").await;
+    device.reading("plant-a", "gas-01", "gas_lel", 60.0).await;
+    wait_for("alarm.raised", WAIT, || async { receiver.events("alarm.raised").pop() }).await;
+
+    // A reading from an hour ago arrives late: it is stored but does not clear the alarm.
+    let hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    device.publish("telemetry/plant-a/gas-01", format!(r#"{{"ts": {hour_ago}, "values": {{"gas_lel": 0}}}}"#)).await;
+    wait_for("the late reading stored", WAIT, || async {
+        let s = get_json(http, "/api/v1/devices/gas-01/series?metric=gas_lel&from=now-2h").await;
+        (s["points"].as_array().unwrap().len() == 2).then_some(())
+    })
+    .await;
+    let alarm = &alarms_of(http, "gas-01").await[0];
+    assert_eq!(alarm["state"], "active", "{alarm}");
+    assert_eq!(alarm["history"].as_array().unwrap().len(), 1);
+    let latest = get_json(http, "/api/v1/devices/gas-01").await;
+    assert_eq!(latest["latest"]["gas_lel"]["value"], 60.0, "the latest value is the newest reading");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_and_offline_alarms() {
     let data = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;

@@ -35,6 +35,11 @@ async fn hostile_payloads_rejected_and_counted() {
             format!(r#"{{"ts": {}, "values": {{"gas_lel": 99}}}}"#, now + 86_400_000).into_bytes(),
         ),
         ("timestamp_invalid", "telemetry/plant-a/gas-01".into(), br#"{"ts": "soon", "values": {"gas_lel": 1}}"#.to_vec()),
+        (
+            "timestamp_too_old",
+            "telemetry/plant-a/gas-01".into(),
+            br#"{"ts": -9223372036854775808, "values": {"gas_lel": 1}}"#.to_vec(),
+        ),
         ("unknown_device", "telemetry/plant-a/gas-99".into(), br#"{"values": {"gas_lel": 99}}"#.to_vec()),
         ("unknown_site", "telemetry/plant-z/gas-99".into(), br#"{"values": {"gas_lel": 99}}"#.to_vec()),
         ("site_mismatch", "telemetry/park-b3/gas-01".into(), br#"{"values": {"gas_lel": 99}}"#.to_vec()),

@@ -81,3 +81,37 @@ async fn type_conflict_is_422_and_keeps_other_points() {
     assert_eq!(series.len(), 2, "the point without a conflict was stored: {query}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_points_checked_like_mqtt() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(CONFIG, &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+    let now = chrono::Utc::now().timestamp_millis();
+    let year_ms = 365 * 86_400_000_i64;
+    let cases = [
+        (format!("gas-detector,site=plant-a,device=gas-01 gas_lel=70 {}", 1_000), "older"),
+        (format!("gas-detector,site=plant-a,device=gas-01 gas_lel=70 {}", now + year_ms), "future"),
+        (format!("gas-detector,site=park-b3,device=gas-01 gas_lel=70 {now}"), "belongs to site"),
+        (format!("gas-detector,site=plant-a,device=gas-01 gas_lel=true {now}"), "boolean"),
+        (format!("gas-detector,site=plant-a,device=gas-01 volts=3 {now}"), "no metric"),
+    ];
+    for (line, needle) in &cases {
+        let response = reqwest::Client::new()
+            .post(format!("http://{http}/write?db=stonelion&precision=ms"))
+            .body(format!("{line}\n"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{line}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(body["message"].as_str().unwrap().contains(needle), "{line}: {body}");
+    }
+    assert!(alarms_of(http, "gas-01").await.is_empty(), "no rejected point reached the rules");
+    let device = get_json(http, "/api/v1/devices/gas-01").await;
+    assert_eq!(device["latest"], serde_json::json!({}), "no rejected point became a reading: {device}");
+    let q = get_json(http, "/query?db=stonelion&q=SHOW%20TAG%20VALUES%20FROM%20%22gas-detector%22%20WITH%20KEY%20%3D%20site").await;
+    assert!(!q.to_string().contains("park-b3"), "no series under a foreign site: {q}");
+    server.shutdown().await;
+}

@@ -83,6 +83,11 @@ impl Directory {
         Ok(entry)
     }
 
+    /// Checks a reading's timestamp against the accepted window around `now`.
+    pub fn check_timestamp(&self, ts: Timestamp, now: Timestamp) -> Result<(), Rejection> {
+        check_timestamp(ts, now, self.max_age_ms, self.max_skew_ms)
+    }
+
     /// Checks decoded values of one device, returning the readings that passed and a
     /// rejection for each value that did not.
     pub fn readings(
@@ -116,7 +121,7 @@ impl Directory {
 
 /// Checks a value against its metric's kind. A number 0 or 1 for a boolean metric is
 /// accepted, because many devices send flags as integers.
-fn check_value(entry: &DeviceEntry, metric: &MetricName, value: Value) -> Result<Value, Rejection> {
+pub fn check_value(entry: &DeviceEntry, metric: &MetricName, value: Value) -> Result<Value, Rejection> {
     let Some((_, kind)) = entry.metrics.get(metric) else {
         let known: Vec<&str> = entry.metrics.keys().map(MetricName::as_str).collect();
         return Err(Rejection::new(

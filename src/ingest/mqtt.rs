@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings};
 use tokio::task::JoinHandle;
@@ -215,7 +216,18 @@ pub fn spawn_ingest_link(
             };
             match notification {
                 Ok(Some(Notification::Forward(forward))) => {
-                    consumer.handle(&forward.publish.topic, &forward.publish.payload).await;
+                    // A bug triggered by one message must not stop MQTT ingestion.
+                    let handled = std::panic::AssertUnwindSafe(
+                        consumer.handle(&forward.publish.topic, &forward.publish.payload),
+                    )
+                    .catch_unwind()
+                    .await;
+                    if handled.is_err() {
+                        tracing::error!(
+                            topic = %String::from_utf8_lossy(&forward.publish.topic),
+                            "handling an MQTT message panicked; the message was dropped"
+                        );
+                    }
                 }
                 // The router pauses a link that does not answer `Unschedule`.
                 Ok(Some(Notification::Unschedule)) => {

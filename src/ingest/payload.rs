@@ -268,7 +268,7 @@ fn decode_timestamp(ts: &serde_json::Value) -> Result<Timestamp, Rejection> {
 /// Checks a timestamp against the accepted window around `now`.
 pub fn check_timestamp(ts: Timestamp, now: Timestamp, max_age_ms: i64, max_skew_ms: i64) -> Result<(), Rejection> {
     if ts.0 < now.0.saturating_sub(max_age_ms) {
-        let hint = if ts.0.abs() < 100_000_000_000 {
+        let hint = if ts.0.unsigned_abs() < 100_000_000_000 {
             "; it looks like seconds or a clock reset to 1970, send epoch milliseconds from a synchronised clock"
         } else {
             "; check the device clock"
