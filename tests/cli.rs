@@ -238,3 +238,54 @@ fn demo_raises_its_alarm() {
     assert_eq!(meter["online"], true);
     assert!(demo.terminate(), "the demo exits cleanly on SIGTERM");
 }
+
+#[test]
+fn check_config_rejects_unworkable_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("unworkable.toml");
+    std::fs::write(
+        &path,
+        r#"[ingest]
+max_payload_bytes = 0
+stale_after = "0s"
+
+[storage]
+retention = "0s"
+
+[[sites]]
+id = "a"
+name = "A"
+kind = "enterprise"
+
+[[devices]]
+id = "g"
+site = "a"
+profile = "gas-detector"
+
+[[devices.rules]]
+id = "x"
+metric = "gas_lel"
+kind = "equals"
+equals = true
+
+[[devices.rules]]
+id = "x"
+metric = "gas_lel"
+kind = "above"
+level1 = 10
+"#,
+    )
+    .unwrap();
+    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    for needle in [
+        "ingest.max_payload_bytes",
+        "ingest.stale_after",
+        "storage.retention",
+        "an equals rule cannot watch `gas_lel`",
+        "rule id `x` is used twice",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+}

@@ -352,6 +352,7 @@ impl RawSections {
     fn check(self, checker: &mut Checker<'_>, builtin: ProfileSet) -> Config {
         let server = self.server.unwrap_or_default();
         let ingest = self.ingest.unwrap_or_default();
+        check_ingest(checker, &ingest);
         let alarms = self.alarms.unwrap_or_default();
         if !(1..=2).contains(&alarms.offline_level) {
             checker.push(None, "alarms.offline_level", format!("level {} is invalid; write 1 or 2", alarms.offline_level));
@@ -385,7 +386,21 @@ impl RawSections {
     }
 }
 
+fn check_ingest(checker: &mut Checker<'_>, ingest: &IngestSection) {
+    if ingest.max_payload_bytes < 64 {
+        checker.push(None, "ingest.max_payload_bytes", "write at least 64 bytes, such as 65536");
+    }
+    for (key, value) in [("ingest.max_age", ingest.max_age), ("ingest.stale_after", ingest.stale_after)] {
+        if value.is_zero() {
+            checker.push(None, key, "a zero duration would reject or expire every reading; write one such as \"5m\"");
+        }
+    }
+}
+
 fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
+    if storage.retention < Duration::from_secs(3600) {
+        checker.push(None, "storage.retention", "retention below 1h would delete fresh readings; write one such as \"90d\"");
+    }
     let needs_influx = matches!(storage.backend, StorageBackend::Influxdb2 | StorageBackend::Both);
     match (&storage.influxdb2, needs_influx) {
         (None, true) => checker.push(
@@ -495,8 +510,33 @@ fn check_devices(
             continue;
         };
         let mut rules: BTreeMap<_, Rule> = profile.rules.iter().map(|r| (r.id.clone(), r.clone())).collect();
+        let mut rule_ids = HashSet::new();
         for (rule_index, rule) in spec.rules.iter().enumerate() {
             let rule_key = format!("devices[{index}].rules[{rule_index}]");
+            if !rule_ids.insert(rule.id.clone()) {
+                checker.push(
+                    Some(spans.key("rules")),
+                    format!("{rule_key}.id"),
+                    format!("rule id `{}` is used twice for this device; give each rule a unique id", rule.id),
+                );
+                ok = false;
+            }
+            if let Some(metric) = profile.metric(&rule.metric) {
+                let wants_bool = rule.kind == crate::rules::spec::RuleKind::Equals;
+                if wants_bool != (metric.kind == crate::model::ValueKind::Bool) {
+                    let (rule_kind, metric_kind) = if wants_bool { ("an equals", "a number") } else { ("a threshold", "a boolean") };
+                    checker.push(
+                        Some(spans.key("rules")),
+                        format!("{rule_key}.kind"),
+                        format!(
+                            "{rule_kind} rule cannot watch `{}`, which is {metric_kind}; use kind = {}",
+                            rule.metric,
+                            if wants_bool { "\"above\" or \"below\"" } else { "\"equals\"" }
+                        ),
+                    );
+                    ok = false;
+                }
+            }
             if profile.metric(&rule.metric).is_none() {
                 checker.push(
                     Some(spans.key("rules")),
