@@ -32,7 +32,7 @@ pub struct ServerSection {
     pub data_dir: PathBuf,
     /// Address of the HTTP API, such as `127.0.0.1:8080`.
     pub http_listen: SocketAddr,
-    /// Address of the embedded MQTT broker (MQTT 3.1.1 and 5), such as `127.0.0.1:1883`.
+    /// Address of the embedded MQTT broker (MQTT 3.1.1), such as `127.0.0.1:1883`.
     pub mqtt_listen: SocketAddr,
     /// Extra directory of device profiles; its files add to or replace the built-in ones.
     pub profiles_dir: Option<PathBuf>,
@@ -58,7 +58,7 @@ pub struct IngestSection {
     /// How far in the future a reading's timestamp may be, to allow for device clock skew.
     #[serde(with = "humantime_serde")]
     pub max_future_skew: Duration,
-    /// How old a reading's timestamp may be; older readings are rejected, which also
+    /// Maximum age of a reading's timestamp; older readings are rejected, which also
     /// catches devices whose clock was reset to 1970.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
@@ -78,7 +78,7 @@ impl Default for IngestSection {
     }
 }
 
-/// Where readings are stored.
+/// Backend that stores readings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StorageBackend {
@@ -106,7 +106,7 @@ pub struct StorageSection {
     /// How long readings are kept; older data is deleted.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
-    /// Longest time between accepting a reading and its reaching the disk. Writes are
+    /// Maximum time between accepting a reading and its reaching the disk. Writes are
     /// committed in groups at this interval.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
