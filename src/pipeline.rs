@@ -31,7 +31,7 @@ pub struct DeviceState {
 
 /// Measurement with each device's liveness: field `online`, tags `site`, `device` and
 /// `site_kind`. It is written on every change and every [`STATUS_INTERVAL`], so a
-/// dashboard's time range always holds a recent value.
+/// dashboard's time range always contains a recent value.
 pub const DEVICE_STATUS_MEASUREMENT: &str = "device_status";
 
 /// How often every device's liveness is written to `device_status`.
@@ -354,7 +354,7 @@ impl Pipeline {
     }
 }
 
-/// What a written point is to the pipeline.
+/// Classification of a written point.
 enum DevicePoint {
     /// A reading of a configured device, checked like MQTT telemetry.
     Reading(Reading),

@@ -30,10 +30,10 @@ use crate::storage::{Point, SeriesKey, TimeSeriesStore};
 pub const ALARM_EVENTS_MEASUREMENT: &str = "alarm_events";
 
 /// Measurement with each alarm's current level after every transition: the level while
-/// active, 0 once cleared or closed. `last(level)` per series tells what is active now.
+/// active, 0 once cleared or closed. `last(level)` per series shows what is active now.
 pub const ALARM_STATE_MEASUREMENT: &str = "alarm_state";
 
-/// Why an operator action was not applied.
+/// Reason an operator action was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
     #[error("alarm {0} not found")]

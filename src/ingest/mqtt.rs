@@ -179,7 +179,7 @@ async fn wait_until_listening(
             return Err(reason);
         }
         match std::net::TcpListener::bind(addr) {
-            // `resolve_port` found the port free just before, so rumqttd holds it now.
+            // `resolve_port` found the port free just before, so rumqttd has bound it now.
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Ok(()),
             Err(e) => return Err(e.to_string()),
             Ok(probe) => drop(probe),
@@ -229,7 +229,7 @@ pub fn spawn_ingest_link(
                         );
                     }
                 }
-                // The router pauses a link that does not answer `Unschedule`.
+                // The router pauses a link that does not reply to `Unschedule` with `wake`.
                 Ok(Some(Notification::Unschedule)) => {
                     if link_rx.wake().await.is_err() {
                         break;

@@ -12,7 +12,7 @@ use crate::model::{DeviceId, MetricName, SiteId, Timestamp, Value};
 /// Most metrics accepted in one telemetry message.
 pub const MAX_VALUES_PER_MESSAGE: usize = 256;
 
-/// Why an input was rejected; the label of `stonelion_ingest_rejected_total`.
+/// Reason an input was rejected, the label of `stonelion_ingest_rejected_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RejectReason {
     TopicInvalid,
@@ -75,7 +75,7 @@ impl Rejection {
     }
 }
 
-/// What a topic addresses.
+/// Target of a topic: telemetry or status of one device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TopicKind {
     /// `telemetry/{site}/{device}`, or with a fourth level naming one metric.
