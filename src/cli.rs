@@ -90,7 +90,7 @@ impl ListenArgs {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    crate::logging::init();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Profiles { command: ProfilesCommand::Check { dir } } => check_profiles(&dir),
@@ -123,23 +123,6 @@ pub fn main() -> ExitCode {
             run_async(async move { crate::demo::run(listen.overrides(), webhook_listen).await })
         }
     }
-}
-
-/// The default log filter. rumqttd logs every connection at INFO and routine disconnects
-/// and failed logins at ERROR from its broker module, so that module is silenced; the
-/// broker's login and topic checks log and count denials themselves.
-const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,rumqttd::server::broker=off";
-
-fn init_logging() {
-    use std::io::IsTerminal as _;
-
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STONELION_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }
 
 fn run_async(job: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod ingest;
+mod logging;
 pub mod metrics;
 pub mod modbus;
 pub mod model;
