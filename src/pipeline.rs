@@ -34,6 +34,17 @@ pub struct DeviceState {
 /// dashboard's time range always contains a recent value.
 pub const DEVICE_STATUS_MEASUREMENT: &str = "device_status";
 
+/// Returns whether only the server writes `measurement`. Dashboards read alarm and device
+/// state from these, so a client write to them could show a false state.
+pub fn is_reserved_measurement(measurement: &str) -> bool {
+    [
+        DEVICE_STATUS_MEASUREMENT,
+        crate::alarms::manager::ALARM_EVENTS_MEASUREMENT,
+        crate::alarms::manager::ALARM_STATE_MEASUREMENT,
+    ]
+    .contains(&measurement)
+}
+
 /// How often every device's liveness is written to `device_status`.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -240,8 +251,8 @@ impl Pipeline {
         let readings_stored = self.readings(readings, metrics).await;
         let checked = match rejected.first() {
             None => Ok(()),
-            Some(first) => Err(WriteFailure::Conflict(format!(
-                "{} point(s) of configured devices rejected; the first: {}",
+            Some(first) => Err(WriteFailure::Rejected(format!(
+                "{} point(s) rejected; the first: {}",
                 rejected.len(),
                 first.message
             ))),
@@ -253,10 +264,27 @@ impl Pipeline {
     /// passes the same checks as MQTT telemetry (site, metric, kind, timestamp window), so
     /// it cannot add readings the device never sent or drive its rules with bad data.
     fn as_reading(&self, point: &Point) -> DevicePoint {
+        use crate::ingest::payload::{RejectReason, Rejection};
+
+        if is_reserved_measurement(&point.series.measurement) {
+            return DevicePoint::Rejected(Rejection::new(
+                RejectReason::ReservedMeasurement,
+                format!(
+                    "measurement `{}` is written only by the server; write device readings under the device's profile instead",
+                    point.series.measurement
+                ),
+            ));
+        }
         let Some(device) = point.series.tag("device").map(DeviceId::new) else { return DevicePoint::Other };
         let Some(entry) = self.directory.device(&device) else { return DevicePoint::Other };
         if entry.profile.as_str() != point.series.measurement {
-            return DevicePoint::Other;
+            return DevicePoint::Rejected(Rejection::new(
+                RejectReason::ProfileMismatch,
+                format!(
+                    "device `{device}` has profile `{}`, so its points need measurement `{}`, not `{}`",
+                    entry.profile, entry.profile, point.series.measurement
+                ),
+            ));
         }
         if let Some(site) = point.series.tag("site").filter(|s| *s != entry.site.as_str()) {
             return DevicePoint::Rejected(crate::ingest::payload::Rejection::new(

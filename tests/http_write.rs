@@ -96,6 +96,9 @@ async fn device_points_checked_like_mqtt() {
         (format!("gas-detector,site=park-b3,device=gas-01 gas_lel=70 {now}"), "belongs to site"),
         (format!("gas-detector,site=plant-a,device=gas-01 gas_lel=true {now}"), "boolean"),
         (format!("gas-detector,site=plant-a,device=gas-01 volts=3 {now}"), "no metric"),
+        (format!("smoke-detector,site=plant-a,device=gas-01 smoke=true {now}"), "has profile `gas-detector`"),
+        (format!("alarm_state,site=plant-a,device=gas-01,rule=gas-lel level=0i {now}"), "written only by the server"),
+        (format!("device_status,site=plant-a,device=gas-02 online=true {now}"), "written only by the server"),
     ];
     for (line, needle) in &cases {
         let response = reqwest::Client::new()
@@ -111,7 +114,40 @@ async fn device_points_checked_like_mqtt() {
     assert!(alarms_of(http, "gas-01").await.is_empty(), "no rejected point reached the rules");
     let device = get_json(http, "/api/v1/devices/gas-01").await;
     assert_eq!(device["latest"], serde_json::json!({}), "no rejected point became a reading: {device}");
+    let measurements = get_json(http, "/query?db=stonelion&q=SHOW%20MEASUREMENTS").await;
+    assert!(!measurements.to_string().contains("smoke-detector"), "no series under another profile: {measurements}");
+    assert!(!measurements.to_string().contains("alarm_state"), "no forged alarm state: {measurements}");
     let q = get_json(http, "/query?db=stonelion&q=SHOW%20TAG%20VALUES%20FROM%20%22gas-detector%22%20WITH%20KEY%20%3D%20site").await;
     assert!(!q.to_string().contains("park-b3"), "no series under a foreign site: {q}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_field_rejected() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(CONFIG, &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+    let now = chrono::Utc::now().timestamp_millis();
+    let body = format!("boiler,unit=1 pressure_mpa=1.5 {now}\nboiler,unit=2 pressure_mpa=1e999,temp_c=80 {now}\n");
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/write?db=stonelion&precision=ms"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error: serde_json::Value = response.json().await.unwrap();
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("line 2"), "{message}");
+    assert!(message.contains("not a finite number"), "{message}");
+
+    let stored = wait_for("the finite line through /query", WAIT, || async {
+        let q = get_json(http, "/query?db=stonelion&q=SELECT%20*%20FROM%20boiler%20GROUP%20BY%20unit").await;
+        q["results"][0]["series"].as_array().filter(|s| !s.is_empty()).cloned()
+    })
+    .await;
+    assert_eq!(stored.len(), 1, "only unit 1 is stored: {stored:?}");
+    assert_eq!(stored[0]["tags"]["unit"], "1");
     server.shutdown().await;
 }

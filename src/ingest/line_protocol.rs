@@ -203,6 +203,19 @@ fn add_line(
     let before = parsed.points.len();
     for (field, value) in &line.field_set {
         let value = match value {
+            FieldValue::F64(v) if !v.is_finite() => {
+                parsed.lines_rejected += 1;
+                parsed.reject(
+                    number,
+                    text,
+                    format!(
+                        "field \"{}\" is {v}, which is not a finite number; send a finite value or leave the field out",
+                        field.as_str()
+                    ),
+                );
+                parsed.points.truncate(before);
+                return;
+            }
             FieldValue::F64(v) => Value::Number(*v),
             FieldValue::I64(v) => Value::Number(*v as f64),
             FieldValue::U64(v) => Value::Number(*v as f64),
@@ -346,14 +359,23 @@ async fn handle_write(
     state.metrics.string_fields_skipped.inc_by(parsed.string_fields_skipped);
 
     let point_count = parsed.points.len() as u64;
-    if !parsed.points.is_empty() {
-        store(state, parsed.points).await?;
+    let stored = if parsed.points.is_empty() { Ok(()) } else { store(state, parsed.points).await };
+    if stored.is_ok() {
         state.metrics.points_written.inc_by(point_count);
     }
-    match parsed.first_error {
-        None => Ok(StatusCode::NO_CONTENT),
-        Some(first) => Err(partial_write(&first, parsed.lines_rejected, parsed.string_fields_skipped, point_count)),
+    let Some(first) = parsed.first_error else {
+        return stored.map(|()| StatusCode::NO_CONTENT);
+    };
+    // A line that failed to parse is reported first, as InfluxDB does, with the outcome of
+    // storing the other lines appended so that neither is hidden.
+    let mut error = partial_write(&first, parsed.lines_rejected, parsed.string_fields_skipped, point_count);
+    if let Err(also) = stored {
+        if also.status.is_server_error() {
+            return Err(also);
+        }
+        error.message = format!("{}; also: {}", error.message, also.message);
     }
+    Err(error)
 }
 
 async fn store(state: &WriteState, points: Vec<Point>) -> Result<(), WriteError> {
@@ -365,6 +387,9 @@ async fn store(state: &WriteState, points: Vec<Point>) -> Result<(), WriteError>
             "unprocessable entity",
             format!("field type conflict: {message}; write each field with one type"),
         )),
+        Ok(Err(WriteFailure::Rejected(message))) => {
+            Err(WriteError::new(StatusCode::UNPROCESSABLE_ENTITY, "unprocessable entity", message))
+        }
         Ok(Err(WriteFailure::Storage(message))) => {
             tracing::warn!(error = %message, "storage rejected an HTTP write");
             Err(WriteError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", format!("storing the points failed: {message}")))

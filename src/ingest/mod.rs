@@ -48,6 +48,10 @@ pub enum WriteFailure {
     /// number series; the other points were stored.
     #[error("{0}")]
     Conflict(String),
+    /// Points failed the checks of a configured device or named a measurement that only
+    /// the server writes; the other points were stored.
+    #[error("{0}")]
+    Rejected(String),
     /// Storage failed; the client may retry.
     #[error("{0}")]
     Storage(String),

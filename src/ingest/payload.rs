@@ -34,6 +34,8 @@ pub enum RejectReason {
     WrongType,
     StatusInvalid,
     PipelineBusy,
+    ProfileMismatch,
+    ReservedMeasurement,
 }
 
 impl RejectReason {
@@ -58,6 +60,8 @@ impl RejectReason {
             RejectReason::WrongType => "wrong_type",
             RejectReason::StatusInvalid => "status_invalid",
             RejectReason::PipelineBusy => "pipeline_busy",
+            RejectReason::ProfileMismatch => "profile_mismatch",
+            RejectReason::ReservedMeasurement => "reserved_measurement",
         }
     }
 }
