@@ -3,8 +3,9 @@
 
 The dashboards use Grafana's built-in InfluxDB data source in InfluxQL mode, so they
 work against Stonelion's own /query endpoint and against InfluxDB 2 through its
-InfluxQL compatibility API. One panel differs: "Devices online per site" takes mean()
-of the boolean field `online`, which Stonelion reads as 1 and 0 but InfluxDB rejects.
+InfluxQL compatibility API. Device panels select a field from every measurement
+(`FROM /.*/`), because each device profile is its own measurement: a gas panel shows
+`gas_lel` of the MQTT gas detectors and of Modbus gas controllers alike.
 Edit this script, run it, and commit the JSON it writes: `python3 dashboards/generate.py`.
 """
 
@@ -18,6 +19,13 @@ GAS_WARNING_LEL = 25
 GAS_ALARM_LEL = 50
 
 DATASOURCE = {"type": "influxdb", "uid": "${datasource}"}
+
+# Every measurement: panels pick readings by field name, whatever profile wrote them.
+ALL_MEASUREMENTS = "/.*/"
+
+# Energy counters by field name: `energy_kwh` (energy-meter) and `energy_import_kwh`
+# (chint-dtsu666, eastron-sdm630).
+ENERGY_FIELDS = ("energy_kwh", "energy_import_kwh")
 
 
 def datasource_variable():
@@ -48,8 +56,9 @@ def query_variable(name, label, query, multi=True):
     }
 
 
+# site_summary has every configured site, also one whose devices never reported.
 SITE_VARIABLE = query_variable(
-    "site", "Site", 'SHOW TAG VALUES FROM "device_status" WITH KEY = "site"'
+    "site", "Site", 'SHOW TAG VALUES FROM "site_summary" WITH KEY = "site"'
 )
 DEVICE_VARIABLE = query_variable(
     "device",
@@ -80,6 +89,17 @@ def thresholds(steps):
 GAS_THRESHOLDS = thresholds([("green", None), ("orange", GAS_WARNING_LEL), ("red", GAS_ALARM_LEL)])
 
 
+def count_override(field, color):
+    """Colors a table column's cell when its count is 1 or more."""
+    return {
+        "matcher": {"id": "byName", "options": field},
+        "properties": [
+            {"id": "thresholds", "value": thresholds([("green", None), (color, 1)])},
+            {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+        ],
+    }
+
+
 class Layout:
     """Places panels left to right on Grafana's 24-column grid."""
 
@@ -103,7 +123,8 @@ class Layout:
 
 
 def panel(kind, title, targets, unit=None, threshold_config=None, show_thresholds=False,
-          options=None, transformations=None, description=None, min_value=None, max_value=None):
+          options=None, transformations=None, description=None, min_value=None, max_value=None,
+          overrides=()):
     defaults = {}
     if unit:
         defaults["unit"] = unit
@@ -120,7 +141,7 @@ def panel(kind, title, targets, unit=None, threshold_config=None, show_threshold
         "title": title,
         "datasource": DATASOURCE,
         "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "fieldConfig": {"defaults": defaults, "overrides": list(overrides)},
         "options": options or {},
     }
     if transformations:
@@ -154,49 +175,54 @@ DEVICE_FILTER = '"site" =~ /^$site$/ AND "device" =~ /^$device$/'
 
 def overview():
     layout = Layout()
+    summary_note = ("Read from site_summary, which the server writes every summary_interval "
+                    "(10 s by default) with the state at that moment, so the panel shows "
+                    "the latest summary in the time range.")
     panels = [
         layout.place(panel(
-            "bargauge", "Devices online per site (last 5 minutes)",
-            [target('SELECT mean("online") FROM "device_status" '
-                    f'WHERE {SITE_FILTER} AND time > now() - 5m GROUP BY "site"', alias="$tag_site")],
+            "bargauge", "Devices online per site",
+            [target('SELECT last("devices_online_ratio") FROM "site_summary" '
+                    f'WHERE {SITE_FILTER} AND $timeFilter GROUP BY "site"', alias="$tag_site")],
             unit="percentunit", min_value=0, max_value=1,
             threshold_config=thresholds([("red", None), ("orange", 0.9), ("green", 0.99)]),
-            description="Share of device_status samples with online = true per site. "
-                        "Needs the device_status measurement. InfluxDB rejects mean() over "
-                        "booleans, so this panel stays empty on the InfluxDB 2 backend.",
+            description="Share of the site's configured devices that are online "
+                        "(devices_online / devices_total). A device that has not reported "
+                        "since the server started counts as not online. " + summary_note,
         ), 12, 8),
         layout.place(panel(
             "table", "Active alarms by level",
-            [target('SELECT last("level") AS "level" FROM "alarm_state" '
-                    f'WHERE {SITE_FILTER} AND $timeFilter GROUP BY "site", "device", "rule"',
+            [target('SELECT last("alarms_active_level2") AS "level 2", '
+                    'last("alarms_active_level1") AS "level 1", '
+                    'last("alarms_unacknowledged") AS "unacknowledged" FROM "site_summary" '
+                    f'WHERE {SITE_FILTER} AND $timeFilter GROUP BY "site"',
                     result_format="table")],
-            threshold_config=thresholds([("green", None), ("orange", 1), ("red", 2)]),
-            transformations=[
-                {"id": "filterByValue", "options": {
-                    "type": "include", "match": "any",
-                    "filters": [{"fieldName": "level", "config": {
-                        "id": "greaterOrEqual", "options": {"value": 1}}}]}},
-                {"id": "groupBy", "options": {"fields": {
-                    "level": {"operation": "groupby", "aggregations": []},
-                    "device": {"operation": "aggregate", "aggregations": ["count"]}}}},
+            overrides=[
+                count_override("level 2", "red"),
+                count_override("level 1", "orange"),
+                count_override("unacknowledged", "orange"),
             ],
-            description="Alarms whose last state in the time range is level 1 or 2, counted "
-                        "per level. Needs the alarm_state measurement.",
+            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
+            description="Active alarms per site and highest level reached, and open alarms "
+                        "(active or cleared) that nobody acknowledged. An alarm raised before "
+                        "the time range and still active is counted. " + summary_note,
         ), 12, 8),
         layout.place(panel(
             "table", "Latest gas readings",
-            [target('SELECT last("gas_lel") AS "gas_lel" FROM "gas-detector" '
+            [target(f'SELECT last("gas_lel") AS "gas_lel" FROM {ALL_MEASUREMENTS} '
                     f'WHERE {SITE_FILTER} AND $timeFilter GROUP BY "site", "device"',
                     result_format="table")],
             unit="percent", threshold_config=GAS_THRESHOLDS,
             options={"cellHeight": "sm"},
+            description="Field gas_lel (%LEL) of every device profile that has it.",
         ), 12, 10),
         layout.place(panel(
             "timeseries", "Gas concentration, maximum per site",
-            [target('SELECT max("gas_lel") FROM "gas-detector" '
+            [target(f'SELECT max("gas_lel") FROM {ALL_MEASUREMENTS} '
                     f'WHERE {SITE_FILTER} AND $timeFilter GROUP BY time($__interval), "site" fill(null)',
-                    alias="$tag_site")],
+                    alias="$tag_site $measurement")],
             unit="percent", threshold_config=GAS_THRESHOLDS, show_thresholds=True,
+            description="InfluxQL aggregates each measurement on its own, so a site with gas "
+                        "detectors of two profiles has one line per profile.",
         ), 12, 10),
         layout.place(panel(
             "timeseries", "Alarm events",
@@ -219,14 +245,14 @@ def site_view():
     panels = [
         layout.place(panel(
             "timeseries", "Gas concentration",
-            [target(f'SELECT mean("gas_lel") FROM "gas-detector" WHERE {SITE_FILTER} AND $timeFilter {by_device}',
+            [target(f'SELECT mean("gas_lel") FROM {ALL_MEASUREMENTS} WHERE {SITE_FILTER} AND $timeFilter {by_device}',
                     alias="$tag_device")],
             unit="percent", threshold_config=GAS_THRESHOLDS, show_thresholds=True,
             description=f"Thresholds: level 1 at {GAS_WARNING_LEL} %LEL, level 2 at {GAS_ALARM_LEL} %LEL.",
         ), 24, 9),
         layout.place(panel(
             "state-timeline", "Smoke",
-            [target(f'SELECT last("smoke") FROM "smoke-detector" WHERE {SITE_FILTER} AND $timeFilter {by_device}',
+            [target(f'SELECT last("smoke") FROM {ALL_MEASUREMENTS} WHERE {SITE_FILTER} AND $timeFilter {by_device}',
                     alias="$tag_device")],
         ), 12, 7),
         layout.place(panel(
@@ -236,21 +262,24 @@ def site_view():
         ), 12, 7),
         layout.place(panel(
             "timeseries", "Power",
-            [target(f'SELECT mean("power_kw") FROM "energy-meter" WHERE {SITE_FILTER} AND $timeFilter {by_device}',
+            [target(f'SELECT mean("power_kw") FROM {ALL_MEASUREMENTS} WHERE {SITE_FILTER} AND $timeFilter {by_device}',
                     alias="$tag_device")],
             unit="kwatt",
         ), 12, 8),
         layout.place(panel(
             "timeseries", "Energy per hour",
-            [target('SELECT non_negative_derivative(max("energy_kwh"), 1h) FROM "energy-meter" '
+            [target(f'SELECT non_negative_derivative(max("{field}"), 1h) FROM {ALL_MEASUREMENTS} '
                     f'WHERE {SITE_FILTER} AND $timeFilter GROUP BY time(1h), "device" fill(null)',
-                    alias="$tag_device")],
+                    ref=ref, alias="$tag_device")
+             for ref, field in zip("AB", ENERGY_FIELDS)],
             unit="kwatth",
-            description="Increase of the energy counter per hour.",
+            description="Increase of the energy counter per hour: energy_kwh or "
+                        "energy_import_kwh, whichever the device's profile has. "
+                        "Needs readings in two hours.",
         ), 12, 8),
         layout.place(panel(
             "timeseries", "Temperature",
-            [target(f'SELECT mean("temperature_c") FROM "temperature-sensor" WHERE {SITE_FILTER} AND $timeFilter {by_device}',
+            [target(f'SELECT mean("temperature_c") FROM {ALL_MEASUREMENTS} WHERE {SITE_FILTER} AND $timeFilter {by_device}',
                     alias="$tag_device")],
             unit="celsius",
         ), 24, 8),
@@ -268,23 +297,25 @@ def device_view():
     panels = [
         layout.place(panel(
             "timeseries", "Gas concentration",
-            [target(f'SELECT mean("gas_lel") AS "mean", max("gas_lel") AS "max" FROM "gas-detector" '
+            [target(f'SELECT mean("gas_lel") AS "mean", max("gas_lel") AS "max" FROM {ALL_MEASUREMENTS} '
                     f'WHERE {DEVICE_FILTER} AND $timeFilter {interval}')],
             unit="percent", threshold_config=GAS_THRESHOLDS, show_thresholds=True,
         ), 12, 8),
         layout.place(panel(
             "timeseries", "Temperature",
-            [target(f'SELECT mean("temperature_c") FROM "temperature-sensor" WHERE {DEVICE_FILTER} AND $timeFilter {interval}')],
+            [target(f'SELECT mean("temperature_c") FROM {ALL_MEASUREMENTS} WHERE {DEVICE_FILTER} AND $timeFilter {interval}')],
             unit="celsius",
         ), 12, 8),
         layout.place(panel(
             "timeseries", "Power and energy",
-            [target(f'SELECT mean("power_kw") AS "power_kw" FROM "energy-meter" WHERE {DEVICE_FILTER} AND $timeFilter {interval}'),
-             target(f'SELECT last("energy_kwh") AS "energy_kwh" FROM "energy-meter" WHERE {DEVICE_FILTER} AND $timeFilter {interval}', ref="B")],
+            [target(f'SELECT mean("power_kw") AS "power_kw" FROM {ALL_MEASUREMENTS} WHERE {DEVICE_FILTER} AND $timeFilter {interval}'),
+             *[target(f'SELECT last("{field}") AS "{field}" FROM {ALL_MEASUREMENTS} '
+                      f'WHERE {DEVICE_FILTER} AND $timeFilter {interval}', ref=ref)
+               for ref, field in zip("BC", ENERGY_FIELDS)]],
         ), 12, 8),
         layout.place(panel(
             "state-timeline", "Smoke and online",
-            [target(f'SELECT last("smoke") AS "smoke" FROM "smoke-detector" WHERE {DEVICE_FILTER} AND $timeFilter {interval}'),
+            [target(f'SELECT last("smoke") AS "smoke" FROM {ALL_MEASUREMENTS} WHERE {DEVICE_FILTER} AND $timeFilter {interval}'),
              target(f'SELECT last("online") AS "online" FROM "device_status" WHERE {DEVICE_FILTER} AND $timeFilter {interval}', ref="B")],
         ), 12, 8),
         layout.place(panel(

@@ -3,7 +3,8 @@
 //! Readings flow through stages, one module each: [`ingest`] (MQTT broker, Modbus poller,
 //! HTTP writes), [`pipeline`] (validation and routing), [`storage`] (time series),
 //! [`rules`] and [`alarms`] (thresholds and the alarm lifecycle), [`notify`] (webhooks)
-//! and [`api`] (HTTP). [`server`] starts and stops them in order.
+//! and [`api`] (HTTP). [`summary`] writes each site's counts for dashboards. [`server`]
+//! starts and stops them in order.
 
 pub mod alarms;
 pub mod api;
@@ -25,3 +26,4 @@ pub mod server;
 mod server_http;
 mod server_modbus;
 pub mod storage;
+pub mod summary;

@@ -30,6 +30,7 @@ use crate::storage::TimeSeriesStore;
 use crate::storage::engine::{Engine, EngineOptions};
 use crate::storage::influxdb2::{InfluxDb2Store, TeeStore};
 use crate::storage::sqlite::SqliteStore;
+use crate::summary::SummaryTask;
 
 /// Capacity of the channel into the pipeline, in messages.
 const INGEST_CHANNEL: usize = 4096;
@@ -148,12 +149,22 @@ impl Server {
         ingest_tasks.extend(crate::server_modbus::start(&config, ingest.clone(), &registry, clock.clone(), stop_ingest.clone()));
 
         let reader = alarm_store::open_connection(&state_db).context("cannot open the state database for reading")?;
+        let alarm_reader = Arc::new(Mutex::new(reader));
+        // Stopped with ingest, so the pipeline's final flush also stores the last summary.
+        let summary = SummaryTask {
+            config: config.clone(),
+            states: states.clone(),
+            alarm_reader: alarm_reader.clone(),
+            store: store.clone(),
+            clock: clock.clone(),
+        };
+        ingest_tasks.push(summary.spawn(config.storage.summary_interval, stop_ingest.clone()));
         let app = AppState {
             config: config.clone(),
             states: states.clone(),
             store: store.clone(),
             alarms: alarm_handle,
-            alarm_reader: Arc::new(Mutex::new(reader)),
+            alarm_reader,
             state_db,
             registry: registry.clone(),
             clock: clock.clone(),

@@ -251,6 +251,7 @@ stale_after = "0s"
 
 [storage]
 retention = "0s"
+summary_interval = "0s"
 
 [[sites]]
 id = "a"
@@ -283,6 +284,7 @@ level1 = 10
         "ingest.max_payload_bytes",
         "ingest.stale_after",
         "storage.retention",
+        "storage.summary_interval",
         "an equals rule cannot watch `gas_lel`",
         "rule id `x` is used twice",
     ] {

@@ -3,6 +3,7 @@
 //! A transition, the alarm row it changes and the webhook deliveries it queues are written
 //! in one transaction, so after a crash either all of them are on disk or none is.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -273,4 +274,35 @@ impl AlarmStore {
     pub fn get(&self, id: AlarmId) -> rusqlite::Result<Option<Alarm>> {
         get(&self.conn, id)
     }
+}
+
+/// Open alarms of one site, as the site summary counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenAlarmCounts {
+    /// Active alarms whose highest level is 1.
+    pub active_level1: u64,
+    /// Active alarms that reached level 2.
+    pub active_level2: u64,
+    /// Alarms not closed (active or cleared) that nobody has acknowledged.
+    pub unacknowledged: u64,
+}
+
+/// Counts the alarms that are not closed, per site. Sites without such alarms are absent.
+pub fn open_alarm_counts(conn: &Connection) -> rusqlite::Result<HashMap<SiteId, OpenAlarmCounts>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT site,
+                SUM(state = 'active' AND level = 1),
+                SUM(state = 'active' AND level >= 2),
+                SUM(ack_at IS NULL)
+         FROM alarms WHERE state != 'closed' GROUP BY site",
+    )?;
+    let rows = statement.query_map([], |row| {
+        let counts = OpenAlarmCounts {
+            active_level1: row.get(1)?,
+            active_level2: row.get(2)?,
+            unacknowledged: row.get(3)?,
+        };
+        Ok((SiteId::new(row.get::<_, String>(0)?), counts))
+    })?;
+    rows.collect()
 }

@@ -110,6 +110,10 @@ pub struct StorageSection {
     /// committed in groups at this interval.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// How often each site's summary (devices online, open alarms) is written to the
+    /// store, as the measurement `site_summary` that the overview dashboard reads.
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
 }
 
 impl Default for StorageSection {
@@ -120,6 +124,7 @@ impl Default for StorageSection {
             influxdb2: None,
             retention: Duration::from_secs(365 * 24 * 3600),
             commit_interval: Duration::from_millis(500),
+            summary_interval: Duration::from_secs(10),
         }
     }
 }
@@ -417,6 +422,9 @@ fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
     }
     if storage.commit_interval.is_zero() || storage.commit_interval > Duration::from_secs(60) {
         checker.push(None, "storage.commit_interval", "write a duration between 1ms and 60s, such as \"500ms\"");
+    }
+    if storage.summary_interval < Duration::from_secs(1) || storage.summary_interval > Duration::from_secs(300) {
+        checker.push(None, "storage.summary_interval", "write a duration between 1s and 5m, such as \"10s\"");
     }
     if storage.memory_budget_bytes < 16 << 20 {
         checker.push(None, "storage.memory_budget_bytes", "write at least 16777216 (16 MiB)");
