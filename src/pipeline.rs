@@ -27,6 +27,18 @@ pub struct DeviceState {
     pub online: Option<bool>,
     pub last_seen: Option<Timestamp>,
     pub latest: BTreeMap<MetricName, (Timestamp, Value)>,
+    /// Polled metrics whose latest read failed or returned an invalid value. A reading of
+    /// the metric removes its entry.
+    pub bad: BTreeMap<MetricName, BadReading>,
+}
+
+/// Why the latest read of a metric gave no value, and when the server saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadReading {
+    /// A reason label as in the `modbus_bad_values` and `modbus_errors` metrics, such as
+    /// `timeout`, `exception_illegal_data_address`, `no_value` or `out_of_range`.
+    pub reason: String,
+    pub at: Timestamp,
 }
 
 /// Measurement with each device's liveness: field `online`, tags `site`, `device` and
@@ -144,7 +156,10 @@ impl Pipeline {
     async fn handle(&self, message: IngestMessage, metrics: &PipelineMetrics) {
         match message {
             IngestMessage::Readings(readings) => {
-                let _ = self.readings(readings, metrics).await;
+                let _ = self.readings(readings, Storage::Store, metrics).await;
+            }
+            IngestMessage::UnstoredReadings(readings) => {
+                let _ = self.readings(readings, Storage::Skip, metrics).await;
             }
             IngestMessage::Points { points, done } => {
                 let result = self.points(points, metrics).await;
@@ -152,13 +167,14 @@ impl Pipeline {
                     let _ = done.send(result);
                 }
             }
+            IngestMessage::BadReadings { device, bad } => self.bad_readings(device, bad),
             IngestMessage::Liveness { device, online, cause } => {
                 self.set_liveness(&device, online, &cause, metrics).await;
             }
         }
     }
 
-    async fn readings(&self, readings: Vec<Reading>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
+    async fn readings(&self, readings: Vec<Reading>, storage: Storage, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
         if readings.is_empty() {
             return Ok(());
         }
@@ -169,7 +185,9 @@ impl Pipeline {
             for reading in &readings {
                 let Some(entry) = self.directory.device(&reading.device) else { continue };
                 metrics.readings.get_or_create(&SourceLabel { source: source_name(reading.source).to_owned() }).inc();
-                points.push(Point { series: series_key(entry, &reading.metric), ts: reading.ts, value: reading.value });
+                if storage == Storage::Store {
+                    points.push(Point { series: series_key(entry, &reading.metric), ts: reading.ts, value: reading.value });
+                }
                 let state = states.entry(reading.device.clone()).or_default();
                 if state.online != Some(true) && !came_online.contains(&reading.device) {
                     came_online.push(reading.device.clone());
@@ -180,15 +198,28 @@ impl Pipeline {
                 if newer {
                     state.latest.insert(reading.metric.clone(), (reading.ts, reading.value));
                 }
+                state.bad.remove(&reading.metric);
             }
         }
-        let stored = self.store_points(points, metrics);
+        let stored = if points.is_empty() { Ok(()) } else { self.store_points(points, metrics) };
         for device in came_online {
             self.set_liveness(&device, true, &LivenessCause::Reading, metrics).await;
         }
         // Rules run on readings even when storage failed: an alarm must not wait for a disk.
         let _ = self.alarms.send(AlarmCommand::Readings(readings)).await;
         stored
+    }
+
+    fn bad_readings(&self, device: DeviceId, bad: Vec<(MetricName, String)>) {
+        if self.directory.device(&device).is_none() {
+            return;
+        }
+        let at = self.clock.now();
+        let mut states = self.states.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = states.entry(device).or_default();
+        for (metric, reason) in bad {
+            state.bad.insert(metric, BadReading { reason, at });
+        }
     }
 
     fn store_points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
@@ -248,7 +279,7 @@ impl Pipeline {
             }
         }
         let stored = if other.is_empty() { Ok(()) } else { self.store_points(other, metrics) };
-        let readings_stored = self.readings(readings, metrics).await;
+        let readings_stored = self.readings(readings, Storage::Store, metrics).await;
         let checked = match rejected.first() {
             None => Ok(()),
             Some(first) => Err(WriteFailure::Rejected(format!(
@@ -380,6 +411,14 @@ impl Pipeline {
         metrics.devices_online.set(i64::try_from(online).unwrap_or(i64::MAX));
         metrics.devices_offline.set(i64::try_from(offline).unwrap_or(i64::MAX));
     }
+}
+
+/// Whether the pipeline stores a batch of readings or only evaluates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Storage {
+    Store,
+    /// Update latest values and liveness and run the rules, but write nothing.
+    Skip,
 }
 
 /// Classification of a written point.

@@ -2,6 +2,8 @@
 //! shipped profile and every data type, request coalescing, offline detection, exceptions
 //! and late replies.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -50,6 +52,10 @@ struct Harness {
     rx: mpsc::Receiver<IngestMessage>,
     poller: Poller,
     shutdown: CancellationToken,
+    /// Readings sent to be evaluated but not stored, in arrival order.
+    unstored: Vec<Reading>,
+    /// Bad readings reported, as (device, metric, reason).
+    bad: Vec<(String, String, String)>,
 }
 
 impl Harness {
@@ -57,11 +63,12 @@ impl Harness {
         let (ingest, rx) = IngestHandle::channel(4096);
         let shutdown = CancellationToken::new();
         let poller = modbus::start(devices, ingest, &SharedRegistry::new(), shutdown.clone(), Arc::new(SystemClock));
-        Harness { rx, poller, shutdown }
+        Harness { rx, poller, shutdown, unstored: Vec::new(), bad: Vec::new() }
     }
 
-    /// Receives messages until `done` returns true for the collected readings and liveness
-    /// changes, or fails the test at the deadline.
+    /// Receives messages until `done` returns true for the collected readings to store and
+    /// liveness changes, or fails the test at the deadline. Unstored readings go to
+    /// `self.unstored`.
     async fn collect_until(
         &mut self,
         mut done: impl FnMut(&[Reading], &[(DeviceId, bool, LivenessCause)]) -> bool,
@@ -75,11 +82,38 @@ impl Harness {
                 .expect("pipeline channel open");
             match message {
                 IngestMessage::Readings(batch) => readings.extend(batch),
+                IngestMessage::UnstoredReadings(batch) => self.unstored.extend(batch),
+                IngestMessage::BadReadings { device, bad } => {
+                    self.bad.extend(bad.into_iter().map(|(metric, reason)| (device.to_string(), metric.to_string(), reason)));
+                }
                 IngestMessage::Liveness { device, online, cause } => liveness.push((device, online, cause)),
                 IngestMessage::Points { .. } => panic!("the poller sends no points"),
             }
         }
         (readings, liveness)
+    }
+
+    /// Receives messages until `done` returns true for the unstored readings, and returns
+    /// the readings to store that came meanwhile.
+    async fn collect_unstored_until(&mut self, mut done: impl FnMut(&[Reading]) -> bool) -> Vec<Reading> {
+        let deadline = Instant::now() + DEADLINE;
+        let mut stored = Vec::new();
+        while !done(&self.unstored) {
+            let message = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("condition not met in time; unstored: {:?}", self.unstored))
+                .expect("pipeline channel open");
+            match message {
+                IngestMessage::Readings(batch) => stored.extend(batch),
+                IngestMessage::UnstoredReadings(batch) => self.unstored.extend(batch),
+                IngestMessage::BadReadings { device, bad } => {
+                    self.bad.extend(bad.into_iter().map(|(metric, reason)| (device.to_string(), metric.to_string(), reason)));
+                }
+                IngestMessage::Liveness { .. } => {}
+                IngestMessage::Points { .. } => panic!("the poller sends no points"),
+            }
+        }
+        stored
     }
 
     async fn stop(self) {
@@ -392,8 +426,11 @@ modbus = { register = 40101 }
     let (readings, liveness) = harness.collect_until(|r, _| r.len() >= 3).await;
     assert!(readings.iter().all(|r| r.metric.as_str() == "present"));
     assert_eq!(value_of(&readings, "present"), Some(Value::Number(42.0)));
-    assert!(liveness.is_empty(), "a device that answers with an exception stays online");
+    assert!(liveness.is_empty(), "a device with one good read per poll stays online");
     assert!(harness.poller.metrics.error_count("partial", "exception_illegal_data_address") >= 3);
+    let reported = ("partial".to_owned(), "missing".to_owned(), "exception_illegal_data_address".to_owned());
+    assert!(harness.bad.contains(&reported), "the failed metric is reported bad: {:?}", harness.bad);
+    assert!(harness.bad.iter().all(|(_, metric, _)| metric == "missing"), "{:?}", harness.bad);
     harness.stop().await;
 }
 
@@ -500,11 +537,231 @@ async fn report_on_change_skips_unchanged_values() {
         assert!(Instant::now() < deadline, "poller stopped polling");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // A move of 0.5 °C is inside the deadband; 3 °C is past it.
+    // A move of 0.5 °C is inside the deadband: evaluated, not stored.
     sim.set_words(UNIT, Function::InputRegister, 1, &[220]);
+    let stored = harness.collect_unstored_until(|u| u.iter().any(|r| r.value == Value::Number(22.0))).await;
+    assert!(stored.is_empty(), "a move inside the deadband is not stored: {stored:?}");
+    // 3 °C is past it.
     sim.set_words(UNIT, Function::InputRegister, 1, &[245]);
     let (changed, _) = harness.collect_until(|r, _| !r.is_empty()).await;
-    assert_eq!(changed.len(), 1, "only the changed metric is reported: {changed:?}");
+    assert_eq!(changed.len(), 1, "only the changed metric is stored: {changed:?}");
     assert_close("temperature", Some(changed[0].value), 24.5);
+    let humidity_unstored = harness.unstored.iter().filter(|r| r.metric.as_str() == "humidity_pct").count();
+    assert!(humidity_unstored >= 3, "unchanged humidity still goes to the rules: {humidity_unstored}");
     harness.stop().await;
+}
+
+#[tokio::test]
+async fn exceptions_only_keep_device_offline() {
+    let text = r#"
+name = "missing-register"
+[[metrics]]
+name = "level"
+modbus = { register = 40101 }
+"#;
+    let profile = Arc::new(profile::parse(text, None).expect("parses"));
+    let (address, sim) = simulator().await;
+    let mut config = fast_config(address);
+    config.offline_after_failures = 2;
+    config.max_backoff = Duration::from_millis(200);
+    let mut harness = Harness::start(vec![device("exceptions", &profile, config)]);
+    let offline = |l: &[(DeviceId, bool, LivenessCause)]| l.iter().any(|(_, online, _)| !online);
+    let (readings, liveness) = harness.collect_until(|_, l| offline(l)).await;
+    assert!(readings.is_empty(), "{readings:?}");
+    assert_eq!(liveness, [(DeviceId::new("exceptions"), false, LivenessCause::PollFailures(2))]);
+    assert!(harness.poller.metrics.error_count("exceptions", "exception_illegal_data_address") >= 2);
+
+    // More exceptions must not bring it back; a good read does.
+    let before = harness.poller.metrics.error_count("exceptions", "exception_illegal_data_address");
+    let deadline = Instant::now() + DEADLINE;
+    while harness.poller.metrics.error_count("exceptions", "exception_illegal_data_address") < before + 2 {
+        assert!(Instant::now() < deadline, "poller stopped polling the offline device");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sim.set_words(UNIT, Function::HoldingRegister, 100, &[7]);
+    let (readings, liveness) = harness.collect_until(|r, _| !r.is_empty()).await;
+    assert_eq!(liveness, [(DeviceId::new("exceptions"), true, LivenessCause::Reading)]);
+    assert_eq!(readings[0].value, Value::Number(7.0));
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn bus_pause_separates_every_request() {
+    let text = r#"
+name = "two-blocks"
+[[metrics]]
+name = "low"
+modbus = { register = 40001 }
+[[metrics]]
+name = "high"
+modbus = { register = 40101 }
+"#;
+    let profile = Arc::new(profile::parse(text, None).expect("parses"));
+    let mut bank = RegisterBank::default();
+    bank.set_words(Function::HoldingRegister, 0, &[1]);
+    bank.set_words(Function::HoldingRegister, 100, &[2]);
+    let units = BTreeMap::from([(3, bank.clone()), (4, bank.clone()), (5, bank)]);
+    let (address, gateway) = modbus::spawn_rtu_over_tcp_simulator(loopback(), units).await.expect("binds");
+    let pause = Duration::from_millis(40);
+    let config = |unit| {
+        let mut config = ModbusDeviceConfig::rtu_over_tcp(address.to_string(), unit);
+        // Shorter than three devices' requests with pauses, so devices are always due.
+        config.poll_interval = Some(Duration::from_millis(20));
+        config.bus_pause = pause;
+        config
+    };
+    let devices = vec![device("u3", &profile, config(3)), device("u4", &profile, config(4)), device("u5", &profile, config(5))];
+    let harness = Harness::start(devices);
+    let deadline = Instant::now() + DEADLINE;
+    while gateway.request_count() < 12 {
+        assert!(Instant::now() < deadline, "only {} requests", gateway.request_count());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    harness.stop().await;
+    let requests = gateway.requests();
+    let units: Vec<u8> = requests.iter().map(|r| r.unit_id).collect();
+    assert!(units.windows(2).any(|w| w[0] != w[1]), "requests to different units follow each other: {units:?}");
+    for pair in requests.windows(2) {
+        let gap = pair[1].received.duration_since(pair[0].received);
+        assert!(gap >= pause, "unit {} then unit {}: gap {gap:?} is under the pause {pause:?}", pair[0].unit_id, pair[1].unit_id);
+    }
+}
+
+/// A server polling a Honeywell Midas simulator with a deadband wider than the distance
+/// between the reading and the CO level 1 threshold (35 ppm).
+const MIDAS_SERVER: &str = r#"
+[ingest]
+stale_after = "1h"
+
+[[sites]]
+id = "plant-a"
+name = "Plant A"
+kind = "enterprise"
+
+[[devices]]
+id = "co-1"
+site = "plant-a"
+profile = "honeywell-midas"
+
+[devices.modbus]
+transport = "tcp"
+address = "SIMULATOR"
+unit_id = 1
+poll_interval = "50ms"
+timeout = "500ms"
+report_deadband = 10
+report_max_interval = "1h"
+"#;
+
+fn f32_words(value: f32) -> [u16; 2] {
+    let bits = value.to_bits();
+    [(bits >> 16) as u16, (bits & 0xFFFF) as u16]
+}
+
+async fn stored_gas_ppm(http: SocketAddr) -> Vec<serde_json::Value> {
+    let query = "/query?db=stonelion&q=SELECT%20gas_ppm%20FROM%20%22honeywell-midas%22";
+    let body = support::get_json(http, query).await;
+    body["results"][0]["series"][0]["values"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadband_does_not_delay_alarm() {
+    let (address, sim) = simulator().await;
+    sim.set_words(UNIT, Function::HoldingRegister, 0, &[0; 17]);
+    sim.set_words(UNIT, Function::HoldingRegister, 2, &f32_words(33.0));
+    sim.set_words(UNIT, Function::HoldingRegister, 7, &[25, 5000]);
+    sim.set_words(UNIT, Function::HoldingRegister, 16, &[1]);
+    let data = tempfile::tempdir().expect("temporary directory");
+    let config = MIDAS_SERVER.replace("SIMULATOR", &address.to_string());
+    let server = support::start_server(&config, "http://127.0.0.1:9/unused", data.path()).await;
+    let http = server.http_addr;
+
+    let device = support::wait_for("the first reading in the API", DEADLINE, || async {
+        let device = support::get_json(http, "/api/v1/devices/co-1").await;
+        (device["latest"]["gas_ppm"]["value"] == serde_json::json!(33.0)).then_some(device)
+    })
+    .await;
+    assert_eq!(device["online"], serde_json::json!(true));
+    assert_eq!(device["latest"]["alarm_status"]["value"], serde_json::json!(1.0));
+    assert_eq!(device["latest"]["alarm_status"]["label"], "alarm 1 active", "code label: {device}");
+    assert!(device["latest"]["temperature_c"].get("label").is_none(), "no codes, no label: {device}");
+    assert_eq!(device["bad"], serde_json::json!({}), "every metric read well: {device}");
+    support::wait_for("the first value stored", DEADLINE, || async { (!stored_gas_ppm(http).await.is_empty()).then_some(()) }).await;
+    assert!(support::alarms_of(http, "co-1").await.is_empty(), "33 ppm is below level 1");
+
+    // 36 ppm crosses level 1 by 1 ppm, inside the 10 ppm deadband: raised at once, not stored.
+    sim.set_words(UNIT, Function::HoldingRegister, 2, &f32_words(36.0));
+    let alarms = support::wait_for("the level 1 alarm", DEADLINE, || async {
+        let alarms = support::alarms_of(http, "co-1").await;
+        (!alarms.is_empty()).then_some(alarms)
+    })
+    .await;
+    assert_eq!(alarms[0]["level"], 1);
+    assert_eq!(alarms[0]["value"], 36.0);
+    let device = support::get_json(http, "/api/v1/devices/co-1").await;
+    assert_eq!(device["latest"]["gas_ppm"]["value"], serde_json::json!(36.0), "the API shows the value the rule saw");
+    let stored = stored_gas_ppm(http).await;
+    assert_eq!(stored.len(), 1, "only the first value is stored: {stored:?}");
+
+    // An out-of-range temperature shows as bad until a good reading replaces it.
+    sim.set_words(UNIT, Function::HoldingRegister, 7, &[200]);
+    let bad = support::wait_for("the bad temperature", DEADLINE, || async {
+        let device = support::get_json(http, "/api/v1/devices/co-1").await;
+        device["bad"].get("temperature_c").cloned()
+    })
+    .await;
+    assert_eq!(bad["reason"], "out_of_range");
+    assert!(bad["at"].as_str().is_some_and(|at| at.ends_with('Z')), "{bad}");
+    let listed = support::get_json(http, "/api/v1/devices").await;
+    assert_eq!(listed["devices"][0]["bad"]["temperature_c"]["reason"], "out_of_range", "{listed}");
+    sim.set_words(UNIT, Function::HoldingRegister, 7, &[26]);
+    support::wait_for("the bad temperature cleared", DEADLINE, || async {
+        let device = support::get_json(http, "/api/v1/devices/co-1").await;
+        (device["bad"] == serde_json::json!({})).then_some(())
+    })
+    .await;
+    server.shutdown().await;
+}
+
+/// Arrival gaps at one Modbus TCP gateway that answers each request after `delay`, with
+/// three unit ids behind it polled under `limit` requests in flight.
+async fn gateway_arrival_gaps(limit: usize, delay: Duration) -> Vec<Duration> {
+    let mut bank = RegisterBank::default();
+    bank.set_words(Function::HoldingRegister, 0, &[1]);
+    let units = BTreeMap::from([(1, bank.clone()), (2, bank.clone()), (3, bank)]);
+    let (address, sim) = modbus::spawn_simulator(loopback(), units).await.expect("simulator binds");
+    for unit in 1..=3 {
+        sim.set_behaviour(unit, Behaviour::Delay(delay));
+    }
+    let text = "name = \"one\"\n[[metrics]]\nname = \"level\"\nmodbus = { register = 40001 }\n";
+    let profile = Arc::new(profile::parse(text, None).expect("parses"));
+    let devices = (1..=3)
+        .map(|unit| {
+            let mut config = ModbusDeviceConfig::tcp(address.to_string(), unit);
+            config.poll_interval = Some(Duration::from_millis(10));
+            config.timeout = Duration::from_secs(2);
+            config.max_concurrent_requests = limit;
+            device(&format!("unit-{unit}"), &profile, config)
+        })
+        .collect();
+    let harness = Harness::start(devices);
+    let deadline = Instant::now() + DEADLINE;
+    while sim.request_count() < 12 {
+        assert!(Instant::now() < deadline, "only {} requests", sim.request_count());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    harness.stop().await;
+    let requests = sim.requests();
+    requests.windows(2).map(|pair| pair[1].received.duration_since(pair[0].received)).collect()
+}
+
+#[tokio::test]
+async fn gateway_limit_caps_requests_in_flight() {
+    let delay = Duration::from_millis(60);
+    // With one request in flight, the next arrives only after the previous reply left.
+    let serial = gateway_arrival_gaps(1, delay).await;
+    assert!(serial.iter().all(|gap| *gap >= delay), "limit 1 let requests overlap: {serial:?}");
+    // The same devices with a limit of 3 overlap, so the check above can fail.
+    let parallel = gateway_arrival_gaps(3, delay).await;
+    assert!(parallel.iter().any(|gap| *gap < delay / 2), "limit 3 never overlapped: {parallel:?}");
 }

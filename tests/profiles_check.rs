@@ -19,8 +19,30 @@ fn shipped_vendor_profiles_name_their_source() {
     let vendor: Vec<_> = set.names().filter_map(|n| set.get(n)).filter(|p| !p.registers.is_empty()).collect();
     assert!(vendor.len() >= 6, "only {} Modbus profiles", vendor.len());
     for profile in vendor {
-        assert!(profile.source.as_deref().is_some_and(|s| !s.is_empty()), "{} has no source", profile.name);
+        let source = profile.source.as_deref().unwrap_or_default();
+        assert!(!source.is_empty(), "{} has no source", profile.name);
+        assert!(
+            names_version(source) || source.contains("not confirmed") || source.contains("unversioned"),
+            "{}: source `{source}` gives no document version or date and does not say it is unknown",
+            profile.name
+        );
     }
+}
+
+/// Whether `source` contains a version such as `v1.6` or `revision 12.05.2023`.
+fn names_version(source: &str) -> bool {
+    let words: Vec<&str> = source.split([' ', ',', '(', ')', ';']).filter(|w| !w.is_empty()).collect();
+    let starts_with_digit = |word: &str| word.chars().next().is_some_and(|c| c.is_ascii_digit());
+    words.iter().any(|w| w.strip_prefix('v').is_some_and(starts_with_digit))
+        || words.windows(2).any(|pair| ["revision", "version", "rev."].contains(&pair[0]) && starts_with_digit(pair[1]))
+}
+
+#[test]
+fn source_version_check_rejects_bare_titles() {
+    assert!(names_version("IGD TOC-635 Plus manual, document SL-014 v1.6"));
+    assert!(names_version("Evikon E2418-DP user manual, revision 12.05.2023"));
+    assert!(!names_version("CHINT DTSU666 user manual ZTY0.464.1448, table 11"));
+    assert!(!names_version("Honeywell Midas manual, appendix A"));
 }
 
 #[test]
@@ -159,4 +181,43 @@ fn empty_directory_is_reported() {
     let dir = tempfile::tempdir().expect("temp dir");
     let problems = profile::check_dir(dir.path());
     assert_one_problem(&problems, &["no *.toml profiles"]);
+}
+
+#[test]
+fn modbus_doc_config_snippets_parse() {
+    let doc = std::fs::read_to_string("docs/modbus.md").expect("docs/modbus.md is readable");
+    let snippets: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .filter(|snippet| snippet.contains("[[devices]]"))
+        .collect();
+    assert!(!snippets.is_empty(), "docs/modbus.md has no device config example");
+    for snippet in snippets {
+        let text = format!("[[sites]]\nid = \"plant-a\"\nname = \"Plant A\"\nkind = \"enterprise\"\n\n{snippet}");
+        let parsed = stonelion::config::parse(&text, stonelion::config::builtin::builtin_profiles());
+        assert!(parsed.is_ok(), "example does not parse: {:?}\n{snippet}", parsed.err());
+    }
+}
+
+fn polled_config(stale_after: &str, poll_interval: &str) -> String {
+    format!(
+        "[[sites]]\nid = \"plant-a\"\nname = \"Plant A\"\nkind = \"enterprise\"\n\n\
+         [[devices]]\nid = \"th-1\"\nsite = \"plant-a\"\nprofile = \"xy-md02\"\nstale_after = \"{stale_after}\"\n\n\
+         [devices.modbus]\ntransport = \"tcp\"\naddress = \"127.0.0.1:502\"\npoll_interval = \"{poll_interval}\"\n"
+    )
+}
+
+#[test]
+fn polled_device_staleness_must_outlast_failed_polls() {
+    let builtin = stonelion::config::builtin::builtin_profiles;
+    // Three failed polls of 10 s take 30 s, so a 20 s staleness timeout would fire first.
+    let problems = stonelion::config::parse(&polled_config("20s", "10s"), builtin()).expect_err("rejected");
+    let text = format!("{problems:?}");
+    assert!(text.contains("devices[0].stale_after"), "{text}");
+    assert!(text.contains("offline_after_failures"), "{text}");
+    let equal = stonelion::config::parse(&polled_config("30s", "10s"), builtin());
+    assert!(equal.is_err(), "a timeout equal to three intervals is rejected");
+    let longer = stonelion::config::parse(&polled_config("31s", "10s"), builtin());
+    assert!(longer.is_ok(), "{:?}", longer.err());
 }

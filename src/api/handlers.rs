@@ -64,8 +64,20 @@ fn device_json(state: &AppState, device: &Device, device_state: Option<&DeviceSt
                 .iter()
                 .map(|(metric, (ts, value))| {
                     let unit = profile.and_then(|p| p.metric(metric)).and_then(|m| m.unit.clone());
-                    (metric.to_string(), json!({ "value": value, "ts": ts.to_rfc3339(), "unit": unit }))
+                    let mut entry = json!({ "value": value, "ts": ts.to_rfc3339(), "unit": unit });
+                    if let Some(label) = profile.and_then(|p| code_label(p, metric, *value)) {
+                        entry["label"] = json!(label);
+                    }
+                    (metric.to_string(), entry)
                 })
+                .collect()
+        })
+        .unwrap_or_default();
+    let bad: serde_json::Map<String, Json_> = device_state
+        .map(|s| {
+            s.bad
+                .iter()
+                .map(|(metric, bad)| (metric.to_string(), json!({ "reason": bad.reason, "at": bad.at.to_rfc3339() })))
                 .collect()
         })
         .unwrap_or_default();
@@ -79,7 +91,25 @@ fn device_json(state: &AppState, device: &Device, device_state: Option<&DeviceSt
         "online": device_state.and_then(|s| s.online),
         "last_seen": device_state.and_then(|s| s.last_seen).map(Timestamp::to_rfc3339),
         "latest": latest,
+        "bad": bad,
     })
+}
+
+/// Looks up the profile's label for a status or fault code, for metrics whose register
+/// lists `codes`. A code the profile does not list has no label.
+fn code_label(profile: &crate::profile::Profile, metric: &MetricName, value: crate::model::Value) -> Option<String> {
+    let crate::model::Value::Number(number) = value else { return None };
+    let register = &profile.registers.iter().find(|entry| entry.metric == *metric)?.register;
+    if register.codes.is_empty() {
+        return None;
+    }
+    // Codes are keyed by the raw register value, before scale and offset.
+    let raw = (number - register.offset) / register.scale;
+    if raw.fract() != 0.0 || raw.abs() > 1e15 {
+        return None;
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    register.code_label(raw as i64).map(str::to_owned)
 }
 
 #[derive(Debug, Deserialize)]

@@ -575,6 +575,11 @@ fn check_devices(
                 checker.push(Some(spans.key("modbus")), format!("devices[{index}].modbus.{field}"), message);
                 ok = false;
             }
+            if let Some(message) = check_polled_staleness(modbus, profile, spec.stale_after.unwrap_or(ingest.stale_after)) {
+                let span = if spec.stale_after.is_some() { spans.key("stale_after") } else { spans.key("modbus") };
+                checker.push(Some(span), key("stale_after"), message);
+                ok = false;
+            }
             if profile.registers.is_empty() {
                 checker.push(
                     Some(spans.key("modbus")),
@@ -607,6 +612,31 @@ fn check_devices(
         }
     }
     devices
+}
+
+/// Checks that a polled device's staleness timeout leaves the poller time to decide.
+///
+/// The pipeline marks any device offline when no reading arrives within `stale_after`,
+/// polled devices included. A timeout that is not longer than `offline_after_failures`
+/// poll intervals would raise an offline alarm for a device that misses one poll, or for
+/// every device whose interval is longer than the timeout.
+fn check_polled_staleness(modbus: &ModbusDeviceConfig, profile: &crate::profile::Profile, stale_after: Duration) -> Option<String> {
+    let interval = modbus
+        .poll_interval
+        .or(profile.modbus.poll_interval)
+        .unwrap_or(crate::modbus::config::DEFAULT_POLL_INTERVAL);
+    let needed = interval.saturating_mul(modbus.offline_after_failures.max(1));
+    (stale_after <= needed).then(|| {
+        format!(
+            "stale_after {} is not longer than poll_interval {} x offline_after_failures {} = {}, \
+             so a device that misses a poll would be marked offline; raise stale_after above {}",
+            humantime::format_duration(stale_after),
+            humantime::format_duration(interval),
+            modbus.offline_after_failures,
+            humantime::format_duration(needed),
+            humantime::format_duration(needed),
+        )
+    })
 }
 
 fn check_webhooks(checker: &mut Checker<'_>, entries: Vec<(WebhookConfig, EntrySpans)>) -> Vec<Webhook> {

@@ -12,7 +12,7 @@ pub mod reject;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::{DeviceId, Reading};
+use crate::model::{DeviceId, MetricName, Reading};
 use crate::storage::Point;
 
 /// Why a device changed its liveness.
@@ -33,10 +33,17 @@ pub enum LivenessCause {
 pub enum IngestMessage {
     /// Validated readings of known devices.
     Readings(Vec<Reading>),
+    /// Validated readings that update latest values and liveness and go to the rules, but
+    /// are not stored, such as polled values that report-on-change holds back.
+    UnstoredReadings(Vec<Reading>),
     /// Points written over HTTP. Points whose measurement and tags map to a known device
     /// become readings; the rest are stored as they are. `done` receives the outcome
     /// once the points were handed to storage.
     Points { points: Vec<Point>, done: Option<oneshot::Sender<Result<(), WriteFailure>>> },
+    /// Metrics of a polled device whose latest read failed or returned an invalid value,
+    /// each with the reason, such as `timeout` or `out_of_range`. A later reading of the
+    /// metric clears it.
+    BadReadings { device: DeviceId, bad: Vec<(MetricName, String)> },
     /// A device went offline or came back.
     Liveness { device: DeviceId, online: bool, cause: LivenessCause },
 }
@@ -84,6 +91,22 @@ impl IngestHandle {
             return Ok(());
         }
         self.send(IngestMessage::Readings(readings)).await
+    }
+
+    /// Sends readings that the rules and liveness see but storage does not keep.
+    pub async fn submit_unstored(&self, readings: Vec<Reading>) -> Result<(), PipelineClosed> {
+        if readings.is_empty() {
+            return Ok(());
+        }
+        self.send(IngestMessage::UnstoredReadings(readings)).await
+    }
+
+    /// Reports metrics whose latest read failed, with the reason of each.
+    pub async fn bad_readings(&self, device: DeviceId, bad: Vec<(MetricName, String)>) -> Result<(), PipelineClosed> {
+        if bad.is_empty() {
+            return Ok(());
+        }
+        self.send(IngestMessage::BadReadings { device, bad }).await
     }
 
     /// Sends points and waits until the pipeline has handed them to storage.

@@ -77,7 +77,12 @@ pub fn decode_words(register: &Register, words: &[u16]) -> Result<Decoded, Decod
         return Err(DecodeError::NoValue { raw });
     }
     if let Some(bit) = register.bit {
-        return Ok(Decoded::Bool(words[0] >> bit & 1 == 1));
+        // Bit N of the register value after the device's byte order is undone, so a BADC or
+        // DCBA status word reads the same bits as the ABCD word of the same value.
+        // `bit` needs type u16 or bool, so `raw` is a whole number from 0 to 65535.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let word = raw as u16;
+        return Ok(Decoded::Bool(word >> bit & 1 == 1));
     }
     let value = raw * register.scale + register.offset;
     // A large scale or offset can overflow a finite raw value to infinity.
@@ -233,6 +238,21 @@ mod tests {
         register.span = register.data_type.words().unwrap_or(4);
         assert_eq!(register.function, Function::HoldingRegister);
         register
+    }
+
+    #[test]
+    fn status_bits_follow_byte_order() {
+        // The register value 0x0102 has bits 1 and 8 set, whatever order its bytes travel in.
+        let cases = [("ABCD", 0x0102), ("CDAB", 0x0102), ("BADC", 0x0201), ("DCBA", 0x0201)];
+        for (order, word) in cases {
+            for bit in 0..16u8 {
+                let mut register = register("u16", order);
+                register.bit = Some(bit);
+                let decoded = decode_words(&register, &[word]).expect("decodes");
+                let expected = bit == 1 || bit == 8;
+                assert_eq!(decoded, Decoded::Bool(expected), "{order} bit {bit}");
+            }
+        }
     }
 
     #[test]

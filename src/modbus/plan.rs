@@ -123,6 +123,41 @@ mod tests {
     }
 
     #[test]
+    fn protocol_register_limit_at_its_edge() {
+        // Registers 0 and 124 fit one read of exactly 125 registers, but 125 needs a second read.
+        let at_edge = [metric("first", "holding_register", 0, "u16"), metric("last", "holding_register", 124, "u16")];
+        let wide_gap = PlanLimits { max_gap: 200, ..LIMITS };
+        let blocks = plan_reads(&at_edge, wide_gap).expect("plans");
+        let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
+        assert_eq!(shape, [(0, 125)]);
+
+        let past_edge = [metric("first", "holding_register", 0, "u16"), metric("next", "holding_register", 125, "u16")];
+        let blocks = plan_reads(&past_edge, wide_gap).expect("plans");
+        let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
+        assert_eq!(shape, [(0, 1), (125, 1)]);
+
+        // A 32-bit value whose second register would be the 126th starts a new read.
+        let straddling = [metric("first", "input_register", 0, "u16"), metric("wide", "input_register", 124, "u32")];
+        let blocks = plan_reads(&straddling, wide_gap).expect("plans");
+        let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
+        assert_eq!(shape, [(0, 1), (124, 2)]);
+    }
+
+    #[test]
+    fn protocol_bit_limit_at_its_edge() {
+        let wide_gap = PlanLimits { max_gap: 3000, ..LIMITS };
+        let at_edge = [metric("first", "coil", 0, "bool"), metric("last", "coil", 1999, "bool")];
+        let blocks = plan_reads(&at_edge, wide_gap).expect("plans");
+        let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
+        assert_eq!(shape, [(0, 2000)]);
+
+        let past_edge = [metric("first", "discrete_input", 0, "bool"), metric("next", "discrete_input", 2000, "bool")];
+        let blocks = plan_reads(&past_edge, wide_gap).expect("plans");
+        let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
+        assert_eq!(shape, [(0, 1), (2000, 1)]);
+    }
+
+    #[test]
     fn metric_wider_than_limit_is_rejected() {
         let registers = [metric("energy", "holding_register", 0, "f64")];
         let error = plan_reads(&registers, PlanLimits { max_registers: 2, ..LIMITS }).expect_err("too wide");

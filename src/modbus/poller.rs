@@ -91,7 +91,7 @@ pub(crate) async fn run_tcp_device(mut state: DeviceState, gateway: Arc<Semaphor
     let mut connection = Connection::new(Link::of(&state.device.config));
     info!(device = %state.device.id, link = %connection.link(), "modbus polling started");
     while wait_until(state.next_due, &shared.shutdown).await {
-        poll_once(&mut state, &mut connection, Some(&gateway), Duration::ZERO, &shared).await;
+        poll_once(&mut state, &mut connection, Some(&gateway), &shared).await;
     }
     info!(device = %state.device.id, "modbus polling stopped");
 }
@@ -99,14 +99,14 @@ pub(crate) async fn run_tcp_device(mut state: DeviceState, gateway: Arc<Semaphor
 /// Polls the devices that share one serial bus or RTU-over-TCP gateway until shutdown, one
 /// request at a time.
 pub(crate) async fn run_bus(link: Link, mut states: Vec<DeviceState>, shared: Shared) {
-    let mut connection = Connection::new(link);
     let pause = states.iter().map(|s| s.device.config.bus_pause).max().unwrap_or_default();
+    let mut connection = Connection::with_pause(link, pause);
     info!(link = %connection.link(), devices = states.len(), "modbus bus polling started");
     while let Some(index) = (0..states.len()).min_by_key(|&i| states[i].next_due) {
         if !wait_until(states[index].next_due, &shared.shutdown).await {
             break;
         }
-        poll_once(&mut states[index], &mut connection, None, pause, &shared).await;
+        poll_once(&mut states[index], &mut connection, None, &shared).await;
         // A device that failed may have left a frame half sent, so the next one starts clean.
         if states[index].failures > 0 {
             connection.reset();
@@ -128,31 +128,36 @@ async fn poll_once(
     state: &mut DeviceState,
     connection: &mut Connection,
     gateway: Option<&Semaphore>,
-    pause: Duration,
     shared: &Shared,
 ) {
     let started = Instant::now();
     let mut readings = Vec::new();
+    let mut bad = Vec::new();
+    // Only a read that returns data shows the device works. Exception replies from the
+    // device, or from a gateway in front of a silent device, do not count.
     let mut answered = false;
     for block_index in 0..state.blocks.len() {
-        if block_index > 0 && !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
         let block = state.blocks[block_index].clone();
         let _permit = match gateway {
             Some(semaphore) => Some(semaphore.acquire().await.expect("the semaphore is never closed")),
             None => None,
         };
-        match read_with_retries(state, connection, &block, pause, shared).await {
+        match read_with_retries(state, connection, &block, shared).await {
             Ok(reply) => {
                 answered = true;
-                decode_block(state, &block, &reply, shared, &mut readings);
+                decode_block(state, &block, &reply, shared, &mut readings, &mut bad);
             }
-            Err(error) => answered |= error.device_answered(),
+            Err(error) => {
+                let reason = error.reason();
+                bad.extend(block.metrics.iter().map(|&i| (state.device.profile.registers[i].metric.clone(), reason.clone())));
+            }
         }
         if shared.shutdown.is_cancelled() {
             return;
         }
+    }
+    if shared.ingest.bad_readings(state.device.id.clone(), bad).await.is_err() {
+        debug!(device = %state.device.id, "pipeline closed; bad readings dropped at shutdown");
     }
     finish_poll(state, answered, readings, started, shared).await;
 }
@@ -161,7 +166,6 @@ async fn read_with_retries(
     state: &mut DeviceState,
     connection: &mut Connection,
     block: &ReadBlock,
-    pause: Duration,
     shared: &Shared,
 ) -> Result<Reply, ReadError> {
     let (unit_id, timeout, retries) = (state.device.config.unit_id, state.device.config.timeout, state.device.config.retries);
@@ -180,9 +184,6 @@ async fn read_with_retries(
             return Err(error);
         }
         attempt += 1;
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
     }
 }
 
@@ -203,8 +204,16 @@ fn log_read_error(state: &mut DeviceState, block: &ReadBlock, error: &ReadError,
     state.last_warned = Some(key);
 }
 
-/// Decodes every metric of a block; bad values are counted and left out.
-fn decode_block(state: &DeviceState, block: &ReadBlock, reply: &Reply, shared: &Shared, readings: &mut Vec<Reading>) {
+/// Decodes every metric of a block. Bad values are counted and go to `bad` with their
+/// reason instead of `readings`.
+fn decode_block(
+    state: &DeviceState,
+    block: &ReadBlock,
+    reply: &Reply,
+    shared: &Shared,
+    readings: &mut Vec<Reading>,
+    bad: &mut Vec<(MetricName, String)>,
+) {
     let ts = shared.clock.now();
     for &index in &block.metrics {
         let entry = &state.device.profile.registers[index];
@@ -223,6 +232,7 @@ fn decode_block(state: &DeviceState, block: &ReadBlock, reply: &Reply, shared: &
             Err(error) => {
                 shared.metrics.count_bad_value(state.id(), entry.metric.as_str(), error.reason());
                 debug!(device = %state.device.id, metric = %entry.metric, %error, "bad modbus value not stored");
+                bad.push((entry.metric.clone(), error.reason().to_owned()));
                 continue;
             }
         };
@@ -274,9 +284,9 @@ async fn finish_poll(state: &mut DeviceState, answered: bool, readings: Vec<Read
             report_liveness(state, false, LivenessCause::PollFailures(state.failures), shared).await;
         }
     }
-    let readings = filter_reported(state, readings);
-    let count = readings.len() as u64;
-    if shared.ingest.submit(readings).await.is_err() {
+    let (stored, unstored) = split_reported(state, readings);
+    let count = stored.len() as u64;
+    if shared.ingest.submit(stored).await.is_err() || shared.ingest.submit_unstored(unstored).await.is_err() {
         debug!(device = %state.device.id, "pipeline closed; readings dropped at shutdown");
     } else {
         shared.metrics.readings.get_or_create(&labels).inc_by(count);
@@ -290,15 +300,16 @@ async fn report_liveness(state: &DeviceState, online: bool, cause: LivenessCause
     }
 }
 
-/// Applies report-on-change: keeps a reading if it moved past the deadband, changed state,
-/// or was last reported `report_max_interval` ago.
-fn filter_reported(state: &mut DeviceState, readings: Vec<Reading>) -> Vec<Reading> {
-    let Some(deadband) = state.device.config.report_deadband else { return readings };
+/// Applies report-on-change, which decides only what is stored: returns the readings to
+/// store (moved past the deadband, changed state, or last stored `report_max_interval` ago)
+/// and the rest, which the rules and liveness still see.
+fn split_reported(state: &mut DeviceState, readings: Vec<Reading>) -> (Vec<Reading>, Vec<Reading>) {
+    let Some(deadband) = state.device.config.report_deadband else { return (readings, Vec::new()) };
     let max_interval = state.device.config.report_max_interval;
     let now = Instant::now();
     readings
         .into_iter()
-        .filter(|reading| {
+        .partition(|reading| {
             let report = match state.last_reported.get(&reading.metric) {
                 None => true,
                 Some((last, at)) => {
@@ -314,7 +325,6 @@ fn filter_reported(state: &mut DeviceState, readings: Vec<Reading>) -> Vec<Readi
             }
             report
         })
-        .collect()
 }
 
 /// Computes the next poll time: the interval after the last start, or an exponential
@@ -324,8 +334,73 @@ fn next_due(state: &DeviceState, started: Instant) -> Instant {
         let due = started + state.interval;
         return due.max(Instant::now());
     }
-    let steps = (state.failures - state.device.config.offline_after_failures).min(16);
+    let jitter = rand::rng().random_range(BACKOFF_JITTER);
+    Instant::now() + offline_backoff(state, jitter)
+}
+
+/// Range of the factor that spreads the polls of devices that went offline together.
+const BACKOFF_JITTER: std::ops::Range<f64> = 0.8..1.2;
+
+/// Computes the wait before the next poll of an offline device: `interval` × 2^k, where k
+/// counts the failed polls since it went offline, capped at `max_backoff` (but never below
+/// `interval`), times `jitter`.
+fn offline_backoff(state: &DeviceState, jitter: f64) -> Duration {
+    let steps = state.failures.saturating_sub(state.device.config.offline_after_failures).min(16);
     let backoff = state.interval.saturating_mul(1 << steps).min(state.device.config.max_backoff.max(state.interval));
-    let jitter = rand::rng().random_range(0.8..1.2);
-    Instant::now() + backoff.mul_f64(jitter)
+    backoff.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DeviceId, SiteId};
+    use crate::modbus::ModbusDeviceConfig;
+
+    fn offline_state(failures: u32) -> DeviceState {
+        let text = "name = \"one\"\n[[metrics]]\nname = \"level\"\nmodbus = { register = 40001 }\n";
+        let profile = crate::profile::parse(text, None).expect("profile parses");
+        let mut config = ModbusDeviceConfig::tcp("127.0.0.1:502".to_owned(), 1);
+        config.poll_interval = Some(Duration::from_secs(1));
+        config.offline_after_failures = 3;
+        config.max_backoff = Duration::from_secs(10);
+        let device = PolledDevice { id: DeviceId::new("d"), site: SiteId::new("s"), profile: Arc::new(profile), config };
+        let mut state = DeviceState::new(device).expect("plans");
+        state.failures = failures;
+        state.offline = true;
+        state
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_max() {
+        let seconds = |failures| offline_backoff(&offline_state(failures), 1.0).as_secs_f64();
+        assert_eq!(seconds(3), 1.0);
+        assert_eq!(seconds(4), 2.0);
+        assert_eq!(seconds(5), 4.0);
+        assert_eq!(seconds(6), 8.0);
+        assert_eq!(seconds(7), 10.0);
+        assert_eq!(seconds(1000), 10.0);
+    }
+
+    #[test]
+    fn backoff_jitter_scales_the_wait() {
+        let state = offline_state(5);
+        assert_eq!(offline_backoff(&state, BACKOFF_JITTER.start), Duration::from_secs_f64(3.2));
+        assert!((offline_backoff(&state, BACKOFF_JITTER.end).as_secs_f64() - 4.8).abs() < 1e-9);
+    }
+
+    #[tokio::test]
+    async fn next_poll_of_offline_device_is_jittered() {
+        let state = offline_state(5);
+        let mut waits = Vec::new();
+        for _ in 0..200 {
+            let before = Instant::now();
+            let due = next_due(&state, before);
+            let after = Instant::now();
+            assert!(due >= before + Duration::from_secs_f64(3.2), "wait shorter than 0.8 x 4 s");
+            assert!(due <= after + Duration::from_secs_f64(4.8), "wait longer than 1.2 x 4 s");
+            waits.push(due.duration_since(before));
+        }
+        let (min, max) = (waits.iter().min().expect("samples"), waits.iter().max().expect("samples"));
+        assert!(*max - *min > Duration::from_millis(100), "no jitter: waits from {min:?} to {max:?}");
+    }
 }

@@ -118,6 +118,8 @@ pub struct RequestRecord {
     pub function: Function,
     pub address: u16,
     pub count: u16,
+    /// When the simulator decoded the request.
+    pub received: tokio::time::Instant,
 }
 
 #[derive(Default)]
@@ -220,7 +222,8 @@ impl Service for SimulatorService {
 /// the request came in. `None` means the unit does not exist and stays silent.
 fn answer(state: &Mutex<State>, unit_id: u8, request: &Request<'_>) -> (Option<Behaviour>, Result<Response, ExceptionCode>) {
     let mut state = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let record = |function, address, count| RequestRecord { unit_id, function, address, count };
+    let received = tokio::time::Instant::now();
+    let record = |function, address, count| RequestRecord { unit_id, function, address, count, received };
     let (record, response) = {
         let Some(unit) = state.units.get(&unit_id) else { return (None, Err(ExceptionCode::GatewayTargetDevice)) };
         if unit.behaviour == Behaviour::Silent {

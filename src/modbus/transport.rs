@@ -97,17 +97,6 @@ impl ReadError {
         }
     }
 
-    /// Whether the device (not a gateway in front of it) responded.
-    pub fn device_answered(&self) -> bool {
-        match self {
-            ReadError::Exception(code) => !matches!(
-                code,
-                ExceptionCode::GatewayPathUnavailable | ExceptionCode::GatewayTargetDevice
-            ),
-            _ => false,
-        }
-    }
-
     /// Whether the connection must be dropped before the next request.
     pub fn poisons_connection(&self) -> bool {
         !matches!(self, ReadError::Exception(_))
@@ -157,11 +146,20 @@ pub fn exception_name(code: ExceptionCode) -> String {
 pub struct Connection {
     link: Link,
     context: Option<Context>,
+    /// Quiet time on the link between the end of one request and the start of the next.
+    pause: Duration,
+    last_request_end: Option<tokio::time::Instant>,
 }
 
 impl Connection {
     pub fn new(link: Link) -> Self {
-        Self { link, context: None }
+        Self::with_pause(link, Duration::ZERO)
+    }
+
+    /// A connection that keeps `pause` between any two requests it sends, whichever unit
+    /// they address, as a shared RS485 bus needs.
+    pub fn with_pause(link: Link, pause: Duration) -> Self {
+        Self { link, context: None, pause, last_request_end: None }
     }
 
     pub fn link(&self) -> &Link {
@@ -176,6 +174,15 @@ impl Connection {
     /// Reads `block` from unit `unit_id`, connecting first if needed. Any error other than
     /// a device exception drops the connection.
     pub async fn read(&mut self, unit_id: u8, block: &ReadBlock, timeout: Duration) -> Result<Reply, ReadError> {
+        if let Some(end) = self.last_request_end {
+            tokio::time::sleep_until(end + self.pause).await;
+        }
+        let outcome = self.read_now(unit_id, block, timeout).await;
+        self.last_request_end = Some(tokio::time::Instant::now());
+        outcome
+    }
+
+    async fn read_now(&mut self, unit_id: u8, block: &ReadBlock, timeout: Duration) -> Result<Reply, ReadError> {
         if self.context.is_none() {
             let context = tokio::time::timeout(timeout, connect(&self.link))
                 .await
