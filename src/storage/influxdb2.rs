@@ -1022,6 +1022,25 @@ mod tests {
     }
 
     #[test]
+    fn unusable_buffer_dir_names_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("not-a-folder");
+        fs::write(&file, "").expect("create file");
+        let config = InfluxDb2Config {
+            buffer_dir: file,
+            ..config()
+        };
+        let message = InfluxDb2Store::open(config, &SharedRegistry::new())
+            .err()
+            .expect("a file is not a buffer folder")
+            .to_string();
+        assert!(
+            message.contains("storage.influxdb2.buffer_dir"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn unknown_key_rejected() {
         let parsed: Result<InfluxDb2Config, _> = toml::from_str(
             "url = \"http://x\"\norg = \"o\"\nbucket = \"b\"\nbuffer_dir = \"d\"\nbatchsize = 1",
