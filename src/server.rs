@@ -72,7 +72,7 @@ impl Server {
         let registry = SharedRegistry::new();
         let config = Arc::new(config);
 
-        let store = open_store(&config, &data_dir, &registry).await?;
+        let store = open_store(&config, &data_dir, &registry)?;
 
         let state_db = data_dir.join("state.sqlite");
         let alarm_store = AlarmStore::open(&state_db, config.webhooks.clone())
@@ -274,7 +274,7 @@ fn spawn_http(
 }
 
 /// Opens the configured time-series backend.
-async fn open_store(config: &Config, data_dir: &Path, registry: &SharedRegistry) -> anyhow::Result<Arc<dyn TimeSeriesStore>> {
+fn open_store(config: &Config, data_dir: &Path, registry: &SharedRegistry) -> anyhow::Result<Arc<dyn TimeSeriesStore>> {
     let storage = &config.storage;
     let embedded = || -> anyhow::Result<Arc<dyn TimeSeriesStore>> {
         let options = EngineOptions {
@@ -286,12 +286,14 @@ async fn open_store(config: &Config, data_dir: &Path, registry: &SharedRegistry)
         registry.register(|r| engine.register_metrics(r));
         Ok(Arc::new(engine))
     };
-    let influx = || async {
+    // Starts while InfluxDB is unreachable: points wait in the on-disk buffer. Only an
+    // invalid config or an unusable buffer folder stops the start.
+    let influx = || {
         let mut influx = storage.influxdb2.clone().context("the backend needs [storage.influxdb2]")?;
         if influx.buffer_dir.as_os_str().is_empty() {
             influx.buffer_dir = data_dir.join("influxdb2-buffer");
         }
-        let store = InfluxDb2Store::open(influx, registry).await.context("cannot start the InfluxDB 2 backend")?;
+        let store = InfluxDb2Store::open(influx, registry).context("cannot start the InfluxDB 2 backend")?;
         anyhow::Ok(Arc::new(store) as Arc<dyn TimeSeriesStore>)
     };
     let store = match storage.backend {
@@ -300,8 +302,8 @@ async fn open_store(config: &Config, data_dir: &Path, registry: &SharedRegistry)
             SqliteStore::open(&data_dir.join("series"), storage.commit_interval)
                 .context("cannot open the SQLite time-series store")?,
         ),
-        StorageBackend::Influxdb2 => influx().await?,
-        StorageBackend::Both => Arc::new(TeeStore::new(embedded()?, influx().await?)),
+        StorageBackend::Influxdb2 => influx()?,
+        StorageBackend::Both => Arc::new(TeeStore::new(embedded()?, influx()?)),
     };
     tracing::info!(backend = ?storage.backend, "time-series store open");
     Ok(store)

@@ -411,7 +411,7 @@ fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
         (None, true) => checker.push(
             None,
             "storage.influxdb2",
-            "the influxdb2 and both backends need a [storage.influxdb2] section with url, org and bucket",
+            "the influxdb2 and both backends need a [storage.influxdb2] section with url, org, bucket and token (or token_env)",
         ),
         (Some(influx), true) => {
             if let Err(e) = influx.validate() {

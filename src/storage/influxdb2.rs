@@ -1,20 +1,22 @@
 //! InfluxDB 2 storage backend: points are appended as line protocol to an on-disk buffer,
 //! and a sender thread posts them in order to InfluxDB's `/api/v2/write`, in gzip batches,
-//! retrying with backoff while InfluxDB is unreachable.
+//! retrying with backoff while InfluxDB is unreachable or rejects the credentials.
 //!
 //! Durability: `write` returns after the lines are appended and synced to the buffer, so a
-//! point survives both an InfluxDB outage and a restart of Stonelion. The buffer is bounded
+//! point survives both an InfluxDB outage and a restart of Stonelion. The backend starts
+//! while InfluxDB is down and delivers the buffer once InfluxDB accepts writes. The buffer is bounded
 //! by `buffer_max_bytes`; when it is full, the oldest segment is dropped, counted and
 //! logged. Queries are not served here: Grafana reads InfluxDB through its own InfluxQL API.
 //!
 //! [`TeeStore`] writes to two stores, for the `both` mode (embedded store and InfluxDB).
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use influxdb_line_protocol::LineProtocolBuilder;
 use prometheus_client::metrics::counter::Counter;
@@ -25,8 +27,10 @@ use super::{Point, Query, Selector, SeriesData, SeriesKey, StorageError, TimeSer
 use crate::metrics::SharedRegistry;
 use crate::model::{Timestamp, Value};
 
+mod sender;
+
 /// Settings of the InfluxDB 2 backend.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct InfluxDb2Config {
     /// Base URL of InfluxDB, such as `http://127.0.0.1:8086`. A path is kept, so InfluxDB
@@ -46,13 +50,17 @@ pub struct InfluxDb2Config {
     /// `influxdb2-buffer` in the data directory.
     #[serde(default)]
     pub buffer_dir: PathBuf,
-    /// Maximum size of the on-disk buffer in bytes; when full, the oldest points are dropped.
+    /// Maximum size of the on-disk buffer in bytes, at least 64 KiB; when full, the oldest
+    /// points are dropped, one eighth of the buffer (at most 8 MiB) at a time.
     #[serde(default = "default_buffer_max_bytes")]
     pub buffer_max_bytes: u64,
-    /// Maximum number of lines per write request.
+    /// Maximum number of lines per write request. A batch is sent as soon as it has this
+    /// many lines.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// Maximum time a point waits in the buffer before it is sent, for example `1s`.
+    /// Maximum time a point waits in the buffer before it is sent while InfluxDB accepts
+    /// writes, for example `1s`. A batch is sent when it reaches `batch_size` lines or when
+    /// its oldest point has waited this long, whichever comes first.
     #[serde(default = "default_flush_interval", with = "humantime_serde")]
     pub flush_interval: Duration,
     /// Timeout of one HTTP request, for example `10s`.
@@ -67,6 +75,27 @@ pub struct InfluxDb2Config {
     /// Whether request bodies are gzip-compressed.
     #[serde(default = "default_gzip")]
     pub gzip: bool,
+}
+
+/// Prints `<redacted>` in place of the token, so a logged config never shows it.
+impl fmt::Debug for InfluxDb2Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InfluxDb2Config")
+            .field("url", &self.url)
+            .field("org", &self.org)
+            .field("bucket", &self.bucket)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_env", &self.token_env)
+            .field("buffer_dir", &self.buffer_dir)
+            .field("buffer_max_bytes", &self.buffer_max_bytes)
+            .field("batch_size", &self.batch_size)
+            .field("flush_interval", &self.flush_interval)
+            .field("request_timeout", &self.request_timeout)
+            .field("retry_initial_backoff", &self.retry_initial_backoff)
+            .field("retry_max_backoff", &self.retry_max_backoff)
+            .field("gzip", &self.gzip)
+            .finish()
+    }
 }
 
 fn default_token_env() -> String {
@@ -94,8 +123,21 @@ fn default_gzip() -> bool {
     true
 }
 
-/// Size at which the buffer starts a new segment file.
+/// Maximum size of one segment file of the buffer.
 const SEGMENT_MAX_BYTES: u64 = 8 * 1024 * 1024;
+/// Smallest allowed `buffer_max_bytes`.
+const BUFFER_MIN_BYTES: u64 = 64 * 1024;
+/// Minimum number of segments in a full buffer, so dropping the oldest segment drops at
+/// most one eighth of the buffer.
+const SEGMENTS_PER_BUFFER: u64 = 8;
+/// Maximum number of append times kept for the `flush_interval` deadline. Beyond it, new
+/// appends share the newest entry, so they may be sent early but never late.
+const MAX_APPEND_MARKS: usize = 4096;
+
+/// Size at which the buffer starts a new segment file.
+fn segment_max_bytes(buffer_max_bytes: u64) -> u64 {
+    (buffer_max_bytes / SEGMENTS_PER_BUFFER).clamp(1, SEGMENT_MAX_BYTES)
+}
 
 /// Errors of the InfluxDB 2 backend's configuration and start.
 #[derive(Debug, thiserror::Error)]
@@ -103,11 +145,9 @@ pub enum InfluxDb2Error {
     #[error("invalid storage.influxdb2.{key}: {message}")]
     InvalidConfig { key: &'static str, message: String },
     #[error(
-        "InfluxDB health check at {url} failed: {message}; check storage.influxdb2.url and \
-         that InfluxDB is running"
+        "cannot use the InfluxDB 2 buffer folder {path}: {source}; check \
+         storage.influxdb2.buffer_dir and the folder's permissions"
     )]
-    Unhealthy { url: String, message: String },
-    #[error("influxdb2 buffer in {path} failed: {source}")]
     Buffer {
         path: PathBuf,
         source: std::io::Error,
@@ -115,7 +155,8 @@ pub enum InfluxDb2Error {
 }
 
 impl InfluxDb2Config {
-    /// Checks every setting, naming the key and the fix.
+    /// Checks every setting, naming the key and the fix. The token must be set, in `token`
+    /// or in the variable named by `token_env`.
     pub fn validate(&self) -> Result<(), InfluxDb2Error> {
         let invalid = |key, message: &str| InfluxDb2Error::InvalidConfig {
             key,
@@ -132,13 +173,23 @@ impl InfluxDb2Config {
         if self.bucket.is_empty() {
             return Err(invalid("bucket", "set the bucket name"));
         }
+        if self.resolve_token().is_none() {
+            return Err(invalid(
+                "token",
+                &format!(
+                    "missing API token; set the environment variable {} (named by \
+                     storage.influxdb2.token_env) or storage.influxdb2.token",
+                    self.token_env
+                ),
+            ));
+        }
         if self.batch_size == 0 {
             return Err(invalid("batch_size", "must be at least 1"));
         }
-        if self.buffer_max_bytes < 2 * SEGMENT_MAX_BYTES {
+        if self.buffer_max_bytes < BUFFER_MIN_BYTES {
             return Err(invalid(
                 "buffer_max_bytes",
-                "must be at least 16 MiB (two segments)",
+                "must be at least 65536 (64 KiB)",
             ));
         }
         if self.flush_interval.is_zero() || self.retry_initial_backoff.is_zero() {
@@ -167,6 +218,18 @@ impl InfluxDb2Config {
     fn endpoint(&self, path: &str) -> String {
         format!("{}{path}", self.url.trim_end_matches('/'))
     }
+
+    /// Returns the URL without path and query, for logs.
+    fn redacted_url(&self) -> String {
+        match reqwest::Url::parse(&self.url) {
+            Ok(url) => match (url.host_str(), url.port()) {
+                (Some(host), Some(port)) => format!("{}://{host}:{port}", url.scheme()),
+                (Some(host), None) => format!("{}://{host}", url.scheme()),
+                (None, _) => format!("{}://", url.scheme()),
+            },
+            Err(_) => "<invalid URL>".to_owned(),
+        }
+    }
 }
 
 /// Metrics of the InfluxDB 2 backend.
@@ -176,6 +239,8 @@ struct Influxdb2Metrics {
     sent_points: Counter,
     dropped_points: Counter,
     failed_requests: Counter,
+    rejected_credentials: Counter,
+    up: Gauge,
 }
 
 impl Influxdb2Metrics {
@@ -199,8 +264,20 @@ impl Influxdb2Metrics {
             );
             r.register(
                 "failed_requests",
-                "Write requests that failed and were retried",
+                "Write requests that failed and were retried, including credential failures",
                 self.failed_requests.clone(),
+            );
+            r.register(
+                "rejected_credentials",
+                "Write requests rejected with 401, 403 or 404: a wrong token, org or bucket; \
+                 the points stay buffered",
+                self.rejected_credentials.clone(),
+            );
+            r.register(
+                "up",
+                "1 when InfluxDB accepted the last request, 0 while it is unreachable or \
+                 rejects the writes",
+                self.up.clone(),
             );
         });
     }
@@ -221,14 +298,55 @@ struct BufferState {
     segments: VecDeque<Segment>,
     /// Bytes of the first segment already delivered.
     cursor: u64,
+    /// Lines of the first segment already delivered.
+    cursor_lines: u64,
     /// File of the last segment, open for appending.
     writer: Option<File>,
+    /// Bytes added to the buffer since open, counting the pending bytes found at open.
+    appended: u64,
+    /// Bytes removed from the buffer since open, delivered or dropped.
+    removed: u64,
+    /// Append times of pending bytes, oldest first: the value of `appended` after the
+    /// append, and when it happened.
+    marks: VecDeque<(u64, Instant)>,
     stopping: bool,
+}
+
+impl BufferState {
+    fn pending_lines(&self) -> u64 {
+        let lines: u64 = self.segments.iter().map(|s| s.lines).sum();
+        lines.saturating_sub(self.cursor_lines)
+    }
+
+    /// Time since the oldest pending point was appended, or `None` when nothing is pending.
+    fn oldest_pending_age(&self) -> Option<Duration> {
+        if self.pending_lines() == 0 {
+            return None;
+        }
+        Some(
+            self.marks
+                .front()
+                .map_or(Duration::MAX, |(_, at)| at.elapsed()),
+        )
+    }
+
+    /// Records that `bytes` left the buffer, delivered or dropped.
+    fn remove_pending(&mut self, bytes: u64) {
+        self.removed += bytes;
+        while self
+            .marks
+            .front()
+            .is_some_and(|(end, _)| *end <= self.removed)
+        {
+            self.marks.pop_front();
+        }
+    }
 }
 
 struct Shared {
     dir: PathBuf,
     config: InfluxDb2Config,
+    segment_max_bytes: u64,
     state: Mutex<BufferState>,
     wake: Condvar,
     metrics: Influxdb2Metrics,
@@ -241,14 +359,16 @@ pub struct InfluxDb2Store {
 }
 
 impl InfluxDb2Store {
-    /// Validates the config, checks InfluxDB's `/health`, reopens the buffer (resuming
-    /// delivery of points left from an earlier run) and starts the sender thread.
-    pub async fn open(
+    /// Validates the config, reopens the buffer (resuming delivery of points left from an
+    /// earlier run) and starts the sender thread. It does not wait for InfluxDB: the sender
+    /// checks `/health` in the background and logs at ERROR when InfluxDB is unreachable,
+    /// while writes go to the buffer. Only an invalid config or an unusable buffer folder
+    /// fails.
+    pub fn open(
         config: InfluxDb2Config,
         registry: &SharedRegistry,
     ) -> Result<InfluxDb2Store, InfluxDb2Error> {
         config.validate()?;
-        check_health(&config).await?;
         let dir = config.buffer_dir.clone();
         let buffer_path = dir.clone();
         let buffer_error = |source| InfluxDb2Error::Buffer {
@@ -256,14 +376,22 @@ impl InfluxDb2Store {
             source,
         };
         fs::create_dir_all(&dir).map_err(buffer_error)?;
-        let state = load_buffer(&dir).map_err(buffer_error)?;
+        let state = load_buffer(&dir, config.flush_interval).map_err(buffer_error)?;
         let metrics = Influxdb2Metrics::default();
         metrics.register(registry);
-        metrics.buffer_bytes.set(i64::try_from(buffered_bytes(&state)).unwrap_or(i64::MAX));
-        let pending: u64 = state.segments.iter().map(|s| s.lines).sum();
-        tracing::info!(url = %config.url, bucket = %config.bucket, pending_lines = pending, "influxdb2 backend started");
+        metrics
+            .buffer_bytes
+            .set(gauge_value(buffered_bytes(&state)));
+        tracing::info!(
+            url = %config.redacted_url(),
+            org = %config.org,
+            bucket = %config.bucket,
+            pending_lines = state.pending_lines(),
+            "influxdb2 backend started"
+        );
         let shared = Arc::new(Shared {
             dir,
+            segment_max_bytes: segment_max_bytes(config.buffer_max_bytes),
             config,
             state: Mutex::new(state),
             wake: Condvar::new(),
@@ -272,7 +400,7 @@ impl InfluxDb2Store {
         let sender_shared = Arc::clone(&shared);
         let sender = std::thread::Builder::new()
             .name("influxdb2-sender".into())
-            .spawn(move || run_sender(&sender_shared))
+            .spawn(move || sender::run(&sender_shared))
             .map_err(buffer_error)?;
         Ok(InfluxDb2Store {
             shared,
@@ -290,6 +418,16 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, BufferState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn update_buffer_gauge(&self, state: &BufferState) {
+        self.metrics
+            .buffer_bytes
+            .set(gauge_value(buffered_bytes(state)));
+    }
+}
+
+fn gauge_value(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 impl Drop for InfluxDb2Store {
@@ -302,33 +440,14 @@ impl Drop for InfluxDb2Store {
     }
 }
 
-async fn check_health(config: &InfluxDb2Config) -> Result<(), InfluxDb2Error> {
-    let url = config.endpoint("/health");
-    let unhealthy = |message: String| InfluxDb2Error::Unhealthy {
-        url: url.clone(),
-        message,
-    };
-    let client = reqwest::Client::builder()
-        .timeout(config.request_timeout)
-        .build()
-        .map_err(|e| unhealthy(e.to_string()))?;
-    let response = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| unhealthy(e.to_string()))?;
-    if !response.status().is_success() {
-        return Err(unhealthy(format!("status {}", response.status())));
-    }
-    Ok(())
-}
-
 fn segment_path(dir: &Path, sequence: u64) -> PathBuf {
     dir.join(format!("segment-{sequence:020}.lp"))
 }
 
-/// Reads the segments and the delivery cursor left by an earlier run.
-fn load_buffer(dir: &Path) -> std::io::Result<BufferState> {
+/// Reads the segments and the delivery cursor left by an earlier run. A segment that ends
+/// in a partly written line (a crash during an append, which `write` never acknowledged)
+/// is cut back to its last whole line. Points found pending count as due at once.
+fn load_buffer(dir: &Path, flush_interval: Duration) -> std::io::Result<BufferState> {
     let mut sequences: Vec<u64> = fs::read_dir(dir)?
         .filter_map(|entry| entry.ok())
         .filter_map(|entry| {
@@ -341,10 +460,15 @@ fn load_buffer(dir: &Path) -> std::io::Result<BufferState> {
         .collect();
     sequences.sort_unstable();
     let mut segments = VecDeque::new();
+    let mut first_content = Vec::new();
     for sequence in sequences {
         let path = segment_path(dir, sequence);
-        let content = fs::read(&path)?;
+        let mut content = fs::read(&path)?;
+        cut_torn_line(&path, &mut content)?;
         let lines = content.iter().filter(|&&b| b == b'\n').count() as u64;
+        if segments.is_empty() {
+            first_content = content.clone();
+        }
         segments.push_back(Segment {
             sequence,
             path,
@@ -352,17 +476,66 @@ fn load_buffer(dir: &Path) -> std::io::Result<BufferState> {
             lines,
         });
     }
-    let cursor = match fs::read_to_string(dir.join("cursor")) {
+    let mut cursor = match fs::read_to_string(dir.join("cursor")) {
         Ok(text) => parse_cursor(&text, segments.front()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(e),
     };
-    Ok(BufferState {
+    // A delivered first segment is kept only while it is the one being written.
+    if segments.len() > 1 && segments.front().is_some_and(|s| cursor >= s.bytes) {
+        if let Some(done) = segments.pop_front() {
+            fs::remove_file(&done.path)?;
+        }
+        cursor = 0;
+    }
+    let delivered = usize::try_from(cursor)
+        .unwrap_or(usize::MAX)
+        .min(first_content.len());
+    let cursor_lines = first_content[..delivered]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count() as u64;
+    let mut state = BufferState {
         segments,
         cursor,
+        cursor_lines,
         writer: None,
+        appended: 0,
+        removed: 0,
+        marks: VecDeque::new(),
         stopping: false,
-    })
+    };
+    state.appended = buffered_bytes(&state);
+    if state.appended > 0 {
+        let due = Instant::now()
+            .checked_sub(flush_interval)
+            .unwrap_or_else(Instant::now);
+        state.marks.push_back((state.appended, due));
+    }
+    Ok(state)
+}
+
+/// Truncates a segment after its last newline and logs how many bytes were cut.
+fn cut_torn_line(path: &Path, content: &mut Vec<u8>) -> std::io::Result<()> {
+    let whole = content
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    if whole == content.len() {
+        return Ok(());
+    }
+    let torn_bytes = content.len() - whole;
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(whole as u64)?;
+    file.sync_all()?;
+    content.truncate(whole);
+    tracing::warn!(
+        segment = %path.display(),
+        torn_bytes,
+        "influxdb2 buffer segment ended in a partly written line, left by a crash during a \
+         write that was never acknowledged; cut it off"
+    );
+    Ok(())
 }
 
 /// Parses the cursor file, `sequence offset`. An offset for another segment is stale.
@@ -384,7 +557,6 @@ fn buffered_bytes(state: &BufferState) -> u64 {
         .sum::<u64>()
         .saturating_sub(state.cursor)
 }
-
 /// Encodes points as line protocol with millisecond timestamps, one line per point.
 /// Non-finite numbers cannot be written and are left out; the count is returned.
 fn encode(points: &[Point]) -> (Vec<u8>, u64, u64) {
@@ -433,13 +605,16 @@ impl TimeSeriesStore for InfluxDb2Store {
         if state.stopping {
             return Err(StorageError::Closed);
         }
+        let was_idle = state.pending_lines() == 0;
         append(&self.shared, &mut state, &bytes, lines)?;
-        self.shared
-            .metrics
-            .buffer_bytes
-            .set(i64::try_from(buffered_bytes(&state)).unwrap_or(i64::MAX));
+        self.shared.update_buffer_gauge(&state);
+        // The sender waits for a full batch or for the oldest point's deadline, so it
+        // needs a wake only when the batch fills or a first point sets a deadline.
+        let wake = was_idle || state.pending_lines() >= self.shared.config.batch_size as u64;
         drop(state);
-        self.shared.wake.notify_all();
+        if wake {
+            self.shared.wake.notify_all();
+        }
         Ok(())
     }
 
@@ -480,35 +655,49 @@ fn append(
     bytes: &[u8],
     lines: u64,
 ) -> Result<(), StorageError> {
-    let needs_segment = state
+    let full = state
         .segments
         .back()
-        .is_none_or(|s| s.bytes >= SEGMENT_MAX_BYTES)
-        || state.writer.is_none();
-    if needs_segment {
-        let full = state
-            .segments
-            .back()
-            .is_none_or(|s| s.bytes >= SEGMENT_MAX_BYTES);
-        if full {
-            let sequence = state.segments.back().map_or(0, |s| s.sequence + 1);
-            let path = segment_path(&shared.dir, sequence);
-            state.segments.push_back(Segment {
-                sequence,
-                path,
-                bytes: 0,
-                lines: 0,
-            });
-        }
-        let path = &state.segments.back().expect("a segment exists").path;
-        state.writer = Some(OpenOptions::new().create(true).append(true).open(path)?);
+        .is_none_or(|s| s.bytes >= shared.segment_max_bytes);
+    if full {
+        let sequence = state.segments.back().map_or(0, |s| s.sequence + 1);
+        let path = segment_path(&shared.dir, sequence);
+        state.segments.push_back(Segment {
+            sequence,
+            path,
+            bytes: 0,
+            lines: 0,
+        });
+        state.writer = None;
+    }
+    let last = state.segments.back().expect("a segment exists");
+    let known_len = last.bytes;
+    if state.writer.is_none() {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&last.path)?;
+        // Cuts bytes of an earlier append that failed halfway, so every append starts on
+        // a line boundary.
+        file.set_len(known_len)?;
+        state.writer = Some(file);
     }
     let writer = state.writer.as_mut().expect("writer opened above");
-    writer.write_all(bytes)?;
-    writer.sync_data()?;
+    if let Err(error) = writer.write_all(bytes).and_then(|()| writer.sync_data()) {
+        // The next append reopens the file and cuts it back to `known_len`.
+        state.writer = None;
+        return Err(error.into());
+    }
     let last = state.segments.back_mut().expect("a segment exists");
     last.bytes += bytes.len() as u64;
     last.lines += lines;
+    state.appended += bytes.len() as u64;
+    let appended = state.appended;
+    let marks_full = state.marks.len() >= MAX_APPEND_MARKS;
+    match state.marks.back_mut() {
+        Some(newest) if marks_full => newest.0 = appended,
+        _ => state.marks.push_back((appended, Instant::now())),
+    }
     enforce_limit(shared, state);
     Ok(())
 }
@@ -520,35 +709,42 @@ fn enforce_limit(shared: &Shared, state: &mut BufferState) {
         let Some(oldest) = state.segments.pop_front() else {
             return;
         };
+        let dropped_bytes = oldest.bytes.saturating_sub(state.cursor);
+        let dropped_lines = oldest.lines.saturating_sub(state.cursor_lines);
         state.cursor = 0;
+        state.cursor_lines = 0;
+        state.remove_pending(dropped_bytes);
         let _ = fs::remove_file(&oldest.path);
-        shared.metrics.dropped_points.inc_by(oldest.lines);
+        shared.metrics.dropped_points.inc_by(dropped_lines);
         tracing::error!(
-            dropped_lines = oldest.lines,
+            dropped_points = dropped_lines,
             max_bytes = shared.config.buffer_max_bytes,
             "influxdb2 buffer is full; dropped its oldest points"
         );
     }
 }
 
-/// The next batch to send: up to `batch_size` whole lines of the first segment.
+/// The next batch to send: up to `max_lines` whole lines of the first segment.
 struct Batch {
     sequence: u64,
     start: u64,
     bytes: Vec<u8>,
     lines: u64,
+    /// The buffer's `removed` count once this batch is delivered.
+    end_position: u64,
 }
 
-fn next_batch(shared: &Shared) -> std::io::Result<Option<Batch>> {
+fn next_batch(shared: &Shared, max_lines: u64) -> std::io::Result<Option<Batch>> {
     let state = shared.lock();
     let Some(first) = state.segments.front() else {
         return Ok(None);
     };
-    let (sequence, start, end, path) = (
+    let (sequence, start, end, path, removed) = (
         first.sequence,
         state.cursor,
         first.bytes,
         first.path.clone(),
+        state.removed,
     );
     drop(state);
     if start >= end {
@@ -564,23 +760,28 @@ fn next_batch(shared: &Shared) -> std::io::Result<Option<Batch>> {
         if *byte == b'\n' {
             lines += 1;
             cut = index + 1;
-            if lines == shared.config.batch_size as u64 {
+            if lines == max_lines {
                 break;
             }
         }
+    }
+    if lines == 0 {
+        return Ok(None);
     }
     bytes.truncate(cut);
     Ok(Some(Batch {
         sequence,
         start,
+        end_position: removed + cut as u64,
         bytes,
         lines,
     }))
 }
 
-/// Marks a batch as delivered: moves the cursor, persists it, and deletes a finished
-/// segment unless it is the one being written.
-fn commit_batch(shared: &Shared, batch: &Batch) {
+/// Marks a batch as delivered (or dropped as invalid): moves the cursor, persists it, and
+/// deletes a finished segment unless it is the one being written. Returns the buffer's
+/// `removed` count afterwards.
+fn commit_batch(shared: &Shared, batch: &Batch) -> u64 {
     let mut state = shared.lock();
     let matches = state
         .segments
@@ -589,16 +790,19 @@ fn commit_batch(shared: &Shared, batch: &Batch) {
         && state.cursor == batch.start;
     if !matches {
         // The segment was dropped for space while the batch was in flight.
-        return;
+        return state.removed;
     }
     state.cursor += batch.bytes.len() as u64;
+    state.cursor_lines += batch.lines;
+    state.remove_pending(batch.bytes.len() as u64);
     let first = state.segments.front().expect("checked above");
     let finished = state.cursor >= first.bytes
-        && (state.segments.len() > 1 || first.bytes >= SEGMENT_MAX_BYTES);
+        && (state.segments.len() > 1 || first.bytes >= shared.segment_max_bytes);
     if finished {
         let done = state.segments.pop_front().expect("checked above");
         let _ = fs::remove_file(&done.path);
         state.cursor = 0;
+        state.cursor_lines = 0;
         if state.segments.is_empty() {
             state.writer = None;
         }
@@ -613,151 +817,8 @@ fn commit_batch(shared: &Shared, batch: &Batch) {
         // stays correct.
         tracing::warn!(%error, "influxdb2 buffer could not save its cursor");
     }
-    shared
-        .metrics
-        .buffer_bytes
-        .set(i64::try_from(buffered_bytes(&state)).unwrap_or(i64::MAX));
-}
-
-/// The outcome of one write request.
-enum SendOutcome {
-    Accepted,
-    /// InfluxDB rejected the lines themselves (400, 413, 422); retrying cannot succeed.
-    Rejected(String),
-    /// A transport error, a timeout, 429 or 5xx, or an auth or bucket error that an
-    /// operator can fix; the batch is retried.
-    Retry(String),
-}
-
-fn run_sender(shared: &Shared) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            tracing::error!(%error, "influxdb2 sender could not start its runtime; points stay in the buffer");
-            return;
-        }
-    };
-    let client = match reqwest::Client::builder()
-        .timeout(shared.config.request_timeout)
-        .build()
-    {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::error!(%error, "influxdb2 sender could not build its HTTP client; points stay in the buffer");
-            return;
-        }
-    };
-    let token = shared.config.resolve_token();
-    let mut backoff = shared.config.retry_initial_backoff;
-    loop {
-        let batch = match next_batch(shared) {
-            Ok(batch) => batch,
-            Err(error) => {
-                tracing::error!(%error, "influxdb2 buffer read failed; retrying");
-                None
-            }
-        };
-        let Some(batch) = batch else {
-            if !wait(shared, shared.config.flush_interval) {
-                return;
-            }
-            continue;
-        };
-        match runtime.block_on(send(
-            &client,
-            &shared.config,
-            token.as_deref(),
-            &batch.bytes,
-        )) {
-            SendOutcome::Accepted => {
-                shared.metrics.sent_points.inc_by(batch.lines);
-                commit_batch(shared, &batch);
-                backoff = shared.config.retry_initial_backoff;
-            }
-            SendOutcome::Rejected(message) => {
-                tracing::error!(lines = batch.lines, error = %message, "InfluxDB rejected a batch as invalid; dropped it");
-                shared.metrics.dropped_points.inc_by(batch.lines);
-                commit_batch(shared, &batch);
-            }
-            SendOutcome::Retry(message) => {
-                shared.metrics.failed_requests.inc();
-                tracing::warn!(error = %message, retry_in = ?backoff, "influxdb2 write failed; points stay buffered");
-                if !wait(shared, backoff) {
-                    return;
-                }
-                backoff = (backoff * 2).min(shared.config.retry_max_backoff);
-            }
-        }
-    }
-}
-
-/// Waits up to `timeout` or until woken; returns false when the store is stopping.
-fn wait(shared: &Shared, timeout: Duration) -> bool {
-    let state = shared.lock();
-    if state.stopping {
-        return false;
-    }
-    let (state, _) = shared
-        .wake
-        .wait_timeout(state, timeout)
-        .unwrap_or_else(PoisonError::into_inner);
-    !state.stopping
-}
-
-async fn send(
-    client: &reqwest::Client,
-    config: &InfluxDb2Config,
-    token: Option<&str>,
-    lines: &[u8],
-) -> SendOutcome {
-    let url = config.endpoint("/api/v2/write");
-    let mut request = client
-        .post(&url)
-        .query(&[
-            ("org", config.org.as_str()),
-            ("bucket", config.bucket.as_str()),
-            ("precision", "ms"),
-        ])
-        .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8");
-    if let Some(token) = token {
-        request = request.header(reqwest::header::AUTHORIZATION, format!("Token {token}"));
-    }
-    request = if config.gzip {
-        match gzip(lines) {
-            Ok(body) => request
-                .header(reqwest::header::CONTENT_ENCODING, "gzip")
-                .body(body),
-            Err(error) => return SendOutcome::Retry(format!("gzip failed: {error}")),
-        }
-    } else {
-        request.body(lines.to_vec())
-    };
-    let response = match request.send().await {
-        Ok(response) => response,
-        Err(error) => return SendOutcome::Retry(format!("request to {url} failed: {error}")),
-    };
-    let status = response.status();
-    if status.is_success() {
-        return SendOutcome::Accepted;
-    }
-    let body = response.text().await.unwrap_or_default();
-    let message = format!(
-        "{url} returned {status}: {}",
-        body.chars().take(300).collect::<String>()
-    );
-    match status.as_u16() {
-        400 | 413 | 422 => SendOutcome::Rejected(message),
-        _ => SendOutcome::Retry(message),
-    }
-}
-
-fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    encoder.write_all(bytes)?;
-    encoder.finish()
+    shared.update_buffer_gauge(&state);
+    state.removed
 }
 
 /// Writes to two stores and reads from the first, for running the embedded store and
@@ -820,6 +881,7 @@ mod tests {
             bucket = "stonelion"
             buffer_dir = "/var/lib/stonelion/influxdb2"
             flush_interval = "250ms"
+            token = "unit-test-token"
             "#,
         )
         .expect("config parses")
@@ -846,6 +908,134 @@ mod tests {
         let message = config.validate().expect_err("invalid url").to_string();
         assert!(
             message.starts_with("invalid storage.influxdb2.url"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn missing_token_names_key() {
+        let config = InfluxDb2Config {
+            token: None,
+            token_env: "STONELION_UNIT_TEST_UNSET_TOKEN".into(),
+            ..config()
+        };
+        let message = config.validate().expect_err("missing token").to_string();
+        assert!(
+            message.starts_with("invalid storage.influxdb2.token"),
+            "{message}"
+        );
+        assert!(
+            message.contains("STONELION_UNIT_TEST_UNSET_TOKEN"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn debug_redacts_token() {
+        let text = format!("{:?}", config());
+        assert!(!text.contains("unit-test-token"), "{text}");
+        assert!(text.contains("<redacted>"), "{text}");
+    }
+
+    #[test]
+    fn small_buffer_limit_rejected() {
+        let config = InfluxDb2Config {
+            buffer_max_bytes: BUFFER_MIN_BYTES - 1,
+            ..config()
+        };
+        let message = config.validate().expect_err("buffer too small").to_string();
+        assert!(
+            message.starts_with("invalid storage.influxdb2.buffer_max_bytes"),
+            "{message}"
+        );
+        assert_eq!(segment_max_bytes(BUFFER_MIN_BYTES), 8 * 1024);
+        assert_eq!(
+            segment_max_bytes(default_buffer_max_bytes()),
+            SEGMENT_MAX_BYTES
+        );
+    }
+
+    #[test]
+    fn load_cuts_torn_last_line() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let whole = "m,site=a v=1 1000\nm,site=a v=2 2000\n";
+        let path = segment_path(dir.path(), 0);
+        fs::write(&path, format!("{whole}m,site=a v=")).expect("write segment");
+        let state = load_buffer(dir.path(), Duration::from_secs(1)).expect("buffer loads");
+        let segment = state.segments.front().expect("one segment");
+        assert_eq!(segment.bytes, whole.len() as u64);
+        assert_eq!(segment.lines, 2);
+        assert_eq!(state.pending_lines(), 2);
+        let on_disk = fs::read_to_string(&path).expect("read segment");
+        assert_eq!(on_disk, whole);
+    }
+
+    #[test]
+    fn load_skips_delivered_lines() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = "m v=1 1000\n";
+        fs::write(
+            segment_path(dir.path(), 3),
+            format!("{first}m v=2 2000\nm v=3 3000\n"),
+        )
+        .expect("write segment");
+        fs::write(dir.path().join("cursor"), format!("3 {}", first.len())).expect("cursor");
+        let state = load_buffer(dir.path(), Duration::from_secs(1)).expect("buffer loads");
+        assert_eq!(state.cursor_lines, 1);
+        assert_eq!(state.pending_lines(), 2);
+        assert_eq!(state.appended, buffered_bytes(&state));
+        assert!(
+            state.oldest_pending_age() >= Some(Duration::from_secs(1)),
+            "points left from an earlier run are due at once"
+        );
+    }
+
+    #[test]
+    fn append_after_torn_line_starts_on_boundary() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = segment_path(dir.path(), 0);
+        fs::write(&path, "gas-detector v=1 1000\ngas-det").expect("write segment");
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("loopback port")
+            .port();
+        let config = InfluxDb2Config {
+            url: format!("http://127.0.0.1:{closed_port}"),
+            buffer_dir: dir.path().to_path_buf(),
+            retry_initial_backoff: Duration::from_secs(60),
+            retry_max_backoff: Duration::from_secs(60),
+            ..config()
+        };
+        let store = InfluxDb2Store::open(config, &SharedRegistry::new()).expect("store opens");
+        let point = Point {
+            series: SeriesKey::new("gas-detector", vec![], "gas_lel"),
+            ts: Timestamp(2_000),
+            value: Value::Number(2.0),
+        };
+        store.write(vec![point]).expect("write");
+        drop(store);
+        let on_disk = fs::read_to_string(&path).expect("read segment");
+        assert_eq!(
+            on_disk,
+            "gas-detector v=1 1000\ngas-detector gas_lel=2 2000\n"
+        );
+    }
+
+    #[test]
+    fn unusable_buffer_dir_names_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("not-a-folder");
+        fs::write(&file, "").expect("create file");
+        let config = InfluxDb2Config {
+            buffer_dir: file,
+            ..config()
+        };
+        let message = InfluxDb2Store::open(config, &SharedRegistry::new())
+            .err()
+            .expect("a file is not a buffer folder")
+            .to_string();
+        assert!(
+            message.contains("storage.influxdb2.buffer_dir"),
             "{message}"
         );
     }
