@@ -53,6 +53,7 @@ pub fn is_reserved_measurement(measurement: &str) -> bool {
         DEVICE_STATUS_MEASUREMENT,
         crate::alarms::manager::ALARM_EVENTS_MEASUREMENT,
         crate::alarms::manager::ALARM_STATE_MEASUREMENT,
+        crate::summary::SITE_SUMMARY_MEASUREMENT,
     ]
     .contains(&measurement)
 }

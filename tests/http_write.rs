@@ -99,6 +99,7 @@ async fn device_points_checked_like_mqtt() {
         (format!("smoke-detector,site=plant-a,device=gas-01 smoke=true {now}"), "has profile `gas-detector`"),
         (format!("alarm_state,site=plant-a,device=gas-01,rule=gas-lel level=0i {now}"), "written only by the server"),
         (format!("device_status,site=plant-a,device=gas-02 online=true {now}"), "written only by the server"),
+        (format!("site_summary,site=plant-a alarms_active_level2=0i {now}"), "written only by the server"),
     ];
     for (line, needle) in &cases {
         let response = reqwest::Client::new()
