@@ -9,6 +9,7 @@ pub mod guard;
 pub mod line_protocol;
 pub mod mqtt;
 pub mod reject;
+mod unique_json;
 
 use tokio::sync::{mpsc, oneshot};
 

@@ -136,7 +136,7 @@ pub struct Telemetry {
 pub fn decode_telemetry(payload: &[u8]) -> Result<Telemetry, Rejection> {
     let text = std::str::from_utf8(payload)
         .map_err(|_| Rejection::new(RejectReason::NotUtf8, "payload is not UTF-8; send JSON text"))?;
-    let json: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+    let json = serde_json::from_str::<super::unique_json::UniqueKeys>(text).map(|unique| unique.0).map_err(|e| {
         Rejection::new(
             RejectReason::MalformedJson,
             format!("payload is not valid JSON ({e}); send {{\"values\": {{\"metric\": 1.5}}}}"),
