@@ -60,6 +60,9 @@ struct SourceLabel {
 }
 
 struct PipelineMetrics {
+    /// Messages that reached the pipeline: MQTT telemetry messages and Modbus polls with at
+    /// least one reading, and HTTP write requests.
+    messages: Family<SourceLabel, Counter>,
     readings: Family<SourceLabel, Counter>,
     points_stored: Counter,
     storage_failures: Counter,
@@ -114,6 +117,7 @@ impl Pipeline {
 
     fn register(&self, registry: &SharedRegistry) -> PipelineMetrics {
         let metrics = PipelineMetrics {
+            messages: Family::default(),
             readings: Family::default(),
             points_stored: Counter::default(),
             storage_failures: Counter::default(),
@@ -121,6 +125,11 @@ impl Pipeline {
             devices_offline: Gauge::default(),
         };
         registry.register(|r| {
+            r.register(
+                "messages_received",
+                "MQTT telemetry messages, Modbus polls and HTTP write requests that reached the pipeline, by source",
+                metrics.messages.clone(),
+            );
             r.register("readings_received", "Readings accepted, by source", metrics.readings.clone());
             r.register("points_stored", "Points handed to storage", metrics.points_stored.clone());
             r.register("storage_failures", "Storage writes that failed", metrics.storage_failures.clone());
@@ -133,9 +142,16 @@ impl Pipeline {
     async fn handle(&self, message: IngestMessage, metrics: &PipelineMetrics) {
         match message {
             IngestMessage::Readings(readings) => {
+                // Every source sends the readings of one message or poll together.
+                if let Some(first) = readings.first() {
+                    let source = SourceLabel { source: source_name(first.source).to_owned() };
+                    metrics.messages.get_or_create(&source).inc();
+                }
                 let _ = self.readings(readings, metrics).await;
             }
             IngestMessage::Points { points, done } => {
+                let source = SourceLabel { source: source_name(Source::HttpWrite).to_owned() };
+                metrics.messages.get_or_create(&source).inc();
                 let result = self.points(points, metrics).await;
                 if let Some(done) = done {
                     let _ = done.send(result);
