@@ -235,7 +235,7 @@ impl Instance {
                 let id = pick(n);
                 let (reply, mut outcome) = tokio::sync::oneshot::channel();
                 let by = "operator-1".to_owned();
-                self.manager.handle(AlarmCommand::Close { id, by, note: Some("fixed".to_owned()), reply });
+                self.manager.handle(AlarmCommand::Close { id, by, note: "fixed".to_owned(), reply });
                 Some((id, outcome.try_recv().unwrap().is_ok()))
             }
             Op::Restart => {

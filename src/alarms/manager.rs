@@ -64,7 +64,8 @@ pub enum AlarmCommand {
     Readings(Vec<Reading>),
     Liveness { device: DeviceId, online: bool, at: Timestamp, cause: String },
     Acknowledge { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
-    Close { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
+    /// Closes a cleared alarm. The note is required, as on a work order.
+    Close { id: AlarmId, by: String, note: String, reply: oneshot::Sender<Result<Alarm, ActionError>> },
 }
 
 /// A cloneable handle to the alarm task.
@@ -84,7 +85,7 @@ impl AlarmHandle {
         wait.await.map_err(|_| ActionError::Closed)?
     }
 
-    pub async fn close(&self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+    pub async fn close(&self, id: AlarmId, by: String, note: String) -> Result<Alarm, ActionError> {
         let (reply, wait) = oneshot::channel();
         self.send(AlarmCommand::Close { id, by, note, reply }).await?;
         wait.await.map_err(|_| ActionError::Closed)?
@@ -465,7 +466,9 @@ impl AlarmManager {
         self.modify(&key, t, |alarm| alarm.acknowledged = Some(Signoff { by, at: now, note }))
     }
 
-    fn close(&mut self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+    /// Closes a cleared alarm. The close is recorded in `closed` and in its own transition;
+    /// `acknowledged` stays as it was, `None` when nobody acknowledged the alarm.
+    fn close(&mut self, id: AlarmId, by: String, note: String) -> Result<Alarm, ActionError> {
         let key = self.find_open(id).ok_or_else(|| self.not_open_error(id))?;
         let alarm = &self.open[&key];
         if alarm.state == AlarmState::Active {
@@ -475,13 +478,10 @@ impl AlarmManager {
         }
         let now = self.clock.now();
         let mut t = transition(EventKind::Closed, now, &by, alarm.level, alarm.value);
-        t.note.clone_from(&note);
+        t.note = Some(note.clone());
         self.modify(&key, t, |alarm| {
             alarm.state = AlarmState::Closed;
-            if alarm.acknowledged.is_none() {
-                alarm.acknowledged = Some(Signoff { by: by.clone(), at: now, note: None });
-            }
-            alarm.closed = Some(Signoff { by, at: now, note });
+            alarm.closed = Some(Signoff { by, at: now, note: Some(note) });
         })
     }
 
