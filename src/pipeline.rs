@@ -84,6 +84,9 @@ struct SourceLabel {
 }
 
 struct PipelineMetrics {
+    /// Messages that reached the pipeline: MQTT telemetry messages and Modbus polls with at
+    /// least one reading, and HTTP write requests.
+    messages: Family<SourceLabel, Counter>,
     readings: Family<SourceLabel, Counter>,
     points_stored: Counter,
     storage_failures: Counter,
@@ -138,6 +141,7 @@ impl Pipeline {
 
     fn register(&self, registry: &SharedRegistry) -> PipelineMetrics {
         let metrics = PipelineMetrics {
+            messages: Family::default(),
             readings: Family::default(),
             points_stored: Counter::default(),
             storage_failures: Counter::default(),
@@ -145,6 +149,11 @@ impl Pipeline {
             devices_offline: Gauge::default(),
         };
         registry.register(|r| {
+            r.register(
+                "messages_received",
+                "MQTT telemetry messages, Modbus polls and HTTP write requests that reached the pipeline, by source",
+                metrics.messages.clone(),
+            );
             r.register("readings_received", "Readings accepted, by source", metrics.readings.clone());
             r.register("points_stored", "Points handed to storage", metrics.points_stored.clone());
             r.register("storage_failures", "Storage writes that failed", metrics.storage_failures.clone());
@@ -157,12 +166,16 @@ impl Pipeline {
     async fn handle(&self, message: IngestMessage, metrics: &PipelineMetrics) {
         match message {
             IngestMessage::Readings(readings) => {
+                self.count_message(&readings, metrics);
                 let _ = self.readings(readings, Storage::Store, metrics).await;
             }
             IngestMessage::UnstoredReadings(readings) => {
+                self.count_message(&readings, metrics);
                 let _ = self.readings(readings, Storage::Skip, metrics).await;
             }
             IngestMessage::Points { points, done } => {
+                let source = SourceLabel { source: source_name(Source::HttpWrite).to_owned() };
+                metrics.messages.get_or_create(&source).inc();
                 let result = self.points(points, metrics).await;
                 if let Some(done) = done {
                     let _ = done.send(result);
@@ -172,6 +185,16 @@ impl Pipeline {
             IngestMessage::Liveness { device, online, cause } => {
                 self.set_liveness(&device, online, &cause, metrics).await;
             }
+        }
+    }
+
+    /// Counts one received message for the source of `readings`. Every source sends the
+    /// readings of one message or poll together; a poll whose values report-on-change
+    /// partly holds back arrives as two messages, one stored and one not.
+    fn count_message(&self, readings: &[Reading], metrics: &PipelineMetrics) {
+        if let Some(first) = readings.first() {
+            let source = SourceLabel { source: source_name(first.source).to_owned() };
+            metrics.messages.get_or_create(&source).inc();
         }
     }
 

@@ -64,6 +64,11 @@ async fn gas_alarm_full_lifecycle() {
     assert_eq!(acked["acknowledged"]["by"], "duty officer Li");
     let (status, again) = post_json(http, &format!("/api/v1/alarms/{id}/ack"), json!({"by": "someone"})).await;
     assert_eq!(status, 409, "a second acknowledgement is a conflict: {again}");
+    for body in [json!({"by": "duty officer Li"}), json!({"by": "duty officer Li", "note": "  "})] {
+        let (status, rejected) = post_json(http, &format!("/api/v1/alarms/{id}/close"), body).await;
+        assert_eq!(status, 400, "closing needs a note: {rejected}");
+        assert!(rejected["error"]["message"].as_str().unwrap().contains("`note`"), "{rejected}");
+    }
     let (status, closed) =
         post_json(http, &format!("/api/v1/alarms/{id}/close"), json!({"by": "duty officer Li", "note": "valve fixed"})).await;
     assert_eq!(status, 200, "{closed}");
@@ -82,6 +87,7 @@ async fn gas_alarm_full_lifecycle() {
     assert_eq!(history[2]["value"], 20.0);
     assert_eq!(history[3]["actor"], "duty officer Li");
     assert_eq!(history[4]["note"], "valve fixed");
+    assert_eq!(history[4]["actor"], "duty officer Li");
 
     // Deliveries arrived in the order of the transitions.
     let delivered: Vec<String> = receiver.deliveries().iter().map(|d| d.event.clone()).collect();
@@ -214,6 +220,40 @@ async fn stale_device_goes_offline_and_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_without_ack_keeps_acknowledged_null() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(CONFIG, &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+    let device = Publisher::connect(server.mqtt_addr, "gas-02").await;
+    device.reading("plant-a", "gas-02", "gas_lel", 30.0).await;
+    device.reading("plant-a", "gas-02", "gas_lel", 5.0).await;
+    let cleared = wait_for("alarm.cleared", WAIT, || async { receiver.events("alarm.cleared").pop() }).await;
+    let id = cleared.body["alarm"]["id"].as_i64().unwrap();
+
+    let close = json!({"by": "shift lead Wang", "note": "false alarm: calibration gas"});
+    let (status, body) = post_json(http, &format!("/api/v1/alarms/{id}/close"), close).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["acknowledged"], json!(null), "nobody acknowledged the alarm");
+    assert_eq!(body["closed"]["by"], "shift lead Wang");
+
+    let closed = wait_for("alarm.closed", WAIT, || async { receiver.events("alarm.closed").pop() }).await;
+    let alarm = &closed.body["alarm"];
+    assert_eq!(alarm["state"], "closed");
+    assert_eq!(alarm["acknowledged"], json!(null), "the webhook must not show an acknowledgement");
+    assert_eq!(alarm["closed"]["by"], "shift lead Wang");
+    assert_eq!(alarm["closed"]["note"], "false alarm: calibration gas");
+    assert_eq!(alarm["closed"]["at"], closed.body["occurred_at"]);
+    let last = alarm["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["event"], "alarm.closed");
+    assert_eq!(last["actor"], "shift lead Wang");
+    assert_eq!(last["note"], "false alarm: calibration gas");
+    let events: Vec<&str> = alarm["history"].as_array().unwrap().iter().map(|t| t["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["alarm.raised", "alarm.cleared", "alarm.closed"]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_name_the_bad_value() {
     let data = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
@@ -242,5 +282,8 @@ async fn api_errors_name_the_bad_value() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = post_json(http, "/api/v1/alarms/1/ack", json!({"by": ""})).await;
     assert_eq!(status, 400, "{body}");
+    let (status, body) = post_json(http, "/api/v1/alarms/1/close", json!({"by": "x"})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("missing `note`"), "{body}");
     server.shutdown().await;
 }

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Receiver, alarms_of, get_json, start_server, wait_for, CONFIG};
+use support::{Publisher, Receiver, alarms_of, get_json, metric, start_server, wait_for, CONFIG};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -150,5 +150,44 @@ async fn non_finite_field_rejected() {
     .await;
     assert_eq!(stored.len(), 1, "only unit 1 is stored: {stored:?}");
     assert_eq!(stored[0]["tags"]["unit"], "1");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_counted_not_values() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let config = format!("{CONFIG}\n[[devices]]\nid = \"meter-01\"\nsite = \"plant-a\"\nprofile = \"energy-meter\"\n");
+    let server = start_server(&config, &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+
+    // One MQTT message with three values, then one with a single value.
+    let meter = Publisher::connect(server.mqtt_addr, "meter-01").await;
+    let three = r#"{"values": {"energy_kwh": 1520.5, "power_kw": 12.25, "voltage_v": 229.8}}"#;
+    meter.publish("telemetry/plant-a/meter-01", three).await;
+    meter.publish("telemetry/plant-a/meter-01", r#"{"values": {"power_kw": 12.5}}"#).await;
+    let mqtt_readings = r#"stonelion_readings_received_total{source="mqtt"}"#;
+    wait_for("four MQTT readings", WAIT, || async { (metric(http, mqtt_readings).await == 4.0).then_some(()) }).await;
+    let mqtt_messages = metric(http, r#"stonelion_messages_received_total{source="mqtt"}"#).await;
+    assert_eq!(mqtt_messages, 2.0, "two MQTT messages carried the four readings");
+
+    // One HTTP write request with three points of the meter.
+    let now = chrono::Utc::now().timestamp_millis();
+    let body = format!(
+        "energy-meter,site=plant-a,device=meter-01 energy_kwh=1521.0 {now}\n\
+         energy-meter,site=plant-a,device=meter-01 power_kw=12.75 {now}\n\
+         energy-meter,site=plant-a,device=meter-01 voltage_v=230.1 {now}\n"
+    );
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/write?db=stonelion&precision=ms"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let http_readings = metric(http, r#"stonelion_readings_received_total{source="http_write"}"#).await;
+    assert_eq!(http_readings, 3.0);
+    let http_messages = metric(http, r#"stonelion_messages_received_total{source="http_write"}"#).await;
+    assert_eq!(http_messages, 1.0, "one write request carried the three readings");
     server.shutdown().await;
 }

@@ -150,8 +150,12 @@ async fn actor_is_token_name() {
     })
     .await;
     let (status, body) = post(http, &format!("/api/v1/alarms/{id}/close"), Some(OPERATOR), serde_json::json!({})).await;
+    assert_eq!(status, 400, "a close needs a note: {body}");
+    let close = serde_json::json!({"note": "detector recalibrated"});
+    let (status, body) = post(http, &format!("/api/v1/alarms/{id}/close"), Some(OPERATOR), close).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["closed"]["by"], "duty-officer-li");
+    assert_eq!(body["closed"]["note"], "detector recalibrated");
     assert_eq!(alarms_of_with(http, "gas-01").await, 1);
     server.shutdown().await;
 }

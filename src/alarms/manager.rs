@@ -5,9 +5,15 @@
 //! alarm escalates it; a level drop to 0 clears it; a new rise on a cleared alarm raises
 //! the same alarm again, which then needs a new acknowledgement. An alarm keeps the
 //! highest level it reached until it clears.
+//!
+//! Memory follows the store: a rule's level, an open alarm and the liveness the stage acts
+//! on change only after the transition is committed to the state database. When a write
+//! fails, nothing changes in memory, so the next reading of the rule (or the retry of a
+//! liveness change, or of the operator action) performs the same transition again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -33,6 +39,13 @@ pub const ALARM_EVENTS_MEASUREMENT: &str = "alarm_events";
 /// active, 0 once cleared or closed. `last(level)` per series shows what is active now.
 pub const ALARM_STATE_MEASUREMENT: &str = "alarm_state";
 
+/// How often a liveness change whose transition could not be stored is tried again while
+/// no command arrives. Every command also tries it first.
+const LIVENESS_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often a failing store is logged at ERROR; failures in between are counted.
+const STORE_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Reason an operator action was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
@@ -51,7 +64,8 @@ pub enum AlarmCommand {
     Readings(Vec<Reading>),
     Liveness { device: DeviceId, online: bool, at: Timestamp, cause: String },
     Acknowledge { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
-    Close { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
+    /// Closes a cleared alarm. The note is required, as on a work order.
+    Close { id: AlarmId, by: String, note: String, reply: oneshot::Sender<Result<Alarm, ActionError>> },
 }
 
 /// A cloneable handle to the alarm task.
@@ -71,7 +85,7 @@ impl AlarmHandle {
         wait.await.map_err(|_| ActionError::Closed)?
     }
 
-    pub async fn close(&self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+    pub async fn close(&self, id: AlarmId, by: String, note: String) -> Result<Alarm, ActionError> {
         let (reply, wait) = oneshot::channel();
         self.send(AlarmCommand::Close { id, by, note, reply }).await?;
         wait.await.map_err(|_| ActionError::Closed)?
@@ -101,6 +115,24 @@ struct AlarmMetrics {
     store_failures: Counter,
 }
 
+/// A liveness change whose transition could not be stored yet.
+struct PendingLiveness {
+    online: bool,
+    at: Timestamp,
+    cause: String,
+}
+
+/// Rate limit of the ERROR log for store failures.
+#[derive(Default)]
+struct FailureLog {
+    /// When the last failure was logged, `None` while the store works.
+    last_logged: Option<Instant>,
+    /// Failures since the last log line.
+    suppressed: u64,
+    /// Failures since the store last worked.
+    since_working: u64,
+}
+
 /// The alarm stage's state; see the module docs.
 pub struct AlarmManager {
     store: AlarmStore,
@@ -112,6 +144,12 @@ pub struct AlarmManager {
     dispatcher: DispatcherHandle,
     series: Option<Arc<dyn TimeSeriesStore>>,
     metrics: AlarmMetrics,
+    /// Liveness changes to store on the next command or retry, by device.
+    // NOTE: kept in memory only, so a restart drops them. After a restart the pipeline
+    // learns liveness again: a silent device goes offline after its staleness timeout, and
+    // a reading from a device brings it online.
+    pending_liveness: HashMap<DeviceId, PendingLiveness>,
+    failure_log: FailureLog,
 }
 
 impl AlarmManager {
@@ -172,31 +210,45 @@ impl AlarmManager {
             dispatcher,
             series,
             metrics,
+            pending_liveness: HashMap::new(),
+            failure_log: FailureLog::default(),
         };
         manager.update_gauges();
         Ok(manager)
     }
 
-    /// Starts the task; it ends when every handle is dropped.
+    /// Starts the task; it ends when every handle is dropped. Must be called within a
+    /// Tokio runtime.
     pub fn spawn(mut self, capacity: usize) -> (AlarmHandle, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel(capacity);
+        let runtime = tokio::runtime::Handle::current();
         let task = tokio::task::spawn_blocking(move || {
-            while let Some(command) = rx.blocking_recv() {
-                self.handle(command);
+            loop {
+                let received = runtime.block_on(tokio::time::timeout(LIVENESS_RETRY_INTERVAL, rx.recv()));
+                match received {
+                    Ok(Some(command)) => self.handle(command),
+                    Ok(None) => break,
+                    Err(_elapsed) => self.retry_liveness(),
+                }
             }
         });
         (AlarmHandle { tx }, task)
     }
 
-    /// Applies one command.
+    /// Applies one command, after retrying liveness changes that could not be stored.
     pub fn handle(&mut self, command: AlarmCommand) {
+        self.retry_liveness();
         match command {
             AlarmCommand::Readings(readings) => {
                 for reading in readings {
                     self.evaluate(&reading);
                 }
             }
-            AlarmCommand::Liveness { device, online, at, cause } => self.liveness(&device, online, at, &cause),
+            AlarmCommand::Liveness { device, online, at, cause } => {
+                // A newer change replaces one that is still waiting to be stored.
+                self.pending_liveness.remove(&device);
+                self.apply_liveness(device, PendingLiveness { online, at, cause });
+            }
             AlarmCommand::Acknowledge { id, by, note, reply } => {
                 let _ = reply.send(self.acknowledge(id, by, note));
             }
@@ -220,11 +272,15 @@ impl AlarmManager {
             })
             .collect();
         for (change, rule) in changes {
-            self.apply_level(&change, &rule, reading);
+            if self.apply_level(&change, &rule, reading) {
+                self.evaluator.commit(&change);
+            }
         }
     }
 
-    fn apply_level(&mut self, change: &LevelChange, rule: &Rule, reading: &Reading) {
+    /// Stores the alarm transition that a level change causes, if any. Returns `false` when
+    /// storing failed, so the rule must keep its old level.
+    fn apply_level(&mut self, change: &LevelChange, rule: &Rule, reading: &Reading) -> bool {
         let key = (change.device.clone(), change.rule.clone());
         let actor = format!("rule:{}", rule.id);
         let value = Some(change.value.as_f64());
@@ -233,10 +289,11 @@ impl AlarmManager {
             (None, level) if level > 0 => {
                 let alarm = self.new_alarm(rule, reading, level);
                 let transition = transition(EventKind::Raised, change.ts, &actor, level, value);
-                self.insert(alarm, transition);
+                self.insert(alarm, transition).is_ok()
             }
             (Some(AlarmState::Cleared), level) if level > 0 => {
-                self.modify(&key, transition(EventKind::Raised, change.ts, &actor, level, value), |alarm| {
+                let t = transition(EventKind::Raised, change.ts, &actor, level, value);
+                self.modify(&key, t, |alarm| {
                     alarm.state = AlarmState::Active;
                     alarm.level = level;
                     alarm.acknowledged = None;
@@ -244,24 +301,30 @@ impl AlarmManager {
                     alarm.raised_at = change.ts;
                     alarm.value = value;
                     alarm.threshold = rule.threshold(level);
-                });
+                })
+                .is_ok()
             }
             (Some(AlarmState::Active), 0) => {
                 let level = self.open.get(&key).map_or(1, |a| a.level);
-                self.modify(&key, transition(EventKind::Cleared, change.ts, &actor, level, value), |alarm| {
+                let t = transition(EventKind::Cleared, change.ts, &actor, level, value);
+                self.modify(&key, t, |alarm| {
                     alarm.state = AlarmState::Cleared;
                     alarm.cleared_at = Some(change.ts);
                     alarm.value = value;
-                });
+                })
+                .is_ok()
             }
             (Some(AlarmState::Active), level) if level > self.open.get(&key).map_or(0, |a| a.level) => {
-                self.modify(&key, transition(EventKind::Escalated, change.ts, &actor, level, value), |alarm| {
+                let t = transition(EventKind::Escalated, change.ts, &actor, level, value);
+                self.modify(&key, t, |alarm| {
                     alarm.level = level;
                     alarm.value = value;
                     alarm.threshold = rule.threshold(level);
-                });
+                })
+                .is_ok()
             }
-            _ => {}
+            // No transition: a drop between the levels, which the alarm keeps at its highest.
+            _ => true,
         }
     }
 
@@ -289,8 +352,39 @@ impl AlarmManager {
         }
     }
 
-    fn liveness(&mut self, device: &DeviceId, online: bool, at: Timestamp, cause: &str) {
-        let Some(site) = self.devices.get(device).map(|d| d.site.clone()) else { return };
+    /// Tries the liveness changes whose transitions could not be stored before, oldest
+    /// first.
+    fn retry_liveness(&mut self) {
+        if self.pending_liveness.is_empty() {
+            return;
+        }
+        let mut waiting: Vec<(Timestamp, DeviceId)> =
+            self.pending_liveness.iter().map(|(device, change)| (change.at, device.clone())).collect();
+        waiting.sort();
+        for (_, device) in waiting {
+            let Some(change) = self.pending_liveness.remove(&device) else { continue };
+            if !self.apply_liveness(device, change) {
+                // The store still fails: the others wait for the next retry instead of each
+                // waiting for the same failure now.
+                break;
+            }
+        }
+    }
+
+    /// Applies a liveness change, keeping it for a retry when its transition could not be
+    /// stored.
+    fn apply_liveness(&mut self, device: DeviceId, change: PendingLiveness) -> bool {
+        let stored = self.liveness(&device, change.online, change.at, &change.cause);
+        if !stored {
+            self.pending_liveness.insert(device, change);
+        }
+        stored
+    }
+
+    /// Stores the transition of a liveness change, if any. Returns `false` when storing
+    /// failed.
+    fn liveness(&mut self, device: &DeviceId, online: bool, at: Timestamp, cause: &str) -> bool {
+        let Some(site) = self.devices.get(device).map(|d| d.site.clone()) else { return true };
         let key = (device.clone(), RuleId::from(OFFLINE_RULE));
         let note = Some(cause.to_owned());
         let state = self.open.get(&key).map(|a| a.state);
@@ -319,7 +413,7 @@ impl AlarmManager {
                 };
                 let mut t = transition(EventKind::DeviceOffline, at, "system", level, None);
                 t.note = note;
-                self.insert(alarm, t);
+                self.insert(alarm, t).is_ok()
             }
             (false, Some(AlarmState::Cleared)) => {
                 let mut t = transition(EventKind::DeviceOffline, at, "system", level, None);
@@ -329,7 +423,8 @@ impl AlarmManager {
                     alarm.acknowledged = None;
                     alarm.cleared_at = None;
                     alarm.raised_at = at;
-                });
+                })
+                .is_ok()
             }
             (true, Some(AlarmState::Active)) => {
                 let mut t = transition(EventKind::DeviceOnline, at, "system", level, None);
@@ -337,9 +432,10 @@ impl AlarmManager {
                 self.modify(&key, t, |alarm| {
                     alarm.state = AlarmState::Cleared;
                     alarm.cleared_at = Some(at);
-                });
+                })
+                .is_ok()
             }
-            _ => {}
+            _ => true,
         }
     }
 
@@ -368,10 +464,11 @@ impl AlarmManager {
         let mut t = transition(EventKind::Acknowledged, now, &by, alarm.level, alarm.value);
         t.note.clone_from(&note);
         self.modify(&key, t, |alarm| alarm.acknowledged = Some(Signoff { by, at: now, note }))
-            .ok_or_else(|| ActionError::Storage("see the server log".to_owned()))
     }
 
-    fn close(&mut self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+    /// Closes a cleared alarm. The close is recorded in `closed` and in its own transition;
+    /// `acknowledged` stays as it was, `None` when nobody acknowledged the alarm.
+    fn close(&mut self, id: AlarmId, by: String, note: String) -> Result<Alarm, ActionError> {
         let key = self.find_open(id).ok_or_else(|| self.not_open_error(id))?;
         let alarm = &self.open[&key];
         if alarm.state == AlarmState::Active {
@@ -381,59 +478,107 @@ impl AlarmManager {
         }
         let now = self.clock.now();
         let mut t = transition(EventKind::Closed, now, &by, alarm.level, alarm.value);
-        t.note.clone_from(&note);
-        let closed = self.modify(&key, t, |alarm| {
+        t.note = Some(note.clone());
+        self.modify(&key, t, |alarm| {
             alarm.state = AlarmState::Closed;
-            if alarm.acknowledged.is_none() {
-                alarm.acknowledged = Some(Signoff { by: by.clone(), at: now, note: None });
-            }
-            alarm.closed = Some(Signoff { by, at: now, note });
-        });
-        self.open.remove(&key);
-        self.update_gauges();
-        closed.ok_or_else(|| ActionError::Storage("see the server log".to_owned()))
+            alarm.closed = Some(Signoff { by, at: now, note: Some(note) });
+        })
     }
 
-    fn insert(&mut self, alarm: Alarm, transition: Transition) {
+    /// Stores a new alarm with its first transition and then adds it to the open alarms.
+    fn insert(&mut self, alarm: Alarm, transition: Transition) -> Result<Alarm, rusqlite::Error> {
         let level = transition.level;
+        let event = transition.event;
+        let (device, rule) = (alarm.device.clone(), alarm.rule.clone());
         match self.store.insert(alarm, transition) {
             Ok((alarm, event)) => {
+                self.store_worked();
                 self.after_transition(&alarm, event.kind, level);
-                self.open.insert((alarm.device.clone(), alarm.rule.clone()), alarm);
+                self.open.insert((alarm.device.clone(), alarm.rule.clone()), alarm.clone());
                 self.update_gauges();
+                Ok(alarm)
             }
-            Err(e) => self.store_failed(&e),
+            Err(e) => {
+                self.store_failed(&e, None, &device, &rule, event);
+                Err(e)
+            }
         }
     }
 
-    /// Changes an open alarm, stores it with the transition, and returns the new alarm.
+    /// Stores a changed copy of an open alarm with the transition, then replaces the open
+    /// alarm with it, or drops it from the open alarms once it is closed. On a store
+    /// failure the open alarm stays as it was.
     fn modify(
         &mut self,
         key: &(DeviceId, RuleId),
         transition: Transition,
         change: impl FnOnce(&mut Alarm),
-    ) -> Option<Alarm> {
-        let mut alarm = self.open.get(key)?.clone();
+    ) -> Result<Alarm, ActionError> {
+        let Some(open) = self.open.get(key) else {
+            return Err(ActionError::Conflict(format!("no open alarm for device {} and rule {}", key.0, key.1)));
+        };
+        let mut alarm = open.clone();
         change(&mut alarm);
         alarm.updated_at = transition.at;
         let level = transition.level;
+        let event = transition.event;
         match self.store.update(&mut alarm, transition) {
             Ok(event) => {
+                self.store_worked();
                 self.after_transition(&alarm, event.kind, level);
-                self.open.insert(key.clone(), alarm.clone());
+                if alarm.state == AlarmState::Closed {
+                    self.open.remove(key);
+                } else {
+                    self.open.insert(key.clone(), alarm.clone());
+                }
                 self.update_gauges();
-                Some(alarm)
+                Ok(alarm)
             }
             Err(e) => {
-                self.store_failed(&e);
-                None
+                self.store_failed(&e, Some(alarm.id), &key.0, &key.1, event);
+                Err(ActionError::Storage(e.to_string()))
             }
         }
     }
 
-    fn store_failed(&self, error: &rusqlite::Error) {
+    /// Counts a failed transition and logs it at ERROR, at most once per
+    /// [`STORE_FAILURE_LOG_INTERVAL`] with the number of failures in between.
+    fn store_failed(
+        &mut self,
+        error: &rusqlite::Error,
+        alarm: Option<AlarmId>,
+        device: &DeviceId,
+        rule: &RuleId,
+        event: EventKind,
+    ) {
         self.metrics.store_failures.inc();
-        tracing::error!(error = %error, "storing an alarm transition failed; check the data directory's disk");
+        let log = &mut self.failure_log;
+        log.since_working += 1;
+        let now = Instant::now();
+        if log.last_logged.is_some_and(|last| now.duration_since(last) < STORE_FAILURE_LOG_INTERVAL) {
+            log.suppressed += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut log.suppressed);
+        log.last_logged = Some(now);
+        tracing::error!(
+            error = %error,
+            alarm = alarm.map(|id| id.0),
+            device = %device,
+            rule = %rule,
+            event = event.as_str(),
+            failed_since_last_log = suppressed,
+            "storing an alarm transition failed, so the alarm is unchanged; the next reading or a retry \
+             performs it again. Check the data directory's disk and permissions"
+        );
+    }
+
+    /// Logs the first stored transition after store failures.
+    fn store_worked(&mut self) {
+        let log = std::mem::take(&mut self.failure_log);
+        if log.since_working > 0 {
+            tracing::info!(failed_transitions = log.since_working, "storing alarm transitions works again");
+        }
     }
 
     fn after_transition(&self, alarm: &Alarm, kind: EventKind, level: u8) {

@@ -37,6 +37,12 @@ impl ApiError {
         Self { status: StatusCode::CONFLICT, code: "conflict", message: message.into() }
     }
 
+    /// Creates a 503 error for a failure the client may retry, such as a state database
+    /// that rejects writes.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, code: "unavailable", message: message.into() }
+    }
+
     /// An internal failure: logged here, reported to the client without detail.
     pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %error, "{context}");
@@ -60,7 +66,12 @@ impl From<ActionError> for ApiError {
         match error {
             ActionError::NotFound(_) => ApiError::not_found(error.to_string()),
             ActionError::Conflict(message) => ApiError::conflict(message),
-            ActionError::Storage(_) | ActionError::Closed => ApiError::internal("the alarm action failed", &error),
+            // The alarm stage logged the failure already.
+            ActionError::Storage(_) => ApiError::unavailable(
+                "storing the alarm action failed, so the alarm is unchanged; retry once the server's \
+                 state database accepts writes again (the server log has the cause)",
+            ),
+            ActionError::Closed => ApiError::internal("the alarm action failed", &error),
         }
     }
 }

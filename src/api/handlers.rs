@@ -348,7 +348,7 @@ pub struct ActionBody {
     /// name is the actor and `by`, when given, is kept at the start of the note.
     #[serde(default)]
     by: Option<String>,
-    /// Free text kept with the transition.
+    /// Free text kept with the transition; required to close an alarm.
     #[serde(default)]
     note: Option<String>,
 }
@@ -363,7 +363,19 @@ struct Action {
 const MAX_ACTOR_CHARS: usize = 128;
 const MAX_NOTE_CHARS: usize = 4096;
 
-fn check_action(body: Result<Json<ActionBody>, JsonRejection>, principal: Option<&Principal>) -> Result<Action, ApiError> {
+/// Whether an alarm action needs a note.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NoteRule {
+    Optional,
+    /// The body must contain a `note` that is not blank.
+    Required,
+}
+
+fn check_action(
+    body: Result<Json<ActionBody>, JsonRejection>,
+    principal: Option<&Principal>,
+    note_rule: NoteRule,
+) -> Result<Action, ApiError> {
     let Json(body) = body.map_err(|e| {
         ApiError::bad_request(format!("{}; send JSON such as {{\"by\": \"duty officer\", \"note\": \"...\"}}", e.body_text()))
     })?;
@@ -373,6 +385,12 @@ fn check_action(body: Result<Json<ActionBody>, JsonRejection>, principal: Option
     }
     if body.note.as_ref().is_some_and(|n| n.chars().count() > MAX_NOTE_CHARS) {
         return Err(ApiError::bad_request(format!("`note` is longer than {MAX_NOTE_CHARS} characters")));
+    }
+    if note_rule == NoteRule::Required && body.note.as_deref().is_none_or(|n| n.trim().is_empty()) {
+        return Err(ApiError::bad_request(
+            "missing `note`; closing an alarm requires a note that is not blank and says what \
+             was done, such as {\"note\": \"valve replaced\"}",
+        ));
     }
     let Some(principal) = principal else {
         let by = by.ok_or_else(|| ApiError::bad_request("missing `by`; name who acts, such as {\"by\": \"duty officer\"}"))?;
@@ -393,11 +411,13 @@ pub async fn acknowledge(
     body: Result<Json<ActionBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_alarm_id(&id)?;
-    let action = check_action(body, principal.as_deref())?;
+    let action = check_action(body, principal.as_deref(), NoteRule::Optional)?;
     let alarm = state.alarms.acknowledge(id, action.actor, action.note).await?;
     Ok((StatusCode::OK, Json(alarm.to_json())))
 }
 
+/// Closes a cleared alarm. A close needs a note that describes what was done, as a work
+/// order does.
 pub async fn close(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -405,7 +425,8 @@ pub async fn close(
     body: Result<Json<ActionBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_alarm_id(&id)?;
-    let action = check_action(body, principal.as_deref())?;
-    let alarm = state.alarms.close(id, action.actor, action.note).await?;
+    let action = check_action(body, principal.as_deref(), NoteRule::Required)?;
+    let note = action.note.unwrap_or_default();
+    let alarm = state.alarms.close(id, action.actor, note).await?;
     Ok((StatusCode::OK, Json(alarm.to_json())))
 }

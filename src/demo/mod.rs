@@ -86,6 +86,8 @@ fn print_banner(
          \n    mosquitto_pub -h {} -p {} -q 1 -t telemetry/park-b3/smoke-b3-01 -m '{{\"values\": {{\"smoke\": true}}}}'\
          \n  Acknowledge alarm 1:\
          \n    curl -X POST http://{http}/api/v1/alarms/1/ack -H 'content-type: application/json' -d '{{\"by\": \"duty officer\"}}'\
+         \n  Close it once it has cleared; a close needs a note:\
+         \n    curl -X POST http://{http}/api/v1/alarms/1/close -H 'content-type: application/json' -d '{{\"by\": \"duty officer\", \"note\": \"leak fixed\"}}'\
          \n\nPress Ctrl-C to stop.\n",
         site_list.join(", "),
         data_dir.display(),

@@ -52,7 +52,8 @@ impl Evaluator {
     }
 
     /// Evaluates one reading against one rule at server time `now`, returning the change
-    /// of confirmed level. A reading older than the last one evaluated is ignored.
+    /// of confirmed level. A reading older than the last one evaluated is ignored. The
+    /// change takes effect only through [`Evaluator::commit`].
     pub fn evaluate(
         &mut self,
         device: &DeviceId,
@@ -93,9 +94,17 @@ impl Evaluator {
         if to == from {
             return None;
         }
-        state.level = to;
-        state.pending = None;
         Some(LevelChange { device: device.clone(), rule: rule.id.clone(), from, to, value, ts })
+    }
+
+    /// Makes a change returned by [`Evaluator::evaluate`] the rule's confirmed level. A
+    /// change whose `from` is no longer the confirmed level is ignored.
+    pub fn commit(&mut self, change: &LevelChange) {
+        let Some(state) = self.states.get_mut(&(change.device.clone(), change.rule.clone())) else { return };
+        if state.level == change.from {
+            state.level = change.to;
+            state.pending = None;
+        }
     }
 }
 
@@ -150,11 +159,14 @@ mod tests {
     fn run(rule: &Rule, values: &[(i64, f64)]) -> Vec<(u8, u8)> {
         let mut evaluator = Evaluator::default();
         let device = DeviceId::from("gas-01");
-        values
-            .iter()
-            .filter_map(|(t, v)| evaluator.evaluate(&device, rule, Value::Number(*v), Timestamp(*t), Timestamp(*t)))
-            .map(|c| (c.from, c.to))
-            .collect()
+        let mut changes = Vec::new();
+        for (t, v) in values {
+            if let Some(change) = evaluator.evaluate(&device, rule, Value::Number(*v), Timestamp(*t), Timestamp(*t)) {
+                evaluator.commit(&change);
+                changes.push((change.from, change.to));
+            }
+        }
+        changes
     }
 
     #[test]
@@ -211,7 +223,8 @@ mod tests {
         let mut evaluator = Evaluator::default();
         let device = DeviceId::from("gas-01");
         let mut step = |ts: i64, now: i64| {
-            evaluator.evaluate(&device, &rule, Value::Number(30.0), Timestamp(ts), Timestamp(now))
+            let change = evaluator.evaluate(&device, &rule, Value::Number(30.0), Timestamp(ts), Timestamp(now));
+            change.inspect(|c| evaluator.commit(c))
         };
         assert!(step(0, 0).is_none());
         // The device's clock jumps 200 s ahead, but only 300 ms passed at the server.
@@ -233,9 +246,42 @@ mod tests {
         let mut changes = Vec::new();
         for (t, v) in [(1, false), (2, true), (3, true), (4, false)] {
             if let Some(c) = evaluator.evaluate(&device, &rule, Value::Bool(v), Timestamp(t), Timestamp(t)) {
+                evaluator.commit(&c);
                 changes.push((c.from, c.to));
             }
         }
         assert_eq!(changes, vec![(0, 2), (2, 0)]);
+    }
+
+    #[test]
+    fn uncommitted_change_repeats() {
+        let rule = gas_rule(Duration::ZERO);
+        let mut evaluator = Evaluator::default();
+        let device = DeviceId::from("gas-01");
+        let mut step = |ts: i64, value: f64| {
+            let change = evaluator.evaluate(&device, &rule, Value::Number(value), Timestamp(ts), Timestamp(ts));
+            change.map(|c| (c.from, c.to))
+        };
+        assert_eq!(step(1, 30.0), Some((0, 1)));
+        assert_eq!(step(2, 31.0), Some((0, 1)), "a raise that was not committed must be returned again");
+        assert_eq!(step(3, 10.0), None, "without a committed raise there is nothing to clear");
+    }
+
+    #[test]
+    fn uncommitted_raise_keeps_min_duration_wait() {
+        let rule = gas_rule(Duration::from_secs(10));
+        let mut evaluator = Evaluator::default();
+        let device = DeviceId::from("gas-01");
+        let value = Value::Number(30.0);
+        assert!(evaluator.evaluate(&device, &rule, value, Timestamp(0), Timestamp(0)).is_none());
+        let first = evaluator.evaluate(&device, &rule, value, Timestamp(10_000), Timestamp(10_000));
+        assert_eq!(first.as_ref().map(|c| c.to), Some(1));
+        // The store failed, so the raise was not committed: the next reading raises at once
+        // instead of waiting another `min_duration`.
+        let again = evaluator.evaluate(&device, &rule, value, Timestamp(10_500), Timestamp(10_500));
+        assert_eq!(again.as_ref().map(|c| c.to), Some(1));
+        evaluator.commit(&again.unwrap());
+        assert_eq!(evaluator.level(&device, &rule.id), 1);
+        assert!(evaluator.evaluate(&device, &rule, value, Timestamp(11_000), Timestamp(11_000)).is_none());
     }
 }
