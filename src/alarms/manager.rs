@@ -6,6 +6,8 @@
 //! the same alarm again, which then needs a new acknowledgement. An alarm keeps the
 //! highest level it reached until it clears.
 
+mod admin;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -25,6 +27,7 @@ use crate::notify::DispatcherHandle;
 use crate::rules::engine::{Evaluator, LevelChange};
 use crate::rules::spec::Rule;
 use crate::storage::{Point, SeriesKey, TimeSeriesStore};
+pub use admin::{ResetRequest, WebhookUpdate};
 
 /// Measurement that alarm transitions are written to, for dashboards and annotations.
 pub const ALARM_EVENTS_MEASUREMENT: &str = "alarm_events";
@@ -52,6 +55,8 @@ pub enum AlarmCommand {
     Liveness { device: DeviceId, online: bool, at: Timestamp, cause: String },
     Acknowledge { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
     Close { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
+    Reset { request: ResetRequest, reply: oneshot::Sender<Result<Alarm, ActionError>> },
+    Reload { config: Arc<Config>, webhooks: Option<WebhookUpdate>, reply: oneshot::Sender<()> },
 }
 
 /// A cloneable handle to the alarm task.
@@ -124,18 +129,7 @@ impl AlarmManager {
         series: Option<Arc<dyn TimeSeriesStore>>,
         registry: &SharedRegistry,
     ) -> rusqlite::Result<AlarmManager> {
-        let mut devices = HashMap::new();
-        for device in &config.devices {
-            let units = config
-                .profiles
-                .get(&device.profile)
-                .map(|p| p.metrics.iter().map(|m| (m.name.clone(), m.unit.clone())).collect())
-                .unwrap_or_default();
-            devices.insert(
-                device.id.clone(),
-                DeviceRules { site: device.site.clone(), rules: device.rules.clone(), units },
-            );
-        }
+        let devices = admin::device_rules(config);
         let metrics = AlarmMetrics {
             open: Family::default(),
             transitions: Family::default(),
@@ -202,6 +196,13 @@ impl AlarmManager {
             }
             AlarmCommand::Close { id, by, note, reply } => {
                 let _ = reply.send(self.close(id, by, note));
+            }
+            AlarmCommand::Reset { request, reply } => {
+                let _ = reply.send(self.reset(request));
+            }
+            AlarmCommand::Reload { config, webhooks, reply } => {
+                self.reload(&config, webhooks);
+                let _ = reply.send(());
             }
         }
     }
