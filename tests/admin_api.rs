@@ -230,6 +230,47 @@ deadband = 1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_webhook_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Receiver::start().await;
+    let second = Receiver::start().await;
+    let files = write_config(dir.path(), &config_text(), &first.url());
+    let server = start_from_file(&files).await;
+    let http = server.http_addr;
+    let device = Publisher::connect(server.mqtt_addr, "gas-01").await;
+    device.reading("plant-a", "gas-01", "gas_lel", 60.0).await;
+    wait_for("alarm.raised at the first receiver", WAIT, || async {
+        first.events("alarm.raised").pop()
+    })
+    .await;
+
+    write_config(dir.path(), &config_text(), &second.url());
+    let (status, body) = reload(http, ADMIN).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["webhooks_changed"], true);
+
+    let gas02 = Publisher::connect(server.mqtt_addr, "gas-02").await;
+    gas02.reading("plant-a", "gas-02", "gas_lel", 60.0).await;
+    let raised = wait_for("alarm.raised at the second receiver", WAIT, || async {
+        second.events("alarm.raised").pop()
+    })
+    .await;
+    assert_eq!(raised.body["alarm"]["device"], "gas-02");
+    assert!(raised.signature_valid);
+    let at_first: Vec<Value> = first
+        .events("alarm.raised")
+        .iter()
+        .map(|d| d.body["alarm"]["device"].clone())
+        .collect();
+    assert_eq!(
+        at_first,
+        [json!("gas-01")],
+        "the old URL gets nothing after the reload"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_reload_keeps_running_config() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
@@ -628,4 +669,31 @@ fn cors_origin_must_be_origin() {
             "server.cors_allowed_origins[1]"
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_without_file_conflicts() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config_text(), &receiver.url(), data.path()).await;
+    let (status, body) = reload(server.http_addr, ADMIN).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--config"),
+        "{body}"
+    );
+    let device = json!({ "site": "plant-a", "profile": "gas-detector" });
+    let (status, body) = request(
+        server.http_addr,
+        reqwest::Method::PUT,
+        "/api/v1/devices/gas-09",
+        Some(ADMIN),
+        Some(device),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    server.shutdown().await;
 }
