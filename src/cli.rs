@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 use crate::clock::SystemClock;
+use crate::config::managed::ConfigFile;
 use crate::config::{self, Config, Overrides, builtin::builtin_profiles};
 use crate::server::Server;
 
@@ -109,15 +110,21 @@ pub fn main() -> ExitCode {
             Err(message) => fail(&message),
         },
         Command::Run { config, listen } => run_async(async move {
-            let mut config = match config {
-                Some(path) => config::load_file(&path, builtin_profiles())?,
-                None => config::parse("", builtin_profiles()).map_err(|problems| config::ConfigError {
-                    source_name: "built-in defaults".to_owned(),
-                    problems,
-                })?,
+            let server = match config {
+                Some(path) => {
+                    let file = ConfigFile { path, overrides: listen.overrides() };
+                    Server::start_with_file(file, Arc::new(SystemClock)).await?
+                }
+                None => {
+                    let mut config = config::parse("", builtin_profiles()).map_err(|problems| config::ConfigError {
+                        source_name: "built-in defaults".to_owned(),
+                        problems,
+                    })?;
+                    listen.overrides().apply(&mut config.server);
+                    Server::start(config, Arc::new(SystemClock)).await?
+                }
             };
-            listen.overrides().apply(&mut config.server);
-            serve(config).await
+            serve_until_stopped(server).await
         }),
         Command::Demo { listen, webhook_listen } => {
             run_async(async move { crate::demo::run(listen.overrides(), webhook_listen).await })
@@ -145,35 +152,97 @@ fn run_async(job: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 /// Runs a server until SIGTERM or Ctrl-C, then shuts it down in order.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let server = Server::start(config, Arc::new(SystemClock)).await?;
+    serve_until_stopped(server).await
+}
+
+/// Prints the listening addresses, reloads the config on SIGHUP, and shuts the server down
+/// in order on SIGTERM or Ctrl-C. The signal handlers are installed before the addresses
+/// are printed, so a supervisor that signals as soon as it reads them is handled.
+async fn serve_until_stopped(server: Server) -> anyhow::Result<()> {
+    let stop = stop_signal();
+    let reload_on_hangup = tokio::spawn(reload_on_sighup(hangup_signal(), server.reloader.clone()));
     match server.mqtt_tls_addr {
         Some(tls) => println!("stonelion listening: http={} mqtt={} mqtt_tls={tls}", server.http_addr, server.mqtt_addr),
         None => println!("stonelion listening: http={} mqtt={}", server.http_addr, server.mqtt_addr),
     }
-    wait_for_signal().await;
+    stop.await;
+    reload_on_hangup.abort();
     server.shutdown().await;
     Ok(())
 }
 
-/// Waits for Ctrl-C or SIGTERM.
-pub async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+#[cfg(unix)]
+type HangupSignal = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type HangupSignal = Option<()>;
+
+/// Installs the SIGHUP handler.
+fn hangup_signal() -> HangupSignal {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangup) => Some(hangup),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; stop the server with Ctrl-C");
-                let _ = ctrl_c.await;
-                return;
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /api/v1/admin/reload");
+                None
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    None
+}
+
+/// Reloads the config on every SIGHUP, logging what changed or every problem found.
+async fn reload_on_sighup(hangup: HangupSignal, reloader: Arc<crate::reload::Reloader>) {
+    #[cfg(unix)]
+    {
+        let Some(mut hangup) = hangup else { return };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP received; reloading the config");
+            match reloader.reload().await {
+                Ok(_) => {}
+                Err(crate::reload::AdminError::Invalid(problems)) => {
+                    for problem in &problems {
+                        tracing::error!(problem = %problem, "config reload rejected; the running config stays");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "config reload failed; the running config stays"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (hangup, reloader);
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    stop_signal().await;
+}
+
+/// Installs the SIGTERM handler now and returns a future that ends on Ctrl-C or SIGTERM.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match term {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM; stop the server with Ctrl-C");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+    }
 }
 
 fn check_config(path: &Path) -> ExitCode {

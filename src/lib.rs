@@ -20,6 +20,7 @@ pub mod model;
 pub mod notify;
 pub mod pipeline;
 pub mod profile;
+pub mod reload;
 pub mod rules;
 pub mod security;
 pub mod server;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alarms::manager::{AlarmCommand, AlarmHandle};
 use crate::clock::SharedClock;
-use crate::ingest::directory::{DeviceEntry, Directory};
+use crate::ingest::directory::{DeviceEntry, Directory, SharedDirectory};
 use crate::ingest::{IngestMessage, LivenessCause, WriteFailure};
 use crate::metrics::SharedRegistry;
 use crate::model::{DeviceId, MetricName, Reading, Source, Timestamp, Value};
@@ -96,13 +96,12 @@ struct PipelineMetrics {
 
 /// Everything the pipeline task needs.
 pub struct Pipeline {
-    pub directory: Arc<Directory>,
+    /// Known devices with their staleness timeouts; replaced on config reload.
+    pub directory: SharedDirectory,
     pub store: Arc<dyn TimeSeriesStore>,
     pub alarms: AlarmHandle,
     pub states: DeviceStates,
     pub clock: SharedClock,
-    /// Staleness timeout per device.
-    pub stale_after: HashMap<DeviceId, Duration>,
 }
 
 impl Pipeline {
@@ -204,10 +203,11 @@ impl Pipeline {
         }
         let mut points = Vec::with_capacity(readings.len());
         let mut came_online = Vec::new();
+        let directory = self.directory.load();
         {
             let mut states = self.states.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             for reading in &readings {
-                let Some(entry) = self.directory.device(&reading.device) else { continue };
+                let Some(entry) = directory.device(&reading.device) else { continue };
                 metrics.readings.get_or_create(&SourceLabel { source: source_name(reading.source).to_owned() }).inc();
                 if storage == Storage::Store {
                     points.push(Point { series: series_key(entry, &reading.metric), ts: reading.ts, value: reading.value });
@@ -235,7 +235,7 @@ impl Pipeline {
     }
 
     fn bad_readings(&self, device: DeviceId, bad: Vec<(MetricName, String)>) {
-        if self.directory.device(&device).is_none() {
+        if self.directory.load().device(&device).is_none() {
             return;
         }
         let at = self.clock.now();
@@ -295,8 +295,9 @@ impl Pipeline {
         let mut readings = Vec::new();
         let mut other = Vec::new();
         let mut rejected = Vec::new();
+        let directory = self.directory.load();
         for point in points {
-            match self.as_reading(&point) {
+            match self.as_reading(&directory, &point) {
                 DevicePoint::Reading(reading) => readings.push(reading),
                 DevicePoint::Other => other.push(point),
                 DevicePoint::Rejected(rejection) => rejected.push(rejection),
@@ -318,7 +319,7 @@ impl Pipeline {
     /// Classifies a written point. A point of a configured device's profile measurement
     /// passes the same checks as MQTT telemetry (site, metric, kind, timestamp window), so
     /// it cannot add readings the device never sent or drive its rules with bad data.
-    fn as_reading(&self, point: &Point) -> DevicePoint {
+    fn as_reading(&self, directory: &Directory, point: &Point) -> DevicePoint {
         use crate::ingest::payload::{RejectReason, Rejection};
 
         if is_reserved_measurement(&point.series.measurement) {
@@ -331,7 +332,7 @@ impl Pipeline {
             ));
         }
         let Some(device) = point.series.tag("device").map(DeviceId::new) else { return DevicePoint::Other };
-        let Some(entry) = self.directory.device(&device) else { return DevicePoint::Other };
+        let Some(entry) = directory.device(&device) else { return DevicePoint::Other };
         if entry.profile.as_str() != point.series.measurement {
             return DevicePoint::Rejected(Rejection::new(
                 RejectReason::ProfileMismatch,
@@ -349,7 +350,7 @@ impl Pipeline {
         }
         let metric = MetricName::new(point.series.field.as_str());
         let checked = crate::ingest::directory::check_value(entry, &metric, point.value)
-            .and_then(|value| self.directory.check_timestamp(point.ts, self.clock.now()).map(|()| value));
+            .and_then(|value| directory.check_timestamp(point.ts, self.clock.now()).map(|()| value));
         match checked {
             Ok(value) => DevicePoint::Reading(Reading {
                 site: entry.site.clone(),
@@ -378,7 +379,7 @@ impl Pipeline {
         if !changed {
             return;
         }
-        if let Some(point) = self.status_point(device, online) {
+        if let Some(point) = self.status_point(&self.directory.load(), device, online) {
             let _ = self.store_points(vec![point], metrics);
         }
         let cause_text = describe(cause);
@@ -389,8 +390,8 @@ impl Pipeline {
             .await;
     }
 
-    fn status_point(&self, device: &DeviceId, online: bool) -> Option<Point> {
-        let entry = self.directory.device(device)?;
+    fn status_point(&self, directory: &Directory, device: &DeviceId, online: bool) -> Option<Point> {
+        let entry = directory.device(device)?;
         let mut series = series_key(entry, &MetricName::from("online"));
         series.measurement = DEVICE_STATUS_MEASUREMENT.to_owned();
         Some(Point { series, ts: self.clock.now(), value: Value::Bool(online) })
@@ -398,9 +399,10 @@ impl Pipeline {
 
     /// Writes the liveness of every device whose state is known.
     fn write_statuses(&self, metrics: &PipelineMetrics) {
+        let directory = self.directory.load();
         let points: Vec<Point> = {
             let states = self.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            states.iter().filter_map(|(device, state)| self.status_point(device, state.online?)).collect()
+            states.iter().filter_map(|(device, state)| self.status_point(&directory, device, state.online?)).collect()
         };
         if !points.is_empty() {
             let _ = self.store_points(points, metrics);
@@ -409,18 +411,19 @@ impl Pipeline {
 
     async fn check_staleness(&self, started: Timestamp, metrics: &PipelineMetrics) {
         let now = self.clock.now();
+        let directory = self.directory.load();
         let stale: Vec<DeviceId> = {
             let states = self.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.stale_after
-                .iter()
-                .filter(|(device, timeout)| {
-                    let state = states.get(*device);
+            directory
+                .devices()
+                .filter(|entry| {
+                    let state = states.get(&entry.id);
                     let since = state.and_then(|s| s.last_seen).unwrap_or(started);
                     let online = state.and_then(|s| s.online) != Some(false);
-                    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+                    let timeout_ms = i64::try_from(entry.stale_after.as_millis()).unwrap_or(i64::MAX);
                     online && now.0.saturating_sub(since.0) > timeout_ms
                 })
-                .map(|(device, _)| device.clone())
+                .map(|entry| entry.id.clone())
                 .collect()
         };
         for device in stale {

@@ -1,6 +1,7 @@
 //! Starts the stages in order and stops them in reverse: ingest first, then the pipeline
 //! flushes storage, then the HTTP API and the alarm stage stop, then the webhook
-//! dispatcher finishes its in-flight deliveries.
+//! dispatcher finishes its in-flight deliveries. A [`Reloader`] applies config reloads and
+//! device changes while the server runs.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,15 +17,18 @@ use crate::alarms::store::{self as alarm_store, AlarmStore};
 use crate::api::AppState;
 use crate::api::auth::ApiAuth;
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::managed::{self, ConfigFile};
+use crate::config::{Config, SharedConfig};
 use crate::ingest::auth::{MqttAccounts, MqttDenials};
-use crate::ingest::directory::Directory;
+use crate::ingest::directory::{Directory, SharedDirectory};
 use crate::ingest::guard::GuardPolicy;
 use crate::ingest::mqtt::{BrokerSettings, EmbeddedBroker, spawn_ingest_link};
 use crate::ingest::reject::RejectLog;
 use crate::ingest::IngestHandle;
 use crate::metrics::SharedRegistry;
 use crate::pipeline::{DeviceStates, Pipeline};
+use crate::reload::{Reloader, ReloaderParts, WebhookRunner};
+use crate::server_modbus::ModbusRunner;
 use crate::config::StorageBackend;
 use crate::storage::TimeSeriesStore;
 use crate::storage::engine::{Engine, EngineOptions};
@@ -49,6 +53,8 @@ pub struct Server {
     pub ingest: IngestHandle,
     pub states: DeviceStates,
     pub store: Arc<dyn TimeSeriesStore>,
+    /// Applies config reloads (`POST /api/v1/admin/reload`, SIGHUP) and device changes.
+    pub reloader: Arc<Reloader>,
     broker: EmbeddedBroker,
     stop_ingest: CancellationToken,
     stop_http: CancellationToken,
@@ -57,13 +63,30 @@ pub struct Server {
     pipeline: JoinHandle<()>,
     http: JoinHandle<()>,
     alarms: JoinHandle<()>,
-    dispatcher: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Starts every stage on the current tokio runtime.
+    /// Starts every stage on the current tokio runtime with a config that has no file, so
+    /// reload and device management are not available.
     pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<Server> {
+        Self::start_with(config, None, String::new(), Vec::new(), clock).await
+    }
+
+    /// Starts every stage with the config file and the managed devices of its data
+    /// directory; the file is read again on reload.
+    pub async fn start_with_file(file: ConfigFile, clock: SharedClock) -> anyhow::Result<Server> {
+        let loaded = managed::load(&file).map_err(managed::to_config_error)?;
+        Self::start_with(loaded.config, Some(file), loaded.file_text, loaded.managed, clock).await
+    }
+
+    async fn start_with(
+        config: Config,
+        file: Option<ConfigFile>,
+        file_text: String,
+        managed_devices: Vec<toml::Table>,
+        clock: SharedClock,
+    ) -> anyhow::Result<Server> {
         let accounts = Arc::new(MqttAccounts::from_config(&config));
         crate::security::check_exposure(&config, accounts.is_open())?;
         let data_dir = config.server.data_dir.clone();
@@ -78,14 +101,9 @@ impl Server {
         let alarm_store = AlarmStore::open(&state_db, config.webhooks.clone())
             .with_context(|| format!("cannot open the state database {}", state_db.display()))?;
         let stop_dispatcher = CancellationToken::new();
-        let (dispatcher_handle, dispatcher) = crate::notify::spawn_dispatcher(
-            &state_db,
-            config.webhooks.clone(),
-            &clock,
-            &registry,
-            &stop_dispatcher,
-        )
-        .context("cannot start the webhook dispatcher")?;
+        let (webhooks, dispatcher_handle) =
+            WebhookRunner::start(state_db.clone(), config.webhooks.clone(), clock.clone(), &registry, stop_dispatcher.clone())
+                .context("cannot start the webhook dispatcher")?;
         let manager = AlarmManager::new(
             &config,
             alarm_store,
@@ -97,7 +115,7 @@ impl Server {
         .context("cannot load the open alarms")?;
         let (alarm_handle, alarms) = manager.spawn(ALARM_CHANNEL);
 
-        let directory = Arc::new(Directory::from_config(&config));
+        let directory = SharedDirectory::new(Directory::from_config(&config));
         let states: DeviceStates = Arc::new(RwLock::new(Default::default()));
         let (ingest, ingest_rx) = IngestHandle::channel(INGEST_CHANNEL);
         let stop_ingest = CancellationToken::new();
@@ -108,7 +126,6 @@ impl Server {
             alarms: alarm_handle.clone(),
             states: states.clone(),
             clock: clock.clone(),
-            stale_after: config.devices.iter().map(|d| (d.id.clone(), d.stale_after)).collect(),
         };
         let pipeline_registry = registry.clone();
         let pipeline_stop = stop_ingest.clone();
@@ -146,7 +163,18 @@ impl Server {
             config.ingest.max_payload_bytes,
             stop_ingest.clone(),
         )?);
-        ingest_tasks.extend(crate::server_modbus::start(&config, ingest.clone(), &registry, clock.clone(), stop_ingest.clone()));
+        let modbus = ModbusRunner::start(&config, ingest.clone(), &registry, clock.clone(), stop_ingest.clone());
+        let shared_config = SharedConfig::new(config.clone());
+        let reloader = Arc::new(Reloader::new(ReloaderParts {
+            file,
+            file_text,
+            managed: managed_devices,
+            config: shared_config.clone(),
+            directory,
+            alarms: alarm_handle.clone(),
+            webhooks,
+            modbus,
+        }));
 
         let reader = alarm_store::open_connection(&state_db).context("cannot open the state database for reading")?;
         let alarm_reader = Arc::new(Mutex::new(reader));
@@ -160,7 +188,8 @@ impl Server {
         };
         ingest_tasks.push(summary.spawn(config.storage.summary_interval, stop_ingest.clone()));
         let app = AppState {
-            config: config.clone(),
+            config: shared_config,
+            reloader: reloader.clone(),
             states: states.clone(),
             store: store.clone(),
             alarms: alarm_handle,
@@ -169,9 +198,13 @@ impl Server {
             registry: registry.clone(),
             clock: clock.clone(),
         };
-        let router = crate::server_http::router(app, ingest.clone(), store.clone(), &registry).layer(
+        let mut router = crate::server_http::router(app, ingest.clone(), store.clone(), &registry).layer(
             axum::middleware::from_fn_with_state(ApiAuth::new(config.api_tokens.clone(), &registry), crate::api::auth::authorize),
         );
+        // Outside the authorization layer, because browsers send preflights without a token.
+        if let Some(cors) = crate::server_http::cors_layer(&config.server.cors_allowed_origins)? {
+            router = router.layer(cors);
+        }
         let listener = tokio::net::TcpListener::bind(config.server.http_listen)
             .await
             .with_context(|| format!("cannot listen for HTTP on {}; free the port or set --http-listen", config.server.http_listen))?;
@@ -189,6 +222,7 @@ impl Server {
             ingest,
             states,
             store,
+            reloader,
             broker,
             stop_ingest,
             stop_http,
@@ -197,7 +231,6 @@ impl Server {
             pipeline,
             http,
             alarms,
-            dispatcher,
             background,
         })
     }
@@ -210,13 +243,15 @@ impl Server {
         for task in self.ingest_tasks {
             let _ = task.await;
         }
+        self.reloader.stop_modbus().await;
         drop(self.ingest);
         let _ = self.pipeline.await;
         self.stop_http.cancel();
         let _ = self.http.await;
+        self.reloader.release_alarm_stage();
         let _ = self.alarms.await;
         self.stop_dispatcher.cancel();
-        let _ = self.dispatcher.await;
+        self.reloader.stop_webhooks().await;
         for task in self.background {
             task.abort();
         }

@@ -1,5 +1,5 @@
 //! The built binary: `check-config`, `profiles check`, `run` with flag and environment
-//! overrides, clean shutdown on SIGTERM, and the demo raising its alarm.
+//! overrides, clean shutdown on SIGTERM, config reload on SIGHUP, and the demo raising its alarm.
 
 #![allow(clippy::unwrap_used)]
 
@@ -290,4 +290,39 @@ level1 = 10
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
+}
+
+#[test]
+fn sighup_reloads_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let base = format!(
+        "[server]\nhttp_listen = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n\
+         [[sites]]\nid = \"plant-a\"\nname = \"Plant A\"\nkind = \"enterprise\"\n",
+        dir.path().join("data").display().to_string()
+    );
+    std::fs::write(&config, &base).unwrap();
+    let mut run = Running::spawn({
+        let mut command = stonelion();
+        command.args(["run", "--config", config.to_str().unwrap()]);
+        command
+    });
+    let line = run.wait_line("stonelion listening", Duration::from_secs(30));
+    let devices_url = format!("http://{}/api/v1/devices", http_of(&line));
+    let devices = || -> serde_json::Value { reqwest::blocking::get(&devices_url).unwrap().json().unwrap() };
+    assert_eq!(devices()["devices"], serde_json::json!([]));
+
+    std::fs::write(&config, format!("{base}\n[[devices]]\nid = \"gas-01\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n"))
+        .unwrap();
+    let status = Command::new("kill").args(["-HUP", &run.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if devices()["devices"][0]["id"] == "gas-01" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not add gas-01 within 20 s: {}", devices());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(run.terminate(), "the server keeps running after SIGHUP and stops on SIGTERM");
 }

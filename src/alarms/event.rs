@@ -15,6 +15,9 @@ pub enum EventKind {
     Cleared,
     #[serde(rename = "alarm.closed")]
     Closed,
+    /// An operator returned an active alarm to cleared by hand (`POST .../reset`).
+    #[serde(rename = "alarm.reset")]
+    Reset,
     #[serde(rename = "device.offline")]
     DeviceOffline,
     #[serde(rename = "device.online")]
@@ -22,12 +25,13 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Raised,
         EventKind::Escalated,
         EventKind::Acknowledged,
         EventKind::Cleared,
         EventKind::Closed,
+        EventKind::Reset,
         EventKind::DeviceOffline,
         EventKind::DeviceOnline,
     ];
@@ -40,6 +44,7 @@ impl EventKind {
             EventKind::Acknowledged => "alarm.acknowledged",
             EventKind::Cleared => "alarm.cleared",
             EventKind::Closed => "alarm.closed",
+            EventKind::Reset => "alarm.reset",
             EventKind::DeviceOffline => "device.offline",
             EventKind::DeviceOnline => "device.online",
         }

@@ -11,6 +11,8 @@
 //! fails, nothing changes in memory, so the next reading of the rule (or the retry of a
 //! liveness change, or of the operator action) performs the same transition again.
 
+mod admin;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +33,7 @@ use crate::notify::DispatcherHandle;
 use crate::rules::engine::{Evaluator, LevelChange};
 use crate::rules::spec::Rule;
 use crate::storage::{Point, SeriesKey, TimeSeriesStore};
+pub use admin::{ResetRequest, WebhookUpdate};
 
 /// Measurement that alarm transitions are written to, for dashboards and annotations.
 pub const ALARM_EVENTS_MEASUREMENT: &str = "alarm_events";
@@ -66,6 +69,8 @@ pub enum AlarmCommand {
     Acknowledge { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
     /// Closes a cleared alarm. The note is required, as on a work order.
     Close { id: AlarmId, by: String, note: String, reply: oneshot::Sender<Result<Alarm, ActionError>> },
+    Reset { request: ResetRequest, reply: oneshot::Sender<Result<Alarm, ActionError>> },
+    Reload { config: Arc<Config>, webhooks: Option<WebhookUpdate>, reply: oneshot::Sender<()> },
 }
 
 /// A cloneable handle to the alarm task.
@@ -162,18 +167,7 @@ impl AlarmManager {
         series: Option<Arc<dyn TimeSeriesStore>>,
         registry: &SharedRegistry,
     ) -> rusqlite::Result<AlarmManager> {
-        let mut devices = HashMap::new();
-        for device in &config.devices {
-            let units = config
-                .profiles
-                .get(&device.profile)
-                .map(|p| p.metrics.iter().map(|m| (m.name.clone(), m.unit.clone())).collect())
-                .unwrap_or_default();
-            devices.insert(
-                device.id.clone(),
-                DeviceRules { site: device.site.clone(), rules: device.rules.clone(), units },
-            );
-        }
+        let devices = admin::device_rules(config);
         let metrics = AlarmMetrics {
             open: Family::default(),
             transitions: Family::default(),
@@ -254,6 +248,13 @@ impl AlarmManager {
             }
             AlarmCommand::Close { id, by, note, reply } => {
                 let _ = reply.send(self.close(id, by, note));
+            }
+            AlarmCommand::Reset { request, reply } => {
+                let _ = reply.send(self.reset(request));
+            }
+            AlarmCommand::Reload { config, webhooks, reply } => {
+                self.reload(&config, webhooks);
+                let _ = reply.send(());
             }
         }
     }

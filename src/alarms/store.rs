@@ -82,6 +82,11 @@ impl AlarmStore {
         Ok(AlarmStore { conn, webhooks })
     }
 
+    /// Replaces the webhooks that later transitions are queued for.
+    pub fn set_webhooks(&mut self, webhooks: Vec<Webhook>) {
+        self.webhooks = webhooks;
+    }
+
     /// Returns every alarm that is not closed, with its history.
     pub fn open_alarms(&self) -> rusqlite::Result<Vec<Alarm>> {
         let mut statement = self.conn.prepare(&format!("{SELECT_ALARM} WHERE state != 'closed' ORDER BY id"))?;

@@ -92,10 +92,14 @@ impl ApiDenials {
 
 /// Returns what a route needs, or `None` for the routes that stay open.
 pub fn required_permission(method: &Method, path: &str) -> Option<Permission> {
-    let alarm_action = path.starts_with("/api/v1/alarms/") && (path.ends_with("/ack") || path.ends_with("/close"));
+    let alarm_action = path.starts_with("/api/v1/alarms/")
+        && (path.ends_with("/ack") || path.ends_with("/close") || path.ends_with("/reset"));
+    let device_change = path.starts_with("/api/v1/devices/") && (method == Method::PUT || method == Method::DELETE);
     match path {
         "/healthz" | "/ping" => None,
         "/write" | "/api/v2/write" => Some(Permission::Write),
+        _ if path.starts_with("/api/v1/admin/") => Some(Permission::Admin),
+        _ if device_change => Some(Permission::Admin),
         _ if alarm_action && method == Method::POST => Some(Permission::AlarmAction),
         _ => Some(Permission::Read),
     }
@@ -134,9 +138,9 @@ pub async fn authorize(State(auth): State<ApiAuth>, mut request: Request, next: 
 fn describe(permission: Permission) -> &'static str {
     match permission {
         Permission::Read => "read data; use a viewer, operator or admin token",
-        Permission::AlarmAction => "acknowledge or close alarms; use an operator or admin token",
+        Permission::AlarmAction => "acknowledge, close or reset alarms; use an operator or admin token",
         Permission::Write => "write points; use a writer or admin token",
-        Permission::Admin => "use administrative endpoints; use an admin token",
+        Permission::Admin => "reload the config or change devices; use an admin token",
     }
 }
 
@@ -181,7 +185,12 @@ mod tests {
         assert_eq!(required_permission(&Method::POST, "/api/v2/write"), Some(Permission::Write));
         assert_eq!(required_permission(&Method::POST, "/api/v1/alarms/3/ack"), Some(Permission::AlarmAction));
         assert_eq!(required_permission(&Method::POST, "/api/v1/alarms/3/close"), Some(Permission::AlarmAction));
+        assert_eq!(required_permission(&Method::POST, "/api/v1/alarms/3/reset"), Some(Permission::AlarmAction));
         assert_eq!(required_permission(&Method::GET, "/api/v1/alarms/3"), Some(Permission::Read));
+        assert_eq!(required_permission(&Method::POST, "/api/v1/admin/reload"), Some(Permission::Admin));
+        assert_eq!(required_permission(&Method::PUT, "/api/v1/devices/gas-09"), Some(Permission::Admin));
+        assert_eq!(required_permission(&Method::DELETE, "/api/v1/devices/gas-09"), Some(Permission::Admin));
+        assert_eq!(required_permission(&Method::GET, "/api/v1/devices/gas-09"), Some(Permission::Read));
         assert_eq!(required_permission(&Method::GET, "/no/such/route"), Some(Permission::Read));
     }
 

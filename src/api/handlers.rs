@@ -14,7 +14,7 @@ use super::auth::Principal;
 use super::{ApiError, AppState};
 use crate::alarms::store::{self, AlarmFilter};
 use crate::alarms::{AlarmId, AlarmState};
-use crate::config::Device;
+use crate::config::{Config, Device};
 use crate::ingest::directory::Directory;
 use crate::model::{DeviceId, MetricName, SiteId, Timestamp};
 use crate::pipeline::{DeviceState, series_key};
@@ -43,21 +43,21 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 pub async fn sites(State(state): State<AppState>) -> impl IntoResponse {
-    let sites: Vec<Json_> = state
-        .config
+    let config = state.config.load();
+    let sites: Vec<Json_> = config
         .sites
         .iter()
         .map(|site| {
-            let devices = state.config.devices.iter().filter(|d| d.site == site.id).count();
+            let devices = config.devices.iter().filter(|d| d.site == site.id).count();
             json!({ "id": site.id, "name": site.name, "kind": site.kind.as_str(), "devices": devices })
         })
         .collect();
     Json(json!({ "sites": sites }))
 }
 
-fn device_json(state: &AppState, device: &Device, device_state: Option<&DeviceState>) -> Json_ {
-    let profile = state.config.profiles.get(&device.profile);
-    let site = state.config.site(&device.site);
+fn device_json(config: &Config, device: &Device, device_state: Option<&DeviceState>) -> Json_ {
+    let profile = config.profiles.get(&device.profile);
+    let site = config.site(&device.site);
     let latest: serde_json::Map<String, Json_> = device_state
         .map(|s| {
             s.latest
@@ -123,26 +123,26 @@ pub async fn devices(
     query: Result<Query<DevicesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let config = state.config.load();
     let states = state.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let devices: Vec<Json_> = state
-        .config
+    let devices: Vec<Json_> = config
         .devices
         .iter()
         .filter(|d| query.site.as_ref().is_none_or(|s| *s == d.site))
-        .map(|d| device_json(&state, d, states.get(&d.id)))
+        .map(|d| device_json(&config, d, states.get(&d.id)))
         .collect();
     Ok(Json(json!({ "devices": devices })))
 }
 
 pub async fn device(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
-    let device = find_device(&state, &id)?;
+    let config = state.config.load();
+    let device = find_device(&config, &id)?;
     let states = state.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    Ok(Json(device_json(&state, device, states.get(&device.id))))
+    Ok(Json(device_json(&config, device, states.get(&device.id))))
 }
 
-fn find_device<'a>(state: &'a AppState, id: &str) -> Result<&'a Device, ApiError> {
-    state
-        .config
+fn find_device<'a>(config: &'a Config, id: &str) -> Result<&'a Device, ApiError> {
+    config
         .device(&DeviceId::from(id))
         .ok_or_else(|| ApiError::not_found(format!("device `{id}` not found; GET /api/v1/devices lists the devices")))
 }
@@ -164,8 +164,9 @@ pub async fn series(
     params: Result<Query<SeriesParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let device = find_device(&state, &id)?;
-    let profile = state.config.profiles.get(&device.profile);
+    let config = state.config.load();
+    let device = find_device(&config, &id)?;
+    let profile = config.profiles.get(&device.profile);
     let metric_names: Vec<&MetricName> = profile.map(|p| p.metrics.iter().map(|m| &m.name).collect()).unwrap_or_default();
     let Some(metric) = params.metric.as_deref() else {
         return Err(ApiError::bad_request(format!(
@@ -190,7 +191,7 @@ pub async fn series(
     let aggregation = parse_aggregation(params.step.as_deref(), params.agg.as_deref())?;
     let limit = params.limit.unwrap_or(DEFAULT_POINTS).min(MAX_POINTS);
 
-    let directory = Directory::from_config(&state.config);
+    let directory = Directory::from_config(&config);
     let entry = directory.device(&device.id).ok_or_else(|| ApiError::not_found(format!("device `{id}` not found")))?;
     let key = series_key(entry, &metric);
     let query = storage::Query {
@@ -318,7 +319,7 @@ pub async fn alarms(
     Ok(Json(json!({ "alarms": alarms })))
 }
 
-fn parse_alarm_id(id: &str) -> Result<AlarmId, ApiError> {
+pub(super) fn parse_alarm_id(id: &str) -> Result<AlarmId, ApiError> {
     id.parse::<i64>()
         .map(AlarmId)
         .map_err(|_| ApiError::bad_request(format!("alarm id `{id}` is invalid; alarm ids are integers")))
@@ -340,7 +341,7 @@ pub async fn alarm(State(state): State<AppState>, Path(id): Path<String>) -> Res
     }
 }
 
-/// Body of `POST /api/v1/alarms/{id}/ack` and `/close`.
+/// Body of `POST /api/v1/alarms/{id}/ack`, `/close` and `/reset`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionBody {
@@ -354,9 +355,9 @@ pub struct ActionBody {
 }
 
 /// The checked actor and note of an alarm action.
-struct Action {
-    actor: String,
-    note: Option<String>,
+pub(super) struct Action {
+    pub(super) actor: String,
+    pub(super) note: Option<String>,
 }
 
 /// Longest accepted `by` and `note`, in characters.
@@ -365,13 +366,13 @@ const MAX_NOTE_CHARS: usize = 4096;
 
 /// Whether an alarm action needs a note.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum NoteRule {
+pub(super) enum NoteRule {
     Optional,
     /// The body must contain a `note` that is not blank.
     Required,
 }
 
-fn check_action(
+pub(super) fn check_action(
     body: Result<Json<ActionBody>, JsonRejection>,
     principal: Option<&Principal>,
     note_rule: NoteRule,

@@ -1,7 +1,8 @@
 //! HTTP API (axum): health, devices and their series, alarms and operator actions,
-//! Prometheus metrics. [`router`] builds the whole router, so tests can call it
+//! config reload and device management, Prometheus metrics. [`router`] builds the whole router, so tests can call it
 //! in-process.
 
+mod admin;
 pub mod auth;
 pub mod error;
 pub mod influxql;
@@ -15,7 +16,7 @@ use axum::routing::{get, post};
 
 use crate::alarms::manager::AlarmHandle;
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::SharedConfig;
 use crate::metrics::SharedRegistry;
 use crate::pipeline::DeviceStates;
 use crate::storage::TimeSeriesStore;
@@ -24,7 +25,10 @@ pub use error::ApiError;
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub config: Arc<Config>,
+    /// The config in use; replaced on reload.
+    pub config: SharedConfig,
+    /// Applies config reloads and device changes.
+    pub reloader: Arc<crate::reload::Reloader>,
     pub states: DeviceStates,
     pub store: Arc<dyn TimeSeriesStore>,
     pub alarms: AlarmHandle,
@@ -42,12 +46,17 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(handlers::metrics))
         .route("/api/v1/sites", get(handlers::sites))
         .route("/api/v1/devices", get(handlers::devices))
-        .route("/api/v1/devices/{id}", get(handlers::device))
+        .route(
+            "/api/v1/devices/{id}",
+            get(handlers::device).put(admin::put_device).delete(admin::delete_device),
+        )
         .route("/api/v1/devices/{id}/series", get(handlers::series))
         .route("/api/v1/alarms", get(handlers::alarms))
         .route("/api/v1/alarms/{id}", get(handlers::alarm))
         .route("/api/v1/alarms/{id}/ack", post(handlers::acknowledge))
         .route("/api/v1/alarms/{id}/close", post(handlers::close))
+        .route("/api/v1/alarms/{id}/reset", post(admin::reset))
+        .route("/api/v1/admin/reload", post(admin::reload))
         .fallback(handlers::not_found)
         .with_state(state)
 }

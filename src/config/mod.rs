@@ -6,6 +6,7 @@
 
 pub mod builtin;
 pub mod check;
+pub mod managed;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -36,6 +37,9 @@ pub struct ServerSection {
     pub mqtt_listen: SocketAddr,
     /// Extra directory of device profiles; its files add to or replace the built-in ones.
     pub profiles_dir: Option<PathBuf>,
+    /// Origins, such as `https://grafana.example`, whose browser pages may call the HTTP
+    /// API (CORS). Empty, the default, sends no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -45,6 +49,7 @@ impl Default for ServerSection {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             mqtt_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             profiles_dir: None,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -247,6 +252,29 @@ impl Config {
     }
 }
 
+/// The config in use, shared by the API and the reload task.
+///
+/// A reload replaces the whole config at once; readers take the current one with
+/// [`SharedConfig::load`] and use it for the whole request.
+#[derive(Clone, Debug)]
+pub struct SharedConfig(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>>);
+
+impl SharedConfig {
+    pub fn new(config: std::sync::Arc<Config>) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(config)))
+    }
+
+    /// Returns the current config.
+    pub fn load(&self) -> std::sync::Arc<Config> {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the config; readers holding the previous one finish with it.
+    pub fn store(&self, config: std::sync::Arc<Config>) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+    }
+}
+
 /// Values from flags and environment variables that replace the file's.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
@@ -356,6 +384,7 @@ struct RawSections {
 impl RawSections {
     fn check(self, checker: &mut Checker<'_>, builtin: ProfileSet) -> Config {
         let server = self.server.unwrap_or_default();
+        check_cors_origins(checker, &server.cors_allowed_origins);
         let ingest = self.ingest.unwrap_or_default();
         check_ingest(checker, &ingest);
         let alarms = self.alarms.unwrap_or_default();
@@ -400,6 +429,32 @@ fn check_ingest(checker: &mut Checker<'_>, ingest: &IngestSection) {
             checker.push(None, key, "a zero duration would reject or expire every reading; write one such as \"5m\"");
         }
     }
+}
+
+fn check_cors_origins(checker: &mut Checker<'_>, origins: &[String]) {
+    for (index, origin) in origins.iter().enumerate() {
+        if let Err(message) = check_origin(origin) {
+            checker.push(None, format!("server.cors_allowed_origins[{index}]"), message);
+        }
+    }
+}
+
+/// Checks that `origin` is a browser origin as sent in the `Origin` header: a scheme and a
+/// host with an optional port, without path or trailing slash.
+pub fn check_origin(origin: &str) -> Result<(), String> {
+    let fix = "write an origin such as \"https://grafana.example\" or \"http://10.0.0.5:3000\"";
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return Err(format!("`{origin}` is not an origin; {fix}"));
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("`{origin}` has scheme `{scheme}`; browsers send http or https origins; {fix}"));
+    }
+    let valid_authority = !authority.is_empty()
+        && authority.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    if !valid_authority {
+        return Err(format!("`{origin}` has a path, wildcard or invalid host; {fix}"));
+    }
+    Ok(())
 }
 
 fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {

@@ -1,8 +1,9 @@
-//! The devices a server accepts data from, built once from the config, and the checks that
-//! turn decoded values into readings.
+//! The devices a server accepts data from, built from the config and replaced as a whole
+//! when the config is reloaded, and the checks that turn decoded values into readings.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use super::payload::{RejectReason, Rejection, check_timestamp};
 use crate::config::{Config, SiteKind};
@@ -17,6 +18,8 @@ pub struct DeviceEntry {
     pub profile: ProfileName,
     /// Metric names with their unit and kind, from the device's profile.
     pub metrics: HashMap<MetricName, (Option<String>, ValueKind)>,
+    /// Time without a reading after which the device is marked offline.
+    pub stale_after: Duration,
 }
 
 /// Known devices by id, plus the accepted timestamp window.
@@ -40,6 +43,7 @@ impl Directory {
                 site_kind: site.kind,
                 profile: device.profile.clone(),
                 metrics,
+                stale_after: device.stale_after,
             };
             devices.insert(device.id.clone(), Arc::new(entry));
         }
@@ -116,6 +120,30 @@ impl Directory {
             }
         }
         Ok((readings, rejected))
+    }
+}
+
+/// The directory in use, shared by the MQTT ingest link, the pipeline and the API.
+///
+/// A config reload replaces the whole directory at once. Readers take the current one with
+/// [`SharedDirectory::load`] (a read lock and a reference count increment) and use it for a
+/// whole message or batch, so one message is never checked against two configs.
+#[derive(Clone, Debug)]
+pub struct SharedDirectory(Arc<RwLock<Arc<Directory>>>);
+
+impl SharedDirectory {
+    pub fn new(directory: Directory) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(directory))))
+    }
+
+    /// Returns the current directory.
+    pub fn load(&self) -> Arc<Directory> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the directory; readers holding the previous one finish with it.
+    pub fn store(&self, directory: Directory) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(directory);
     }
 }
 

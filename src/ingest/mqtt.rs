@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::auth;
-use super::directory::Directory;
+use super::directory::SharedDirectory;
 use super::guard::{GuardPolicy, GuardedV4};
 use super::payload::{self, RejectReason, Rejection, TopicKind};
 use super::reject::RejectLog;
@@ -194,7 +194,7 @@ async fn wait_until_listening(
 /// Spawns the task that drains the ingest link into the pipeline.
 pub fn spawn_ingest_link(
     broker: &EmbeddedBroker,
-    directory: Arc<Directory>,
+    directory: SharedDirectory,
     ingest: IngestHandle,
     rejects: Arc<RejectLog>,
     clock: SharedClock,
@@ -246,7 +246,7 @@ pub fn spawn_ingest_link(
 }
 
 struct LinkConsumer {
-    directory: Arc<Directory>,
+    directory: SharedDirectory,
     ingest: IngestHandle,
     rejects: Arc<RejectLog>,
     clock: SharedClock,
@@ -273,9 +273,10 @@ impl LinkConsumer {
                 ),
             ));
         }
+        let directory = self.directory.load();
         match payload::parse_topic(topic)? {
             TopicKind::Telemetry { site, device, metric } => {
-                let entry = self.directory.resolve(&site, &device)?;
+                let entry = directory.resolve(&site, &device)?;
                 let (ts, values, mut rejected) = match metric {
                     Some(metric) => {
                         let value = payload::decode_bare_value(&metric, payload)?;
@@ -287,7 +288,7 @@ impl LinkConsumer {
                     }
                 };
                 let (readings, invalid) =
-                    self.directory.readings(entry, ts, values, self.clock.now(), Source::Mqtt)?;
+                    directory.readings(entry, ts, values, self.clock.now(), Source::Mqtt)?;
                 rejected.extend(invalid);
                 for rejection in &rejected {
                     self.rejects.reject("mqtt", topic, rejection);
@@ -298,7 +299,7 @@ impl LinkConsumer {
                 Ok(())
             }
             TopicKind::Status { site, device } => {
-                let entry = self.directory.resolve(&site, &device)?;
+                let entry = directory.resolve(&site, &device)?;
                 let online = payload::decode_status(payload)?;
                 let _ = self.ingest.liveness(entry.id.clone(), online, LivenessCause::StatusMessage).await;
                 Ok(())

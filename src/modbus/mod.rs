@@ -77,6 +77,18 @@ pub fn start(
     clock: SharedClock,
 ) -> Poller {
     let metrics = registry.register(ModbusMetrics::new);
+    start_with_metrics(devices, ingest, metrics, shutdown, clock)
+}
+
+/// Like [`start`], with metrics that are already registered, so that a config reload can
+/// restart polling without registering its metrics twice.
+pub fn start_with_metrics(
+    devices: Vec<PolledDevice>,
+    ingest: IngestHandle,
+    metrics: ModbusMetrics,
+    shutdown: CancellationToken,
+    clock: SharedClock,
+) -> Poller {
     let texts = TextValues::default();
     let shared = Shared { ingest, metrics: metrics.clone(), clock, texts: Arc::clone(&texts), shutdown };
     let groups = group_devices(devices);

@@ -72,12 +72,24 @@ pub fn spawn_dispatcher(
     registry: &SharedRegistry,
     shutdown: &CancellationToken,
 ) -> Result<(DispatcherHandle, JoinHandle<()>), DispatcherError> {
+    let metrics = registry.register(NotifyMetrics::new);
+    spawn_dispatcher_with_metrics(db_path, webhooks, clock, &metrics, shutdown)
+}
+
+/// Like [`spawn_dispatcher`], with metrics that are already registered, so that a config
+/// reload can replace the dispatcher without registering its metrics twice.
+pub fn spawn_dispatcher_with_metrics(
+    db_path: &Path,
+    webhooks: Vec<Webhook>,
+    clock: &SharedClock,
+    metrics: &NotifyMetrics,
+    shutdown: &CancellationToken,
+) -> Result<(DispatcherHandle, JoinHandle<()>), DispatcherError> {
     reject_duplicate_names(&webhooks)?;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("stonelion/", env!("CARGO_PKG_VERSION")))
         .build()?;
-    let metrics = registry.register(NotifyMetrics::new);
 
     let setup = open_database(db_path)?;
     report_orphaned_rows(&setup, &webhooks, clock.now());

@@ -108,9 +108,9 @@ impl Evaluator {
     }
 }
 
-/// The level a value is at, given the level the rule was at: entering a level needs the
-/// threshold, leaving it needs the value back past the threshold by the deadband.
-fn observed_level(rule: &Rule, value: Value, current: u8) -> u8 {
+/// Returns the level a value is at, given the level the rule was at: entering a level needs
+/// the threshold, leaving it needs the value back past the threshold by the deadband.
+pub fn observed_level(rule: &Rule, value: Value, current: u8) -> u8 {
     match &rule.condition {
         Condition::State { equals, level } => {
             let state = match value {

@@ -15,10 +15,10 @@ use sha2::{Digest, Sha256};
 pub enum Role {
     /// Reads devices, series, alarms, metrics and InfluxQL queries.
     Viewer,
-    /// A viewer that also acknowledges and closes alarms.
+    /// A viewer that also acknowledges, closes and resets alarms.
     Operator,
-    /// An operator that may also write points and use administrative endpoints (none
-    /// exist yet; the role is reserved for config reload and device management).
+    /// An operator that may also write points, reload the config and create, replace or
+    /// delete devices through the API.
     Admin,
     /// Writes line protocol to `/write` and `/api/v2/write` only, for collectors such as
     /// Telegraf.
