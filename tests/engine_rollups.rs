@@ -32,6 +32,7 @@ const RAW_RETENTION_MS: i64 = 2 * HOUR_MS;
 const EXPIRE_FOUR_HOURS: i64 = T0 + 4 * HOUR_MS;
 
 const CHILD_ENV: &str = "ROLLUP_CHILD_DIR";
+const CHILD_MODE_ENV: &str = "ROLLUP_CHILD_MODE";
 
 /// Hour partitions, raw data for 2 h, 1-minute rollups for 1 day and 10-minute rollups
 /// for 2 days.
@@ -327,7 +328,8 @@ fn crash_key(series: usize) -> SeriesKey {
 
 /// Point `i` of a series: one value per 10 s over the six partitions.
 fn crash_point(series: usize, i: i64) -> Point {
-    let value = ((i * 7 + series as i64 * 13) % 41 - 20) as f64 * 0.5;
+    let series_number = i64::try_from(series).unwrap();
+    let value = ((i * 7 + series_number * 13) % 41 - 20) as f64 * 0.5;
     Point {
         series: crash_key(series),
         ts: Timestamp(T0 + i * CRASH_INTERVAL_MS),
@@ -345,26 +347,38 @@ fn crash_query(step: i64, aggregate: Aggregate) -> Query {
     }
 }
 
-/// The child: rewrites stored points with their own values, which leaves every
-/// aggregate as it is but makes a partition's rollup stale, and rolls up again, until
-/// killed. Every 10 rounds it expires one more partition, so a child that starts after
-/// an earlier one was killed resumes where the persisted retention floor is. Bounded to 60 s in case the
-/// parent dies first.
+/// The child, in one of two modes until killed (bounded to 60 s in case the parent dies
+/// first):
+/// - `expire`: expires the first three partitions one by one, so each retention run
+///   rolls up a partition for the first time before it deletes it.
+/// - `rewrite`: rewrites stored points with their own values, which leaves every
+///   aggregate as it is but makes a partition's rollup stale, and rolls up again. Every
+///   10 rounds it expires one more partition. A child that starts after an earlier one
+///   was killed resumes at the persisted retention floor.
 #[test]
 fn rollup_crash_child() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return;
     };
+    let mode = std::env::var(CHILD_MODE_ENV).unwrap();
     let engine = Engine::open(&dir, options()).unwrap();
     println!("opened");
+    if mode == "expire" {
+        for hour in 1..=3 {
+            engine
+                .enforce_retention(Timestamp(T0 + hour * HOUR_MS))
+                .unwrap();
+            println!("expired {hour}");
+        }
+        return;
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     let per_partition = HOUR_MS / CRASH_INTERVAL_MS;
     let mut round: i64 = 0;
     while Instant::now() < deadline {
         let i = (round % 6) * per_partition + round % per_partition;
-        engine
-            .write(vec![crash_point(round as usize % CRASH_SERIES, i)])
-            .unwrap();
+        let series = usize::try_from(round).unwrap() % CRASH_SERIES;
+        engine.write(vec![crash_point(series, i)]).unwrap();
         engine.roll_up(Timestamp(i64::MAX)).unwrap();
         if round % 10 == 9 {
             let hour = (round / 10 + 1).min(6);
@@ -377,9 +391,9 @@ fn rollup_crash_child() {
     }
 }
 
-/// Runs the child on `dir` and kills it with SIGKILL `delay` after it opened the store.
-/// Returns the lines it printed.
-fn run_and_kill(dir: &Path, delay: Duration) -> Vec<String> {
+/// Runs the child in `mode` on `dir` and kills it with SIGKILL `delay` after it opened
+/// the store. Returns the lines it printed.
+fn run_and_kill(dir: &Path, mode: &str, delay: Duration) -> Vec<String> {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -388,6 +402,7 @@ fn run_and_kill(dir: &Path, delay: Duration) -> Vec<String> {
             "--test-threads=1",
         ])
         .env(CHILD_ENV, dir)
+        .env(CHILD_MODE_ENV, mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -446,8 +461,17 @@ fn sigkill_during_rollup_keeps_rollups_exact() {
 
     // Kill points spread over the child's work; the delay is how long the child runs.
     let mut expired = Vec::new();
-    for delay_ms in [20, 60, 120, 200, 300, 500] {
-        let lines = run_and_kill(dir.path(), Duration::from_millis(delay_ms));
+    let runs = [
+        ("expire", 5),
+        ("expire", 15),
+        ("expire", 30),
+        ("rewrite", 20),
+        ("rewrite", 60),
+        ("rewrite", 120),
+        ("rewrite", 250),
+    ];
+    for (mode, delay_ms) in runs {
+        let lines = run_and_kill(dir.path(), mode, Duration::from_millis(delay_ms));
         expired.extend(lines.into_iter().filter(|l| l.starts_with("expired")));
         expired.dedup();
     }

@@ -443,7 +443,7 @@ fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
     for (index, tier) in storage.rollups.iter().enumerate() {
         let resolution = tier.resolution;
         let key = format!("storage.rollups[{index}].resolution");
-        if resolution < Duration::from_secs(1) || PARTITION.as_nanos() % resolution.as_nanos() != 0 {
+        if resolution < Duration::from_secs(1) || !PARTITION.as_nanos().is_multiple_of(resolution.as_nanos()) {
             checker.push(
                 None,
                 key,
@@ -453,7 +453,7 @@ fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
                 ),
             );
         } else if let Some(previous) = previous
-            && (resolution <= previous || resolution.as_nanos() % previous.as_nanos() != 0)
+            && (resolution <= previous || !resolution.as_nanos().is_multiple_of(previous.as_nanos()))
         {
             checker.push(
                 None,

@@ -37,6 +37,9 @@ pub struct RollupTier {
     pub retention: Duration,
 }
 
+/// Partition start (ms) to the rollup segment of one tier.
+pub(super) type TierPartitions = BTreeMap<i64, Arc<Segment>>;
+
 /// A configured tier with its directory and retention floor.
 #[derive(Debug)]
 pub(super) struct Tier {
@@ -64,7 +67,7 @@ pub(super) fn open_tiers(
     options: &super::EngineOptions,
     partition_ms: i64,
     index_db: &IndexDb,
-) -> Result<(Vec<Tier>, Vec<BTreeMap<i64, Arc<Segment>>>), StorageError> {
+) -> Result<(Vec<Tier>, Vec<TierPartitions>), StorageError> {
     let invalid =
         |message: String| StorageError::InvalidQuery(format!("invalid rollup tier: {message}"));
     let mut tiers = Vec::new();
@@ -113,7 +116,7 @@ pub(super) fn open_tiers(
 /// newest epoch range is kept: older ones are left over from a crash between writing a
 /// recomputed rollup and deleting the one it replaced. Leftover `.tmp` files, partitions
 /// left empty by them, and partitions below the floor are deleted.
-fn open_tier(dir: &Path, floor: i64) -> Result<BTreeMap<i64, Arc<Segment>>, StorageError> {
+fn open_tier(dir: &Path, floor: i64) -> Result<TierPartitions, StorageError> {
     let mut partitions = BTreeMap::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
