@@ -315,6 +315,8 @@ fn open_store(config: &Config, data_dir: &Path, registry: &SharedRegistry) -> an
         let options = EngineOptions {
             commit_interval: storage.commit_interval,
             memory_budget_bytes: storage.memory_budget_bytes,
+            retention: storage.retention,
+            rollups: storage.rollups.clone(),
             ..EngineOptions::default()
         };
         let engine = Engine::open(&data_dir.join("tsdb"), options).context("cannot open the embedded time-series store")?;

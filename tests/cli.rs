@@ -240,6 +240,74 @@ fn demo_raises_its_alarm() {
 }
 
 #[test]
+fn check_config_rejects_invalid_rollups() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rollups.toml");
+    std::fs::write(
+        &path,
+        r#"[storage]
+retention = "30d"
+
+[[storage.rollups]]
+resolution = "1h"
+retention = "365d"
+
+[[storage.rollups]]
+resolution = "1m"
+retention = "365d"
+
+[[storage.rollups]]
+resolution = "2h"
+retention = "7d"
+
+[[storage.rollups]]
+resolution = "7h"
+retention = "400d"
+"#,
+    )
+    .unwrap();
+    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    for needle in [
+        "storage.rollups[1].resolution",
+        "not coarser than the tier before it",
+        "storage.rollups[2].retention",
+        "shorter than storage.retention",
+        "storage.rollups[3].resolution",
+        "divide 1d",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("storage.rollups[0]"), "the first tier is valid:\n{stdout}");
+    assert!(!stdout.contains("storage.rollups[2].resolution"), "2h is a multiple of 1m:\n{stdout}");
+}
+
+#[test]
+fn check_config_accepts_rollups() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rollups.toml");
+    std::fs::write(
+        &path,
+        r#"[storage]
+retention = "30d"
+
+[[storage.rollups]]
+resolution = "1m"
+retention = "365d"
+
+[[storage.rollups]]
+resolution = "1h"
+retention = "1825d"
+"#,
+    )
+    .unwrap();
+    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+}
+
+#[test]
 fn check_config_rejects_unworkable_values() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("unworkable.toml");

@@ -108,9 +108,11 @@ pub struct StorageSection {
     pub memory_budget_bytes: usize,
     /// InfluxDB 2 connection, for the `influxdb2` and `both` backends.
     pub influxdb2: Option<crate::storage::influxdb2::InfluxDb2Config>,
-    /// How long readings are kept; older data is deleted.
+    /// How long raw readings are kept; older partitions are deleted.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Downsampling tiers (`[[storage.rollups]]`), finest first (embedded engine only).
+    pub rollups: Vec<crate::storage::engine::RollupTier>,
     /// Maximum time between accepting a reading and its reaching the disk. Writes are
     /// committed in groups at this interval.
     #[serde(with = "humantime_serde")]
@@ -128,6 +130,7 @@ impl Default for StorageSection {
             memory_budget_bytes: 512 << 20,
             influxdb2: None,
             retention: Duration::from_secs(365 * 24 * 3600),
+            rollups: Vec::new(),
             commit_interval: Duration::from_millis(500),
             summary_interval: Duration::from_secs(10),
         }
@@ -483,6 +486,61 @@ fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
     }
     if storage.memory_budget_bytes < 16 << 20 {
         checker.push(None, "storage.memory_budget_bytes", "write at least 16777216 (16 MiB)");
+    }
+    check_rollups(checker, storage);
+}
+
+/// Checks `[[storage.rollups]]`: each resolution divides the 1-day partition and is a
+/// larger multiple of the tier before it, and each retention covers the raw retention.
+fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
+    const PARTITION: Duration = Duration::from_secs(86_400);
+    if !storage.rollups.is_empty() && matches!(storage.backend, StorageBackend::Sqlite | StorageBackend::Influxdb2) {
+        checker.push(
+            None,
+            "storage.rollups",
+            "rollups need the embedded engine; set storage.backend to \"embedded\" or \"both\", or remove [[storage.rollups]]",
+        );
+    }
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let mut previous: Option<Duration> = None;
+    for (index, tier) in storage.rollups.iter().enumerate() {
+        let resolution = tier.resolution;
+        let key = format!("storage.rollups[{index}].resolution");
+        if resolution < Duration::from_secs(1) || !PARTITION.as_nanos().is_multiple_of(resolution.as_nanos()) {
+            checker.push(
+                None,
+                key,
+                format!(
+                    "resolution {} must be at least 1s and divide 1d, the partition width; write one such as \"1m\", \"5m\" or \"1h\"",
+                    show(resolution)
+                ),
+            );
+        } else if let Some(previous) = previous
+            && (resolution <= previous || !resolution.as_nanos().is_multiple_of(previous.as_nanos()))
+        {
+            checker.push(
+                None,
+                key,
+                format!(
+                    "resolution {} is not coarser than the tier before it ({}); list tiers finest first and make each resolution a larger multiple of the previous one, such as \"1m\" then \"1h\"",
+                    show(resolution),
+                    show(previous)
+                ),
+            );
+        }
+        previous = Some(resolution);
+        if tier.retention < storage.retention {
+            checker.push(
+                None,
+                format!("storage.rollups[{index}].retention"),
+                format!(
+                    "retention {} is shorter than storage.retention ({}), so rollups would be deleted before the raw data they replace; write at least \"{}\"",
+                    show(tier.retention),
+                    show(storage.retention),
+                    show(storage.retention)
+                ),
+            );
+        }
     }
 }
 

@@ -17,17 +17,26 @@ fn partition_dir(data_dir: &Path, start: i64) -> PathBuf {
     data_dir.join(format!("p-{start}"))
 }
 
-/// Opens every segment under `data_dir`. Leftover `.tmp` files and segments covered by a
-/// compacted segment (a compaction that crashed before its cleanup) are deleted.
-pub(super) fn open_partitions(data_dir: &Path) -> Result<BTreeMap<i64, Vec<Arc<Segment>>>, StorageError> {
+/// Parses a partition directory name `p-{start_ms}`.
+pub(super) fn parse_partition_name(name: &std::ffi::OsStr) -> Option<i64> {
+    name.to_str().and_then(|n| n.strip_prefix("p-")).and_then(|n| n.parse::<i64>().ok())
+}
+
+/// Opens every segment under `data_dir`. Leftover `.tmp` files, segments covered by a
+/// compacted segment (a compaction that crashed before its cleanup) and partitions below
+/// the retention floor (a retention run that crashed before its cleanup) are deleted.
+pub(super) fn open_partitions(data_dir: &Path, floor: i64) -> Result<BTreeMap<i64, Vec<Arc<Segment>>>, StorageError> {
     let mut partitions = BTreeMap::new();
     for entry in fs::read_dir(data_dir)? {
         let entry = entry?;
-        let name = entry.file_name();
-        let Some(start) = name.to_str().and_then(|n| n.strip_prefix("p-")).and_then(|n| n.parse::<i64>().ok())
-        else {
+        let Some(start) = parse_partition_name(&entry.file_name()) else {
             continue;
         };
+        if start < floor {
+            tracing::info!(dir = %entry.path().display(), "deleting a partition below the retention floor");
+            fs::remove_dir_all(entry.path())?;
+            continue;
+        }
         let segments = open_partition(&entry.path())?;
         if !segments.is_empty() {
             partitions.insert(start, segments);
@@ -208,16 +217,34 @@ impl Inner {
     }
 
     /// Deletes every partition that ends at or before `cutoff` and every buffered point
-    /// older than the first partition kept.
+    /// older than the first partition kept, after rolling them up, and then deletes
+    /// rollups past their own retention.
     pub(super) fn enforce_retention(&self, cutoff: i64) -> Result<u64, StorageError> {
         let floor = merge::step_start(cutoff, self.partition_ms);
-        if floor <= self.retention_floor.load(Ordering::SeqCst) {
-            return Ok(0);
+        let mut deleted = 0;
+        if floor > self.retention_floor.load(Ordering::SeqCst) {
+            deleted += self.expire_raw(floor)?;
         }
-        // The floor is persisted first, so a WAL replay after a crash cannot bring back
-        // points of partitions deleted below.
+        deleted += self.enforce_rollup_retention(cutoff)?;
+        Ok(deleted)
+    }
+
+    fn expire_raw(&self, floor: i64) -> Result<u64, StorageError> {
+        if !self.tiers.is_empty() {
+            // From here on writes below the new floor are dropped. The checkpoint then
+            // seals every point accepted before, so the rollups include all of them.
+            let previous = self.write_floor.fetch_max(floor, Ordering::SeqCst);
+            let rolled_up = self.checkpoint().and_then(|()| self.roll_up(floor));
+            if let Err(err) = rolled_up {
+                self.write_floor.store(previous, Ordering::SeqCst);
+                return Err(err);
+            }
+        }
+        // The floor is persisted before the partitions are deleted, so a WAL replay after
+        // a crash cannot bring back points of partitions deleted below.
         lock(&self.index_db).set_meta(RETENTION_FLOOR_KEY, floor)?;
         self.retention_floor.store(floor, Ordering::SeqCst);
+        self.write_floor.fetch_max(floor, Ordering::SeqCst);
 
         let removed: Vec<(i64, Vec<Arc<Segment>>)> = {
             let mut state = write(&self.state);
@@ -238,5 +265,6 @@ impl Inner {
     pub(super) fn update_disk_gauge(&self) {
         let bytes: u64 = read(&self.state).partitions.values().flatten().map(|s| s.file_len).sum();
         self.metrics.segment_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.metrics.rollup_bytes.set(i64::try_from(self.rollup_bytes()).unwrap_or(i64::MAX));
     }
 }

@@ -14,6 +14,8 @@ pub struct EngineMetrics {
     pub wal_syncs: Counter,
     pub checkpoints: Counter,
     pub compactions: Counter,
+    pub rollups: Counter,
+    pub rollup_bytes: Gauge,
     pub backpressure_waits: Counter,
     pub background_errors: Counter,
 }
@@ -32,6 +34,8 @@ impl EngineMetrics {
         r.register("wal_syncs", "WAL fsync calls (group commits)", self.wal_syncs.clone());
         r.register("checkpoints", "Memtables sealed into segments", self.checkpoints.clone());
         r.register("compactions", "Partitions compacted", self.compactions.clone());
+        r.register("rollups", "Rollup segments written (one per partition and tier)", self.rollups.clone());
+        r.register("rollup_bytes", "Bytes of rollup segment files", self.rollup_bytes.clone());
         r.register(
             "backpressure_waits",
             "Writes that waited because the memory budget was full",

@@ -4,14 +4,17 @@
 //! Data flow: [`Engine::write`] appends to the WAL and the active memtable. A checkpoint
 //! freezes the memtable, starts a new WAL epoch, seals the frozen points into one segment
 //! per partition, and then deletes the old WAL files. Compaction merges the segments of a
-//! partition, and retention deletes whole partitions. The series index is SQLite. The
-//! on-disk format and its invariants are described in `docs/storage.md`.
+//! partition, and retention deletes whole partitions. Optional rollup tiers summarize
+//! sealed partitions per bucket and outlive raw data (see [`RollupTier`]). The series
+//! index is SQLite. The on-disk format and its invariants are described in
+//! `docs/storage.md`.
 
 mod catalog;
 mod maintenance;
 mod memtable;
 mod merge;
 mod metrics;
+mod rollup;
 mod segment;
 mod wal;
 
@@ -32,6 +35,7 @@ use segment::Segment;
 use wal::{Record, WalWriter};
 
 pub use metrics::EngineMetrics;
+pub use rollup::RollupTier;
 
 /// Estimated memory per buffered point: 16 bytes of data plus vector growth slack.
 const BYTES_PER_POINT: usize = 24;
@@ -55,6 +59,11 @@ pub struct EngineOptions {
     pub partition_duration: Duration,
     /// Compaction merges a partition once it has this many segments.
     pub compaction_min_segments: usize,
+    /// Raw retention that the caller of `enforce_retention` applies. Each rollup tier's
+    /// cutoff is the raw cutoff moved back by the tier's extra retention.
+    pub retention: Duration,
+    /// Downsampling tiers, finest first; empty keeps raw data only.
+    pub rollups: Vec<RollupTier>,
 }
 
 impl Default for EngineOptions {
@@ -67,6 +76,8 @@ impl Default for EngineOptions {
             backpressure_timeout: Duration::from_secs(30),
             partition_duration: Duration::from_secs(86_400),
             compaction_min_segments: 4,
+            retention: Duration::from_secs(365 * 86_400),
+            rollups: Vec::new(),
         }
     }
 }
@@ -78,6 +89,8 @@ struct State {
     frozen: Vec<Arc<Frozen>>,
     /// Partition start (ms) to its segments, sorted by `seq_hi`.
     partitions: BTreeMap<i64, Vec<Arc<Segment>>>,
+    /// Per rollup tier, partition start (ms) to its rollup segment.
+    rollups: Vec<BTreeMap<i64, Arc<Segment>>>,
 }
 
 struct Signal {
@@ -124,7 +137,12 @@ struct Inner {
     index_db: Mutex<IndexDb>,
     /// Serialises checkpoints, compaction and retention.
     maintenance: Mutex<()>,
+    /// Start of the first raw partition kept. Queries read raw points only from here on.
     retention_floor: AtomicI64,
+    /// Writes below it are dropped. It runs ahead of `retention_floor` while a retention
+    /// run rolls up the partitions it is about to delete.
+    write_floor: AtomicI64,
+    tiers: Vec<rollup::Tier>,
     checkpoint_requested: Signal,
     memory_freed: Signal,
     commit_tick: Signal,
@@ -173,8 +191,15 @@ impl Engine {
         let mut index_db = IndexDb::open(&dir.join("index.sqlite"))?;
         let mut catalog = index_db.load()?;
         let floor = index_db.meta(RETENTION_FLOOR_KEY)?.unwrap_or(i64::MIN);
-        let partitions = maintenance::open_partitions(&data_dir)?;
-        let max_seq = partitions.values().flatten().map(|s| s.seq_hi).max().unwrap_or(0);
+        let partitions = maintenance::open_partitions(&data_dir, floor)?;
+        let (tiers, rollups) = rollup::open_tiers(dir, &options, partition_ms, &index_db)?;
+        let max_seq = partitions
+            .values()
+            .flatten()
+            .chain(rollups.iter().flat_map(|tier| tier.values()))
+            .map(|s| s.seq_hi)
+            .max()
+            .unwrap_or(0);
 
         let active = Memtable::default();
         let (max_wal_epoch, replayed_bytes) = replay_wal(&wal_dir, &mut catalog, &active, floor)?;
@@ -206,10 +231,12 @@ impl Engine {
             durable_seq: AtomicU64::new(0),
             active,
             frozen_points: AtomicUsize::new(0),
-            state: RwLock::new(State { frozen: Vec::new(), partitions }),
+            state: RwLock::new(State { frozen: Vec::new(), partitions, rollups }),
             index_db: Mutex::new(index_db),
             maintenance: Mutex::new(()),
             retention_floor: AtomicI64::new(floor),
+            write_floor: AtomicI64::new(floor),
+            tiers,
             checkpoint_requested: Signal::new(),
             memory_freed: Signal::new(),
             commit_tick: Signal::new(),
@@ -244,6 +271,20 @@ impl Engine {
         let _maintenance = lock(&self.inner.maintenance);
         self.inner.checkpoint()?;
         self.inner.compact(2)
+    }
+
+    /// Checkpoints, then computes the rollups of every partition that ends at or before
+    /// `until` and whose rollups are missing or stale. The background thread does the same
+    /// with the current time after each checkpoint.
+    pub fn roll_up(&self, until: Timestamp) -> Result<(), StorageError> {
+        let _maintenance = lock(&self.inner.maintenance);
+        self.inner.checkpoint()?;
+        self.inner.roll_up(until.0)
+    }
+
+    /// Bytes of rollup segment files.
+    pub fn rollup_bytes(&self) -> u64 {
+        self.inner.rollup_bytes()
     }
 
     /// Bytes of segment files, which is the store's size after a checkpoint.
@@ -349,6 +390,11 @@ fn spawn_committer(inner: Arc<Inner>) -> Result<JoinHandle<()>, StorageError> {
     Ok(thread)
 }
 
+fn wall_clock_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
 fn spawn_maintainer(inner: Arc<Inner>) -> Result<JoinHandle<()>, StorageError> {
     let thread = std::thread::Builder::new().name("engine-maintain".to_owned()).spawn(move || {
         let mut last_checkpoint = Instant::now();
@@ -368,6 +414,11 @@ fn spawn_maintainer(inner: Arc<Inner>) -> Result<JoinHandle<()>, StorageError> {
             if let Err(err) = result {
                 inner.metrics.background_errors.inc();
                 tracing::error!(error = %err, "checkpoint or compaction failed; points stay in the WAL and memory, retrying");
+                continue;
+            }
+            if let Err(err) = inner.roll_up(wall_clock_ms()) {
+                inner.metrics.background_errors.inc();
+                tracing::error!(error = %err, "rollup failed; raw data is kept and the rollup is retried");
             }
         }
     })?;
@@ -411,7 +462,7 @@ impl Inner {
     fn write(&self, points: Vec<Point>) -> Result<u64, StorageError> {
         self.wait_for_memory()?;
         let _gate = read(&self.gate);
-        let floor = self.retention_floor.load(Ordering::SeqCst);
+        let floor = self.write_floor.load(Ordering::SeqCst);
         let total = points.len();
         let points: Vec<Point> = points.into_iter().filter(|p| p.ts.0 >= floor).collect();
         let dropped = total - points.len();
@@ -515,9 +566,16 @@ impl Inner {
             }
             None => None,
         };
-        let from = query.from.0.max(self.retention_floor.load(Ordering::SeqCst));
+        let floor = self.retention_floor.load(Ordering::SeqCst);
+        let from = query.from.0.max(floor);
         let to = query.to.0;
-        if from >= to {
+        // Aggregations read rollups for the part of the range whose raw data is deleted.
+        let rollup_plan = match step_ms {
+            Some(step_ms) => self.plan_rollups(query.from.0, to.min(floor), step_ms),
+            None => Vec::new(),
+        };
+        let raw_range = from < to;
+        if !raw_range && rollup_plan.is_empty() {
             return Ok(Vec::new());
         }
         let selected: Vec<(u32, SeriesKey, ValueKind)> = {
@@ -527,7 +585,11 @@ impl Inner {
                 (id, key.clone(), *kind)
             }).collect()
         };
-        let (segments, frozen, actives) = self.snapshot(&selected, from, to);
+        let (segments, frozen, actives) = if raw_range {
+            self.snapshot(&selected, from, to)
+        } else {
+            (Vec::new(), Vec::new(), vec![SeriesBuf::default(); selected.len()])
+        };
 
         let mut out = Vec::new();
         for ((id, key, kind), active) in selected.into_iter().zip(actives) {
@@ -544,19 +606,47 @@ impl Inner {
             sources.extend(frozen.iter().map(|f| f.copy_range(id, from, to)));
             sources.push(active);
             let merged = merge::merge(sources);
-            if merged.ts.is_empty() {
-                continue;
-            }
-            let mut points = match (step_ms, query.aggregation) {
-                (Some(step_ms), Some((_, aggregate))) => merge::aggregate(&merged, step_ms, aggregate, kind),
+            let mut points: Vec<(Timestamp, Value)> = match (step_ms, query.aggregation) {
+                (Some(step_ms), Some((_, aggregate))) => {
+                    let steps = self.summarize_steps(id, &rollup_plan, &merged, step_ms)?;
+                    steps.into_iter().map(|(start, summary)| (Timestamp(start), summary.value(aggregate, kind))).collect()
+                }
                 _ => merged.ts.iter().zip(&merged.values).map(|(&ts, &v)| (Timestamp(ts), Value::from_stored(v, kind))).collect(),
             };
+            if points.is_empty() {
+                continue;
+            }
             if let Some(limit) = query.limit {
                 points.truncate(limit);
             }
             out.push(SeriesData { series: key, kind, points });
         }
         Ok(out)
+    }
+
+    /// Summarizes one series per step: rollup rows for the planned ranges below the
+    /// retention floor, then raw points. A step that spans the floor combines both.
+    fn summarize_steps(
+        &self,
+        id: u32,
+        rollup_plan: &[(usize, i64, i64)],
+        raw: &SeriesBuf,
+        step_ms: i64,
+    ) -> Result<Vec<(i64, merge::Summary)>, StorageError> {
+        let mut rows = Vec::new();
+        for &(tier, from, to) in rollup_plan {
+            rows.extend(self.read_rollups(tier, id, from, to)?);
+        }
+        let mut steps = merge::combine(rows, step_ms);
+        let mut raw_steps = merge::summarize(raw, step_ms).into_iter();
+        if let (Some(last), Some(first_raw)) = (steps.last_mut(), raw_steps.as_slice().first())
+            && last.0 == first_raw.0
+        {
+            last.1.append(&first_raw.1);
+            raw_steps.next();
+        }
+        steps.extend(raw_steps);
+        Ok(steps)
     }
 
     /// Takes a consistent view of segments, frozen memtables and the active memtable. A

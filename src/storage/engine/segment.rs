@@ -12,6 +12,10 @@
 //!
 //! A segment is written to a `.tmp` file, synced and renamed, so a crash leaves either
 //! the whole file or none of it. Chunks are sorted by timestamp with duplicates removed.
+//!
+//! Rollup segments use the same layout with the magic `"SLRUP001"`. Their timestamps are
+//! bucket starts, and their value blob is six pco columns, each prefixed by its length
+//! (u32): count, sum, min, max, first and last of the bucket.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -24,8 +28,11 @@ use pco::standalone::{simple_compress, simple_decompress};
 use crate::storage::StorageError;
 
 use super::memtable::SeriesBuf;
+use super::merge::Summary;
 
 const MAGIC: &[u8; 8] = b"SLSEG001";
+const ROLLUP_MAGIC: &[u8; 8] = b"SLRUP001";
+const ROLLUP_COLUMNS: usize = 6;
 const FOOTER_MAGIC: &[u8; 8] = b"SLSEGEND";
 const INDEX_ENTRY_LEN: usize = 44;
 const FOOTER_LEN: usize = 20;
@@ -52,6 +59,8 @@ pub struct Segment {
     pub seq_lo: u64,
     pub seq_hi: u64,
     pub file_len: u64,
+    /// Whether the file contains rollup rows instead of raw points.
+    pub rollup: bool,
     /// Sorted by series id.
     chunks: Vec<ChunkMeta>,
     file: File,
@@ -80,12 +89,11 @@ fn codec_error(err: &pco::errors::PcoError) -> StorageError {
     StorageError::Database(format!("pco codec failed: {err}"))
 }
 
-/// Encodes sorted, deduplicated points of one series into timestamp and value blobs.
-pub fn encode_chunk(ts: &[i64], values: &[f64]) -> Result<(Vec<u8>, Vec<u8>), StorageError> {
-    let config = ChunkConfig::default();
-    let ts_bytes = simple_compress(ts, &config).map_err(|e| codec_error(&e))?;
-    let value_bytes = simple_compress(values, &config).map_err(|e| codec_error(&e))?;
-    Ok((ts_bytes, value_bytes))
+/// Sorted, deduplicated rollup rows of one series: bucket starts and their summaries.
+#[derive(Debug, Default, Clone)]
+pub struct RollupBuf {
+    pub ts: Vec<i64>,
+    pub rows: Vec<Summary>,
 }
 
 /// Writes a segment atomically into `dir` from sorted, deduplicated chunks in series
@@ -96,21 +104,65 @@ pub fn write_segment(
     seq_hi: u64,
     chunks: impl IntoIterator<Item = Result<(u32, SeriesBuf), StorageError>>,
 ) -> Result<Segment, StorageError> {
+    let encoded = chunks.into_iter().map(|chunk| {
+        let (series, SeriesBuf { ts, values }) = chunk?;
+        let value_bytes = encode_column(&values)?;
+        Ok((series, ts, value_bytes))
+    });
+    write_file(dir, seq_lo, seq_hi, MAGIC, encoded)
+}
+
+/// Writes a rollup segment atomically into `dir`, like [`write_segment`].
+pub fn write_rollup_segment(
+    dir: &Path,
+    seq_lo: u64,
+    seq_hi: u64,
+    chunks: impl IntoIterator<Item = Result<(u32, RollupBuf), StorageError>>,
+) -> Result<Segment, StorageError> {
+    let encoded = chunks.into_iter().map(|chunk| {
+        let (series, RollupBuf { ts, rows }) = chunk?;
+        let columns: [fn(&Summary) -> f64; ROLLUP_COLUMNS] =
+            [|r| r.count, |r| r.sum, |r| r.min, |r| r.max, |r| r.first, |r| r.last];
+        let mut value_bytes = Vec::new();
+        for column in columns {
+            let values: Vec<f64> = rows.iter().map(column).collect();
+            let bytes = encode_column(&values)?;
+            value_bytes.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            value_bytes.extend_from_slice(&bytes);
+        }
+        Ok((series, ts, value_bytes))
+    });
+    write_file(dir, seq_lo, seq_hi, ROLLUP_MAGIC, encoded)
+}
+
+fn encode_column(values: &[f64]) -> Result<Vec<u8>, StorageError> {
+    simple_compress(values, &ChunkConfig::default()).map_err(|e| codec_error(&e))
+}
+
+/// Writes chunks of (series, timestamps, encoded values) to `.tmp`, syncs it and renames
+/// it to its final name.
+fn write_file(
+    dir: &Path,
+    seq_lo: u64,
+    seq_hi: u64,
+    magic: &[u8; 8],
+    chunks: impl IntoIterator<Item = Result<(u32, Vec<i64>, Vec<u8>), StorageError>>,
+) -> Result<Segment, StorageError> {
     fs::create_dir_all(dir)?;
     let name = segment_file_name(seq_lo, seq_hi);
     let path = dir.join(&name);
     let tmp_path = dir.join(format!("{name}.tmp"));
     let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp_path)?);
-    out.write_all(MAGIC)?;
-    let mut offset = MAGIC.len() as u64;
+    out.write_all(magic)?;
+    let mut offset = magic.len() as u64;
     let mut index = Vec::new();
 
     for chunk in chunks {
-        let (series, SeriesBuf { ts, values }) = chunk?;
+        let (series, ts, value_bytes) = chunk?;
         if ts.is_empty() {
             continue;
         }
-        let (ts_bytes, value_bytes) = encode_chunk(&ts, &values)?;
+        let ts_bytes = simple_compress(&ts, &ChunkConfig::default()).map_err(|e| codec_error(&e))?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&ts_bytes);
         crc.update(&value_bytes);
@@ -203,6 +255,13 @@ impl Segment {
         if file_len < (MAGIC.len() + 4 + FOOTER_LEN) as u64 {
             return Err(corrupt(path, "file is shorter than its header and footer"));
         }
+        let mut header = [0u8; 8];
+        file.read_exact_at(&mut header, 0)?;
+        let rollup = match &header {
+            h if h == MAGIC => false,
+            h if h == ROLLUP_MAGIC => true,
+            _ => return Err(corrupt(path, "header magic is missing")),
+        };
         let mut footer = [0u8; FOOTER_LEN];
         file.read_exact_at(&mut footer, file_len - FOOTER_LEN as u64)?;
         if &footer[12..] != FOOTER_MAGIC {
@@ -220,7 +279,7 @@ impl Segment {
             return Err(corrupt(path, "index checksum does not match"));
         }
         let chunks = decode_index(path, &index)?;
-        Ok(Segment { path: path.to_owned(), seq_lo, seq_hi, file_len, chunks, file })
+        Ok(Segment { path: path.to_owned(), seq_lo, seq_hi, file_len, rollup, chunks, file })
     }
 
     pub fn chunk(&self, series: u32) -> Option<&ChunkMeta> {
@@ -236,20 +295,70 @@ impl Segment {
         self.chunks.iter().map(|c| u64::from(c.points)).sum()
     }
 
-    /// Reads and decodes one chunk, checking its checksum.
-    pub fn read_chunk(&self, meta: &ChunkMeta) -> Result<SeriesBuf, StorageError> {
+    /// Reads one chunk's timestamp and value blobs, checking its checksum, and decodes the
+    /// timestamps.
+    fn read_blobs(&self, meta: &ChunkMeta) -> Result<(Vec<i64>, Vec<u8>), StorageError> {
         let total = meta.ts_len as usize + meta.values_len as usize;
         let mut bytes = vec![0u8; total];
         self.file.read_exact_at(&mut bytes, meta.offset)?;
         if crc32fast::hash(&bytes) != meta.crc {
             return Err(corrupt(&self.path, &format!("chunk of series {} fails its checksum", meta.series)));
         }
-        let (ts_bytes, value_bytes) = bytes.split_at(meta.ts_len as usize);
-        let ts = simple_decompress::<i64>(ts_bytes).map_err(|e| codec_error(&e))?;
-        let values = simple_decompress::<f64>(value_bytes).map_err(|e| codec_error(&e))?;
-        if ts.len() != meta.points as usize || values.len() != meta.points as usize {
+        let value_bytes = bytes.split_off(meta.ts_len as usize);
+        let ts = simple_decompress::<i64>(&bytes).map_err(|e| codec_error(&e))?;
+        if ts.len() != meta.points as usize {
+            return Err(corrupt(&self.path, &format!("chunk of series {} has the wrong length", meta.series)));
+        }
+        Ok((ts, value_bytes))
+    }
+
+    /// Reads and decodes one chunk of a raw segment, checking its checksum.
+    pub fn read_chunk(&self, meta: &ChunkMeta) -> Result<SeriesBuf, StorageError> {
+        if self.rollup {
+            return Err(corrupt(&self.path, "a rollup segment was read as raw points"));
+        }
+        let (ts, value_bytes) = self.read_blobs(meta)?;
+        let values = simple_decompress::<f64>(&value_bytes).map_err(|e| codec_error(&e))?;
+        if values.len() != meta.points as usize {
             return Err(corrupt(&self.path, &format!("chunk of series {} has the wrong length", meta.series)));
         }
         Ok(SeriesBuf { ts, values })
+    }
+
+    /// Reads and decodes one chunk of a rollup segment, checking its checksum.
+    pub fn read_rollup_chunk(&self, meta: &ChunkMeta) -> Result<RollupBuf, StorageError> {
+        if !self.rollup {
+            return Err(corrupt(&self.path, "a raw segment was read as rollups"));
+        }
+        let (ts, value_bytes) = self.read_blobs(meta)?;
+        let wrong_length = || corrupt(&self.path, &format!("rollup chunk of series {} has the wrong length", meta.series));
+        let mut columns: Vec<Vec<f64>> = Vec::with_capacity(ROLLUP_COLUMNS);
+        let mut rest = value_bytes.as_slice();
+        for _ in 0..ROLLUP_COLUMNS {
+            if rest.len() < 4 {
+                return Err(wrong_length());
+            }
+            let len = read_u32(rest, 0) as usize;
+            let Some(column) = rest.get(4..4 + len) else {
+                return Err(wrong_length());
+            };
+            let values = simple_decompress::<f64>(column).map_err(|e| codec_error(&e))?;
+            if values.len() != ts.len() {
+                return Err(wrong_length());
+            }
+            columns.push(values);
+            rest = &rest[4 + len..];
+        }
+        let rows = (0..ts.len())
+            .map(|i| Summary {
+                count: columns[0][i],
+                sum: columns[1][i],
+                min: columns[2][i],
+                max: columns[3][i],
+                first: columns[4][i],
+                last: columns[5][i],
+            })
+            .collect();
+        Ok(RollupBuf { ts, rows })
     }
 }
