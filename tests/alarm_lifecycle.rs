@@ -287,3 +287,20 @@ async fn api_errors_name_the_bad_value() {
     assert!(body["error"]["message"].as_str().unwrap().contains("missing `note`"), "{body}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_method_gets_json_405() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(CONFIG, &receiver.url(), data.path()).await;
+
+    let response = reqwest::get(format!("http://{}/api/v1/alarms/1/close", server.http_addr)).await.unwrap();
+    assert_eq!(response.status(), 405);
+    let allow = response.headers().get("allow").map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(allow.as_deref(), Some("POST"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("GET is not allowed on /api/v1/alarms/1/close"), "{message}");
+    server.shutdown().await;
+}

@@ -33,6 +33,10 @@ impl ApiError {
         Self { status: StatusCode::FORBIDDEN, code: "forbidden", message: message.into() }
     }
 
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::METHOD_NOT_ALLOWED, code: "method_not_allowed", message: message.into() }
+    }
+
     pub fn conflict(message: impl Into<String>) -> Self {
         Self { status: StatusCode::CONFLICT, code: "conflict", message: message.into() }
     }

@@ -58,5 +58,6 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/alarms/{id}/reset", post(admin::reset))
         .route("/api/v1/admin/reload", post(admin::reload))
         .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state)
 }
