@@ -220,6 +220,8 @@ fn demo_raises_its_alarm() {
     demo.wait_line("mosquitto_pub", Duration::from_secs(5));
     let raised = demo.wait_line("webhook received: alarm.raised", Duration::from_secs(60));
     assert!(raised.contains("device gas-a-01") && raised.contains("signature valid"), "{raised}");
+    let ack = demo.wait_line("acknowledge it: curl", Duration::from_secs(5));
+    assert!(ack.contains(&format!("http://{http}/api/v1/alarms/1/ack")), "the printed command names the raised alarm: {ack}");
     let escalated = demo.wait_line("webhook received: alarm.escalated", Duration::from_secs(60));
     assert!(escalated.contains("level 2"), "{escalated}");
 

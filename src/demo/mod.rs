@@ -24,7 +24,8 @@ pub const DEMO_SECRET: &str = "demo-secret";
 
 /// Runs the demo until SIGTERM or Ctrl-C.
 pub async fn run(overrides: Overrides, webhook_listen: SocketAddr) -> anyhow::Result<()> {
-    let (receiver_addr, receiver) = receiver::start(webhook_listen, DEMO_SECRET.as_bytes().to_vec())
+    let api = Arc::new(std::sync::OnceLock::new());
+    let (receiver_addr, receiver) = receiver::start(webhook_listen, DEMO_SECRET.as_bytes().to_vec(), api.clone())
         .await
         .with_context(|| format!("cannot start the demo webhook receiver on {webhook_listen}"))?;
     let simulated_modbus = modbus::start(&builtin_profiles()).await.context("cannot start the demo's Modbus simulator")?;
@@ -42,6 +43,7 @@ pub async fn run(overrides: Overrides, webhook_listen: SocketAddr) -> anyhow::Re
     let server = Server::start(config, Arc::new(SystemClock)).await?;
     let http = server.http_addr;
     let mqtt = server.mqtt_addr;
+    let _ = api.set(http);
     println!("stonelion listening: http={http} mqtt={mqtt}");
     print_banner(http, mqtt, receiver_addr, simulated_modbus.addr, &data_dir, &sites);
 
@@ -84,10 +86,9 @@ fn print_banner(
          \n  gasctl-b3-01 (Modbus) climbs past level 1 about a minute from now.\
          \n  Raise another alarm yourself (Debian package mosquitto-clients):\
          \n    mosquitto_pub -h {} -p {} -q 1 -t telemetry/park-b3/smoke-b3-01 -m '{{\"values\": {{\"smoke\": true}}}}'\
-         \n  Acknowledge alarm 1:\
-         \n    curl -X POST http://{http}/api/v1/alarms/1/ack -H 'content-type: application/json' -d '{{\"by\": \"duty officer\"}}'\
-         \n  Close it once it has cleared; a close needs a note:\
-         \n    curl -X POST http://{http}/api/v1/alarms/1/close -H 'content-type: application/json' -d '{{\"by\": \"duty officer\", \"note\": \"leak fixed\"}}'\
+         \n  Each raised alarm below comes with the command that acknowledges it. Close an alarm\
+         \n  once it has cleared, with its id (ID) and a note:\
+         \n    curl -X POST http://{http}/api/v1/alarms/ID/close -H 'content-type: application/json' -d '{{\"by\": \"duty officer\", \"note\": \"leak fixed\"}}'\
          \n\nPress Ctrl-C to stop.\n",
         site_list.join(", "),
         data_dir.display(),

@@ -1,6 +1,7 @@
 //! The demo's webhook receiver: checks each delivery's signature and prints it.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -13,13 +14,20 @@ use sha2::Sha256;
 #[derive(Clone)]
 struct Receiver {
     secret: Vec<u8>,
+    /// The server's HTTP address, set once the server listens, for the commands printed
+    /// with each raised alarm.
+    api: Arc<OnceLock<SocketAddr>>,
 }
 
 /// Starts the receiver, returning its address and task.
-pub async fn start(listen: SocketAddr, secret: Vec<u8>) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn start(
+    listen: SocketAddr,
+    secret: Vec<u8>,
+    api: Arc<OnceLock<SocketAddr>>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let app = Router::new().route("/stonelion", post(receive)).with_state(Receiver { secret });
+    let app = Router::new().route("/stonelion", post(receive)).with_state(Receiver { secret, api });
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -52,5 +60,11 @@ async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: Byt
         if valid { "valid" } else { "INVALID" },
         header("x-stonelion-delivery"),
     );
+    if let (true, "alarm.raised", Some(api)) = (valid, header("x-stonelion-event").as_str(), receiver.api.get()) {
+        println!(
+            "  acknowledge it: curl -X POST http://{api}/api/v1/alarms/{}/ack -H 'content-type: application/json' -d '{{\"by\": \"duty officer\"}}'",
+            alarm["id"]
+        );
+    }
     if valid { StatusCode::NO_CONTENT } else { StatusCode::UNAUTHORIZED }
 }
