@@ -155,7 +155,8 @@ pub async fn reset(
     body: Result<Json<ActionBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_alarm_id(&id)?;
-    let action = check_action(body, principal.as_deref(), NoteRule::Optional)?;
+    // A reset clears a safety alarm by hand, so, like a close, it needs a note that says why.
+    let action = check_action(body, principal.as_deref(), NoteRule::Required)?;
     let request = ResetRequest {
         id,
         by: action.actor,
