@@ -1,7 +1,9 @@
 """The Python `influxdb` client (InfluxDB 1.x) against Stonelion's /query and /write.
 
-Started by tests/influxql_python_client.rs, which serves Stonelion on loopback with demo
-data and passes the address in STONELION_HOST and STONELION_PORT.
+Started by tests/influxql_python_client.rs, which starts a Stonelion server on loopback,
+writes two hours of readings for six devices, and passes the address in STONELION_HOST
+and STONELION_PORT and an admin API token in STONELION_TOKEN. The client sends the token
+as its password, in the `p` query parameter as InfluxDB 1.x clients do.
 """
 
 import os
@@ -16,7 +18,10 @@ from influxdb.exceptions import InfluxDBClientError
 def client():
     host = os.environ["STONELION_HOST"]
     port = int(os.environ["STONELION_PORT"])
-    client = InfluxDBClient(host=host, port=port, database="stonelion", timeout=10)
+    token = os.environ["STONELION_TOKEN"]
+    client = InfluxDBClient(
+        host=host, port=port, username="python-client", password=token, database="stonelion", timeout=10
+    )
     yield client
     client.close()
 
@@ -97,3 +102,12 @@ def test_parse_error_raises(client):
     with pytest.raises(InfluxDBClientError) as error:
         client.query("SELECT FROM nothing")
     assert "error parsing query" in str(error.value)
+
+
+def test_wrong_token_rejected():
+    host = os.environ["STONELION_HOST"]
+    port = int(os.environ["STONELION_PORT"])
+    intruder = InfluxDBClient(host=host, port=port, username="x", password="wrong", database="stonelion")
+    with pytest.raises(InfluxDBClientError) as error:
+        intruder.query("SHOW MEASUREMENTS")
+    assert error.value.code == 401
