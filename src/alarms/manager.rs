@@ -46,7 +46,7 @@ pub const ALARM_STATE_MEASUREMENT: &str = "alarm_state";
 /// no command arrives. Every command also tries it first.
 const LIVENESS_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Longest wait between two checks of a pending level that is not due yet. The due time is
+/// Maximum wait between two checks of a pending level that is not due yet. The due time is
 /// server clock time, so the stage checks again at least this often in case the clock
 /// moved differently from the runtime's timer, as a test's manual clock does.
 const PENDING_CHECK_INTERVAL: Duration = Duration::from_millis(250);
@@ -334,6 +334,8 @@ impl AlarmManager {
                 continue;
             };
             let Some(change) = self.evaluator.confirm_due(&device, &rule, now) else { continue };
+            // The reading that kept the level pending, rebuilt for the alarm's fields. Its
+            // source is not stored with the alarm.
             let reading = Reading {
                 site: entry.site.clone(),
                 device: device.clone(),

@@ -5,8 +5,8 @@
 //! order of their ordering key, [`order_key`]: the reading's timestamp, but never later
 //! than the server time the reading was received. A reading whose key is older than the
 //! last evaluated one of its rule is stored but changes no alarm, so a late or replayed
-//! reading cannot clear a live alarm, and a reading dated in the future cannot hold back
-//! the readings after it. The minimum duration is measured with the server's clock
+//! reading cannot clear a live alarm. Because of the cap, a reading dated in the future
+//! cannot hold back the readings after it. The minimum duration is measured with the server's clock
 //! (`now`), not the devices' timestamps, so a device clock running ahead cannot shorten
 //! it. A pending level is confirmed by the next reading or, without one, by
 //! [`Evaluator::confirm_due`] once the minimum duration has passed.
