@@ -18,7 +18,8 @@ use crate::ingest::directory::{DeviceEntry, Directory, SharedDirectory};
 use crate::ingest::{IngestMessage, LivenessCause, WriteFailure};
 use crate::metrics::SharedRegistry;
 use crate::model::{DeviceId, MetricName, Reading, Source, Timestamp, Value};
-use crate::storage::{Point, SeriesKey, StorageError, TimeSeriesStore};
+use crate::rules::engine::order_key;
+use crate::storage::{Point, SeriesKey, Selector, StorageError, TimeSeriesStore};
 
 /// Liveness and latest values of one device, as the API shows them.
 #[derive(Clone, Debug, Default)]
@@ -26,7 +27,11 @@ pub struct DeviceState {
     /// `None` until the device reports or its staleness timeout passes.
     pub online: Option<bool>,
     pub last_seen: Option<Timestamp>,
+    /// The latest value of each metric by ordering key
+    /// ([`crate::rules::engine::order_key`]), with the reading's own timestamp.
     pub latest: BTreeMap<MetricName, (Timestamp, Value)>,
+    /// Ordering key of each metric's entry in `latest`.
+    pub latest_order: BTreeMap<MetricName, Timestamp>,
     /// Polled metrics whose latest read failed or returned an invalid value. A reading of
     /// the metric removes its entry.
     pub bad: BTreeMap<MetricName, BadReading>,
@@ -76,6 +81,40 @@ pub fn series_key(entry: &DeviceEntry, metric: &MetricName) -> SeriesKey {
         ],
         metric.as_str(),
     )
+}
+
+/// Reads each configured device's latest stored values from `store`, for the device
+/// states at start. `last_seen` becomes the newest of them, so the staleness timeout
+/// counts from the last reading before the restart. Timestamps later than `now` (readings
+/// dated in the future) are capped at `now` in the ordering keys and in `last_seen`.
+pub fn restore_states(
+    directory: &Directory,
+    store: &dyn TimeSeriesStore,
+    now: Timestamp,
+) -> Result<HashMap<DeviceId, DeviceState>, StorageError> {
+    let mut states = HashMap::new();
+    for entry in directory.devices() {
+        let selector = Selector {
+            measurement: Some(entry.profile.as_str().to_owned()),
+            tags: vec![
+                ("site".to_owned(), entry.site.to_string()),
+                ("device".to_owned(), entry.id.to_string()),
+            ],
+            field: None,
+        };
+        let mut state = DeviceState::default();
+        for (series, ts, value) in store.latest(&selector)? {
+            let metric = MetricName::new(series.field.as_str());
+            let key = order_key(ts, now);
+            state.latest.insert(metric.clone(), (ts, value));
+            state.latest_order.insert(metric, key);
+            state.last_seen = Some(state.last_seen.map_or(key, |seen| seen.max(key)));
+        }
+        if state.last_seen.is_some() {
+            states.insert(entry.id.clone(), state);
+        }
+    }
+    Ok(states)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -204,6 +243,7 @@ impl Pipeline {
         let mut points = Vec::with_capacity(readings.len());
         let mut came_online = Vec::new();
         let directory = self.directory.load();
+        let received = self.clock.now();
         {
             let mut states = self.states.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             for reading in &readings {
@@ -217,10 +257,14 @@ impl Pipeline {
                     came_online.push(reading.device.clone());
                 }
                 // Server time, so a device clock running ahead cannot keep it online.
-                state.last_seen = Some(self.clock.now());
-                let newer = state.latest.get(&reading.metric).is_none_or(|(t, _)| *t <= reading.ts);
+                state.last_seen = Some(received);
+                // Ordered like the rules see readings, so one dated in the future cannot
+                // hide the readings after it.
+                let key = order_key(reading.ts, received);
+                let newer = state.latest_order.get(&reading.metric).is_none_or(|last| *last <= key);
                 if newer {
                     state.latest.insert(reading.metric.clone(), (reading.ts, reading.value));
+                    state.latest_order.insert(reading.metric.clone(), key);
                 }
                 state.bad.remove(&reading.metric);
             }
@@ -230,7 +274,7 @@ impl Pipeline {
             self.set_liveness(&device, true, &LivenessCause::Reading, metrics).await;
         }
         // Rules run on readings even when storage failed: an alarm must not wait for a disk.
-        let _ = self.alarms.send(AlarmCommand::Readings(readings)).await;
+        let _ = self.alarms.send(AlarmCommand::Readings { readings, received }).await;
         stored
     }
 

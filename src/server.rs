@@ -3,6 +3,7 @@
 //! dispatcher finishes its in-flight deliveries. A [`Reloader`] applies config reloads and
 //! device changes while the server runs.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -26,7 +27,8 @@ use crate::ingest::mqtt::{BrokerSettings, EmbeddedBroker, spawn_ingest_link};
 use crate::ingest::reject::RejectLog;
 use crate::ingest::IngestHandle;
 use crate::metrics::SharedRegistry;
-use crate::pipeline::{DeviceStates, Pipeline};
+use crate::model::DeviceId;
+use crate::pipeline::{DeviceState, DeviceStates, Pipeline};
 use crate::reload::{Reloader, ReloaderParts, WebhookRunner};
 use crate::server_modbus::ModbusRunner;
 use crate::config::StorageBackend;
@@ -104,7 +106,7 @@ impl Server {
         let (webhooks, dispatcher_handle) =
             WebhookRunner::start(state_db.clone(), config.webhooks.clone(), clock.clone(), &registry, stop_dispatcher.clone())
                 .context("cannot start the webhook dispatcher")?;
-        let manager = AlarmManager::new(
+        let mut manager = AlarmManager::new(
             &config,
             alarm_store,
             clock.clone(),
@@ -113,10 +115,11 @@ impl Server {
             &registry,
         )
         .context("cannot load the open alarms")?;
-        let (alarm_handle, alarms) = manager.spawn(ALARM_CHANNEL);
-
         let directory = SharedDirectory::new(Directory::from_config(&config));
-        let states: DeviceStates = Arc::new(RwLock::new(Default::default()));
+        let restored = restore_states(&directory.load(), store.as_ref(), clock.now());
+        manager.restore_latest(&restored);
+        let (alarm_handle, alarms) = manager.spawn(ALARM_CHANNEL);
+        let states: DeviceStates = Arc::new(RwLock::new(restored));
         let (ingest, ingest_rx) = IngestHandle::channel(INGEST_CHANNEL);
         let stop_ingest = CancellationToken::new();
         let mut background_ingest = Vec::new();
@@ -344,6 +347,29 @@ fn open_store(config: &Config, data_dir: &Path, registry: &SharedRegistry) -> an
     };
     tracing::info!(backend = ?storage.backend, "time-series store open");
     Ok(store)
+}
+
+/// Restores each device's latest values and `last_seen` from the time-series store. A store
+/// that cannot be read only logs an error: the server starts without them, as before.
+fn restore_states(
+    directory: &Directory,
+    store: &dyn TimeSeriesStore,
+    now: crate::model::Timestamp,
+) -> HashMap<DeviceId, DeviceState> {
+    match crate::pipeline::restore_states(directory, store, now) {
+        Ok(states) => {
+            tracing::info!(devices = states.len(), "restored the latest values of devices");
+            states
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "reading the latest values from storage failed; devices start without latest values, \
+                 and readings older than the last one before the restart can change alarms that are not open"
+            );
+            HashMap::new()
+        }
+    }
 }
 
 fn spawn_retention(store: Arc<dyn TimeSeriesStore>, clock: SharedClock, retention: Duration) -> JoinHandle<()> {

@@ -213,7 +213,8 @@ impl Instance {
                     value,
                     source: Source::Mqtt,
                 };
-                self.manager.handle(AlarmCommand::Readings(vec![reading]));
+                let received = self.clock.now();
+                self.manager.handle(AlarmCommand::Readings { readings: vec![reading], received });
                 None
             }
             Op::Liveness { device, online } => {
@@ -244,12 +245,12 @@ impl Instance {
             }
             Op::StoreFails { point } => {
                 self.set_store_failure(Some(point));
-                self.manager.handle(AlarmCommand::Readings(Vec::new()));
+                self.manager.handle(AlarmCommand::Readings { readings: Vec::new(), received: self.clock.now() });
                 None
             }
             Op::StoreRecovers => {
                 self.set_store_failure(None);
-                self.manager.handle(AlarmCommand::Readings(Vec::new()));
+                self.manager.handle(AlarmCommand::Readings { readings: Vec::new(), received: self.clock.now() });
                 None
             }
         }

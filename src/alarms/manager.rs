@@ -28,9 +28,9 @@ use super::{Alarm, AlarmId, AlarmKind, AlarmState, EventKind, OFFLINE_RULE, Sign
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::metrics::SharedRegistry;
-use crate::model::{DeviceId, MetricName, Reading, RuleId, SiteId, Timestamp, Value};
+use crate::model::{DeviceId, MetricName, Reading, RuleId, SiteId, Source, Timestamp, Value};
 use crate::notify::DispatcherHandle;
-use crate::rules::engine::{Evaluator, LevelChange};
+use crate::rules::engine::{Evaluator, LevelChange, order_key};
 use crate::rules::spec::Rule;
 use crate::storage::{Point, SeriesKey, TimeSeriesStore};
 pub use admin::{ResetRequest, WebhookUpdate};
@@ -45,6 +45,11 @@ pub const ALARM_STATE_MEASUREMENT: &str = "alarm_state";
 /// How often a liveness change whose transition could not be stored is tried again while
 /// no command arrives. Every command also tries it first.
 const LIVENESS_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Maximum wait between two checks of a pending level that is not due yet. The due time is
+/// server clock time, so the stage checks again at least this often in case the clock
+/// moved differently from the runtime's timer, as a test's manual clock does.
+const PENDING_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How often a failing store is logged at ERROR; failures in between are counted.
 const STORE_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -64,7 +69,9 @@ pub enum ActionError {
 
 /// A message to the alarm task.
 pub enum AlarmCommand {
-    Readings(Vec<Reading>),
+    /// Readings with the server time at which they were received, which bounds their
+    /// ordering key (see [`crate::rules::engine::order_key`]).
+    Readings { readings: Vec<Reading>, received: Timestamp },
     Liveness { device: DeviceId, online: bool, at: Timestamp, cause: String },
     Acknowledge { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
     /// Closes a cleared alarm. The note is required, as on a work order.
@@ -189,6 +196,19 @@ impl AlarmManager {
             if alarm.state == AlarmState::Active && alarm.kind == AlarmKind::Rule {
                 evaluator.restore(alarm.device.clone(), alarm.rule.clone(), alarm.level);
             }
+            if alarm.kind == AlarmKind::Rule {
+                // A reading older than the alarm's last rule transition changes nothing,
+                // also after a restart. Operator actions carry server time, not reading
+                // time, so they do not count.
+                let last_rule_transition = alarm
+                    .history
+                    .iter()
+                    .filter(|t| matches!(t.event, EventKind::Raised | EventKind::Escalated | EventKind::Cleared))
+                    .map(|t| t.at)
+                    .max()
+                    .unwrap_or(alarm.raised_at);
+                evaluator.restore_order(alarm.device.clone(), alarm.rule.clone(), last_rule_transition);
+            }
             open.insert((alarm.device.clone(), alarm.rule.clone()), alarm);
         }
         if !open.is_empty() {
@@ -218,24 +238,44 @@ impl AlarmManager {
         let runtime = tokio::runtime::Handle::current();
         let task = tokio::task::spawn_blocking(move || {
             loop {
-                let received = runtime.block_on(tokio::time::timeout(LIVENESS_RETRY_INTERVAL, rx.recv()));
+                let wait = self.next_wait();
+                let received = runtime.block_on(tokio::time::timeout(wait, rx.recv()));
                 match received {
                     Ok(Some(command)) => self.handle(command),
                     Ok(None) => break,
-                    Err(_elapsed) => self.retry_liveness(),
+                    Err(_elapsed) => {
+                        self.retry_liveness();
+                        self.confirm_pending();
+                    }
                 }
             }
         });
         (AlarmHandle { tx }, task)
     }
 
-    /// Applies one command, after retrying liveness changes that could not be stored.
+    /// Returns how long the task waits for a command before it retries liveness changes
+    /// and checks pending levels: until the next pending level is due, at most
+    /// [`PENDING_CHECK_INTERVAL`] while one waits, else [`LIVENESS_RETRY_INTERVAL`].
+    fn next_wait(&self) -> Duration {
+        let Some(due) = self.evaluator.next_due() else { return LIVENESS_RETRY_INTERVAL };
+        let remaining = due.0.saturating_sub(self.clock.now().0);
+        if remaining <= 0 {
+            // Due but not confirmed, because storing the raise failed: try again with the
+            // liveness retries instead of in a tight loop.
+            return LIVENESS_RETRY_INTERVAL;
+        }
+        Duration::from_millis(u64::try_from(remaining).unwrap_or(u64::MAX)).min(PENDING_CHECK_INTERVAL)
+    }
+
+    /// Applies one command, after retrying liveness changes that could not be stored and
+    /// confirming pending levels that are due.
     pub fn handle(&mut self, command: AlarmCommand) {
         self.retry_liveness();
+        self.confirm_pending();
         match command {
-            AlarmCommand::Readings(readings) => {
+            AlarmCommand::Readings { readings, received } => {
                 for reading in readings {
-                    self.evaluate(&reading);
+                    self.evaluate(&reading, received);
                 }
             }
             AlarmCommand::Liveness { device, online, at, cause } => {
@@ -259,22 +299,67 @@ impl AlarmManager {
         }
     }
 
-    fn evaluate(&mut self, reading: &Reading) {
+    fn evaluate(&mut self, reading: &Reading, received: Timestamp) {
         let Some(device) = self.devices.get(&reading.device) else { return };
         let now = self.clock.now();
+        let key = order_key(reading.ts, received);
         let changes: Vec<(LevelChange, Rule)> = device
             .rules
             .iter()
             .filter(|r| r.metric == reading.metric)
             .filter_map(|rule| {
                 self.evaluator
-                    .evaluate(&reading.device, rule, reading.value, reading.ts, now)
+                    .evaluate(&reading.device, rule, reading.value, reading.ts, key, now)
                     .map(|change| (change, rule.clone()))
             })
             .collect();
         for (change, rule) in changes {
             if self.apply_level(&change, &rule, reading) {
                 self.evaluator.commit(&change);
+            }
+        }
+    }
+
+    /// Confirms every pending level whose minimum duration has passed without a reading
+    /// that contradicted it, so a device that reports only on change still raises.
+    fn confirm_pending(&mut self) {
+        let now = self.clock.now();
+        for (device, rule_id) in self.evaluator.due(now) {
+            let Some(entry) = self.devices.get(&device) else {
+                self.evaluator.drop_pending(&device, &rule_id);
+                continue;
+            };
+            let Some(rule) = entry.rules.iter().find(|r| r.id == rule_id).cloned() else {
+                self.evaluator.drop_pending(&device, &rule_id);
+                continue;
+            };
+            let Some(change) = self.evaluator.confirm_due(&device, &rule, now) else { continue };
+            // The reading that kept the level pending, rebuilt for the alarm's fields. Its
+            // source is not stored with the alarm.
+            let reading = Reading {
+                site: entry.site.clone(),
+                device: device.clone(),
+                metric: rule.metric.clone(),
+                ts: change.ts,
+                value: change.value,
+                source: Source::Mqtt,
+            };
+            if self.apply_level(&change, &rule, &reading) {
+                self.evaluator.commit(&change);
+            }
+        }
+    }
+
+    /// Raises the ordering floor of each rule to the ordering key of the device's latest
+    /// stored reading of the rule's metric, as restored at start. Open alarms already set
+    /// the floor to their last transition when the stage was built.
+    pub fn restore_latest(&mut self, states: &HashMap<DeviceId, crate::pipeline::DeviceState>) {
+        for (device, entry) in &self.devices {
+            let Some(state) = states.get(device) else { continue };
+            for rule in &entry.rules {
+                if let Some(key) = state.latest_order.get(&rule.metric) {
+                    self.evaluator.restore_order(device.clone(), rule.id.clone(), *key);
+                }
             }
         }
     }

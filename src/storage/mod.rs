@@ -149,6 +149,15 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     /// Runs a range query.
     fn query(&self, query: &Query) -> Result<Vec<SeriesData>, StorageError>;
 
+    /// Returns the newest point of each series that matches `selector`. The server reads
+    /// it at start to restore each device's latest values.
+    // NOTE: backends that cannot list series return no points, so a server on them starts
+    // without restored latest values.
+    fn latest(&self, selector: &Selector) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
+        let _ = selector;
+        Ok(Vec::new())
+    }
+
     /// Lists the series that match a selector.
     fn series(&self, selector: &Selector) -> Result<Vec<SeriesKey>, StorageError>;
 

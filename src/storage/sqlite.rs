@@ -268,6 +268,16 @@ impl TimeSeriesStore for SqliteStore {
         Ok(results)
     }
 
+    fn latest(&self, selector: &Selector) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
+        let mut out = Vec::new();
+        for (key, _, _) in self.matching_series(selector) {
+            if let Some((ts, value)) = latest(self, &key)? {
+                out.push((key, ts, value));
+            }
+        }
+        Ok(out)
+    }
+
     fn series(&self, selector: &Selector) -> Result<Vec<SeriesKey>, StorageError> {
         Ok(self.matching_series(selector).into_iter().map(|(k, _, _)| k).collect())
     }

@@ -181,7 +181,7 @@ impl AlarmManager {
         let latest = state.and_then(|s| s.latest.get(&rule.metric)).copied();
         let Some((ts, latest)) = latest else {
             return Err(ActionError::Conflict(format!(
-                "alarm {id}: no reading of `{}` from device `{}` since the server started, so the \
+                "alarm {id}: no reading of `{}` from device `{}` is stored or received, so the \
                  rule cannot be checked; wait for a reading or for the device to go stale",
                 rule.metric, alarm.device
             )));

@@ -330,6 +330,10 @@ impl TimeSeriesStore for Engine {
         self.inner.query(query)
     }
 
+    fn latest(&self, selector: &Selector) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
+        Engine::latest(self, selector)
+    }
+
     fn series(&self, selector: &Selector) -> Result<Vec<SeriesKey>, StorageError> {
         let catalog = read(&self.inner.catalog);
         Ok(catalog.select(selector).into_iter().map(|id| catalog.entry(id).0.clone()).collect())
