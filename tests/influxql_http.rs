@@ -7,9 +7,10 @@ mod support;
 use std::sync::Arc;
 
 use serde_json::{Value as Json, json};
+use stonelion::api::influxql::QueryLimits;
 use stonelion::model::Value;
 use stonelion::storage::TimeSeriesStore;
-use support::{MemStore, get_query, point, serve_influxql};
+use support::{MemStore, get_query, point, serve_influxql, serve_influxql_with_limits};
 
 /// A minute boundary: 2023-11-14T22:14:00Z.
 const T0: i64 = 1_700_000_040_000;
@@ -659,4 +660,179 @@ async fn ping_answers_no_content() {
     let response = reqwest::get(format!("{base}/ping")).await.expect("ping");
     assert_eq!(response.status(), 204);
     assert!(response.headers().contains_key("x-influxdb-version"));
+}
+
+/// Writes 10 minutes of readings, one every 10 s, for two gas detectors and one smoke
+/// detector, ending now, and serves them with the default limits.
+async fn recent_fixture() -> (Arc<MemStore>, String) {
+    let store = MemStore::new();
+    let now = support::now_ms();
+    let mut points = Vec::new();
+    for device in ["gas-01", "gas-02"] {
+        let tags = [("site", "plant-a"), ("device", device)];
+        for i in 0..60 {
+            let ts = now - 600_000 + i * 10_000;
+            for field in ["gas_lel", "temperature_c", "humidity_pct"] {
+                points.push(point(
+                    "gas-detector",
+                    &tags,
+                    field,
+                    ts,
+                    Value::Number(i as f64),
+                ));
+            }
+        }
+    }
+    let smoke = [("site", "plant-a"), ("device", "smoke-01")];
+    for i in 0..60 {
+        let ts = now - 600_000 + i * 10_000;
+        points.push(point(
+            "smoke-detector",
+            &smoke,
+            "smoke",
+            ts,
+            Value::Bool(i % 2 == 0),
+        ));
+    }
+    store.write(points).expect("write fixture");
+    let base = serve_influxql(store.clone() as Arc<dyn TimeSeriesStore>).await;
+    (store, base)
+}
+
+#[tokio::test]
+async fn millisecond_buckets_over_all_series_rejected() {
+    let (_store, base) = recent_fixture().await;
+    let q = "SELECT mean(gas_lel),mean(temperature_c),mean(humidity_pct),mean(usage),mean(smoke) \
+             FROM /.*/ WHERE time > now()-16m GROUP BY time(1ms),*";
+    let result = run(&base, q).await;
+    let error = result["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("max-select-buckets limit exceeded"),
+        "error names the limit: {result}"
+    );
+    // 16 minutes hold 960,000 or 960,001 windows of 1 ms, as now() falls.
+    assert!(
+        error.contains("960000 per series x 2 series")
+            || error.contains("960001 per series x 2 series"),
+        "error names the value reached: {error}"
+    );
+    assert!(error.contains("over the limit of 1000000"), "{error}");
+    assert!(error.contains("[api] query_max_buckets"), "{error}");
+    assert!(
+        error.contains("larger GROUP BY time() interval"),
+        "error names the fix: {error}"
+    );
+    assert!(
+        result.get("series").is_none(),
+        "no partial series: {result}"
+    );
+
+    let ok = run(
+        &base,
+        "SELECT mean(gas_lel) FROM \"gas-detector\" WHERE time > now()-16m GROUP BY time(1m), device",
+    )
+    .await;
+    assert!(ok.get("error").is_none(), "later query succeeds: {ok}");
+    assert_eq!(ok["series"].as_array().map(Vec::len), Some(2), "{ok}");
+}
+
+/// Serves the `fixture` data with small limits.
+async fn limited_fixture(limits: QueryLimits) -> String {
+    let store = MemStore::new();
+    let a = [("site", "plant-a"), ("device", "gas-01")];
+    let b = [("site", "plant-b"), ("device", "gas-02")];
+    let mut points = Vec::new();
+    for i in 0..6 {
+        points.push(point(
+            "gas-detector",
+            &a,
+            "gas_lel",
+            T0 + i * MINUTE,
+            Value::Number(1.0),
+        ));
+    }
+    points.push(point("gas-detector", &b, "gas_lel", T0, Value::Number(2.0)));
+    store.write(points).expect("write fixture");
+    serve_influxql_with_limits(store as Arc<dyn TimeSeriesStore>, limits).await
+}
+
+#[tokio::test]
+async fn series_limit_counts_tag_sets() {
+    let limits = QueryLimits {
+        max_series: 1,
+        ..QueryLimits::default()
+    };
+    let base = limited_fixture(limits).await;
+    let all = run(
+        &base,
+        &format!("SELECT gas_lel FROM \"gas-detector\" WHERE {RANGE}"),
+    )
+    .await;
+    let error = all["error"].as_str().unwrap_or_default();
+    assert!(error.contains("max-select-series limit exceeded"), "{all}");
+    assert!(error.contains("selects 2 series"), "{error}");
+    assert!(error.contains("tag filter"), "{error}");
+
+    let one = format!("SELECT gas_lel FROM \"gas-detector\" WHERE device = 'gas-01' AND {RANGE}");
+    let one = run(&base, &one).await;
+    assert_eq!(values(&one).as_array().map(Vec::len), Some(6), "{one}");
+}
+
+#[tokio::test]
+async fn points_limit_stops_raw_read() {
+    let limits = QueryLimits {
+        max_points: 6,
+        ..QueryLimits::default()
+    };
+    let base = limited_fixture(limits).await;
+    let all = run(
+        &base,
+        &format!("SELECT gas_lel FROM \"gas-detector\" WHERE {RANGE}"),
+    )
+    .await;
+    let error = all["error"].as_str().unwrap_or_default();
+    assert!(error.contains("max-select-point limit exceeded"), "{all}");
+    assert!(error.contains("[api] query_max_points"), "{error}");
+
+    let one = format!("SELECT gas_lel FROM \"gas-detector\" WHERE device = 'gas-01' AND {RANGE}");
+    let one = run(&base, &one).await;
+    assert_eq!(values(&one).as_array().map(Vec::len), Some(6), "{one}");
+}
+
+#[tokio::test]
+async fn bucket_limit_sums_over_series() {
+    let limits = QueryLimits {
+        max_buckets: 10,
+        ..QueryLimits::default()
+    };
+    let base = limited_fixture(limits).await;
+    let q = |filter: &str| {
+        format!(
+            "SELECT max(gas_lel) FROM \"gas-detector\" WHERE {filter}{RANGE} GROUP BY time(1m), device"
+        )
+    };
+    let both = run(&base, &q("")).await;
+    let error = both["error"].as_str().unwrap_or_default();
+    assert!(error.contains("needs 12 GROUP BY time() buckets"), "{both}");
+    assert!(error.contains("(6 per series x 2 series)"), "{error}");
+
+    let one = run(&base, &q("device = 'gas-01' AND ")).await;
+    assert_eq!(values(&one).as_array().map(Vec::len), Some(6), "{one}");
+}
+
+#[tokio::test]
+async fn bucket_limit_without_lower_bound() {
+    let limits = QueryLimits {
+        max_buckets: 10,
+        ..QueryLimits::default()
+    };
+    let base = limited_fixture(limits).await;
+    // Without a lower bound, windows run from the first point to now.
+    let q = "SELECT max(gas_lel) FROM \"gas-detector\" WHERE device = 'gas-01' GROUP BY time(1m)";
+    let result = run(&base, q).await;
+    let error = result["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("max-select-buckets limit exceeded"),
+        "{result}"
+    );
 }
