@@ -57,7 +57,7 @@ fn aggregate_steps(
     }
     let keep_kind = |v: f64| match kind {
         ValueKind::Bool => Value::Bool(v != 0.0),
-        _ => Value::Number(v),
+        ValueKind::Number => Value::Number(v),
     };
     steps
         .into_iter()

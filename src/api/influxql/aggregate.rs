@@ -85,7 +85,7 @@ impl Window {
         let mut start = self.start_of(min, interval, offset);
         while start <= max {
             if starts.len() as u64 == remaining {
-                let needed = format!("more than {}", remaining);
+                let needed = format!("more than {remaining}");
                 return Err(budget.buckets_error(&needed, ""));
             }
             starts.push(start);

@@ -182,7 +182,7 @@ pub(crate) struct EvalContext<'a> {
     /// The `db` parameter, when the request named one.
     pub database: Option<&'a str>,
     pub now_ns: i64,
-    /// What the request may still read and compute, shared by all its statements.
+    /// The request's budget of series, points and buckets, shared by all its statements.
     pub budget: Budget,
 }
 

@@ -1,6 +1,6 @@
 //! Aggregates computed by the store: a `SELECT` of `mean`, `min`, `max`, `first`, `last`,
 //! `sum` or `count` with `GROUP BY time()` is sent to [`TimeSeriesStore::query`] with an
-//! aggregation, so the embedded engine answers from rollups where raw data has expired.
+//! aggregation, so the embedded engine reads rollups where raw data has expired.
 //!
 //! The store aggregates per step of whole milliseconds aligned to the Unix epoch, one
 //! series at a time. A statement is pushed down only when that matches what the
@@ -75,7 +75,7 @@ pub fn plan(
         .collect()
 }
 
-/// What a pushed-down statement reads from one measurement.
+/// The measurement, tag sets and columns of a pushed-down statement.
 pub struct Target<'a> {
     pub measurement: &'a str,
     /// Tag sets that the tag condition matches.
@@ -89,13 +89,16 @@ pub struct Target<'a> {
 /// Per-window values of one store query: tag set to window start (ns) to value.
 type StoreWindows = HashMap<TagSet, BTreeMap<i64, Value>>;
 
+/// Rows of output series, each with its `GROUP BY` tag values.
+type GroupedRows = Vec<(Vec<String>, Vec<Vec<Cell>>)>;
+
 /// Computes the rows of each output series from store aggregates, or `None` when an
 /// output series merges several tag sets under an aggregate that cannot be combined
 /// exactly, so the caller aggregates raw points instead.
 pub fn rows(
     plan: &MeasurementPlan<'_>,
     target: &Target<'_>,
-) -> Result<Option<Vec<(Vec<String>, Vec<Vec<Cell>>)>>, String> {
+) -> Result<Option<GroupedRows>, String> {
     let mut groups: BTreeMap<Vec<String>, Vec<&TagSet>> = BTreeMap::new();
     for tags in target.tag_sets {
         groups
