@@ -201,7 +201,7 @@ impl Server {
             registry: registry.clone(),
             clock: clock.clone(),
         };
-        let mut router = crate::server_http::router(app, ingest.clone(), store.clone(), &registry).layer(
+        let mut router = crate::server_http::router(app, ingest.clone(), store.clone(), config.api.query_limits(), &registry).layer(
             axum::middleware::from_fn_with_state(ApiAuth::new(config.api_tokens.clone(), &registry), crate::api::auth::authorize),
         );
         // Outside the authorization layer, because browsers send preflights without a token.

@@ -13,10 +13,18 @@ use crate::metrics::SharedRegistry;
 use crate::storage::TimeSeriesStore;
 
 /// Builds the server's whole router.
-pub fn router(app: AppState, ingest: IngestHandle, store: Arc<dyn TimeSeriesStore>, registry: &SharedRegistry) -> Router {
+pub fn router(
+    app: AppState,
+    ingest: IngestHandle,
+    store: Arc<dyn TimeSeriesStore>,
+    query_limits: api::influxql::QueryLimits,
+    registry: &SharedRegistry,
+) -> Router {
     // The API router answers unknown paths itself, so the other routers are merged into it
     // rather than the other way round.
-    line_protocol::router(ingest, registry).merge(api::influxql::router(store)).merge(api::router(app))
+    line_protocol::router(ingest, registry)
+        .merge(api::influxql::router_with_limits(store, query_limits))
+        .merge(api::router(app))
 }
 
 /// Builds the CORS layer for `[server] cors_allowed_origins`, or `None` when the list is

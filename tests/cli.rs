@@ -310,6 +310,28 @@ retention = "1825d"
 }
 
 #[test]
+fn check_config_rejects_zero_query_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("limits.toml");
+    std::fs::write(
+        &path,
+        r#"[api]
+query_max_series = 0
+query_max_points = 0
+query_max_buckets = 5000
+"#,
+    )
+    .unwrap();
+    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("api.query_max_series"), "{stdout}");
+    assert!(stdout.contains("api.query_max_points"), "{stdout}");
+    assert!(stdout.contains("must be at least 1"), "{stdout}");
+    assert!(!stdout.contains("api.query_max_buckets"), "5000 buckets is valid:\n{stdout}");
+}
+
+#[test]
 fn check_config_rejects_unworkable_values() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("unworkable.toml");

@@ -5,11 +5,17 @@
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value as Json, json};
-use stonelion::model::Value;
-use stonelion::storage::TimeSeriesStore;
-use support::{MemStore, get_query, point, serve_influxql};
+use stonelion::api::influxql::QueryLimits;
+use stonelion::model::{Timestamp, Value};
+use stonelion::storage::engine::{Engine, EngineOptions, RollupTier};
+use stonelion::storage::{
+    Point, Query, Selector, SeriesData, SeriesKey, StorageError, TimeSeriesStore,
+};
+use support::{MemStore, get_query, point, serve_influxql, serve_influxql_with_limits};
 
 /// A minute boundary: 2023-11-14T22:14:00Z.
 const T0: i64 = 1_700_000_040_000;
@@ -659,4 +665,369 @@ async fn ping_answers_no_content() {
     let response = reqwest::get(format!("{base}/ping")).await.expect("ping");
     assert_eq!(response.status(), 204);
     assert!(response.headers().contains_key("x-influxdb-version"));
+}
+
+/// Writes 10 minutes of readings, one every 10 s, for two gas detectors and one smoke
+/// detector, ending now, and serves them with the default limits.
+async fn recent_fixture() -> (Arc<MemStore>, String) {
+    let store = MemStore::new();
+    let now = support::now_ms();
+    let mut points = Vec::new();
+    for device in ["gas-01", "gas-02"] {
+        let tags = [("site", "plant-a"), ("device", device)];
+        for i in 0..60 {
+            let ts = now - 600_000 + i * 10_000;
+            for field in ["gas_lel", "temperature_c", "humidity_pct"] {
+                points.push(point(
+                    "gas-detector",
+                    &tags,
+                    field,
+                    ts,
+                    Value::Number(i as f64),
+                ));
+            }
+        }
+    }
+    let smoke = [("site", "plant-a"), ("device", "smoke-01")];
+    for i in 0..60 {
+        let ts = now - 600_000 + i * 10_000;
+        points.push(point(
+            "smoke-detector",
+            &smoke,
+            "smoke",
+            ts,
+            Value::Bool(i % 2 == 0),
+        ));
+    }
+    store.write(points).expect("write fixture");
+    let base = serve_influxql(store.clone() as Arc<dyn TimeSeriesStore>).await;
+    (store, base)
+}
+
+#[tokio::test]
+async fn millisecond_buckets_over_all_series_rejected() {
+    let (_store, base) = recent_fixture().await;
+    let q = "SELECT mean(gas_lel),mean(temperature_c),mean(humidity_pct),mean(usage),mean(smoke) \
+             FROM /.*/ WHERE time > now()-16m GROUP BY time(1ms),*";
+    let result = run(&base, q).await;
+    let error = result["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("max-select-buckets limit exceeded"),
+        "error names the limit: {result}"
+    );
+    // 16 minutes hold 960,000 or 960,001 windows of 1 ms, as now() falls.
+    assert!(
+        error.contains("960000 per series x 2 series")
+            || error.contains("960001 per series x 2 series"),
+        "error names the value reached: {error}"
+    );
+    assert!(error.contains("over the limit of 1000000"), "{error}");
+    assert!(error.contains("[api] query_max_buckets"), "{error}");
+    assert!(
+        error.contains("larger GROUP BY time() interval"),
+        "error names the fix: {error}"
+    );
+    assert!(
+        result.get("series").is_none(),
+        "no partial series: {result}"
+    );
+
+    let ok = run(
+        &base,
+        "SELECT mean(gas_lel) FROM \"gas-detector\" WHERE time > now()-16m GROUP BY time(1m), device",
+    )
+    .await;
+    assert!(ok.get("error").is_none(), "later query succeeds: {ok}");
+    assert_eq!(ok["series"].as_array().map(Vec::len), Some(2), "{ok}");
+}
+
+/// Serves the `fixture` data with small limits.
+async fn limited_fixture(limits: QueryLimits) -> String {
+    let store = MemStore::new();
+    let a = [("site", "plant-a"), ("device", "gas-01")];
+    let b = [("site", "plant-b"), ("device", "gas-02")];
+    let mut points = Vec::new();
+    for i in 0..6 {
+        points.push(point(
+            "gas-detector",
+            &a,
+            "gas_lel",
+            T0 + i * MINUTE,
+            Value::Number(1.0),
+        ));
+    }
+    points.push(point("gas-detector", &b, "gas_lel", T0, Value::Number(2.0)));
+    store.write(points).expect("write fixture");
+    serve_influxql_with_limits(store as Arc<dyn TimeSeriesStore>, limits).await
+}
+
+#[tokio::test]
+async fn series_limit_counts_tag_sets() {
+    let limits = QueryLimits {
+        max_series: 1,
+        ..QueryLimits::default()
+    };
+    let base = limited_fixture(limits).await;
+    let all = run(
+        &base,
+        &format!("SELECT gas_lel FROM \"gas-detector\" WHERE {RANGE}"),
+    )
+    .await;
+    let error = all["error"].as_str().unwrap_or_default();
+    assert!(error.contains("max-select-series limit exceeded"), "{all}");
+    assert!(error.contains("selects 2 series"), "{error}");
+    assert!(error.contains("tag filter"), "{error}");
+
+    let one = format!("SELECT gas_lel FROM \"gas-detector\" WHERE device = 'gas-01' AND {RANGE}");
+    let one = run(&base, &one).await;
+    assert_eq!(values(&one).as_array().map(Vec::len), Some(6), "{one}");
+}
+
+#[tokio::test]
+async fn points_limit_stops_raw_read() {
+    let limits = QueryLimits {
+        max_points: 6,
+        ..QueryLimits::default()
+    };
+    let base = limited_fixture(limits).await;
+    let all = run(
+        &base,
+        &format!("SELECT gas_lel FROM \"gas-detector\" WHERE {RANGE}"),
+    )
+    .await;
+    let error = all["error"].as_str().unwrap_or_default();
+    assert!(error.contains("max-select-point limit exceeded"), "{all}");
+    assert!(error.contains("[api] query_max_points"), "{error}");
+
+    let one = format!("SELECT gas_lel FROM \"gas-detector\" WHERE device = 'gas-01' AND {RANGE}");
+    let one = run(&base, &one).await;
+    assert_eq!(values(&one).as_array().map(Vec::len), Some(6), "{one}");
+}
+
+#[tokio::test]
+async fn bucket_limit_sums_over_series() {
+    let limits = QueryLimits {
+        max_buckets: 10,
+        ..QueryLimits::default()
+    };
+    let base = limited_fixture(limits).await;
+    let q = |filter: &str| {
+        format!(
+            "SELECT max(gas_lel) FROM \"gas-detector\" WHERE {filter}{RANGE} GROUP BY time(1m), device"
+        )
+    };
+    let both = run(&base, &q("")).await;
+    let error = both["error"].as_str().unwrap_or_default();
+    assert!(error.contains("needs 12 GROUP BY time() buckets"), "{both}");
+    assert!(error.contains("(6 per series x 2 series)"), "{error}");
+
+    let one = run(&base, &q("device = 'gas-01' AND ")).await;
+    assert_eq!(values(&one).as_array().map(Vec::len), Some(6), "{one}");
+}
+
+#[tokio::test]
+async fn bucket_limit_without_lower_bound() {
+    let limits = QueryLimits {
+        max_buckets: 10,
+        ..QueryLimits::default()
+    };
+    let base = limited_fixture(limits).await;
+    // Without a lower bound, windows run from the first point to now.
+    let q = "SELECT max(gas_lel) FROM \"gas-detector\" WHERE device = 'gas-01' GROUP BY time(1m)";
+    let result = run(&base, q).await;
+    let error = result["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("max-select-buckets limit exceeded"),
+        "{result}"
+    );
+}
+
+/// A store that counts the aggregated queries it passes on.
+struct CountingStore {
+    inner: Arc<Engine>,
+    aggregated: AtomicUsize,
+}
+
+impl TimeSeriesStore for CountingStore {
+    fn write(&self, points: Vec<Point>) -> Result<(), StorageError> {
+        self.inner.write(points)
+    }
+
+    fn query(&self, query: &Query) -> Result<Vec<SeriesData>, StorageError> {
+        if query.aggregation.is_some() {
+            self.aggregated.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.query(query)
+    }
+
+    fn series(&self, selector: &Selector) -> Result<Vec<SeriesKey>, StorageError> {
+        self.inner.series(selector)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.inner.flush()
+    }
+
+    fn enforce_retention(&self, cutoff: Timestamp) -> Result<u64, StorageError> {
+        self.inner.enforce_retention(cutoff)
+    }
+
+    fn commit_interval(&self) -> Duration {
+        self.inner.commit_interval()
+    }
+}
+
+/// Serves `engine` through a counting store and returns the store and the base URL.
+async fn serve_engine(engine: Arc<Engine>) -> (Arc<CountingStore>, String) {
+    let store = Arc::new(CountingStore {
+        inner: engine,
+        aggregated: AtomicUsize::new(0),
+    });
+    let base = serve_influxql(store.clone() as Arc<dyn TimeSeriesStore>).await;
+    (store, base)
+}
+
+/// The series of a result, failing on a statement error.
+fn series_of(result: &Json, q: &str) -> Json {
+    assert!(result.get("error").is_none(), "error for {q}: {result}");
+    result.get("series").cloned().unwrap_or(Json::Null)
+}
+
+#[tokio::test]
+async fn pushed_aggregates_equal_evaluated() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let engine = Arc::new(Engine::open(dir.path(), EngineOptions::default()).expect("open engine"));
+    let mut points = Vec::new();
+    for (d, device) in [(0_i64, "gas-01"), (1, "gas-02")] {
+        let tags = [("site", "plant-a"), ("device", device)];
+        for i in 0..170 {
+            let ts = T0 + i * 7_000 + d * 3_000;
+            // A gap from minute 5 to minute 9 tests fill. Values that are not exact in
+            // binary test that both paths add in the same order.
+            if (5 * MINUTE..9 * MINUTE).contains(&(ts - T0)) {
+                continue;
+            }
+            let value = Value::Number(i as f64 * 0.1 + d as f64 * 0.37);
+            points.push(point("gas-detector", &tags, "gas_lel", ts, value));
+            let alarm = Value::Bool((i + d) % 3 == 0);
+            points.push(point("gas-detector", &tags, "alarm", ts, alarm));
+        }
+    }
+    engine.write(points).expect("write points");
+    let (store, base) = serve_engine(engine).await;
+
+    let range = format!("time >= {T0}ms AND time < {}ms", T0 + 20 * MINUTE);
+    for function in ["mean", "min", "max", "first", "last", "sum", "count"] {
+        for fill in ["null", "none", "previous", "linear", "7"] {
+            for grouping in ["", ", device", ", *"] {
+                let pushed = format!(
+                    "SELECT {function}(gas_lel), {function}(alarm) FROM \"gas-detector\" \
+                     WHERE {range} GROUP BY time(1m){grouping} fill({fill})"
+                );
+                // tz('UTC') aligns windows as without it, but keeps the evaluator's path.
+                let evaluated = format!("{pushed} tz('UTC')");
+                let before = store.aggregated.load(Ordering::SeqCst);
+                let expected = series_of(&run(&base, &evaluated).await, &evaluated);
+                assert_eq!(
+                    store.aggregated.load(Ordering::SeqCst),
+                    before,
+                    "the evaluator path sends no aggregation: {evaluated}"
+                );
+                assert!(expected.is_array(), "data for {evaluated}: {expected}");
+                let actual = series_of(&run(&base, &pushed).await, &pushed);
+                assert_eq!(actual, expected, "{pushed}");
+            }
+        }
+    }
+    assert!(
+        store.aggregated.load(Ordering::SeqCst) > 0,
+        "some statements were pushed down"
+    );
+
+    // One tag set per output series: pushed down for every function.
+    let before = store.aggregated.load(Ordering::SeqCst);
+    let q = format!(
+        "SELECT mean(gas_lel) FROM \"gas-detector\" WHERE {range} GROUP BY time(1m), device"
+    );
+    series_of(&run(&base, &q).await, &q);
+    assert_eq!(store.aggregated.load(Ordering::SeqCst), before + 1, "{q}");
+}
+
+/// Hour partitions with 2 h of raw data and 1-minute rollups for a day.
+fn rollup_options() -> EngineOptions {
+    EngineOptions {
+        partition_duration: Duration::from_secs(3_600),
+        retention: Duration::from_secs(2 * 3_600),
+        rollups: vec![RollupTier {
+            resolution: Duration::from_secs(60),
+            retention: Duration::from_secs(86_400),
+        }],
+        ..EngineOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn expired_range_answered_from_rollups() {
+    /// A day boundary, so hour partitions start here.
+    const DAY_T0: i64 = 1_699_920_000_000;
+    const HOUR: i64 = 3_600_000;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let engine = Arc::new(Engine::open(dir.path(), rollup_options()).expect("open engine"));
+    let tags = [("site", "plant-a"), ("device", "gas-01")];
+    let mut points = Vec::new();
+    for i in 0..(6 * HOUR / 30_000) {
+        // Multiples of 0.25, so sums are exact in any order.
+        let value = Value::Number((i % 17) as f64 * 0.25);
+        points.push(point(
+            "gas-detector",
+            &tags,
+            "gas_lel",
+            DAY_T0 + i * 30_000,
+            value,
+        ));
+    }
+    engine.write(points).expect("write points");
+    let (store, base) = serve_engine(engine.clone()).await;
+
+    let range = format!("time >= {DAY_T0}ms AND time < {}ms", DAY_T0 + 2 * HOUR);
+    let pushed = format!(
+        "SELECT mean(gas_lel), min(gas_lel), max(gas_lel), first(gas_lel), last(gas_lel), \
+         sum(gas_lel), count(gas_lel) FROM \"gas-detector\" WHERE {range} \
+         GROUP BY time(10m), device fill(none)"
+    );
+    let evaluated = format!("{pushed} tz('UTC')");
+    let before_retention = series_of(&run(&base, &pushed).await, &pushed);
+    assert_eq!(
+        before_retention[0]["values"].as_array().map(Vec::len),
+        Some(12),
+        "{before_retention}"
+    );
+    assert_eq!(
+        series_of(&run(&base, &evaluated).await, &evaluated),
+        before_retention,
+        "both paths agree on raw data"
+    );
+
+    // Deletes the raw partitions of the first four hours after rolling them up.
+    engine
+        .enforce_retention(Timestamp(DAY_T0 + 4 * HOUR))
+        .expect("enforce retention");
+    let raw = format!("SELECT gas_lel FROM \"gas-detector\" WHERE {range}");
+    assert_eq!(
+        series_of(&run(&base, &raw).await, &raw),
+        Json::Null,
+        "raw points of the range are deleted"
+    );
+    assert_eq!(
+        series_of(&run(&base, &evaluated).await, &evaluated),
+        Json::Null,
+        "the evaluator path has no raw points left"
+    );
+    let before = store.aggregated.load(Ordering::SeqCst);
+    let from_rollups = series_of(&run(&base, &pushed).await, &pushed);
+    assert_eq!(store.aggregated.load(Ordering::SeqCst), before + 7);
+    assert_eq!(
+        from_rollups, before_retention,
+        "rollups equal the raw aggregates"
+    );
 }

@@ -7,28 +7,79 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stonelion::model::{Timestamp, Value, ValueKind};
 use stonelion::storage::{
-    Point, Query, Selector, SeriesData, SeriesKey, StorageError, TimeSeriesStore,
+    Aggregate, Point, Query, Selector, SeriesData, SeriesKey, StorageError, TimeSeriesStore,
 };
 
 /// Stored points of one series, by millisecond timestamp, with the series' value kind.
 type StoredSeries = (ValueKind, BTreeMap<i64, Value>);
 
-/// A store that keeps every series in memory. It serves raw queries and rejects
-/// aggregated ones, which the InfluxQL evaluator never sends.
+/// A store that keeps every series in memory. It serves raw queries, and aggregated
+/// ones per step aligned to the Unix epoch, as the storage trait defines them.
 #[derive(Default)]
 pub struct MemStore {
     series: Mutex<BTreeMap<SeriesKey, StoredSeries>>,
+    /// Number of aggregated queries served.
+    aggregated_queries: AtomicUsize,
 }
 
 impl MemStore {
     pub fn new() -> Arc<MemStore> {
         Arc::new(MemStore::default())
     }
+
+    /// Number of aggregated queries served so far.
+    pub fn aggregated_queries(&self) -> usize {
+        self.aggregated_queries.load(Ordering::SeqCst)
+    }
+}
+
+/// Aggregates time-ordered points per step aligned to the Unix epoch, keeping the
+/// value kind for `min`, `max`, `first` and `last`, as the embedded engine does.
+fn aggregate_steps(
+    points: &[(Timestamp, Value)],
+    kind: ValueKind,
+    step_ms: i64,
+    aggregate: Aggregate,
+) -> Vec<(Timestamp, Value)> {
+    let mut steps: Vec<(i64, Vec<f64>)> = Vec::new();
+    for (ts, value) in points {
+        let start = ts.0 - ts.0.rem_euclid(step_ms);
+        match steps.last_mut() {
+            Some((last, values)) if *last == start => values.push(value.as_f64()),
+            _ => steps.push((start, vec![value.as_f64()])),
+        }
+    }
+    let keep_kind = |v: f64| match kind {
+        ValueKind::Bool => Value::Bool(v != 0.0),
+        ValueKind::Number => Value::Number(v),
+    };
+    steps
+        .into_iter()
+        .map(|(start, values)| {
+            let mut sum = values[0];
+            for v in &values[1..] {
+                sum += v;
+            }
+            let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let value = match aggregate {
+                Aggregate::Mean => Value::Number(sum / values.len() as f64),
+                Aggregate::Sum => Value::Number(sum),
+                Aggregate::Count => Value::Number(values.len() as f64),
+                Aggregate::Min => keep_kind(min),
+                Aggregate::Max => keep_kind(max),
+                Aggregate::First => keep_kind(values[0]),
+                Aggregate::Last => keep_kind(values[values.len() - 1]),
+            };
+            (Timestamp(start), value)
+        })
+        .collect()
 }
 
 impl TimeSeriesStore for MemStore {
@@ -52,9 +103,7 @@ impl TimeSeriesStore for MemStore {
 
     fn query(&self, query: &Query) -> Result<Vec<SeriesData>, StorageError> {
         if query.aggregation.is_some() {
-            return Err(StorageError::InvalidQuery(
-                "the test store serves raw queries only".into(),
-            ));
+            self.aggregated_queries.fetch_add(1, Ordering::SeqCst);
         }
         let series = self.series.lock().expect("store lock");
         let mut out = Vec::new();
@@ -62,11 +111,15 @@ impl TimeSeriesStore for MemStore {
             if !query.selector.matches(key) {
                 continue;
             }
-            let points: Vec<(Timestamp, Value)> = points
+            let mut points: Vec<(Timestamp, Value)> = points
                 .range(query.from.0..query.to.0.max(query.from.0))
-                .take(query.limit.unwrap_or(usize::MAX))
                 .map(|(ts, v)| (Timestamp(*ts), *v))
                 .collect();
+            if let Some((step, aggregate)) = query.aggregation {
+                let step_ms = i64::try_from(step.as_millis()).expect("step in range");
+                points = aggregate_steps(&points, *kind, step_ms, aggregate);
+            }
+            points.truncate(query.limit.unwrap_or(usize::MAX));
             if !points.is_empty() {
                 out.push(SeriesData {
                     series: key.clone(),
@@ -327,6 +380,15 @@ pub async fn serve(router: axum::Router) -> SocketAddr {
 /// Starts the InfluxQL router over `store` and returns its base URL.
 pub async fn serve_influxql(store: Arc<dyn TimeSeriesStore>) -> String {
     let addr = serve(stonelion::api::influxql::router(store)).await;
+    format!("http://{addr}")
+}
+
+/// Starts the InfluxQL router over `store` with `limits` and returns its base URL.
+pub async fn serve_influxql_with_limits(
+    store: Arc<dyn TimeSeriesStore>,
+    limits: stonelion::api::influxql::QueryLimits,
+) -> String {
+    let addr = serve(stonelion::api::influxql::router_with_limits(store, limits)).await;
     format!("http://{addr}")
 }
 

@@ -66,14 +66,45 @@ impl std::fmt::Debug for MqttUserSpec {
     }
 }
 
-/// `[api]`: TLS for the HTTP API.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// `[api]`: TLS for the HTTP API and per-request limits of the InfluxQL `/query`.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSection {
     /// Server certificate chain, PEM. With `tls_key`, the API serves HTTPS only.
     pub tls_cert: Option<PathBuf>,
     /// Private key of the server certificate, PEM.
     pub tls_key: Option<PathBuf>,
+    /// Maximum number of series one `/query` request selects.
+    pub query_max_series: u64,
+    /// Maximum number of raw points one `/query` request reads.
+    pub query_max_points: u64,
+    /// Maximum number of `GROUP BY time()` buckets of one `/query` request, summed over
+    /// output series.
+    pub query_max_buckets: u64,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        let limits = crate::api::influxql::QueryLimits::default();
+        ApiSection {
+            tls_cert: None,
+            tls_key: None,
+            query_max_series: limits.max_series,
+            query_max_points: limits.max_points,
+            query_max_buckets: limits.max_buckets,
+        }
+    }
+}
+
+impl ApiSection {
+    /// The `/query` limits that the section sets.
+    pub fn query_limits(&self) -> crate::api::influxql::QueryLimits {
+        crate::api::influxql::QueryLimits {
+            max_series: self.query_max_series,
+            max_points: self.query_max_points,
+            max_buckets: self.query_max_buckets,
+        }
+    }
 }
 
 /// Checks `[mqtt]`: a finite, non-negative rate, and TLS files that go together.
@@ -104,12 +135,22 @@ pub fn check_mqtt(checker: &mut Checker<'_>, mqtt: &MqttSection) {
     }
 }
 
-/// Checks `[api]`: a certificate and a key, or neither.
+/// Checks `[api]`: a certificate and a key, or neither, and `/query` limits of at least 1.
 pub fn check_api(checker: &mut Checker<'_>, api: &ApiSection) {
     match (&api.tls_cert, &api.tls_key) {
         (Some(_), None) => checker.push(None, "api.tls_key", "missing; `tls_cert` needs `tls_key`"),
         (None, Some(_)) => checker.push(None, "api.tls_cert", "missing; `tls_key` needs `tls_cert`"),
         _ => {}
+    }
+    let limits = [
+        ("query_max_series", api.query_max_series),
+        ("query_max_points", api.query_max_points),
+        ("query_max_buckets", api.query_max_buckets),
+    ];
+    for (key, value) in limits {
+        if value == 0 {
+            checker.push(None, format!("api.{key}"), "must be at least 1");
+        }
     }
 }
 

@@ -1,21 +1,20 @@
 //! Aggregate rows: windows from `GROUP BY time(interval, offset)` and `tz()`, one
 //! aggregate per window and column, fill of empty windows, and transforms over windows.
 
+use std::collections::BTreeMap;
+
 use crate::model::Value;
 
 use super::ast::Fill;
 use super::condition::TimeRange;
 use super::functions::{self, Aggregated};
+use super::limits::Budget;
 use super::response::Cell;
 use super::select::{
     Column, ColumnSource, Group, call_field, field_points, is_count, is_selector_column,
     is_windowed_transform, window_call,
 };
 use super::time::zone_offset_nanos;
-
-/// Upper bound on windows per series, so a tiny interval over a long range fails with a
-/// message instead of exhausting memory.
-const MAX_WINDOWS: usize = 1_000_000;
 
 /// The statement settings that shape windows.
 pub struct Window {
@@ -42,8 +41,20 @@ impl Window {
             .saturating_sub(zone)
     }
 
-    /// Window start times covering the range, or `None` when the group has no points.
-    fn starts(&self, first_point: Option<i64>) -> Result<Vec<i64>, String> {
+    /// Number of windows of `interval` from the window containing `min` to `max`, for
+    /// windows without `tz()`, whose starts are evenly spaced.
+    pub fn count(&self, min: i64, max: i64, interval: i64, offset: i64) -> u64 {
+        let first = self.start_of(min, interval, offset);
+        if max < first {
+            return 0;
+        }
+        let span = i128::from(max) - i128::from(first);
+        u64::try_from(span / i128::from(interval) + 1).unwrap_or(u64::MAX)
+    }
+
+    /// Window start times covering the range, empty when the group has no points. The
+    /// windows are charged to `budget` and checked against it before they are allocated.
+    fn starts(&self, first_point: Option<i64>, budget: &Budget) -> Result<Vec<i64>, String> {
         let Some(first_point) = first_point else {
             return Ok(Vec::new());
         };
@@ -53,6 +64,7 @@ impl Window {
             } else {
                 0
             };
+            budget.charge_buckets(1)?;
             return Ok(vec![start]);
         };
         let min = if self.range.has_min() {
@@ -65,14 +77,16 @@ impl Window {
         } else {
             self.now_ns.max(first_point)
         };
+        let remaining = budget.remaining_buckets();
+        if self.time_zone.is_none() {
+            budget.check_buckets(self.count(min, max, interval, offset), 1)?;
+        }
         let mut starts = Vec::new();
         let mut start = self.start_of(min, interval, offset);
         while start <= max {
-            if starts.len() == MAX_WINDOWS {
-                return Err(format!(
-                    "too many windows: the time range holds more than {MAX_WINDOWS} intervals; \
-                     use a larger GROUP BY time() interval or a shorter range"
-                ));
+            if starts.len() as u64 == remaining {
+                let needed = format!("more than {remaining}");
+                return Err(budget.buckets_error(&needed, ""));
             }
             starts.push(start);
             let next = self.start_of(start.saturating_add(interval), interval, offset);
@@ -82,6 +96,7 @@ impl Window {
                 start.saturating_add(interval)
             };
         }
+        budget.charge_buckets(starts.len() as u64)?;
         Ok(starts)
     }
 }
@@ -94,46 +109,100 @@ struct ColumnValues {
     has_points: Vec<bool>,
 }
 
-/// Computes the rows of one output series of an aggregate statement.
+/// The input of one column of an aggregate statement.
+pub enum ColumnInput {
+    /// Raw points of the column's field, in time order.
+    Points(Vec<(i64, Value)>),
+    /// The column's aggregate per window start, computed by the store.
+    Windows(BTreeMap<i64, Value>),
+    /// A column without a function call.
+    Empty,
+}
+
+impl ColumnInput {
+    fn first_time(&self) -> Option<i64> {
+        match self {
+            ColumnInput::Points(points) => points.first().map(|p| p.0),
+            ColumnInput::Windows(windows) => windows.keys().next().copied(),
+            ColumnInput::Empty => None,
+        }
+    }
+}
+
+/// Computes the rows of one output series of an aggregate statement from raw points.
 pub fn rows(
     group: &Group<'_>,
     columns: &[Column],
     window: &Window,
+    budget: &Budget,
 ) -> Result<Vec<Vec<Cell>>, String> {
-    let first_point = columns
+    let inputs: Vec<ColumnInput> = columns
         .iter()
-        .filter_map(|c| match &c.source {
-            ColumnSource::Call(call) => field_points(group, call_field(call)).first().map(|p| p.0),
-            _ => None,
+        .map(|c| match &c.source {
+            ColumnSource::Call(call) => ColumnInput::Points(field_points(group, call_field(call))),
+            _ => ColumnInput::Empty,
         })
-        .min();
-    let starts = window.starts(first_point)?;
+        .collect();
+    rows_from_inputs(columns, &inputs, window, budget)
+}
+
+/// Computes the rows of one output series from each column's input.
+pub fn rows_from_inputs(
+    columns: &[Column],
+    inputs: &[ColumnInput],
+    window: &Window,
+    budget: &Budget,
+) -> Result<Vec<Vec<Cell>>, String> {
+    let first_point = inputs.iter().filter_map(ColumnInput::first_time).min();
+    let starts = window.starts(first_point, budget)?;
     if starts.is_empty() {
         return Ok(Vec::new());
     }
     let computed: Vec<ColumnValues> = columns
         .iter()
-        .map(|c| column_values(group, c, window, &starts))
+        .zip(inputs)
+        .map(|(c, input)| column_values(c, input, window, &starts))
         .collect();
     Ok(assemble(columns, window, &starts, &computed))
 }
 
 fn column_values(
-    group: &Group<'_>,
     column: &Column,
+    input: &ColumnInput,
     window: &Window,
     starts: &[i64],
 ) -> ColumnValues {
-    let ColumnSource::Call(call) = &column.source else {
-        let n = starts.len();
-        return ColumnValues {
-            values: vec![None; n],
-            selected_times: vec![None; n],
-            has_points: vec![false; n],
-        };
+    let n = starts.len();
+    let empty = || ColumnValues {
+        values: vec![None; n],
+        selected_times: vec![None; n],
+        has_points: vec![false; n],
     };
+    let ColumnSource::Call(call) = &column.source else {
+        return empty();
+    };
+    let (values, selected_times, has_points) = match input {
+        ColumnInput::Points(points) => aggregate_points(call, points, window, starts),
+        ColumnInput::Windows(windows) => {
+            let values: Vec<Option<Value>> =
+                starts.iter().map(|s| windows.get(s).copied()).collect();
+            let has_points = values.iter().map(Option::is_some).collect();
+            (values, vec![None; n], has_points)
+        }
+        ColumnInput::Empty => return empty(),
+    };
+    finish_column(call, window, starts, values, selected_times, has_points)
+}
+
+/// Aggregates raw points per window: the values, the selected point times and whether
+/// each window held a point.
+fn aggregate_points(
+    call: &super::ast::Call,
+    points: &[(i64, Value)],
+    window: &Window,
+    starts: &[i64],
+) -> (Vec<Option<Value>>, Vec<Option<i64>>, Vec<bool>) {
     let inner = window_call(call);
-    let points = field_points(group, call_field(call));
     let mut values = Vec::with_capacity(starts.len());
     let mut selected_times = Vec::with_capacity(starts.len());
     let mut has_points = Vec::with_capacity(starts.len());
@@ -159,6 +228,19 @@ fn column_values(
         selected_times.push(result.and_then(|r| r.time));
         has_points.push(!window_points.is_empty());
     }
+    (values, selected_times, has_points)
+}
+
+/// Fills empty windows and applies an outer transform.
+fn finish_column(
+    call: &super::ast::Call,
+    window: &Window,
+    starts: &[i64],
+    mut values: Vec<Option<Value>>,
+    selected_times: Vec<Option<i64>>,
+    has_points: Vec<bool>,
+) -> ColumnValues {
+    let inner = window_call(call);
     if window.group_by_time.is_some() {
         functions::fill(&mut values, starts, window.fill, is_count(inner));
     } else if is_count(inner) && values.iter().all(Option::is_none) {
@@ -244,6 +326,7 @@ fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::influxql::QueryLimits;
 
     fn window(group_by_time: Option<(i64, i64)>, tz: Option<chrono_tz::Tz>) -> Window {
         Window {
@@ -281,7 +364,12 @@ mod tests {
     fn starts_cover_range_inclusively() {
         let mut w = window(Some((10, 0)), None);
         w.range = TimeRange { min: 15, max: 40 };
-        assert_eq!(w.starts(Some(17)).expect("starts"), vec![10, 20, 30, 40]);
+        let budget = Budget::new(QueryLimits::default());
+        assert_eq!(
+            w.starts(Some(17), &budget).expect("starts"),
+            vec![10, 20, 30, 40]
+        );
+        assert_eq!(w.count(15, 40, 10, 0), 4);
     }
 
     #[test]
@@ -291,6 +379,27 @@ mod tests {
             min: 0,
             max: 10_000_000,
         };
-        assert!(w.starts(Some(0)).is_err());
+        let budget = Budget::new(QueryLimits {
+            max_buckets: 1_000_000,
+            ..QueryLimits::default()
+        });
+        let error = w.starts(Some(0), &budget).expect_err("too many windows");
+        assert!(error.contains("needs 10000001"), "{error}");
+        assert_eq!(budget.remaining_buckets(), 1_000_000);
+    }
+
+    #[test]
+    fn zoned_windows_stop_at_budget() {
+        let mut w = window(Some((HOUR, 0)), Some(chrono_tz::Asia::Shanghai));
+        w.range = TimeRange {
+            min: 0,
+            max: 100 * HOUR,
+        };
+        let budget = Budget::new(QueryLimits {
+            max_buckets: 10,
+            ..QueryLimits::default()
+        });
+        let error = w.starts(Some(0), &budget).expect_err("over the budget");
+        assert!(error.contains("needs more than 10"), "{error}");
     }
 }

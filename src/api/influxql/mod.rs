@@ -12,7 +12,9 @@ mod catalog;
 mod condition;
 mod functions;
 mod lexer;
+mod limits;
 mod parser;
+mod pushdown;
 mod response;
 mod select;
 mod show;
@@ -30,6 +32,9 @@ use axum::routing::get;
 
 use crate::storage::TimeSeriesStore;
 
+pub use self::limits::QueryLimits;
+
+use self::limits::Budget;
 use self::response::{Rendering, StatementResult};
 use self::time::Epoch;
 
@@ -79,16 +84,30 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
-/// Builds the router serving `GET` and `POST /query` and `GET /ping` on `store`.
+/// Builds the router serving `GET` and `POST /query` and `GET /ping` on `store`, with the
+/// default [`QueryLimits`].
 ///
 /// NOTE: the router checks no credentials; the `u`, `p` parameters and the
 /// `Authorization` header are ignored, so the caller must put it behind the API's
 /// authentication.
 pub fn router(store: Arc<dyn TimeSeriesStore>) -> Router {
+    router_with_limits(store, QueryLimits::default())
+}
+
+/// Builds the router like [`router`], with per-request limits on series, points and
+/// `GROUP BY time()` buckets.
+pub fn router_with_limits(store: Arc<dyn TimeSeriesStore>, limits: QueryLimits) -> Router {
     Router::new()
         .route("/query", get(query_handler).post(query_handler))
         .route("/ping", get(ping_handler).head(ping_handler))
-        .with_state(store)
+        .with_state(QueryState { store, limits })
+}
+
+/// State of the `/query` routes.
+#[derive(Clone)]
+struct QueryState {
+    store: Arc<dyn TimeSeriesStore>,
+    limits: QueryLimits,
 }
 
 async fn ping_handler() -> Response {
@@ -98,7 +117,7 @@ async fn ping_handler() -> Response {
 }
 
 async fn query_handler(
-    State(store): State<Arc<dyn TimeSeriesStore>>,
+    State(QueryState { store, limits }): State<QueryState>,
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
@@ -112,7 +131,8 @@ async fn query_handler(
     let pretty = params.pretty;
     let now_ns = now_nanos();
     let outcome =
-        tokio::task::spawn_blocking(move || run_query(store.as_ref(), &params, now_ns)).await;
+        tokio::task::spawn_blocking(move || run_query(store.as_ref(), limits, &params, now_ns))
+            .await;
     match outcome {
         Ok(Ok(body)) => json_response(StatusCode::OK, &body, pretty),
         Ok(Err(message)) => json_response(StatusCode::BAD_REQUEST, &error_body(&message), pretty),
@@ -128,6 +148,7 @@ async fn query_handler(
 /// InfluxDB; an evaluation error becomes that statement's `error`.
 fn run_query(
     store: &dyn TimeSeriesStore,
+    limits: QueryLimits,
     params: &QueryParams,
     now_ns: i64,
 ) -> Result<serde_json::Value, String> {
@@ -137,6 +158,7 @@ fn run_query(
         store,
         database: params.database.as_deref(),
         now_ns,
+        budget: Budget::new(limits),
     };
     let mut results = Vec::with_capacity(statements.len());
     for (statement_id, statement) in statements.iter().enumerate() {
@@ -160,6 +182,8 @@ pub(crate) struct EvalContext<'a> {
     /// The `db` parameter, when the request named one.
     pub database: Option<&'a str>,
     pub now_ns: i64,
+    /// The request's budget of series, points and buckets, shared by all its statements.
+    pub budget: Budget,
 }
 
 impl EvalContext<'_> {

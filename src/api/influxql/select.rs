@@ -15,6 +15,7 @@ use super::ast::{
 use super::catalog::{Catalog, TagSet, ns_to_ms_ceil, ns_to_ms_floor};
 use super::condition::{self, RowContext, TimeRange, referenced_fields, split_time};
 use super::functions;
+use super::pushdown;
 use super::response::{Cell, Series, SeriesOutput};
 
 /// The input of one output column.
@@ -34,7 +35,7 @@ pub struct Column {
 
 /// The evaluation strategy for a statement's columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+pub enum Mode {
     /// Raw fields and tags, one row per stored point.
     Raw,
     /// Transforms such as `derivative(x)` over raw points.
@@ -126,8 +127,8 @@ fn classify(select: &SelectStatement) -> Result<Mode, String> {
     Ok(Mode::Aggregate)
 }
 
-struct MeasurementPlan<'a> {
-    context: &'a EvalContext<'a>,
+pub struct MeasurementPlan<'a> {
+    pub context: &'a EvalContext<'a>,
     catalog: &'a Catalog,
     select: &'a SelectStatement,
     mode: Mode,
@@ -156,19 +157,44 @@ impl MeasurementPlan<'_> {
             .collect();
 
         let tag_sets = self.catalog.matching_tag_sets(measurement, condition)?;
-        let mut rows = self.read_rows(measurement, &tag_sets, &field_index)?;
-        if let Some(expr) = condition {
-            filter_rows(&mut rows, expr, &field_keys, &field_index);
-        }
+        self.context.budget.charge_series(tag_sets.len() as u64)?;
+        self.check_buckets(&tag_sets, &dimensions)?;
 
-        let groups = group_tag_sets(&rows, &dimensions);
+        let pushed = pushdown::plan(self.select, self.mode, &columns, condition, &field_keys);
+        let pushed_rows = match pushed {
+            Some(aggregates) => {
+                let target = pushdown::Target {
+                    measurement,
+                    tag_sets: &tag_sets,
+                    dimensions: &dimensions,
+                    columns: &columns,
+                    aggregates: &aggregates,
+                };
+                pushdown::rows(self, &target)?
+            }
+            None => None,
+        };
+        let grouped_rows = match pushed_rows {
+            Some(grouped_rows) => grouped_rows,
+            None => {
+                let mut rows = self.read_rows(measurement, &tag_sets, &field_index)?;
+                if let Some(expr) = condition {
+                    filter_rows(&mut rows, expr, &field_keys, &field_index);
+                }
+                let mut grouped_rows = Vec::new();
+                for (key, members) in group_tag_sets(&rows, &dimensions) {
+                    let group = Group {
+                        members,
+                        field_index: &field_index,
+                    };
+                    grouped_rows.push((key, self.series_rows(&group, &columns)?));
+                }
+                grouped_rows
+            }
+        };
+
         let mut out = Vec::new();
-        for (key, members) in groups {
-            let group = Group {
-                members,
-                field_index: &field_index,
-            };
-            let values = self.series_rows(&group, &columns)?;
+        for (key, values) in grouped_rows {
             let values = self.page(values);
             if values.is_empty() {
                 continue;
@@ -182,6 +208,43 @@ impl MeasurementPlan<'_> {
             out.push(series);
         }
         Ok(out)
+    }
+
+    /// Checks before any point is read that the `GROUP BY time()` buckets of a bounded
+    /// range, times the output series that the matching tag sets can form, fit the budget.
+    fn check_buckets(&self, tag_sets: &[TagSet], dimensions: &[String]) -> Result<(), String> {
+        let Some((interval, offset)) = self.select.group_by.time else {
+            return Ok(());
+        };
+        // With tz() window starts are not evenly spaced, and without a lower time bound
+        // windows start at the first point, so those are checked as windows are built.
+        if self.mode != Mode::Aggregate || self.select.time_zone.is_some() || !self.range.has_min()
+        {
+            return Ok(());
+        }
+        let max = if self.range.has_max() {
+            self.range.max
+        } else {
+            self.context.now_ns
+        };
+        let per_series = self.window().count(self.range.min, max, interval, offset);
+        let groups: HashSet<Vec<String>> = tag_sets
+            .iter()
+            .map(|tags| group_key(tags, dimensions))
+            .collect();
+        self.context
+            .budget
+            .check_buckets(per_series, groups.len() as u64)
+    }
+
+    pub fn window(&self) -> Window {
+        Window {
+            range: self.range,
+            now_ns: self.context.now_ns,
+            group_by_time: self.select.group_by.time,
+            time_zone: self.select.time_zone,
+            fill: self.select.fill,
+        }
     }
 
     /// Reads every needed field of the measurement in the time range, one store query per
@@ -201,10 +264,15 @@ impl MeasurementPlan<'_> {
                     tags: Vec::new(),
                     field: Some(field.clone()),
                 },
-                from: Timestamp(ns_to_ms_ceil(self.range.min)),
-                to: Timestamp(ns_to_ms_floor(self.range.max).saturating_add(1)),
+                from: self.store_from(),
+                to: self.store_to(),
                 aggregation: None,
-                limit: None,
+                // One point over the budget is enough to report the limit.
+                limit: Some(
+                    usize::try_from(self.context.budget.remaining_points())
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(1),
+                ),
             };
             let data = self
                 .context
@@ -215,6 +283,9 @@ impl MeasurementPlan<'_> {
                 if !wanted.contains(&series.series.tags) {
                     continue;
                 }
+                self.context
+                    .budget
+                    .charge_points(series.points.len() as u64)?;
                 let tag_rows = rows.entry(series.series.tags.clone()).or_default();
                 for (ts, value) in series.points {
                     let ns = ts.as_millis().saturating_mul(1_000_000);
@@ -236,16 +307,19 @@ impl MeasurementPlan<'_> {
             Mode::Raw => Ok(raw_rows(group, columns)),
             Mode::RawTransform => Ok(raw_transform_rows(group, columns)),
             Mode::Aggregate => {
-                let window = Window {
-                    range: self.range,
-                    now_ns: self.context.now_ns,
-                    group_by_time: self.select.group_by.time,
-                    time_zone: self.select.time_zone,
-                    fill: self.select.fill,
-                };
-                aggregate::rows(group, columns, &window)
+                aggregate::rows(group, columns, &self.window(), &self.context.budget)
             }
         }
+    }
+
+    /// Inclusive start of the store query for the time range, in milliseconds.
+    pub fn store_from(&self) -> Timestamp {
+        Timestamp(ns_to_ms_ceil(self.range.min))
+    }
+
+    /// Exclusive end of the store query for the time range, in milliseconds.
+    pub fn store_to(&self) -> Timestamp {
+        Timestamp(ns_to_ms_floor(self.range.max).saturating_add(1))
     }
 
     fn page(&self, mut values: Vec<Vec<Cell>>) -> Vec<Vec<Cell>> {
@@ -409,17 +483,24 @@ fn group_tag_sets<'a>(
         if tag_rows.is_empty() {
             continue;
         }
-        let key = dimensions
-            .iter()
-            .map(|d| {
-                tags.iter()
-                    .find(|(k, _)| k == d)
-                    .map_or(String::new(), |(_, v)| v.clone())
-            })
-            .collect();
-        groups.entry(key).or_default().push((tags, tag_rows));
+        groups
+            .entry(group_key(tags, dimensions))
+            .or_default()
+            .push((tags, tag_rows));
     }
     groups
+}
+
+/// The values of the `GROUP BY` tags of a tag set, empty for tags it lacks.
+pub fn group_key(tags: &TagSet, dimensions: &[String]) -> Vec<String> {
+    dimensions
+        .iter()
+        .map(|d| {
+            tags.iter()
+                .find(|(k, _)| k == d)
+                .map_or(String::new(), |(_, v)| v.clone())
+        })
+        .collect()
 }
 
 /// Builds one row per stored point of the group, merged across tag sets in time order.
