@@ -163,12 +163,9 @@ impl<'a> Checker<'a> {
             // the whole array, so that the entries beside it keep their indices.
             // NOTE: a bad value of a required key ends at its "missing field" retry, so the
             // entry is dropped and its other checks (such as a URL scheme) do not run.
-            let Some(key_depth) = path
+            let key_depth = path
                 .iter()
-                .rposition(|segment| matches!(segment, Segment::Key(_)))
-            else {
-                return None;
-            };
+                .rposition(|segment| matches!(segment, Segment::Key(_)))?;
             let removed = &path[..=key_depth];
             if !remove(&mut owned, removed) {
                 return None;
@@ -227,10 +224,12 @@ fn render_path(path: &[Segment]) -> String {
         .collect()
 }
 
-/// Returns the children of a table or array with their path step and key span.
-fn children<'v, 'i>(
-    value: &'v DeValue<'i>,
-) -> Vec<(Segment, Option<Range<usize>>, &'v Spanned<DeValue<'i>>)> {
+/// A child of a table or array: its path step, its key span (none for array entries)
+/// and its value.
+type Child<'v, 'i> = (Segment, Option<Range<usize>>, &'v Spanned<DeValue<'i>>);
+
+/// Returns the children of a table or array.
+fn children<'v, 'i>(value: &'v DeValue<'i>) -> Vec<Child<'v, 'i>> {
     match value {
         DeValue::Table(table) => table
             .iter()
@@ -482,6 +481,11 @@ mod tests {
         let (entries, problems) = check_entries(text);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].key, "entries[0].rules[1].metric");
+        assert_eq!(
+            entries[0].0.rules.len(),
+            0,
+            "the rules key with the bad entry is removed"
+        );
         assert_eq!(problems[0].line, 8);
         assert_eq!(
             entries[0].1.key("rules[1].metric").start,

@@ -751,7 +751,7 @@ fn check_devices(
                 Err(problems) => {
                     ok = false;
                     for (field, message) in problems {
-                        checker.push(rule_span(&field), format!("{rule_key}.{field}"), message);
+                        checker.push(rule_span(field), format!("{rule_key}.{field}"), message);
                     }
                 }
             }
