@@ -258,6 +258,12 @@ fn check_config(path: &Path) -> ExitCode {
             let problems = config::check_start(&loaded.file_text, Some(&loaded.config));
             if problems.is_empty() {
                 let config = &loaded.config;
+                for problem in config::file_warnings(&loaded.file_text, config) {
+                    println!(
+                        "{file_name}:{}: {}: warning: {}",
+                        problem.line, problem.key, problem.message
+                    );
+                }
                 println!(
                     "{file_name}: valid ({} sites, {} devices, {} webhooks)",
                     config.sites.len(),

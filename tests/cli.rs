@@ -343,6 +343,42 @@ fn check_config_rejects_open_listener() {
 }
 
 #[test]
+fn check_config_warns_of_missing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tls.toml");
+    let cert = dir.path().join("missing-cert.pem");
+    let key = dir.path().join("missing-key.pem");
+    std::fs::write(
+        &path,
+        format!(
+            "[api]\ntls_cert = {:?}\ntls_key = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "a missing file is a warning only:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("tls.toml:2: api.tls_cert: warning: cannot open"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tls.toml:3: api.tls_key: warning: cannot open"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tls.toml: valid"), "{stdout}");
+}
+
+#[test]
 fn check_config_reports_syntax_error_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.toml");

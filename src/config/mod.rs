@@ -398,6 +398,37 @@ pub fn check_start(text: &str, config: Option<&Config>) -> Vec<ConfigProblem> {
     checker.problems
 }
 
+/// Returns a warning for each file named in `config` that cannot be opened now, such as a
+/// TLS certificate. `run` fails to start unless the file can be opened by then, but it
+/// may be installed after the check, so these are warnings and not problems.
+pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
+    let files = [
+        ("api.tls_cert", &config.api.tls_cert),
+        ("api.tls_key", &config.api.tls_key),
+        ("mqtt.tls_cert", &config.mqtt.tls_cert),
+        ("mqtt.tls_key", &config.mqtt.tls_key),
+        ("mqtt.tls_client_ca", &config.mqtt.tls_client_ca),
+    ];
+    let mut checker = Checker::new(text);
+    if let Ok(document) = check::parse_document(text) {
+        checker.index_document(&document);
+    }
+    for (key, path) in files {
+        let Some(path) = path else { continue };
+        if let Err(e) = std::fs::File::open(path) {
+            checker.push(
+                None,
+                key,
+                format!(
+                    "cannot open {}: {e}; `run` fails to start unless the file exists then",
+                    path.display()
+                ),
+            );
+        }
+    }
+    checker.problems
+}
+
 /// Reads the listeners of a config document that has problems; see [`check_start`].
 fn listeners_as_written(
     text: &str,
