@@ -245,28 +245,63 @@ fn stop_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// Checks a config file as `run` does: the file with the managed devices of its data
+/// directory, then the listeners that `run` rejects, and prints every problem.
 fn check_config(path: &Path) -> ExitCode {
-    match config::load_file(path, builtin_profiles()) {
-        Ok(config) => {
-            println!(
-                "{}: valid ({} sites, {} devices, {} webhooks)",
-                path.display(),
-                config.sites.len(),
-                config.devices.len(),
-                config.webhooks.len()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            for problem in &error.problems {
-                let place = if problem.line == 0 { String::new() } else { format!("{}:", problem.line) };
-                let key = if problem.key.is_empty() { String::new() } else { format!(" {}:", problem.key) };
-                println!("{}:{place}{key} {}", error.source_name, problem.message);
+    let file = ConfigFile {
+        path: path.to_owned(),
+        overrides: Overrides::default(),
+    };
+    let file_name = path.display().to_string();
+    let mut problems = match config::managed::load(&file) {
+        Ok(loaded) => {
+            let problems = config::check_start(&loaded.file_text, Some(&loaded.config));
+            if problems.is_empty() {
+                let config = &loaded.config;
+                for problem in config::file_warnings(&loaded.file_text, config) {
+                    println!(
+                        "{file_name}:{}: {}: warning: {}",
+                        problem.line, problem.key, problem.message
+                    );
+                }
+                println!(
+                    "{file_name}: valid ({} sites, {} devices, {} webhooks)",
+                    config.sites.len(),
+                    config.devices.len(),
+                    config.webhooks.len()
+                );
+                return ExitCode::SUCCESS;
             }
-            println!("{}: {} problem(s) found", error.source_name, error.problems.len());
-            ExitCode::FAILURE
+            config::managed::in_file(&file_name, problems)
         }
+        Err(mut problems) => {
+            // Report the listeners that `run` would reject in the same run as the rest.
+            if let Ok(text) = std::fs::read_to_string(path) {
+                problems.extend(config::managed::in_file(
+                    &file_name,
+                    config::check_start(&text, None),
+                ));
+            }
+            problems
+        }
+    };
+    // The config file's problems first, in line order, then the managed devices file's.
+    problems.sort_by_key(|p| (p.file != file_name, p.problem.line));
+    for config::managed::FileProblem { file, problem } in &problems {
+        let place = if problem.line == 0 {
+            String::new()
+        } else {
+            format!("{}:", problem.line)
+        };
+        let key = if problem.key.is_empty() {
+            String::new()
+        } else {
+            format!(" {}:", problem.key)
+        };
+        println!("{file}:{place}{key} {}", problem.message);
     }
+    println!("{}: {} problem(s) found", path.display(), problems.len());
+    ExitCode::FAILURE
 }
 
 fn hash_password() -> ExitCode {

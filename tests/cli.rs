@@ -128,8 +128,8 @@ secret = "x"
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     let expected = [
-        ("bad.toml:2: server:", "colour"),
-        ("bad.toml:7: sites[0]:", "factory"),
+        ("bad.toml:2: server.colour:", "unknown field `colour`"),
+        ("bad.toml:7: sites[0].kind:", "factory"),
         ("bad.toml:16: devices[0].site:", "unknown site `zz`"),
         ("bad.toml:22: devices[1].profile:", "unknown profile `nope`"),
         ("bad.toml:26: webhooks[0].url:", "ftp"),
@@ -141,6 +141,241 @@ secret = "x"
         );
     }
     assert!(stdout.contains("5 problem(s) found"), "{stdout}");
+}
+
+/// Returns the 1-based number of the only line of `text` that contains `needle`.
+fn line_containing(text: &str, needle: &str) -> usize {
+    let lines: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(needle))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{needle:?} must be on exactly one line of the test config"
+    );
+    lines[0]
+}
+
+#[test]
+fn check_config_reports_problems_across_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.toml");
+    let text = r#"[server]
+http_listen = "0.0.0.0:80x0"
+data_dir = 5
+colour = "red"
+
+[ingest]
+stale_after = "5 parsecs"
+
+[storage]
+memory_budget_bytes = 1024
+
+[[sites]]
+id = "plant-a"
+name = "Plant A"
+kind = "enterprise"
+
+[[devices]]
+id = "gas-01"
+site = "plant-a"
+profile = "gas-detector"
+
+[[devices.rules]]
+id = "lel-high"
+metric = "gas_lel"
+kind = "above"
+level1 = 20
+
+[[devices.rules]]
+id = "lel-typo"
+metric = "gas_lle"
+kind = "above"
+level1 = "high"
+
+[[webhooks]]
+name = "first"
+url = "https://hooks.example/first"
+secret = "s"
+
+[[webhooks]]
+name = "second"
+url = "ftp://hooks.example/second"
+secret = "s"
+timeout = 5
+
+[[webhooks]]
+name = "third"
+url = "gopher://hooks.example/third"
+secret = "s"
+
+[[api_tokens]]
+name = "grafana"
+role = "viewer"
+token_sha256 = "not-a-digest"
+"#;
+    std::fs::write(&path, text).unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    // (text on the line, key, part of the message)
+    let expected = [
+        (
+            "0.0.0.0:80x0",
+            "server.http_listen",
+            "\"0.0.0.0:80x0\" is not a socket address; write HOST:PORT",
+        ),
+        (
+            "data_dir = 5",
+            "server.data_dir",
+            "invalid type: integer `5`",
+        ),
+        ("colour", "server.colour", "unknown field `colour`"),
+        ("5 parsecs", "ingest.stale_after", "expected a duration"),
+        (
+            "memory_budget_bytes",
+            "storage.memory_budget_bytes",
+            "write at least 16777216",
+        ),
+        (
+            "gas_lle",
+            "devices[0].rules[1].metric",
+            "has no metric `gas_lle`",
+        ),
+        (
+            "level1 = \"high\"",
+            "devices[0].rules[1].level1",
+            "invalid type: string \"high\"",
+        ),
+        (
+            "ftp://",
+            "webhooks[1].url",
+            "unsupported URL scheme \"ftp\"",
+        ),
+        ("timeout = 5", "webhooks[1].timeout", "expected a duration"),
+        (
+            "gopher://",
+            "webhooks[2].url",
+            "unsupported URL scheme \"gopher\"",
+        ),
+        (
+            "not-a-digest",
+            "api_tokens[0].token_sha256",
+            "must be 64 hex digits",
+        ),
+    ];
+    for (needle, key, message) in expected {
+        let place = format!("many.toml:{}: {key}: ", line_containing(text, needle));
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(&place) && l.contains(message)),
+            "missing {place}{message} in:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains(&format!("{} problem(s) found", expected.len())),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_config_rejects_open_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("open.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\ndata_dir = {:?}\nhttp_listen = \"0.0.0.0:8080\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "open.toml:3: server.http_listen: the HTTP API would accept anyone on 0.0.0.0:8080"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 problem(s) found"), "{stdout}");
+
+    // `run` rejects the same file before it opens anything.
+    let run = stonelion()
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !run.status.success(),
+        "run accepted an open API beyond loopback"
+    );
+    assert!(String::from_utf8_lossy(&run.stderr).contains("no [[api_tokens]] is configured"));
+
+    // The open-listener check also runs next to other problems.
+    std::fs::write(
+        &path,
+        "[server]\nhttp_listen = \"0.0.0.0:8080\"\ncolour = \"red\"\n",
+    )
+    .unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("open.toml:2: server.http_listen: the HTTP API would accept anyone"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("open.toml:3: server.colour:"), "{stdout}");
+    assert!(stdout.contains("2 problem(s) found"), "{stdout}");
+}
+
+#[test]
+fn check_config_warns_of_missing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tls.toml");
+    let cert = dir.path().join("missing-cert.pem");
+    let key = dir.path().join("missing-key.pem");
+    std::fs::write(
+        &path,
+        format!(
+            "[api]\ntls_cert = {:?}\ntls_key = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "a missing file is a warning only:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("tls.toml:2: api.tls_cert: warning: cannot open"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tls.toml:3: api.tls_key: warning: cannot open"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tls.toml: valid"), "{stdout}");
 }
 
 #[test]

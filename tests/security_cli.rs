@@ -109,7 +109,7 @@ token_sha256 = "abc"
         "mqtt_users[0].username: `gas-02` is a device id",
         "mqtt_users[0].sites: unknown site `nowhere`",
         "api_tokens[0].token_sha256: `token_sha256` must be 64 hex digits",
-        "api_tokens[1]: unknown variant `superuser`",
+        "api_tokens[1].role: unknown variant `superuser`",
     ];
     for line in expected {
         assert!(report.contains(line), "missing {line:?} in:\n{report}");

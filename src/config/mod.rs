@@ -333,6 +333,7 @@ pub fn load_file(path: &Path, builtin: ProfileSet) -> Result<Config, ConfigError
 pub fn parse(text: &str, builtin: ProfileSet) -> Result<Config, Vec<ConfigProblem>> {
     let document = check::parse_document(text).map_err(|p| vec![p])?;
     let mut checker = Checker::new(text);
+    checker.index_document(&document);
     let mut raw = RawSections::default();
 
     for (key, value) in document.get_ref() {
@@ -365,6 +366,103 @@ pub fn parse(text: &str, builtin: ProfileSet) -> Result<Config, Vec<ConfigProble
     } else {
         checker.problems.sort_by_key(|p| p.line);
         Err(checker.problems)
+    }
+}
+
+/// Checks what `stonelion run` rejects after the config parses and before it opens
+/// anything: a listener beyond loopback that accepts anyone. `text` is the config text,
+/// used for line numbers, and `config` the config checked from it.
+///
+/// Without `config`, because the text has other problems, the check reads the listen
+/// addresses as written, with defaults for absent or invalid ones. It counts credentials
+/// as configured when any `[[api_tokens]]`, `[[mqtt_users]]` or device
+/// `mqtt_password_hash` entry is written, so that an invalid entry does not also raise an
+/// open-listener problem. Flags and environment variables that override the listen
+/// addresses are not applied.
+pub fn check_start(text: &str, config: Option<&Config>) -> Vec<ConfigProblem> {
+    let Ok(document) = check::parse_document(text) else {
+        return Vec::new();
+    };
+    let listeners = match config {
+        Some(config) => {
+            let mqtt_open = crate::ingest::auth::MqttAccounts::from_config(config).is_open();
+            crate::security::Listeners::of(config, mqtt_open)
+        }
+        None => listeners_as_written(text, &document),
+    };
+    let mut checker = Checker::new(text);
+    checker.index_document(&document);
+    for (key, error) in listeners.exposure_problems() {
+        checker.push(None, key, error.to_string());
+    }
+    checker.problems
+}
+
+/// Returns a warning for each file named in `config` that cannot be opened now, such as a
+/// TLS certificate. `run` fails to start unless the file can be opened by then, but it
+/// may be installed after the check, so these are warnings and not problems.
+pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
+    let files = [
+        ("api.tls_cert", &config.api.tls_cert),
+        ("api.tls_key", &config.api.tls_key),
+        ("mqtt.tls_cert", &config.mqtt.tls_cert),
+        ("mqtt.tls_key", &config.mqtt.tls_key),
+        ("mqtt.tls_client_ca", &config.mqtt.tls_client_ca),
+    ];
+    let mut checker = Checker::new(text);
+    if let Ok(document) = check::parse_document(text) {
+        checker.index_document(&document);
+    }
+    for (key, path) in files {
+        let Some(path) = path else { continue };
+        if let Err(e) = std::fs::File::open(path) {
+            checker.push(
+                None,
+                key,
+                format!(
+                    "cannot open {}: {e}; `run` fails to start unless the file exists then",
+                    path.display()
+                ),
+            );
+        }
+    }
+    checker.problems
+}
+
+/// Reads the listeners of a config document that has problems; see [`check_start`].
+fn listeners_as_written(
+    text: &str,
+    document: &toml::Spanned<toml::de::DeTable<'_>>,
+) -> crate::security::Listeners {
+    // Problems are already reported by `parse`, so this checker's are dropped.
+    let mut scratch = Checker::new(text);
+    let table = document.get_ref();
+    let server: ServerSection = table
+        .get("server")
+        .and_then(|value| scratch.deserialize("server", value))
+        .unwrap_or_default();
+    let mqtt: MqttSection = table
+        .get("mqtt")
+        .and_then(|value| scratch.deserialize("mqtt", value))
+        .unwrap_or_default();
+    let entries = |name: &str| -> Vec<&toml::de::DeValue<'_>> {
+        table
+            .get(name)
+            .and_then(|value| value.get_ref().as_array())
+            .map(|array| array.iter().map(|entry| entry.get_ref()).collect())
+            .unwrap_or_default()
+    };
+    let device_has_password = entries("devices").iter().any(|device| {
+        device
+            .as_table()
+            .is_some_and(|device| device.get("mqtt_password_hash").is_some())
+    });
+    crate::security::Listeners {
+        http_listen: server.http_listen,
+        mqtt_listen: server.mqtt_listen,
+        mqtt_tls_listen: mqtt.tls_listen,
+        api_open: entries("api_tokens").is_empty(),
+        mqtt_open: entries("mqtt_users").is_empty() && !device_has_password,
     }
 }
 
@@ -568,7 +666,8 @@ fn load_profiles(checker: &mut Checker<'_>, builtin: ProfileSet, dir: Option<&Pa
 fn check_sites(checker: &mut Checker<'_>, entries: Vec<(Site, EntrySpans)>) -> Vec<Site> {
     let mut seen = HashSet::new();
     let mut sites = Vec::new();
-    for (index, (site, spans)) in entries.into_iter().enumerate() {
+    for (site, spans) in entries {
+        let index = spans.index;
         if let Err(message) = check_id(site.id.as_str()) {
             checker.push(Some(spans.key("id")), format!("sites[{index}].id"), message);
         } else if !seen.insert(site.id.clone()) {
@@ -593,7 +692,8 @@ fn check_devices(
 ) -> Vec<Device> {
     let mut seen = HashSet::new();
     let mut devices = Vec::new();
-    for (index, (spec, spans)) in entries.into_iter().enumerate() {
+    for (spec, spans) in entries {
+        let index = spans.index;
         let key = |field: &str| format!("devices[{index}].{field}");
         let mut ok = true;
         if let Err(message) = check_id(spec.id.as_str()) {
@@ -607,7 +707,10 @@ fn check_devices(
             );
             ok = false;
         }
-        if !sites.iter().any(|s| s.id == spec.site) {
+        if !sites.iter().any(|s| s.id == spec.site) && checker.is_written_site(spec.site.as_str()) {
+            // The site's entry is invalid and reported on its own.
+            ok = false;
+        } else if !sites.iter().any(|s| s.id == spec.site) {
             let known: Vec<&str> = sites.iter().map(|s| s.id.as_str()).collect();
             let hint = if known.is_empty() {
                 "no sites are declared yet".to_owned()
@@ -634,9 +737,10 @@ fn check_devices(
         let mut rule_ids = HashSet::new();
         for (rule_index, rule) in spec.rules.iter().enumerate() {
             let rule_key = format!("devices[{index}].rules[{rule_index}]");
+            let rule_span = |field: &str| Some(spans.key(&format!("rules[{rule_index}].{field}")));
             if !rule_ids.insert(rule.id.clone()) {
                 checker.push(
-                    Some(spans.key("rules")),
+                    rule_span("id"),
                     format!("{rule_key}.id"),
                     format!("rule id `{}` is used twice for this device; give each rule a unique id", rule.id),
                 );
@@ -647,7 +751,7 @@ fn check_devices(
                 if wants_bool != (metric.kind == crate::model::ValueKind::Bool) {
                     let (rule_kind, metric_kind) = if wants_bool { ("an equals", "a number") } else { ("a threshold", "a boolean") };
                     checker.push(
-                        Some(spans.key("rules")),
+                        rule_span("kind"),
                         format!("{rule_key}.kind"),
                         format!(
                             "{rule_kind} rule cannot watch `{}`, which is {metric_kind}; use kind = {}",
@@ -660,7 +764,7 @@ fn check_devices(
             }
             if profile.metric(&rule.metric).is_none() {
                 checker.push(
-                    Some(spans.key("rules")),
+                    rule_span("metric"),
                     format!("{rule_key}.metric"),
                     format!(
                         "profile `{}` has no metric `{}`; use one of: {}",
@@ -678,7 +782,7 @@ fn check_devices(
                 Err(problems) => {
                     ok = false;
                     for (field, message) in problems {
-                        checker.push(Some(spans.key("rules")), format!("{rule_key}.{field}"), message);
+                        checker.push(rule_span(field), format!("{rule_key}.{field}"), message);
                     }
                 }
             }
@@ -755,7 +859,8 @@ fn check_polled_staleness(modbus: &ModbusDeviceConfig, profile: &crate::profile:
 fn check_webhooks(checker: &mut Checker<'_>, entries: Vec<(WebhookConfig, EntrySpans)>) -> Vec<Webhook> {
     let mut seen = HashSet::new();
     let mut webhooks = Vec::new();
-    for (index, (spec, spans)) in entries.into_iter().enumerate() {
+    for (spec, spans) in entries {
+        let index = spans.index;
         if !seen.insert(spec.name.clone()) {
             checker.push(
                 Some(spans.key("name")),

@@ -164,7 +164,8 @@ pub fn check_mqtt_users(
 ) -> Vec<MqttUserSpec> {
     let mut seen = HashSet::new();
     let mut users = Vec::new();
-    for (index, (user, spans)) in entries.into_iter().enumerate() {
+    for (user, spans) in entries {
+        let index = spans.index;
         let key = |field: &str| format!("mqtt_users[{index}].{field}");
         let mut ok = true;
         let mut problem = |checker: &mut Checker<'_>, field: &str, message: String| {
@@ -185,11 +186,12 @@ pub fn check_mqtt_users(
             problem(checker, "sites", "is empty; list the sites whose topics the user may subscribe to".to_owned());
         }
         for site in &user.sites {
-            if !sites.iter().any(|s| s.id == *site) {
+            // A site whose entry is invalid is reported on its own.
+            if !sites.iter().any(|s| s.id == *site) && !checker.is_written_site(site.as_str()) {
                 problem(checker, "sites", format!("unknown site `{site}`; declare it in [[sites]]"));
             }
         }
-        if ok {
+        if ok && user.sites.iter().all(|site| sites.iter().any(|s| s.id == *site)) {
             users.push(user);
         }
     }
@@ -200,7 +202,8 @@ pub fn check_mqtt_users(
 pub fn check_api_tokens(checker: &mut Checker<'_>, entries: Vec<(ApiTokenSpec, EntrySpans)>) -> TokenSet {
     let mut seen = HashSet::new();
     let mut tokens = Vec::new();
-    for (index, (spec, spans)) in entries.into_iter().enumerate() {
+    for (spec, spans) in entries {
+        let index = spans.index;
         let name = spec.name.trim();
         if name.is_empty() || name.chars().count() > 128 {
             checker.push(Some(spans.key("name")), format!("api_tokens[{index}].name"), "must be 1 to 128 characters");

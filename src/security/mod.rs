@@ -89,29 +89,73 @@ pub enum ExposureError {
 ///
 /// `mqtt_open` is true when no MQTT account is configured.
 pub fn check_exposure(config: &Config, mqtt_open: bool) -> Result<(), ExposureError> {
-    if mqtt_open {
-        let mut listeners = std::iter::once(config.server.mqtt_listen).chain(config.mqtt.tls_listen);
-        if let Some(addr) = listeners.find(|a| !a.ip().is_loopback()) {
-            return Err(ExposureError::OpenMqtt { addr });
-        }
+    let listeners = Listeners::of(config, mqtt_open);
+    if let Some((_, error)) = listeners.exposure_problems().into_iter().next() {
+        return Err(error);
+    }
+    if listeners.mqtt_open {
         tracing::warn!(
             addr = %config.server.mqtt_listen,
             "the MQTT broker is open: any local process can connect and publish to any topic; \
              configure device credentials before listening beyond loopback"
         );
     }
-    if config.api_tokens.is_empty() {
-        let addr = config.server.http_listen;
-        if !addr.ip().is_loopback() {
-            return Err(ExposureError::OpenApi { addr });
-        }
+    if listeners.api_open {
         tracing::warn!(
-            %addr,
+            addr = %config.server.http_listen,
             "the HTTP API is open: any local process can read data and acknowledge alarms; \
              configure [[api_tokens]] before listening beyond loopback"
         );
     }
     Ok(())
+}
+
+/// The listen addresses of a config and whether each listener accepts anyone.
+#[derive(Clone, Debug)]
+pub struct Listeners {
+    pub http_listen: SocketAddr,
+    pub mqtt_listen: SocketAddr,
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    /// True when no `[[api_tokens]]` entry is configured.
+    pub api_open: bool,
+    /// True when no MQTT account (device password or `[[mqtt_users]]`) is configured.
+    pub mqtt_open: bool,
+}
+
+impl Listeners {
+    pub fn of(config: &Config, mqtt_open: bool) -> Self {
+        Self {
+            http_listen: config.server.http_listen,
+            mqtt_listen: config.server.mqtt_listen,
+            mqtt_tls_listen: config.mqtt.tls_listen,
+            api_open: config.api_tokens.is_empty(),
+            mqtt_open,
+        }
+    }
+
+    /// Returns every open listener beyond loopback, with the config key of its address,
+    /// such as `server.http_listen`.
+    pub fn exposure_problems(&self) -> Vec<(&'static str, ExposureError)> {
+        let mut problems = Vec::new();
+        if self.mqtt_open {
+            let listeners = std::iter::once(("server.mqtt_listen", self.mqtt_listen))
+                .chain(self.mqtt_tls_listen.map(|addr| ("mqtt.tls_listen", addr)));
+            for (key, addr) in listeners {
+                if !addr.ip().is_loopback() {
+                    problems.push((key, ExposureError::OpenMqtt { addr }));
+                }
+            }
+        }
+        if self.api_open && !self.http_listen.ip().is_loopback() {
+            problems.push((
+                "server.http_listen",
+                ExposureError::OpenApi {
+                    addr: self.http_listen,
+                },
+            ));
+        }
+        problems
+    }
 }
 
 #[cfg(test)]
