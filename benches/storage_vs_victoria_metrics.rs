@@ -50,7 +50,10 @@ fn base_seconds() -> i64 {
 }
 
 fn into_bodies(lines: Vec<String>) -> Vec<String> {
-    lines.chunks(LINES_PER_REQUEST).map(|chunk| chunk.concat()).collect()
+    lines
+        .chunks(LINES_PER_REQUEST)
+        .map(|chunk| chunk.concat())
+        .collect()
 }
 
 /// Full-precision random walks: `series` series, `steps` points each, 1 s apart.
@@ -63,10 +66,17 @@ fn random_walk(name: &'static str, series: usize, steps: usize) -> Dataset {
         let ts = (base + step as i64) * 1_000_000_000;
         for (s, value) in values.iter_mut().enumerate() {
             *value += rng.next_f64() - 0.5;
-            lines.push(format!("sensor,site=s{},device=d{s},site_kind=plant v={value} {ts}\n", s % 50));
+            lines.push(format!(
+                "sensor,site=s{},device=d{s},site_kind=plant v={value} {ts}\n",
+                s % 50
+            ));
         }
     }
-    Dataset { name, points: lines.len(), bodies: into_bodies(lines) }
+    Dataset {
+        name,
+        points: lines.len(),
+        bodies: into_bodies(lines),
+    }
 }
 
 /// Realistic sensors over 24 h at 1 s: temperature at 0.1 resolution that changes slowly,
@@ -95,18 +105,30 @@ fn realistic(devices: usize) -> Dataset {
         }
     }
     let points = lines.len() * 3;
-    Dataset { name: "realistic sensors, 24 h at 1 s", points, bodies: into_bodies(lines) }
+    Dataset {
+        name: "realistic sensors, 24 h at 1 s",
+        points,
+        bodies: into_bodies(lines),
+    }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn dir_bytes(path: &Path) -> u64 {
     let mut total = 0;
     for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
         let meta = entry.metadata().unwrap();
-        total += if meta.is_dir() { dir_bytes(&entry.path()) } else { meta.len() };
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())
+        } else {
+            meta.len()
+        };
     }
     total
 }
@@ -123,7 +145,12 @@ fn peak_rss_kib(pid: u32) -> u64 {
 async fn wait_ready(client: &reqwest::Client, url: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+        if client
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -144,7 +171,12 @@ async fn ingest(client: &reqwest::Client, url: &str, dataset: &Dataset) -> Inges
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CONCURRENCY {
-        let (client, url, bodies, next) = (client.clone(), url.to_owned(), Arc::clone(&bodies), Arc::clone(&next));
+        let (client, url, bodies, next) = (
+            client.clone(),
+            url.to_owned(),
+            Arc::clone(&bodies),
+            Arc::clone(&next),
+        );
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -167,7 +199,11 @@ async fn ingest(client: &reqwest::Client, url: &str, dataset: &Dataset) -> Inges
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
-    IngestResult { points_per_s: dataset.points as f64 / elapsed, p50_ms: at(0.5), p99_ms: at(0.99) }
+    IngestResult {
+        points_per_s: dataset.points as f64 / elapsed,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+    }
 }
 
 struct VictoriaMetrics {
@@ -187,7 +223,11 @@ fn start_victoria_metrics(dir: &Path) -> VictoriaMetrics {
         .stderr(Stdio::null())
         .spawn()
         .expect("victoria-metrics starts; install the Debian package victoria-metrics");
-    VictoriaMetrics { child, url: format!("http://127.0.0.1:{port}"), dir: dir.to_owned() }
+    VictoriaMetrics {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        dir: dir.to_owned(),
+    }
 }
 
 struct StonelionServer {
@@ -208,8 +248,17 @@ fn start_stonelion(dir: &Path) -> StonelionServer {
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening ").expect("server prints its address").to_owned();
-    StonelionServer { child, stdin, stdout, url: format!("http://{addr}") }
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .expect("server prints its address")
+        .to_owned();
+    StonelionServer {
+        child,
+        stdin,
+        stdout,
+        url: format!("http://{addr}"),
+    }
 }
 
 impl StonelionServer {
@@ -232,7 +281,8 @@ fn serve(dir: &Path) {
         tokio::spawn(async move {
             while let Some(message) = rx.recv().await {
                 if let IngestMessage::Points { points, done } = message {
-                    let result = tokio::task::block_in_place(|| store.write(points)).map_err(|e| WriteFailure::Storage(e.to_string()));
+                    let result = tokio::task::block_in_place(|| store.write(points))
+                        .map_err(|e| WriteFailure::Storage(e.to_string()));
                     if let Some(done) = done {
                         let _ = done.send(result);
                     }
@@ -241,7 +291,8 @@ fn serve(dir: &Path) {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("listening {}", listener.local_addr().unwrap());
-        let app = router(ingest, &SharedRegistry::new()).route("/health", axum::routing::get(|| async { "ok" }));
+        let app = router(ingest, &SharedRegistry::new())
+            .route("/health", axum::routing::get(|| async { "ok" }));
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let engine = Arc::clone(&engine);
         tokio::task::spawn_blocking(move || {
@@ -265,8 +316,16 @@ fn serve(dir: &Path) {
 }
 
 async fn vm_compact(client: &reqwest::Client, vm: &VictoriaMetrics) -> u64 {
-    client.get(format!("{}/internal/force_flush", vm.url)).send().await.unwrap();
-    client.get(format!("{}/internal/force_merge", vm.url)).send().await.unwrap();
+    client
+        .get(format!("{}/internal/force_flush", vm.url))
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(format!("{}/internal/force_merge", vm.url))
+        .send()
+        .await
+        .unwrap();
     // Merges finish in the background, so wait until the size is stable for 3 s.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = (dir_bytes(&vm.dir), Instant::now());
@@ -331,12 +390,18 @@ async fn queries(client: &reqwest::Client, vm: &VictoriaMetrics, dir: &Path) {
     );
 
     let (start, end) = (base_ms / 1_000, base_ms / 1_000 + 86_399);
-    let raw_url = format!("{}/api/v1/export?match[]=sensor_temp{{device=\"d0\"}}&start={start}&end={end}", vm.url);
+    let raw_url = format!(
+        "{}/api/v1/export?match[]=sensor_temp{{device=\"d0\"}}&start={start}&end={end}",
+        vm.url
+    );
     let agg_url = format!(
         "{}/api/v1/query_range?query=avg_over_time(sensor_temp{{device=\"d0\"}}[1m])&start={start}&end={end}&step=60",
         vm.url
     );
-    let latest_url = format!("{}/api/v1/query?query={{__name__=~\"sensor_.*\"}}&time={end}", vm.url);
+    let latest_url = format!(
+        "{}/api/v1/query?query={{__name__=~\"sensor_.*\"}}&time={end}",
+        vm.url
+    );
     let (vm_raw, raw_bytes) = time_http_ms(client, &raw_url).await;
     let (vm_agg, _) = time_http_ms(client, &agg_url).await;
     let (vm_latest, _) = time_http_ms(client, &latest_url).await;
@@ -353,11 +418,25 @@ async fn run_dataset(client: &reqwest::Client, dataset: &Dataset, with_queries: 
     wait_ready(client, &format!("{}/health", vm.url)).await;
     wait_ready(client, &format!("{}/health", sl.url)).await;
 
-    let vm_result = ingest(client, &format!("{}/api/v2/write?org=o&bucket=b", vm.url), dataset).await;
-    let sl_result = ingest(client, &format!("{}/api/v2/write?org=o&bucket=b", sl.url), dataset).await;
+    let vm_result = ingest(
+        client,
+        &format!("{}/api/v2/write?org=o&bucket=b", vm.url),
+        dataset,
+    )
+    .await;
+    let sl_result = ingest(
+        client,
+        &format!("{}/api/v2/write?org=o&bucket=b", sl.url),
+        dataset,
+    )
+    .await;
     let vm_bytes = vm_compact(client, &vm).await;
     let sl_reply = sl.command("compact");
-    let sl_segments: u64 = sl_reply.strip_prefix("compacted ").unwrap().parse().unwrap();
+    let sl_segments: u64 = sl_reply
+        .strip_prefix("compacted ")
+        .unwrap()
+        .parse()
+        .unwrap();
     let vm_rss = peak_rss_kib(vm.child.id());
     let sl_rss = peak_rss_kib(sl.child.id());
     sl.command("quit");
@@ -365,7 +444,12 @@ async fn run_dataset(client: &reqwest::Client, dataset: &Dataset, with_queries: 
     let sl_bytes = dir_bytes(&sl_dir);
 
     let points = dataset.points as f64;
-    println!("{} ({} points, {} requests of {LINES_PER_REQUEST} lines, {CONCURRENCY} concurrent):", dataset.name, dataset.points, dataset.bodies.len());
+    println!(
+        "{} ({} points, {} requests of {LINES_PER_REQUEST} lines, {CONCURRENCY} concurrent):",
+        dataset.name,
+        dataset.points,
+        dataset.bodies.len()
+    );
     println!(
         "  ingest points/s: stonelion {:.0}, victoria-metrics {:.0}, ratio {:.2}",
         sl_result.points_per_s,
@@ -408,13 +492,23 @@ fn main() {
     runtime.block_on(async {
         let selected = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
         if selected("random") {
-            run_dataset(&client, &random_walk("random walk, 20k series x 100 points", 20_000, 100), false).await;
+            run_dataset(
+                &client,
+                &random_walk("random walk, 20k series x 100 points", 20_000, 100),
+                false,
+            )
+            .await;
         }
         if selected("realistic") {
             run_dataset(&client, &realistic(10), true).await;
         }
         if selected("100k") {
-            run_dataset(&client, &random_walk("100k series x 10 points", 100_000, 10), false).await;
+            run_dataset(
+                &client,
+                &random_walk("100k series x 10 points", 100_000, 10),
+                false,
+            )
+            .await;
         }
     });
 }

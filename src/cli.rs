@@ -14,7 +14,11 @@ use crate::config::{self, Config, Overrides, builtin::builtin_profiles};
 use crate::server::Server;
 
 #[derive(Debug, Parser)]
-#[command(name = "stonelion", version, about = "Safety-production telemetry and alarm server")]
+#[command(
+    name = "stonelion",
+    version,
+    about = "Safety-production telemetry and alarm server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -84,7 +88,11 @@ struct ListenArgs {
 
 impl ListenArgs {
     fn overrides(&self) -> Overrides {
-        Overrides { http_listen: self.http_listen, mqtt_listen: self.mqtt_listen, data_dir: self.data_dir.clone() }
+        Overrides {
+            http_listen: self.http_listen,
+            mqtt_listen: self.mqtt_listen,
+            data_dir: self.data_dir.clone(),
+        }
     }
 }
 
@@ -94,17 +102,25 @@ pub fn main() -> ExitCode {
     crate::logging::init();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
-        Command::Profiles { command: ProfilesCommand::Check { dir } } => check_profiles(&dir),
+        Command::Profiles {
+            command: ProfilesCommand::Check { dir },
+        } => check_profiles(&dir),
         Command::HashPassword => hash_password(),
         Command::GenerateToken => {
             let token = crate::security::tokens::generate_token();
             println!("token:        {token}");
-            println!("token_sha256: {}", hex::encode(crate::security::tokens::token_digest(&token)));
+            println!(
+                "token_sha256: {}",
+                hex::encode(crate::security::tokens::token_digest(&token))
+            );
             ExitCode::SUCCESS
         }
         Command::HashToken => match read_secret_line() {
             Ok(token) => {
-                println!("{}", hex::encode(crate::security::tokens::token_digest(&token)));
+                println!(
+                    "{}",
+                    hex::encode(crate::security::tokens::token_digest(&token))
+                );
                 ExitCode::SUCCESS
             }
             Err(message) => fail(&message),
@@ -112,13 +128,18 @@ pub fn main() -> ExitCode {
         Command::Run { config, listen } => run_async(async move {
             let server = match config {
                 Some(path) => {
-                    let file = ConfigFile { path, overrides: listen.overrides() };
+                    let file = ConfigFile {
+                        path,
+                        overrides: listen.overrides(),
+                    };
                     Server::start_with_file(file, Arc::new(SystemClock)).await?
                 }
                 None => {
-                    let mut config = config::parse("", builtin_profiles()).map_err(|problems| config::ConfigError {
-                        source_name: "built-in defaults".to_owned(),
-                        problems,
+                    let mut config = config::parse("", builtin_profiles()).map_err(|problems| {
+                        config::ConfigError {
+                            source_name: "built-in defaults".to_owned(),
+                            problems,
+                        }
                     })?;
                     listen.overrides().apply(&mut config.server);
                     Server::start(config, Arc::new(SystemClock)).await?
@@ -126,14 +147,18 @@ pub fn main() -> ExitCode {
             };
             serve_until_stopped(server).await
         }),
-        Command::Demo { listen, webhook_listen } => {
-            run_async(async move { crate::demo::run(listen.overrides(), webhook_listen).await })
-        }
+        Command::Demo {
+            listen,
+            webhook_listen,
+        } => run_async(async move { crate::demo::run(listen.overrides(), webhook_listen).await }),
     }
 }
 
 fn run_async(job: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -162,8 +187,14 @@ async fn serve_until_stopped(server: Server) -> anyhow::Result<()> {
     let stop = stop_signal();
     let reload_on_hangup = tokio::spawn(reload_on_sighup(hangup_signal(), server.reloader.clone()));
     match server.mqtt_tls_addr {
-        Some(tls) => println!("stonelion listening: http={} mqtt={} mqtt_tls={tls}", server.http_addr, server.mqtt_addr),
-        None => println!("stonelion listening: http={} mqtt={}", server.http_addr, server.mqtt_addr),
+        Some(tls) => println!(
+            "stonelion listening: http={} mqtt={} mqtt_tls={tls}",
+            server.http_addr, server.mqtt_addr
+        ),
+        None => println!(
+            "stonelion listening: http={} mqtt={}",
+            server.http_addr, server.mqtt_addr
+        ),
     }
     stop.await;
     reload_on_hangup.abort();
@@ -206,7 +237,9 @@ async fn reload_on_sighup(hangup: HangupSignal, reloader: Arc<crate::reload::Rel
                         tracing::error!(problem = %problem, "config reload rejected; the running config stays");
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "config reload failed; the running config stays"),
+                Err(e) => {
+                    tracing::error!(error = %e, "config reload failed; the running config stays")
+                }
             }
         }
     }
@@ -321,7 +354,9 @@ fn hash_password() -> ExitCode {
 /// Reads one line from standard input without its line ending; an empty line is an error.
 fn read_secret_line() -> Result<String, String> {
     let mut line = String::new();
-    std::io::stdin().read_line(&mut line).map_err(|e| format!("cannot read standard input: {e}"))?;
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read standard input: {e}"))?;
     let secret = line.trim_end_matches(['\r', '\n']);
     if secret.is_empty() {
         return Err("standard input is empty; pipe the secret in, such as `read -rs P; echo \"$P\" | stonelion hash-password`".to_owned());

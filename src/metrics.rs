@@ -18,13 +18,19 @@ impl SharedRegistry {
 
     /// Runs `register` with the registry locked.
     pub fn register<T>(&self, register: impl FnOnce(&mut Registry) -> T) -> T {
-        let mut registry = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut registry = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         register(&mut registry)
     }
 
     /// Encodes every metric in the Prometheus text format.
     pub fn encode(&self) -> String {
-        let registry = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let registry = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

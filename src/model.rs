@@ -68,8 +68,10 @@ impl Timestamp {
 
     /// Formats the timestamp as RFC 3339 with millisecond precision.
     pub fn to_rfc3339(self) -> String {
-        chrono::DateTime::from_timestamp_millis(self.0)
-            .map_or_else(|| self.0.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        chrono::DateTime::from_timestamp_millis(self.0).map_or_else(
+            || self.0.to_string(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
     }
 }
 

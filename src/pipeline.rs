@@ -19,7 +19,7 @@ use crate::ingest::{IngestMessage, LivenessCause, WriteFailure};
 use crate::metrics::SharedRegistry;
 use crate::model::{DeviceId, MetricName, Reading, Source, Timestamp, Value};
 use crate::rules::engine::order_key;
-use crate::storage::{Point, SeriesKey, Selector, StorageError, TimeSeriesStore};
+use crate::storage::{Point, Selector, SeriesKey, StorageError, TimeSeriesStore};
 
 /// Liveness and latest values of one device, as the API shows them.
 #[derive(Clone, Debug, Default)]
@@ -146,7 +146,12 @@ pub struct Pipeline {
 impl Pipeline {
     /// Runs until the channel closes or `shutdown` is cancelled and the channel is drained,
     /// then flushes storage.
-    pub async fn run(self, mut rx: mpsc::Receiver<IngestMessage>, registry: &SharedRegistry, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        mut rx: mpsc::Receiver<IngestMessage>,
+        registry: &SharedRegistry,
+        shutdown: CancellationToken,
+    ) {
         let metrics = self.register(registry);
         let started = self.clock.now();
         let mut status_ticker = tokio::time::interval(STATUS_INTERVAL);
@@ -173,7 +178,9 @@ impl Pipeline {
         }
         match self.store.flush() {
             Ok(()) => tracing::info!("storage flushed"),
-            Err(e) => tracing::error!(error = %e, "flushing storage at shutdown failed; recent readings may be lost"),
+            Err(e) => {
+                tracing::error!(error = %e, "flushing storage at shutdown failed; recent readings may be lost")
+            }
         }
     }
 
@@ -212,7 +219,9 @@ impl Pipeline {
                 let _ = self.readings(readings, Storage::Skip, metrics).await;
             }
             IngestMessage::Points { points, done } => {
-                let source = SourceLabel { source: source_name(Source::HttpWrite).to_owned() };
+                let source = SourceLabel {
+                    source: source_name(Source::HttpWrite).to_owned(),
+                };
                 metrics.messages.get_or_create(&source).inc();
                 let result = self.points(points, metrics).await;
                 if let Some(done) = done {
@@ -220,7 +229,11 @@ impl Pipeline {
                 }
             }
             IngestMessage::BadReadings { device, bad } => self.bad_readings(device, bad),
-            IngestMessage::Liveness { device, online, cause } => {
+            IngestMessage::Liveness {
+                device,
+                online,
+                cause,
+            } => {
                 self.set_liveness(&device, online, &cause, metrics).await;
             }
         }
@@ -231,12 +244,19 @@ impl Pipeline {
     /// partly holds back arrives as two messages, one stored and one not.
     fn count_message(&self, readings: &[Reading], metrics: &PipelineMetrics) {
         if let Some(first) = readings.first() {
-            let source = SourceLabel { source: source_name(first.source).to_owned() };
+            let source = SourceLabel {
+                source: source_name(first.source).to_owned(),
+            };
             metrics.messages.get_or_create(&source).inc();
         }
     }
 
-    async fn readings(&self, readings: Vec<Reading>, storage: Storage, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
+    async fn readings(
+        &self,
+        readings: Vec<Reading>,
+        storage: Storage,
+        metrics: &PipelineMetrics,
+    ) -> Result<(), WriteFailure> {
         if readings.is_empty() {
             return Ok(());
         }
@@ -245,12 +265,26 @@ impl Pipeline {
         let directory = self.directory.load();
         let received = self.clock.now();
         {
-            let mut states = self.states.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut states = self
+                .states
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for reading in &readings {
-                let Some(entry) = directory.device(&reading.device) else { continue };
-                metrics.readings.get_or_create(&SourceLabel { source: source_name(reading.source).to_owned() }).inc();
+                let Some(entry) = directory.device(&reading.device) else {
+                    continue;
+                };
+                metrics
+                    .readings
+                    .get_or_create(&SourceLabel {
+                        source: source_name(reading.source).to_owned(),
+                    })
+                    .inc();
                 if storage == Storage::Store {
-                    points.push(Point { series: series_key(entry, &reading.metric), ts: reading.ts, value: reading.value });
+                    points.push(Point {
+                        series: series_key(entry, &reading.metric),
+                        ts: reading.ts,
+                        value: reading.value,
+                    });
                 }
                 let state = states.entry(reading.device.clone()).or_default();
                 if state.online != Some(true) && !came_online.contains(&reading.device) {
@@ -261,20 +295,33 @@ impl Pipeline {
                 // Ordered like the rules see readings, so one dated in the future cannot
                 // hide the readings after it.
                 let key = order_key(reading.ts, received);
-                let newer = state.latest_order.get(&reading.metric).is_none_or(|last| *last <= key);
+                let newer = state
+                    .latest_order
+                    .get(&reading.metric)
+                    .is_none_or(|last| *last <= key);
                 if newer {
-                    state.latest.insert(reading.metric.clone(), (reading.ts, reading.value));
+                    state
+                        .latest
+                        .insert(reading.metric.clone(), (reading.ts, reading.value));
                     state.latest_order.insert(reading.metric.clone(), key);
                 }
                 state.bad.remove(&reading.metric);
             }
         }
-        let stored = if points.is_empty() { Ok(()) } else { self.store_points(points, metrics) };
+        let stored = if points.is_empty() {
+            Ok(())
+        } else {
+            self.store_points(points, metrics)
+        };
         for device in came_online {
-            self.set_liveness(&device, true, &LivenessCause::Reading, metrics).await;
+            self.set_liveness(&device, true, &LivenessCause::Reading, metrics)
+                .await;
         }
         // Rules run on readings even when storage failed: an alarm must not wait for a disk.
-        let _ = self.alarms.send(AlarmCommand::Readings { readings, received }).await;
+        let _ = self
+            .alarms
+            .send(AlarmCommand::Readings { readings, received })
+            .await;
         stored
     }
 
@@ -283,14 +330,21 @@ impl Pipeline {
             return;
         }
         let at = self.clock.now();
-        let mut states = self.states.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut states = self
+            .states
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let state = states.entry(device).or_default();
         for (metric, reason) in bad {
             state.bad.insert(metric, BadReading { reason, at });
         }
     }
 
-    fn store_points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
+    fn store_points(
+        &self,
+        points: Vec<Point>,
+        metrics: &PipelineMetrics,
+    ) -> Result<(), WriteFailure> {
         let count = points.len() as u64;
         match self.store.write(points.clone()) {
             Ok(()) => {
@@ -308,7 +362,11 @@ impl Pipeline {
         }
     }
 
-    fn store_each(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
+    fn store_each(
+        &self,
+        points: Vec<Point>,
+        metrics: &PipelineMetrics,
+    ) -> Result<(), WriteFailure> {
         let mut first_conflict = None;
         let mut conflicts = 0u64;
         for point in points {
@@ -329,13 +387,19 @@ impl Pipeline {
         }
         match first_conflict {
             None => Ok(()),
-            Some(message) => Err(WriteFailure::Conflict(format!("{conflicts} point(s) not stored: {message}"))),
+            Some(message) => Err(WriteFailure::Conflict(format!(
+                "{conflicts} point(s) not stored: {message}"
+            ))),
         }
     }
 
     /// Stores points written over HTTP. Points of a known device's profile measurement and
     /// `device` tag become readings, so rules apply to them; the rest are stored as they are.
-    async fn points(&self, points: Vec<Point>, metrics: &PipelineMetrics) -> Result<(), WriteFailure> {
+    async fn points(
+        &self,
+        points: Vec<Point>,
+        metrics: &PipelineMetrics,
+    ) -> Result<(), WriteFailure> {
         let mut readings = Vec::new();
         let mut other = Vec::new();
         let mut rejected = Vec::new();
@@ -347,7 +411,11 @@ impl Pipeline {
                 DevicePoint::Rejected(rejection) => rejected.push(rejection),
             }
         }
-        let stored = if other.is_empty() { Ok(()) } else { self.store_points(other, metrics) };
+        let stored = if other.is_empty() {
+            Ok(())
+        } else {
+            self.store_points(other, metrics)
+        };
         let readings_stored = self.readings(readings, Storage::Store, metrics).await;
         let checked = match rejected.first() {
             None => Ok(()),
@@ -375,8 +443,12 @@ impl Pipeline {
                 ),
             ));
         }
-        let Some(device) = point.series.tag("device").map(DeviceId::new) else { return DevicePoint::Other };
-        let Some(entry) = directory.device(&device) else { return DevicePoint::Other };
+        let Some(device) = point.series.tag("device").map(DeviceId::new) else {
+            return DevicePoint::Other;
+        };
+        let Some(entry) = directory.device(&device) else {
+            return DevicePoint::Other;
+        };
         if entry.profile.as_str() != point.series.measurement {
             return DevicePoint::Rejected(Rejection::new(
                 RejectReason::ProfileMismatch,
@@ -386,15 +458,26 @@ impl Pipeline {
                 ),
             ));
         }
-        if let Some(site) = point.series.tag("site").filter(|s| *s != entry.site.as_str()) {
+        if let Some(site) = point
+            .series
+            .tag("site")
+            .filter(|s| *s != entry.site.as_str())
+        {
             return DevicePoint::Rejected(crate::ingest::payload::Rejection::new(
                 crate::ingest::payload::RejectReason::SiteMismatch,
-                format!("device `{device}` belongs to site `{}`, not `{site}`", entry.site),
+                format!(
+                    "device `{device}` belongs to site `{}`, not `{site}`",
+                    entry.site
+                ),
             ));
         }
         let metric = MetricName::new(point.series.field.as_str());
-        let checked = crate::ingest::directory::check_value(entry, &metric, point.value)
-            .and_then(|value| directory.check_timestamp(point.ts, self.clock.now()).map(|()| value));
+        let checked =
+            crate::ingest::directory::check_value(entry, &metric, point.value).and_then(|value| {
+                directory
+                    .check_timestamp(point.ts, self.clock.now())
+                    .map(|()| value)
+            });
         match checked {
             Ok(value) => DevicePoint::Reading(Reading {
                 site: entry.site.clone(),
@@ -408,9 +491,18 @@ impl Pipeline {
         }
     }
 
-    async fn set_liveness(&self, device: &DeviceId, online: bool, cause: &LivenessCause, metrics: &PipelineMetrics) {
+    async fn set_liveness(
+        &self,
+        device: &DeviceId,
+        online: bool,
+        cause: &LivenessCause,
+        metrics: &PipelineMetrics,
+    ) {
         let changed = {
-            let mut states = self.states.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut states = self
+                .states
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let state = states.entry(device.clone()).or_default();
             let changed = state.online != Some(online);
             state.online = Some(online);
@@ -430,23 +522,43 @@ impl Pipeline {
         tracing::info!(device = %device, online, cause = %cause_text, "device {}", if online { "online" } else { "offline" });
         let _ = self
             .alarms
-            .send(AlarmCommand::Liveness { device: device.clone(), online, at: self.clock.now(), cause: cause_text })
+            .send(AlarmCommand::Liveness {
+                device: device.clone(),
+                online,
+                at: self.clock.now(),
+                cause: cause_text,
+            })
             .await;
     }
 
-    fn status_point(&self, directory: &Directory, device: &DeviceId, online: bool) -> Option<Point> {
+    fn status_point(
+        &self,
+        directory: &Directory,
+        device: &DeviceId,
+        online: bool,
+    ) -> Option<Point> {
         let entry = directory.device(device)?;
         let mut series = series_key(entry, &MetricName::from("online"));
         series.measurement = DEVICE_STATUS_MEASUREMENT.to_owned();
-        Some(Point { series, ts: self.clock.now(), value: Value::Bool(online) })
+        Some(Point {
+            series,
+            ts: self.clock.now(),
+            value: Value::Bool(online),
+        })
     }
 
     /// Writes the liveness of every device whose state is known.
     fn write_statuses(&self, metrics: &PipelineMetrics) {
         let directory = self.directory.load();
         let points: Vec<Point> = {
-            let states = self.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            states.iter().filter_map(|(device, state)| self.status_point(&directory, device, state.online?)).collect()
+            let states = self
+                .states
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            states
+                .iter()
+                .filter_map(|(device, state)| self.status_point(&directory, device, state.online?))
+                .collect()
         };
         if !points.is_empty() {
             let _ = self.store_points(points, metrics);
@@ -457,30 +569,42 @@ impl Pipeline {
         let now = self.clock.now();
         let directory = self.directory.load();
         let stale: Vec<DeviceId> = {
-            let states = self.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let states = self
+                .states
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             directory
                 .devices()
                 .filter(|entry| {
                     let state = states.get(&entry.id);
                     let since = state.and_then(|s| s.last_seen).unwrap_or(started);
                     let online = state.and_then(|s| s.online) != Some(false);
-                    let timeout_ms = i64::try_from(entry.stale_after.as_millis()).unwrap_or(i64::MAX);
+                    let timeout_ms =
+                        i64::try_from(entry.stale_after.as_millis()).unwrap_or(i64::MAX);
                     online && now.0.saturating_sub(since.0) > timeout_ms
                 })
                 .map(|entry| entry.id.clone())
                 .collect()
         };
         for device in stale {
-            self.set_liveness(&device, false, &LivenessCause::Stale, metrics).await;
+            self.set_liveness(&device, false, &LivenessCause::Stale, metrics)
+                .await;
         }
     }
 
     fn update_gauges(&self, metrics: &PipelineMetrics) {
-        let states = self.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let states = self
+            .states
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let online = states.values().filter(|s| s.online == Some(true)).count();
         let offline = states.values().filter(|s| s.online == Some(false)).count();
-        metrics.devices_online.set(i64::try_from(online).unwrap_or(i64::MAX));
-        metrics.devices_offline.set(i64::try_from(offline).unwrap_or(i64::MAX));
+        metrics
+            .devices_online
+            .set(i64::try_from(online).unwrap_or(i64::MAX));
+        metrics
+            .devices_offline
+            .set(i64::try_from(offline).unwrap_or(i64::MAX));
     }
 }
 

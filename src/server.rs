@@ -18,20 +18,20 @@ use crate::alarms::store::{self as alarm_store, AlarmStore};
 use crate::api::AppState;
 use crate::api::auth::ApiAuth;
 use crate::clock::SharedClock;
+use crate::config::StorageBackend;
 use crate::config::managed::{self, ConfigFile};
 use crate::config::{Config, SharedConfig};
+use crate::ingest::IngestHandle;
 use crate::ingest::auth::{MqttAccounts, MqttDenials};
 use crate::ingest::directory::{Directory, SharedDirectory};
 use crate::ingest::guard::GuardPolicy;
 use crate::ingest::mqtt::{BrokerSettings, EmbeddedBroker, spawn_ingest_link};
 use crate::ingest::reject::RejectLog;
-use crate::ingest::IngestHandle;
 use crate::metrics::SharedRegistry;
 use crate::model::DeviceId;
 use crate::pipeline::{DeviceState, DeviceStates, Pipeline};
 use crate::reload::{Reloader, ReloaderParts, WebhookRunner};
 use crate::server_modbus::ModbusRunner;
-use crate::config::StorageBackend;
 use crate::storage::TimeSeriesStore;
 use crate::storage::engine::{Engine, EngineOptions};
 use crate::storage::influxdb2::{InfluxDb2Store, TeeStore};
@@ -79,7 +79,14 @@ impl Server {
     /// directory; the file is read again on reload.
     pub async fn start_with_file(file: ConfigFile, clock: SharedClock) -> anyhow::Result<Server> {
         let loaded = managed::load(&file).map_err(managed::to_config_error)?;
-        Self::start_with(loaded.config, Some(file), loaded.file_text, loaded.managed, clock).await
+        Self::start_with(
+            loaded.config,
+            Some(file),
+            loaded.file_text,
+            loaded.managed,
+            clock,
+        )
+        .await
     }
 
     async fn start_with(
@@ -103,9 +110,14 @@ impl Server {
         let alarm_store = AlarmStore::open(&state_db, config.webhooks.clone())
             .with_context(|| format!("cannot open the state database {}", state_db.display()))?;
         let stop_dispatcher = CancellationToken::new();
-        let (webhooks, dispatcher_handle) =
-            WebhookRunner::start(state_db.clone(), config.webhooks.clone(), clock.clone(), &registry, stop_dispatcher.clone())
-                .context("cannot start the webhook dispatcher")?;
+        let (webhooks, dispatcher_handle) = WebhookRunner::start(
+            state_db.clone(),
+            config.webhooks.clone(),
+            clock.clone(),
+            &registry,
+            stop_dispatcher.clone(),
+        )
+        .context("cannot start the webhook dispatcher")?;
         let mut manager = AlarmManager::new(
             &config,
             alarm_store,
@@ -132,7 +144,11 @@ impl Server {
         };
         let pipeline_registry = registry.clone();
         let pipeline_stop = stop_ingest.clone();
-        let pipeline = tokio::spawn(async move { pipeline.run(ingest_rx, &pipeline_registry, pipeline_stop).await });
+        let pipeline = tokio::spawn(async move {
+            pipeline
+                .run(ingest_rx, &pipeline_registry, pipeline_stop)
+                .await
+        });
 
         let denials = Arc::new(MqttDenials::new(&registry));
         let guard = GuardPolicy {
@@ -148,13 +164,14 @@ impl Server {
             guard: Arc::new(guard),
         })
         .await?;
-        let mqtt_tls_addr = match start_mqtt_tls(&config, broker.addr, denials, &stop_ingest).await? {
-            Some((addr, task)) => {
-                background_ingest.push(task);
-                Some(addr)
-            }
-            None => None,
-        };
+        let mqtt_tls_addr =
+            match start_mqtt_tls(&config, broker.addr, denials, &stop_ingest).await? {
+                Some((addr, task)) => {
+                    background_ingest.push(task);
+                    Some(addr)
+                }
+                None => None,
+            };
         let rejects = Arc::new(RejectLog::new(&registry));
         let mut ingest_tasks = std::mem::take(&mut background_ingest);
         ingest_tasks.push(spawn_ingest_link(
@@ -166,7 +183,13 @@ impl Server {
             config.ingest.max_payload_bytes,
             stop_ingest.clone(),
         )?);
-        let modbus = ModbusRunner::start(&config, ingest.clone(), &registry, clock.clone(), stop_ingest.clone());
+        let modbus = ModbusRunner::start(
+            &config,
+            ingest.clone(),
+            &registry,
+            clock.clone(),
+            stop_ingest.clone(),
+        );
         let shared_config = SharedConfig::new(config.clone());
         let reloader = Arc::new(Reloader::new(ReloaderParts {
             file,
@@ -179,7 +202,8 @@ impl Server {
             modbus,
         }));
 
-        let reader = alarm_store::open_connection(&state_db).context("cannot open the state database for reading")?;
+        let reader = alarm_store::open_connection(&state_db)
+            .context("cannot open the state database for reading")?;
         let alarm_reader = Arc::new(Mutex::new(reader));
         // Stopped with ingest, so the pipeline's final flush also stores the last summary.
         let summary = SummaryTask {
@@ -201,22 +225,39 @@ impl Server {
             registry: registry.clone(),
             clock: clock.clone(),
         };
-        let mut router = crate::server_http::router(app, ingest.clone(), store.clone(), config.api.query_limits(), &registry).layer(
-            axum::middleware::from_fn_with_state(ApiAuth::new(config.api_tokens.clone(), &registry), crate::api::auth::authorize),
-        );
+        let mut router = crate::server_http::router(
+            app,
+            ingest.clone(),
+            store.clone(),
+            config.api.query_limits(),
+            &registry,
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            ApiAuth::new(config.api_tokens.clone(), &registry),
+            crate::api::auth::authorize,
+        ));
         // Outside the authorization layer, because browsers send preflights without a token.
         if let Some(cors) = crate::server_http::cors_layer(&config.server.cors_allowed_origins)? {
             router = router.layer(cors);
         }
         let listener = tokio::net::TcpListener::bind(config.server.http_listen)
             .await
-            .with_context(|| format!("cannot listen for HTTP on {}; free the port or set --http-listen", config.server.http_listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen for HTTP on {}; free the port or set --http-listen",
+                    config.server.http_listen
+                )
+            })?;
         let http_addr = listener.local_addr()?;
         let stop_http = CancellationToken::new();
         let http = spawn_http(listener, router, &config, stop_http.clone())?;
         tracing::info!(%http_addr, tls = config.api.tls_cert.is_some(), "HTTP API listening");
 
-        let background = vec![spawn_retention(store.clone(), clock.clone(), config.storage.retention)];
+        let background = vec![spawn_retention(
+            store.clone(),
+            clock.clone(),
+            config.storage.retention,
+        )];
         Ok(Server {
             http_addr,
             mqtt_addr: broker.addr,
@@ -269,15 +310,30 @@ async fn start_mqtt_tls(
     denials: Arc<MqttDenials>,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
-    let (Some(listen), Some(cert), Some(key)) = (config.mqtt.tls_listen, &config.mqtt.tls_cert, &config.mqtt.tls_key) else {
+    let (Some(listen), Some(cert), Some(key)) = (
+        config.mqtt.tls_listen,
+        &config.mqtt.tls_cert,
+        &config.mqtt.tls_key,
+    ) else {
         return Ok(None);
     };
-    let tls = crate::security::tls::server_config(cert, key, config.mqtt.tls_client_ca.as_deref(), &[])
-        .context("cannot load the MQTT TLS certificate")?;
+    let tls =
+        crate::security::tls::server_config(cert, key, config.mqtt.tls_client_ca.as_deref(), &[])
+            .context("cannot load the MQTT TLS certificate")?;
     let bind_certificates = config.mqtt.tls_client_ca.is_some().then_some(denials);
-    let (addr, task) = crate::security::mqtt_tls::spawn(listen, tls, broker, bind_certificates, stop.clone())
-        .await
-        .with_context(|| format!("cannot listen for MQTT over TLS on {listen}; free the port or change [mqtt] tls_listen"))?;
+    let (addr, task) = crate::security::mqtt_tls::spawn(
+        listen,
+        tls,
+        broker,
+        bind_certificates,
+        stop.clone(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot listen for MQTT over TLS on {listen}; free the port or change [mqtt] tls_listen"
+        )
+    })?;
     tracing::info!(%addr, client_certificates = config.mqtt.tls_client_ca.is_some(), "MQTT over TLS listening");
     Ok(Some((addr, task)))
 }
@@ -295,11 +351,15 @@ fn spawn_http(
                 .context("cannot load the HTTP TLS certificate")?;
             let listener = crate::security::tls::TlsListener::new(listener, tls, "http-tls")?;
             tokio::spawn(async move {
-                axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
             })
         }
         _ => tokio::spawn(async move {
-            axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
         }),
     };
     Ok(tokio::spawn(async move {
@@ -312,7 +372,11 @@ fn spawn_http(
 }
 
 /// Opens the configured time-series backend.
-fn open_store(config: &Config, data_dir: &Path, registry: &SharedRegistry) -> anyhow::Result<Arc<dyn TimeSeriesStore>> {
+fn open_store(
+    config: &Config,
+    data_dir: &Path,
+    registry: &SharedRegistry,
+) -> anyhow::Result<Arc<dyn TimeSeriesStore>> {
     let storage = &config.storage;
     let embedded = || -> anyhow::Result<Arc<dyn TimeSeriesStore>> {
         let options = EngineOptions {
@@ -322,18 +386,23 @@ fn open_store(config: &Config, data_dir: &Path, registry: &SharedRegistry) -> an
             rollups: storage.rollups.clone(),
             ..EngineOptions::default()
         };
-        let engine = Engine::open(&data_dir.join("tsdb"), options).context("cannot open the embedded time-series store")?;
+        let engine = Engine::open(&data_dir.join("tsdb"), options)
+            .context("cannot open the embedded time-series store")?;
         registry.register(|r| engine.register_metrics(r));
         Ok(Arc::new(engine))
     };
     // Starts while InfluxDB is unreachable: points wait in the on-disk buffer. Only an
     // invalid config or an unusable buffer folder stops the start.
     let influx = || {
-        let mut influx = storage.influxdb2.clone().context("the backend needs [storage.influxdb2]")?;
+        let mut influx = storage
+            .influxdb2
+            .clone()
+            .context("the backend needs [storage.influxdb2]")?;
         if influx.buffer_dir.as_os_str().is_empty() {
             influx.buffer_dir = data_dir.join("influxdb2-buffer");
         }
-        let store = InfluxDb2Store::open(influx, registry).context("cannot start the InfluxDB 2 backend")?;
+        let store = InfluxDb2Store::open(influx, registry)
+            .context("cannot start the InfluxDB 2 backend")?;
         anyhow::Ok(Arc::new(store) as Arc<dyn TimeSeriesStore>)
     };
     let store = match storage.backend {
@@ -358,7 +427,10 @@ fn restore_states(
 ) -> HashMap<DeviceId, DeviceState> {
     match crate::pipeline::restore_states(directory, store, now) {
         Ok(states) => {
-            tracing::info!(devices = states.len(), "restored the latest values of devices");
+            tracing::info!(
+                devices = states.len(),
+                "restored the latest values of devices"
+            );
             states
         }
         Err(e) => {
@@ -372,7 +444,11 @@ fn restore_states(
     }
 }
 
-fn spawn_retention(store: Arc<dyn TimeSeriesStore>, clock: SharedClock, retention: Duration) -> JoinHandle<()> {
+fn spawn_retention(
+    store: Arc<dyn TimeSeriesStore>,
+    clock: SharedClock,
+    retention: Duration,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(RETENTION_INTERVAL);
         loop {

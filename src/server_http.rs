@@ -37,8 +37,9 @@ pub fn cors_layer(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
     let origins = origins
         .iter()
         .map(|origin| {
-            HeaderValue::from_str(origin)
-                .map_err(|e| anyhow::anyhow!("CORS origin `{origin}` is not a valid header value: {e}"))
+            HeaderValue::from_str(origin).map_err(|e| {
+                anyhow::anyhow!("CORS origin `{origin}` is not a valid header value: {e}")
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let layer = CorsLayer::new()

@@ -56,8 +56,13 @@ impl ModbusRunner {
         }
         tracing::info!(devices = devices.len(), "polling Modbus devices");
         self.stop = self.shutdown.child_token();
-        let poller =
-            modbus::start_with_metrics(devices, self.ingest.clone(), self.metrics.clone(), self.stop.clone(), self.clock.clone());
+        let poller = modbus::start_with_metrics(
+            devices,
+            self.ingest.clone(),
+            self.metrics.clone(),
+            self.stop.clone(),
+            self.clock.clone(),
+        );
         self.task = Some(poller.task);
     }
 
@@ -102,7 +107,17 @@ fn signature(config: &Config) -> String {
         .devices
         .iter()
         .filter(|device| device.modbus.is_some())
-        .map(|device| format!("{:?}", (&device.id, &device.site, &device.modbus, config.profiles.get(&device.profile))))
+        .map(|device| {
+            format!(
+                "{:?}",
+                (
+                    &device.id,
+                    &device.site,
+                    &device.modbus,
+                    config.profiles.get(&device.profile)
+                )
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -545,9 +545,19 @@ async fn reset_needs_condition_gone() {
     // Once the device is offline its readings no longer show the condition.
     device.publish("status/plant-a/gas-01", "offline").await;
     wait_for_alarm(http, "gas-01", "device-offline", "active").await;
-    let (status, body) = request(http, reqwest::Method::POST, &reset_path, Some(OPERATOR), Some(json!({}))).await;
+    let (status, body) = request(
+        http,
+        reqwest::Method::POST,
+        &reset_path,
+        Some(OPERATOR),
+        Some(json!({})),
+    )
+    .await;
     assert_eq!(status, 400, "a reset needs a note: {body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("note"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("note"),
+        "{body}"
+    );
     let (status, body) = request(
         http,
         reqwest::Method::POST,

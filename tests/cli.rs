@@ -12,7 +12,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_stonelion");
 
 fn stonelion() -> Command {
     let mut command = Command::new(BIN);
-    command.env_remove("STONELION_HTTP_LISTEN").env_remove("STONELION_MQTT_LISTEN").env_remove("STONELION_DATA_DIR");
+    command
+        .env_remove("STONELION_HTTP_LISTEN")
+        .env_remove("STONELION_MQTT_LISTEN")
+        .env_remove("STONELION_DATA_DIR");
     command
 }
 
@@ -25,7 +28,11 @@ struct Running {
 
 impl Running {
     fn spawn(mut command: Command) -> Running {
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -35,7 +42,11 @@ impl Running {
                 }
             }
         });
-        Running { child, lines, seen: Vec::new() }
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
     }
 
     /// Waits for a stdout line containing `needle` and returns it.
@@ -50,21 +61,30 @@ impl Running {
                         return line;
                     }
                 }
-                Err(_) => panic!("no line with {needle:?} within {timeout:?}; output so far:\n{}", self.seen.join("\n")),
+                Err(_) => panic!(
+                    "no line with {needle:?} within {timeout:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
 
     /// Sends SIGTERM and returns whether the process exited successfully.
     fn terminate(mut self) -> bool {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.success();
             }
-            assert!(Instant::now() < deadline, "the server did not stop within 20 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "the server did not stop within 20 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -72,19 +92,28 @@ impl Running {
 
 /// Returns the `http=` address from the listening line.
 fn http_of(line: &str) -> String {
-    line.split_whitespace().find_map(|w| w.strip_prefix("http=")).unwrap().to_owned()
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .unwrap()
+        .to_owned()
 }
 
 #[test]
 fn check_config_accepts_example() {
     let output = stonelion()
-        .args(["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/stonelion.example.toml")])
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/stonelion.example.toml"),
+        ])
         .env("STONELION_WEBHOOK_SECRET", "s3cret")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("valid (2 sites, 5 devices, 1 webhooks)"), "{stdout}");
+    assert!(
+        stdout.contains("valid (2 sites, 5 devices, 1 webhooks)"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("s3cret"), "the secret is never printed");
 }
 
@@ -124,7 +153,10 @@ secret = "x"
 "#,
     )
     .unwrap();
-    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     let expected = [
@@ -136,7 +168,9 @@ secret = "x"
     ];
     for (place, text) in expected {
         assert!(
-            stdout.lines().any(|l| l.contains(place) && l.contains(text)),
+            stdout
+                .lines()
+                .any(|l| l.contains(place) && l.contains(text)),
             "missing {place} {text} in:\n{stdout}"
         );
     }
@@ -382,8 +416,15 @@ fn check_config_warns_of_missing_files() {
 fn check_config_reports_syntax_error_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.toml");
-    std::fs::write(&path, "[server]\nhttp_listen = \"127.0.0.1:8080\"\n[[sites]\n").unwrap();
-    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    std::fs::write(
+        &path,
+        "[server]\nhttp_listen = \"127.0.0.1:8080\"\n[[sites]\n",
+    )
+    .unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1));
     assert!(stdout.contains("broken.toml:3:"), "{stdout}");
@@ -393,10 +434,18 @@ fn check_config_reports_syntax_error_line() {
 #[test]
 fn profiles_check_accepts_shipped_profiles() {
     let output = stonelion()
-        .args(["profiles", "check", concat!(env!("CARGO_MANIFEST_DIR"), "/device-profiles")])
+        .args([
+            "profiles",
+            "check",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/device-profiles"),
+        ])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
 }
 
 #[test]
@@ -415,17 +464,28 @@ fn flag_beats_env_beats_file() {
 
     // The environment variable beats the file.
     let mut command = stonelion();
-    command.args(["run", "--config", config.to_str().unwrap()]).env("STONELION_HTTP_LISTEN", "127.0.0.2:0");
+    command
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("STONELION_HTTP_LISTEN", "127.0.0.2:0");
     let mut run = Running::spawn(command);
     let line = run.wait_line("stonelion listening", Duration::from_secs(30));
     assert!(http_of(&line).starts_with("127.0.0.2:"), "{line}");
-    assert!(line.contains("mqtt=127.0.0.3:"), "the file's MQTT address applies: {line}");
+    assert!(
+        line.contains("mqtt=127.0.0.3:"),
+        "the file's MQTT address applies: {line}"
+    );
     assert!(run.terminate(), "exit status after SIGTERM");
 
     // The flag beats the environment variable.
     let mut command = stonelion();
     command
-        .args(["run", "--config", config.to_str().unwrap(), "--http-listen", "127.0.0.1:0"])
+        .args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .env("STONELION_HTTP_LISTEN", "127.0.0.2:0");
     let mut run = Running::spawn(command);
     let line = run.wait_line("stonelion listening", Duration::from_secs(30));
@@ -433,7 +493,10 @@ fn flag_beats_env_beats_file() {
     let health = reqwest::blocking::get(format!("http://{}/healthz", http_of(&line))).unwrap();
     assert_eq!(health.status(), 200);
     assert!(run.terminate());
-    assert!(data.join("state.sqlite").exists(), "the data directory from the file was used");
+    assert!(
+        data.join("state.sqlite").exists(),
+        "the data directory from the file was used"
+    );
 }
 
 #[test]
@@ -454,22 +517,37 @@ fn demo_raises_its_alarm() {
     let http = http_of(&listening);
     demo.wait_line("mosquitto_pub", Duration::from_secs(5));
     let raised = demo.wait_line("webhook received: alarm.raised", Duration::from_secs(60));
-    assert!(raised.contains("device gas-a-01") && raised.contains("signature valid"), "{raised}");
+    assert!(
+        raised.contains("device gas-a-01") && raised.contains("signature valid"),
+        "{raised}"
+    );
     let ack = demo.wait_line("acknowledge it: curl", Duration::from_secs(5));
-    assert!(ack.contains(&format!("http://{http}/api/v1/alarms/1/ack")), "the printed command names the raised alarm: {ack}");
+    assert!(
+        ack.contains(&format!("http://{http}/api/v1/alarms/1/ack")),
+        "the printed command names the raised alarm: {ack}"
+    );
     let escalated = demo.wait_line("webhook received: alarm.escalated", Duration::from_secs(60));
     assert!(escalated.contains("level 2"), "{escalated}");
 
     let alarms: serde_json::Value =
-        reqwest::blocking::get(format!("http://{http}/api/v1/alarms?device=gas-a-01")).unwrap().json().unwrap();
+        reqwest::blocking::get(format!("http://{http}/api/v1/alarms?device=gas-a-01"))
+            .unwrap()
+            .json()
+            .unwrap();
     assert_eq!(alarms["alarms"][0]["level"], 2, "{alarms}");
     assert_eq!(alarms["alarms"][0]["state"], "active");
 
     // The Modbus devices are polled into the same pipeline and raise alarms too.
-    let modbus = demo.wait_line("webhook received: alarm.raised alarm 2", Duration::from_secs(60));
+    let modbus = demo.wait_line(
+        "webhook received: alarm.raised alarm 2",
+        Duration::from_secs(60),
+    );
     assert!(modbus.contains("device gasctl-b3-01"), "{modbus}");
     let meter: serde_json::Value =
-        reqwest::blocking::get(format!("http://{http}/api/v1/devices/meter-a-02")).unwrap().json().unwrap();
+        reqwest::blocking::get(format!("http://{http}/api/v1/devices/meter-a-02"))
+            .unwrap()
+            .json()
+            .unwrap();
     let energy = meter["latest"]["energy_import_kwh"]["value"].as_f64();
     assert!(energy.is_some_and(|kwh| kwh > 52_000.0), "{meter}");
     assert_eq!(meter["online"], true);
@@ -503,7 +581,10 @@ retention = "400d"
 "#,
     )
     .unwrap();
-    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     for needle in [
@@ -516,8 +597,14 @@ retention = "400d"
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
-    assert!(!stdout.contains("storage.rollups[0]"), "the first tier is valid:\n{stdout}");
-    assert!(!stdout.contains("storage.rollups[2].resolution"), "2h is a multiple of 1m:\n{stdout}");
+    assert!(
+        !stdout.contains("storage.rollups[0]"),
+        "the first tier is valid:\n{stdout}"
+    );
+    assert!(
+        !stdout.contains("storage.rollups[2].resolution"),
+        "2h is a multiple of 1m:\n{stdout}"
+    );
 }
 
 #[test]
@@ -539,7 +626,10 @@ retention = "1825d"
 "#,
     )
     .unwrap();
-    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
 }
@@ -557,13 +647,19 @@ query_max_buckets = 5000
 "#,
     )
     .unwrap();
-    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("api.query_max_series"), "{stdout}");
     assert!(stdout.contains("api.query_max_points"), "{stdout}");
     assert!(stdout.contains("must be at least 1"), "{stdout}");
-    assert!(!stdout.contains("api.query_max_buckets"), "5000 buckets is valid:\n{stdout}");
+    assert!(
+        !stdout.contains("api.query_max_buckets"),
+        "5000 buckets is valid:\n{stdout}"
+    );
 }
 
 #[test]
@@ -604,7 +700,10 @@ level1 = 10
 "#,
     )
     .unwrap();
-    let output = stonelion().args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     for needle in [
@@ -636,20 +735,40 @@ fn sighup_reloads_config_file() {
     });
     let line = run.wait_line("stonelion listening", Duration::from_secs(30));
     let devices_url = format!("http://{}/api/v1/devices", http_of(&line));
-    let devices = || -> serde_json::Value { reqwest::blocking::get(&devices_url).unwrap().json().unwrap() };
+    let devices = || -> serde_json::Value {
+        reqwest::blocking::get(&devices_url)
+            .unwrap()
+            .json()
+            .unwrap()
+    };
     assert_eq!(devices()["devices"], serde_json::json!([]));
 
-    std::fs::write(&config, format!("{base}\n[[devices]]\nid = \"gas-01\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n"))
+    std::fs::write(
+        &config,
+        format!(
+            "{base}\n[[devices]]\nid = \"gas-01\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n"
+        ),
+    )
+    .unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &run.child.id().to_string()])
+        .status()
         .unwrap();
-    let status = Command::new("kill").args(["-HUP", &run.child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if devices()["devices"][0]["id"] == "gas-01" {
             break;
         }
-        assert!(Instant::now() < deadline, "SIGHUP did not add gas-01 within 20 s: {}", devices());
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not add gas-01 within 20 s: {}",
+            devices()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(run.terminate(), "the server keeps running after SIGHUP and stops on SIGTERM");
+    assert!(
+        run.terminate(),
+        "the server keeps running after SIGHUP and stops on SIGTERM"
+    );
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use stonelion::model::{Timestamp, Value};
 use stonelion::storage::engine::{Engine, EngineOptions};
-use stonelion::storage::{Point, Query, SeriesKey, Selector, TimeSeriesStore};
+use stonelion::storage::{Point, Query, Selector, SeriesKey, TimeSeriesStore};
 
 const CHILD_ENV: &str = "CRASH_CHILD_DIR";
 const FIRST_BATCH_ENV: &str = "CRASH_CHILD_FIRST_BATCH";
@@ -34,12 +34,20 @@ fn options() -> EngineOptions {
 }
 
 fn series(n: u64) -> SeriesKey {
-    SeriesKey::new("crash", vec![("device".to_owned(), format!("d{}", n % SERIES))], "v")
+    SeriesKey::new(
+        "crash",
+        vec![("device".to_owned(), format!("d{}", n % SERIES))],
+        "v",
+    )
 }
 
 /// Point number `n` has one series, timestamp and value, so the parent can check each.
 fn point(n: u64) -> Point {
-    Point { series: series(n), ts: Timestamp(n as i64 * 1_000), value: Value::Number(n as f64 * 0.5) }
+    Point {
+        series: series(n),
+        ts: Timestamp(n as i64 * 1_000),
+        value: Value::Number(n as f64 * 0.5),
+    }
 }
 
 /// The child: writes batches until killed, printing `committed B` once batch B and every
@@ -56,11 +64,17 @@ fn crash_child_writer() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut batch = first;
     while Instant::now() < deadline {
-        let points = (0..POINTS_PER_BATCH).map(|k| point(batch * POINTS_PER_BATCH + k)).collect();
+        let points = (0..POINTS_PER_BATCH)
+            .map(|k| point(batch * POINTS_PER_BATCH + k))
+            .collect();
         let seq = engine.write_with_seq(points).unwrap();
         pending.push((seq, batch));
         let durable = engine.durable_seq();
-        let committed = pending.iter().take_while(|(seq, _)| *seq <= durable).last().map(|(_, b)| *b);
+        let committed = pending
+            .iter()
+            .take_while(|(seq, _)| *seq <= durable)
+            .last()
+            .map(|(_, b)| *b);
         pending.retain(|(seq, _)| *seq > durable);
         if committed.is_some() && committed != last_printed {
             println!("committed {}", committed.unwrap());
@@ -74,7 +88,12 @@ fn crash_child_writer() {
 /// `first`, and returns the last committed batch it printed.
 fn run_and_kill(dir: &std::path::Path, first: u64, batches: u64) -> u64 {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child_writer", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_writer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, dir)
         .env(FIRST_BATCH_ENV, first.to_string())
         .stdout(Stdio::piped())
@@ -85,7 +104,10 @@ fn run_and_kill(dir: &std::path::Path, first: u64, batches: u64) -> u64 {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(batch) = line.strip_prefix("committed ").and_then(|b| b.trim().parse::<u64>().ok()) {
+            if let Some(batch) = line
+                .strip_prefix("committed ")
+                .and_then(|b| b.trim().parse::<u64>().ok())
+            {
                 let _ = tx.send(batch);
             }
         }
@@ -94,7 +116,9 @@ fn run_and_kill(dir: &std::path::Path, first: u64, batches: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut committed = None;
     while committed.is_none_or(|c| c < first + batches) {
-        let left = deadline.checked_duration_since(Instant::now()).expect("child committed too little within 60 s");
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .expect("child committed too little within 60 s");
         match rx.recv_timeout(left) {
             Ok(batch) => committed = Some(batch),
             Err(e) => panic!("child stopped reporting commits: {e}"),
@@ -113,9 +137,15 @@ fn run_and_kill(dir: &std::path::Path, first: u64, batches: u64) -> u64 {
 /// Checks that points 0 up to the end of `committed` are all present with their values.
 fn verify(dir: &std::path::Path, committed: u64) {
     let engine = Engine::open(dir, options()).expect("store opens after SIGKILL");
-    assert!(engine.segment_bytes() > 0, "no checkpoint ran before the kill, so segments were not tested");
+    assert!(
+        engine.segment_bytes() > 0,
+        "no checkpoint ran before the kill, so segments were not tested"
+    );
     let query = Query {
-        selector: Selector { measurement: Some("crash".to_owned()), ..Selector::default() },
+        selector: Selector {
+            measurement: Some("crash".to_owned()),
+            ..Selector::default()
+        },
         from: Timestamp(i64::MIN),
         to: Timestamp(i64::MAX),
         aggregation: None,
@@ -128,10 +158,21 @@ fn verify(dir: &std::path::Path, committed: u64) {
         }
     }
     let expected = (committed + 1) * POINTS_PER_BATCH;
-    let missing: Vec<u64> = (0..expected).filter(|n| !stored.contains_key(&(*n as i64 * 1_000))).collect();
-    assert!(missing.is_empty(), "{} of {expected} committed points are missing, first {:?}", missing.len(), missing.first());
+    let missing: Vec<u64> = (0..expected)
+        .filter(|n| !stored.contains_key(&(*n as i64 * 1_000)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {expected} committed points are missing, first {:?}",
+        missing.len(),
+        missing.first()
+    );
     for n in 0..expected {
-        assert_eq!(stored[&(n as i64 * 1_000)], n as f64 * 0.5, "point {n} has the wrong value");
+        assert_eq!(
+            stored[&(n as i64 * 1_000)],
+            n as f64 * 0.5,
+            "point {n} has the wrong value"
+        );
     }
 }
 

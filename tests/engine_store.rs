@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use stonelion::model::{Timestamp, Value, ValueKind};
 use stonelion::storage::engine::{Engine, EngineOptions};
-use stonelion::storage::{Aggregate, Point, Query, SeriesKey, Selector, StorageError, TimeSeriesStore};
+use stonelion::storage::{
+    Aggregate, Point, Query, Selector, SeriesKey, StorageError, TimeSeriesStore,
+};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -27,7 +29,11 @@ fn gas(device: &str) -> SeriesKey {
 }
 
 fn point(series: &SeriesKey, ts: i64, value: f64) -> Point {
-    Point { series: series.clone(), ts: Timestamp(ts), value: Value::Number(value) }
+    Point {
+        series: series.clone(),
+        ts: Timestamp(ts),
+        value: Value::Number(value),
+    }
 }
 
 fn open(dir: &std::path::Path) -> Engine {
@@ -50,8 +56,16 @@ fn raw(series: &SeriesKey, from: i64, to: i64) -> Query {
 
 fn numbers(engine: &Engine, query: &Query) -> Vec<(i64, f64)> {
     let result = engine.query(query).expect("query runs");
-    assert!(result.len() <= 1, "expected at most one series, got {}", result.len());
-    result.into_iter().flat_map(|s| s.points).map(|(ts, v)| (ts.0, v.as_f64())).collect()
+    assert!(
+        result.len() <= 1,
+        "expected at most one series, got {}",
+        result.len()
+    );
+    result
+        .into_iter()
+        .flat_map(|s| s.points)
+        .map(|(ts, v)| (ts.0, v.as_f64()))
+        .collect()
 }
 
 #[test]
@@ -59,10 +73,25 @@ fn raw_query_returns_points_in_range() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path());
     let s = gas("d1");
-    engine.write((0..100).map(|i| point(&s, 1_000 + i * 1_000, i as f64)).collect()).unwrap();
+    engine
+        .write(
+            (0..100)
+                .map(|i| point(&s, 1_000 + i * 1_000, i as f64))
+                .collect(),
+        )
+        .unwrap();
 
     let got = numbers(&engine, &raw(&s, 5_000, 10_000));
-    assert_eq!(got, vec![(5_000, 4.0), (6_000, 5.0), (7_000, 6.0), (8_000, 7.0), (9_000, 8.0)]);
+    assert_eq!(
+        got,
+        vec![
+            (5_000, 4.0),
+            (6_000, 5.0),
+            (7_000, 6.0),
+            (8_000, 7.0),
+            (9_000, 8.0)
+        ]
+    );
 
     let mut limited = raw(&s, 0, i64::MAX);
     limited.limit = Some(3);
@@ -74,9 +103,17 @@ fn out_of_order_and_duplicates_keep_last_write() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path());
     let s = gas("d1");
-    engine.write(vec![point(&s, 3_000, 3.0), point(&s, 1_000, 1.0), point(&s, 2_000, 2.0)]).unwrap();
+    engine
+        .write(vec![
+            point(&s, 3_000, 3.0),
+            point(&s, 1_000, 1.0),
+            point(&s, 2_000, 2.0),
+        ])
+        .unwrap();
     engine.write(vec![point(&s, 2_000, 20.0)]).unwrap();
-    engine.write(vec![point(&s, 1_000, 10.0), point(&s, 1_000, 11.0)]).unwrap();
+    engine
+        .write(vec![point(&s, 1_000, 10.0), point(&s, 1_000, 11.0)])
+        .unwrap();
 
     let expected = vec![(1_000, 11.0), (2_000, 20.0), (3_000, 3.0)];
     assert_eq!(numbers(&engine, &raw(&s, 0, 10_000)), expected);
@@ -84,9 +121,15 @@ fn out_of_order_and_duplicates_keep_last_write() {
     // A rewrite after the first values were sealed still wins.
     engine.checkpoint().unwrap();
     engine.write(vec![point(&s, 3_000, 30.0)]).unwrap();
-    assert_eq!(numbers(&engine, &raw(&s, 0, 10_000)), vec![(1_000, 11.0), (2_000, 20.0), (3_000, 30.0)]);
+    assert_eq!(
+        numbers(&engine, &raw(&s, 0, 10_000)),
+        vec![(1_000, 11.0), (2_000, 20.0), (3_000, 30.0)]
+    );
     engine.compact_all().unwrap();
-    assert_eq!(numbers(&engine, &raw(&s, 0, 10_000)), vec![(1_000, 11.0), (2_000, 20.0), (3_000, 30.0)]);
+    assert_eq!(
+        numbers(&engine, &raw(&s, 0, 10_000)),
+        vec![(1_000, 11.0), (2_000, 20.0), (3_000, 30.0)]
+    );
 }
 
 #[test]
@@ -95,8 +138,16 @@ fn aggregates_by_step() {
     let engine = open(dir.path());
     let s = gas("d1");
     // Steps of 10 s: [0, 10 s) holds 1, 2, 3 and [10 s, 20 s) holds 10, 20.
-    let values = [(0, 1.0), (4_000, 2.0), (9_999, 3.0), (10_000, 10.0), (15_000, 20.0)];
-    engine.write(values.iter().map(|&(ts, v)| point(&s, ts, v)).collect()).unwrap();
+    let values = [
+        (0, 1.0),
+        (4_000, 2.0),
+        (9_999, 3.0),
+        (10_000, 10.0),
+        (15_000, 20.0),
+    ];
+    engine
+        .write(values.iter().map(|&(ts, v)| point(&s, ts, v)).collect())
+        .unwrap();
 
     let cases = [
         (Aggregate::Mean, [2.0, 15.0]),
@@ -111,7 +162,11 @@ fn aggregates_by_step() {
         let mut query = raw(&s, 0, 20_000);
         query.aggregation = Some((Duration::from_secs(10), aggregate));
         let got = numbers(&engine, &query);
-        assert_eq!(got, vec![(0, expected[0]), (10_000, expected[1])], "aggregate {aggregate:?}");
+        assert_eq!(
+            got,
+            vec![(0, expected[0]), (10_000, expected[1])],
+            "aggregate {aggregate:?}"
+        );
     }
 }
 
@@ -121,7 +176,10 @@ fn zero_step_is_invalid_query() {
     let engine = open(dir.path());
     let mut query = raw(&gas("d1"), 0, 1_000);
     query.aggregation = Some((Duration::ZERO, Aggregate::Mean));
-    assert!(matches!(engine.query(&query), Err(StorageError::InvalidQuery(_))));
+    assert!(matches!(
+        engine.query(&query),
+        Err(StorageError::InvalidQuery(_))
+    ));
 }
 
 #[test]
@@ -132,7 +190,14 @@ fn selector_filters_by_measurement_and_tags() {
     let b = key("gas-detector", "s2", "d2", "gas_lel");
     let c = key("gas-detector", "s1", "d3", "battery");
     let d = key("smoke-detector", "s1", "d4", "gas_lel");
-    engine.write([&a, &b, &c, &d].iter().map(|k| point(k, 1_000, 1.0)).collect()).unwrap();
+    engine
+        .write(
+            [&a, &b, &c, &d]
+                .iter()
+                .map(|k| point(k, 1_000, 1.0))
+                .collect(),
+        )
+        .unwrap();
 
     let by_site = Selector {
         measurement: Some("gas-detector".to_owned()),
@@ -155,7 +220,10 @@ fn selector_filters_by_measurement_and_tags() {
     keys.sort();
     assert_eq!(keys, vec![a, c]);
 
-    let every_field = Selector { field: Some("gas_lel".to_owned()), ..Selector::default() };
+    let every_field = Selector {
+        field: Some("gas_lel".to_owned()),
+        ..Selector::default()
+    };
     assert_eq!(engine.series(&every_field).unwrap().len(), 3);
 }
 
@@ -164,15 +232,32 @@ fn bool_series_rejects_number_value() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path());
     let smoke = key("smoke-detector", "s1", "d1", "smoke");
-    engine.write(vec![Point { series: smoke.clone(), ts: Timestamp(1_000), value: Value::Bool(true) }]).unwrap();
+    engine
+        .write(vec![Point {
+            series: smoke.clone(),
+            ts: Timestamp(1_000),
+            value: Value::Bool(true),
+        }])
+        .unwrap();
 
     let mixed = vec![
-        Point { series: smoke.clone(), ts: Timestamp(2_000), value: Value::Bool(false) },
+        Point {
+            series: smoke.clone(),
+            ts: Timestamp(2_000),
+            value: Value::Bool(false),
+        },
         point(&smoke, 3_000, 1.0),
     ];
     let err = engine.write(mixed).unwrap_err();
     assert!(
-        matches!(err, StorageError::KindMismatch { stored: ValueKind::Bool, offered: ValueKind::Number, .. }),
+        matches!(
+            err,
+            StorageError::KindMismatch {
+                stored: ValueKind::Bool,
+                offered: ValueKind::Number,
+                ..
+            }
+        ),
         "unexpected error {err}"
     );
 
@@ -180,15 +265,34 @@ fn bool_series_rejects_number_value() {
     let result = engine.query(&raw(&smoke, 0, 10_000)).unwrap();
     assert_eq!(result.len(), 1);
     assert_eq!(result[0].kind, ValueKind::Bool);
-    assert_eq!(result[0].points, vec![(Timestamp(1_000), Value::Bool(true))]);
+    assert_eq!(
+        result[0].points,
+        vec![(Timestamp(1_000), Value::Bool(true))]
+    );
 
     // A new series with both kinds in one batch is rejected too.
     let fresh = key("smoke-detector", "s1", "d2", "smoke");
     let err = engine
-        .write(vec![Point { series: fresh.clone(), ts: Timestamp(1), value: Value::Bool(true) }, point(&fresh, 2, 1.0)])
+        .write(vec![
+            Point {
+                series: fresh.clone(),
+                ts: Timestamp(1),
+                value: Value::Bool(true),
+            },
+            point(&fresh, 2, 1.0),
+        ])
         .unwrap_err();
-    assert!(matches!(err, StorageError::KindMismatch { .. }), "unexpected error {err}");
-    assert!(engine.series(&Selector::default()).unwrap().iter().all(|k| *k != fresh));
+    assert!(
+        matches!(err, StorageError::KindMismatch { .. }),
+        "unexpected error {err}"
+    );
+    assert!(
+        engine
+            .series(&Selector::default())
+            .unwrap()
+            .iter()
+            .all(|k| *k != fresh)
+    );
 }
 
 #[test]
@@ -200,7 +304,11 @@ fn bool_aggregates_keep_kind_where_meaningful() {
     let points = values
         .iter()
         .enumerate()
-        .map(|(i, &b)| Point { series: smoke.clone(), ts: Timestamp(i as i64 * 1_000), value: Value::Bool(b) })
+        .map(|(i, &b)| Point {
+            series: smoke.clone(),
+            ts: Timestamp(i as i64 * 1_000),
+            value: Value::Bool(b),
+        })
         .collect();
     engine.write(points).unwrap();
 
@@ -222,18 +330,43 @@ fn reopen_after_drop_keeps_everything() {
     let smoke = key("smoke-detector", "s1", "d1", "smoke");
     {
         let engine = open(dir.path());
-        engine.write((0..1_000).map(|i| point(&s, i * 1_000, i as f64 / 10.0)).collect()).unwrap();
+        engine
+            .write(
+                (0..1_000)
+                    .map(|i| point(&s, i * 1_000, i as f64 / 10.0))
+                    .collect(),
+            )
+            .unwrap();
         engine.checkpoint().unwrap();
-        engine.write((1_000..1_500).map(|i| point(&s, i * 1_000, i as f64 / 10.0)).collect()).unwrap();
-        engine.write(vec![Point { series: smoke.clone(), ts: Timestamp(5), value: Value::Bool(true) }]).unwrap();
+        engine
+            .write(
+                (1_000..1_500)
+                    .map(|i| point(&s, i * 1_000, i as f64 / 10.0))
+                    .collect(),
+            )
+            .unwrap();
+        engine
+            .write(vec![Point {
+                series: smoke.clone(),
+                ts: Timestamp(5),
+                value: Value::Bool(true),
+            }])
+            .unwrap();
         engine.flush().unwrap();
     }
     let engine = open(dir.path());
     let got = numbers(&engine, &raw(&s, 0, i64::MAX));
     assert_eq!(got.len(), 1_500);
-    assert!(got.iter().enumerate().all(|(i, &(ts, v))| ts == i as i64 * 1_000 && v == i as f64 / 10.0));
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, &(ts, v))| ts == i as i64 * 1_000 && v == i as f64 / 10.0)
+    );
     let smoke_data = engine.query(&raw(&smoke, 0, 10)).unwrap();
-    assert_eq!(smoke_data[0].points, vec![(Timestamp(5), Value::Bool(true))]);
+    assert_eq!(
+        smoke_data[0].points,
+        vec![(Timestamp(5), Value::Bool(true))]
+    );
 
     // The kind survives the restart.
     let err = engine.write(vec![point(&smoke, 6, 1.0)]).unwrap_err();
@@ -252,11 +385,21 @@ fn points_span_partitions() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path());
     let s = gas("d1");
-    let points: Vec<Point> = (0..6).map(|i| point(&s, i * DAY_MS / 2, i as f64)).collect();
+    let points: Vec<Point> = (0..6)
+        .map(|i| point(&s, i * DAY_MS / 2, i as f64))
+        .collect();
     engine.write(points).unwrap();
     engine.checkpoint().unwrap();
     let got = numbers(&engine, &raw(&s, DAY_MS / 2, 2 * DAY_MS + 1));
-    assert_eq!(got, vec![(DAY_MS / 2, 1.0), (DAY_MS, 2.0), (3 * DAY_MS / 2, 3.0), (2 * DAY_MS, 4.0)]);
+    assert_eq!(
+        got,
+        vec![
+            (DAY_MS / 2, 1.0),
+            (DAY_MS, 2.0),
+            (3 * DAY_MS / 2, 3.0),
+            (2 * DAY_MS, 4.0)
+        ]
+    );
 }
 
 #[test]
@@ -266,12 +409,26 @@ fn retention_deletes_old_partitions() {
     {
         let engine = open(dir.path());
         // One point per hour over four days, half sealed, half still in memory.
-        engine.write((0..48).map(|h| point(&s, h * 3_600_000, h as f64)).collect()).unwrap();
+        engine
+            .write(
+                (0..48)
+                    .map(|h| point(&s, h * 3_600_000, h as f64))
+                    .collect(),
+            )
+            .unwrap();
         engine.checkpoint().unwrap();
-        engine.write((48..96).map(|h| point(&s, h * 3_600_000, h as f64)).collect()).unwrap();
+        engine
+            .write(
+                (48..96)
+                    .map(|h| point(&s, h * 3_600_000, h as f64))
+                    .collect(),
+            )
+            .unwrap();
 
         // Cutoff inside day 2: days 0 and 1 end before it, day 2 is kept whole.
-        let deleted = engine.enforce_retention(Timestamp(2 * DAY_MS + 5 * 3_600_000)).unwrap();
+        let deleted = engine
+            .enforce_retention(Timestamp(2 * DAY_MS + 5 * 3_600_000))
+            .unwrap();
         assert_eq!(deleted, 48);
         let got = numbers(&engine, &raw(&s, 0, i64::MAX));
         assert_eq!(got.len(), 48);
@@ -295,7 +452,13 @@ fn latest_returns_newest_point_per_series() {
     let b = gas("d2");
     {
         let engine = open(dir.path());
-        engine.write(vec![point(&a, 5_000, 5.0), point(&a, 9_000, 9.0), point(&b, 7_000, 7.0)]).unwrap();
+        engine
+            .write(vec![
+                point(&a, 5_000, 5.0),
+                point(&a, 9_000, 9.0),
+                point(&b, 7_000, 7.0),
+            ])
+            .unwrap();
         engine.checkpoint().unwrap();
     }
     let engine = open(dir.path());
@@ -303,10 +466,21 @@ fn latest_returns_newest_point_per_series() {
     engine.write(vec![point(&a, 1_000, 1.0)]).unwrap();
     let mut latest = engine.latest(&Selector::default()).unwrap();
     latest.sort_by(|x, y| x.0.cmp(&y.0));
-    assert_eq!(latest, vec![(a.clone(), Timestamp(9_000), Value::Number(9.0)), (b, Timestamp(7_000), Value::Number(7.0))]);
+    assert_eq!(
+        latest,
+        vec![
+            (a.clone(), Timestamp(9_000), Value::Number(9.0)),
+            (b, Timestamp(7_000), Value::Number(7.0))
+        ]
+    );
 
     engine.write(vec![point(&a, 9_000, 90.0)]).unwrap();
-    let latest = engine.latest(&Selector { tags: vec![("device".into(), "d1".into())], ..Selector::default() }).unwrap();
+    let latest = engine
+        .latest(&Selector {
+            tags: vec![("device".into(), "d1".into())],
+            ..Selector::default()
+        })
+        .unwrap();
     assert_eq!(latest, vec![(a, Timestamp(9_000), Value::Number(90.0))]);
 }
 
@@ -318,14 +492,22 @@ fn compaction_merges_segments_and_keeps_points() {
     for round in 0..5 {
         let points = series
             .iter()
-            .flat_map(|s| (0..100).map(move |i| point(s, (round * 100 + i) * 1_000, ((round * 100 + i) % 7) as f64)))
+            .flat_map(|s| {
+                (0..100).map(move |i| {
+                    point(s, (round * 100 + i) * 1_000, ((round * 100 + i) % 7) as f64)
+                })
+            })
             .collect();
         engine.write(points).unwrap();
         engine.checkpoint().unwrap();
     }
     let before = engine.segment_bytes();
     engine.compact_all().unwrap();
-    assert!(engine.segment_bytes() < before, "compaction grew {before} to {}", engine.segment_bytes());
+    assert!(
+        engine.segment_bytes() < before,
+        "compaction grew {before} to {}",
+        engine.segment_bytes()
+    );
     for s in &series {
         let got = numbers(&engine, &raw(s, 0, i64::MAX));
         assert_eq!(got.len(), 500);
@@ -339,12 +521,20 @@ fn compaction_merges_segments_and_keeps_points() {
 #[test]
 fn memory_budget_applies_backpressure_without_loss() {
     let dir = tempfile::tempdir().unwrap();
-    let options = EngineOptions { memory_budget_bytes: 24 * 2_000, ..EngineOptions::default() };
+    let options = EngineOptions {
+        memory_budget_bytes: 24 * 2_000,
+        ..EngineOptions::default()
+    };
     let engine = Engine::open(dir.path(), options).unwrap();
     let s = gas("d1");
     for batch in 0..20 {
-        engine.write((0..500).map(|i| point(&s, batch * 500 + i, 1.0)).collect()).unwrap();
+        engine
+            .write((0..500).map(|i| point(&s, batch * 500 + i, 1.0)).collect())
+            .unwrap();
     }
-    assert!(engine.metrics().backpressure_waits.get() > 0, "the budget never filled");
+    assert!(
+        engine.metrics().backpressure_waits.get() > 0,
+        "the budget never filled"
+    );
     assert_eq!(numbers(&engine, &raw(&s, 0, i64::MAX)).len(), 10_000);
 }

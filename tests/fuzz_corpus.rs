@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 mod targets;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut inputs: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read the corpus {}: {e}", dir.display()))
         .map(|entry| {
@@ -28,7 +30,11 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
 fn replay(name: &str, target: fn(&[u8])) {
     for (path, bytes) in corpus(name) {
         let outcome = std::panic::catch_unwind(|| target(&bytes));
-        assert!(outcome.is_ok(), "fuzz target {name} panicked on {}", path.display());
+        assert!(
+            outcome.is_ok(),
+            "fuzz target {name} panicked on {}",
+            path.display()
+        );
     }
 }
 
@@ -85,5 +91,8 @@ fn modbus_scaled_overflow_rejected() {
         codes: Default::default(),
     };
     let register = spec.check().unwrap();
-    assert_eq!(decode_words(&register, &[0xFFFF, 0xFFFF]), Err(DecodeError::NotFinite));
+    assert_eq!(
+        decode_words(&register, &[0xFFFF, 0xFFFF]),
+        Err(DecodeError::NotFinite)
+    );
 }

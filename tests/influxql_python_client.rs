@@ -38,13 +38,17 @@ kind = "park_building"
 "#,
     );
     for (site, device, profile) in DEVICES {
-        text.push_str(&format!("\n[[devices]]\nid = \"{device}\"\nsite = \"{site}\"\nprofile = \"{profile}\"\n"));
+        text.push_str(&format!(
+            "\n[[devices]]\nid = \"{device}\"\nsite = \"{site}\"\nprofile = \"{profile}\"\n"
+        ));
     }
     text.push_str(&format!(
         "\n[[api_tokens]]\nname = \"python-client\"\nrole = \"admin\"\ntoken_sha256 = \"{}\"\n",
         hex::encode(Sha256::digest(TOKEN.as_bytes()))
     ));
-    text.push_str("\n[[webhooks]]\nname = \"assistant\"\nurl = \"WEBHOOK_URL\"\nsecret = \"test-secret\"\n");
+    text.push_str(
+        "\n[[webhooks]]\nname = \"assistant\"\nurl = \"WEBHOOK_URL\"\nsecret = \"test-secret\"\n",
+    );
     text
 }
 
@@ -62,11 +66,17 @@ fn history() -> String {
                 "gas-detector" => format!("gas_lel={}", 10.0 + 30.0 * (phase / 20.0).sin().abs()),
                 "smoke-detector" => format!("smoke={}", minute % 50 == 0),
                 "energy-meter" => {
-                    format!("energy_kwh={},power_kw={}", 1000.0 + minute as f64 * 0.8, 48.0 + (phase / 9.0).cos() * 4.0)
+                    format!(
+                        "energy_kwh={},power_kw={}",
+                        1000.0 + minute as f64 * 0.8,
+                        48.0 + (phase / 9.0).cos() * 4.0
+                    )
                 }
                 _ => format!("temperature_c={}", 21.5 + (phase / 30.0).sin()),
             };
-            body.push_str(&format!("{profile},site={site},device={device} {fields} {ts}\n"));
+            body.push_str(&format!(
+                "{profile},site={site},device={device} {fields} {ts}\n"
+            ));
         }
     }
     body
@@ -87,17 +97,27 @@ async fn python_influxdb_client_reads_and_writes() {
         .await
         .unwrap();
     assert_eq!(response.status(), 204, "{}", response.text().await.unwrap());
-    wait_for("an alarm from the written history", Duration::from_secs(15), || async {
-        receiver.events("alarm.raised").pop()
-    })
+    wait_for(
+        "an alarm from the written history",
+        Duration::from_secs(15),
+        || async { receiver.events("alarm.raised").pop() },
+    )
     .await;
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // Debian's interpreter is the one `.ci/install-deps` installs `influxdb` and pytest for.
-    let python = std::env::var("STONELION_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".to_owned());
+    let python =
+        std::env::var("STONELION_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".to_owned());
     let mut command = tokio::process::Command::new(&python);
     command
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/python/test_influxdb_client.py"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/python/test_influxdb_client.py",
+        ])
         .current_dir(root)
         .env("STONELION_HOST", http.ip().to_string())
         .env("STONELION_PORT", http.port().to_string())
@@ -110,7 +130,11 @@ async fn python_influxdb_client_reads_and_writes() {
         .expect("python3 starts: run .ci/install-deps, or set STONELION_PYTHON to a Python with influxdb and pytest");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "pytest failed ({})\n{stdout}\n{stderr}", output.status);
+    assert!(
+        output.status.success(),
+        "pytest failed ({})\n{stdout}\n{stderr}",
+        output.status
+    );
     assert!(stdout.contains("passed"), "pytest ran no test:\n{stdout}");
     server.shutdown().await;
 }

@@ -12,7 +12,7 @@ use stonelion::ingest::{IngestHandle, IngestMessage, WriteFailure};
 use stonelion::metrics::SharedRegistry;
 use stonelion::model::{Timestamp, Value, ValueKind};
 use stonelion::storage::engine::{Engine, EngineOptions};
-use stonelion::storage::{Query, SeriesData, Selector, TimeSeriesStore};
+use stonelion::storage::{Query, Selector, SeriesData, TimeSeriesStore};
 
 struct Server {
     url: String,
@@ -32,24 +32,40 @@ async fn start(max_body_bytes: usize) -> Server {
     tokio::spawn(async move {
         while let Some(message) = rx.recv().await {
             if let IngestMessage::Points { points, done } = message {
-                let result = store.write(points).map_err(|e| WriteFailure::Storage(e.to_string()));
+                let result = store
+                    .write(points)
+                    .map_err(|e| WriteFailure::Storage(e.to_string()));
                 if let Some(done) = done {
                     let _ = done.send(result);
                 }
             }
         }
     });
-    let options = WriteOptions { max_body_bytes, clock: Arc::new(ManualClock::new(Timestamp(NOW_MS))) };
+    let options = WriteOptions {
+        max_body_bytes,
+        clock: Arc::new(ManualClock::new(Timestamp(NOW_MS))),
+    };
     let app = router_with_options(ingest, &SharedRegistry::new(), options);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server { url, engine, client: reqwest::Client::new(), _dir: dir }
+    Server {
+        url,
+        engine,
+        client: reqwest::Client::new(),
+        _dir: dir,
+    }
 }
 
 impl Server {
     async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
-        let response = self.client.post(format!("{}{path}", self.url)).body(body).send().await.unwrap();
+        let response = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         (response.status().as_u16(), response.text().await.unwrap())
     }
 
@@ -67,7 +83,11 @@ impl Server {
     }
 
     fn field(&self, field: &str) -> Vec<(Timestamp, Value)> {
-        self.all().into_iter().filter(|s| s.series.field == field).flat_map(|s| s.points).collect()
+        self.all()
+            .into_iter()
+            .filter(|s| s.series.field == field)
+            .flat_map(|s| s.points)
+            .collect()
     }
 }
 
@@ -91,10 +111,19 @@ async fn v2_write_stores_points() {
 
     assert_eq!(
         server.field("gas_lel"),
-        vec![(Timestamp(1_700_000_000_123), Value::Number(12.5)), (Timestamp(1_700_000_001_000), Value::Number(13.0))]
+        vec![
+            (Timestamp(1_700_000_000_123), Value::Number(12.5)),
+            (Timestamp(1_700_000_001_000), Value::Number(13.0))
+        ]
     );
-    assert_eq!(server.field("battery"), vec![(Timestamp(1_700_000_000_123), Value::Number(87.0))]);
-    assert_eq!(server.field("alarm"), vec![(Timestamp(1_700_000_000_123), Value::Bool(true))]);
+    assert_eq!(
+        server.field("battery"),
+        vec![(Timestamp(1_700_000_000_123), Value::Number(87.0))]
+    );
+    assert_eq!(
+        server.field("alarm"),
+        vec![(Timestamp(1_700_000_000_123), Value::Bool(true))]
+    );
 
     let series = server.all();
     let alarm = series.iter().find(|s| s.series.field == "alarm").unwrap();
@@ -109,21 +138,56 @@ async fn v2_write_stores_points() {
 async fn precisions_convert_to_millis() {
     let server = start(1 << 20).await;
     let cases = [
-        ("/api/v2/write?precision=s", "m v=1 1700000000", 1_700_000_000_000),
-        ("/api/v2/write?precision=ms", "m v=2 1700000000002", 1_700_000_000_002),
-        ("/api/v2/write?precision=us", "m v=3 1700000000003000", 1_700_000_000_003),
-        ("/api/v2/write?precision=ns", "m v=4 1700000000004000000", 1_700_000_000_004),
-        ("/write?db=x&precision=n", "m v=5 1700000000005000000", 1_700_000_000_005),
-        ("/write?db=x&precision=u", "m v=6 1700000000006000", 1_700_000_000_006),
-        ("/write?db=x&precision=m", "m v=7 28333333", 28_333_333 * 60_000),
-        ("/write?db=x&precision=h", "m v=8 472222", 472_222 * 3_600_000),
+        (
+            "/api/v2/write?precision=s",
+            "m v=1 1700000000",
+            1_700_000_000_000,
+        ),
+        (
+            "/api/v2/write?precision=ms",
+            "m v=2 1700000000002",
+            1_700_000_000_002,
+        ),
+        (
+            "/api/v2/write?precision=us",
+            "m v=3 1700000000003000",
+            1_700_000_000_003,
+        ),
+        (
+            "/api/v2/write?precision=ns",
+            "m v=4 1700000000004000000",
+            1_700_000_000_004,
+        ),
+        (
+            "/write?db=x&precision=n",
+            "m v=5 1700000000005000000",
+            1_700_000_000_005,
+        ),
+        (
+            "/write?db=x&precision=u",
+            "m v=6 1700000000006000",
+            1_700_000_000_006,
+        ),
+        (
+            "/write?db=x&precision=m",
+            "m v=7 28333333",
+            28_333_333 * 60_000,
+        ),
+        (
+            "/write?db=x&precision=h",
+            "m v=8 472222",
+            472_222 * 3_600_000,
+        ),
         ("/write?db=x", "m v=9", NOW_MS),
     ];
     for (path, body, expected_ms) in cases {
         let (status, text) = server.post(path, body).await;
         assert_eq!(status, 204, "{path}: {text}");
         let stored = server.field("v");
-        assert!(stored.iter().any(|(ts, _)| ts.0 == expected_ms), "{path}: {expected_ms} missing from {stored:?}");
+        assert!(
+            stored.iter().any(|(ts, _)| ts.0 == expected_ms),
+            "{path}: {expected_ms} missing from {stored:?}"
+        );
     }
     assert_eq!(server.field("v").len(), cases.len());
 }
@@ -135,7 +199,10 @@ async fn invalid_precision_is_rejected() {
     assert_eq!(status, 400);
     let body = json(&text);
     assert_eq!(body["code"], "invalid");
-    assert!(body["message"].as_str().unwrap().contains("\"h\""), "message: {text}");
+    assert!(
+        body["message"].as_str().unwrap().contains("\"h\""),
+        "message: {text}"
+    );
     assert!(server.all().is_empty());
 }
 
@@ -162,19 +229,32 @@ async fn partial_write_names_first_bad_line() {
 #[tokio::test]
 async fn string_fields_are_skipped_and_named() {
     let server = start(1 << 20).await;
-    let (status, text) = server.post("/api/v2/write?precision=ms", "m,device=d1 status=\"ok\",v=3 5000").await;
+    let (status, text) = server
+        .post(
+            "/api/v2/write?precision=ms",
+            "m,device=d1 status=\"ok\",v=3 5000",
+        )
+        .await;
     assert_eq!(status, 400);
     let message = json(&text)["message"].as_str().unwrap().to_owned();
     assert!(message.contains("line 1"), "message: {message}");
-    assert!(message.contains("field \"status\" is a string"), "message: {message}");
-    assert_eq!(server.field("v"), vec![(Timestamp(5_000), Value::Number(3.0))]);
+    assert!(
+        message.contains("field \"status\" is a string"),
+        "message: {message}"
+    );
+    assert_eq!(
+        server.field("v"),
+        vec![(Timestamp(5_000), Value::Number(3.0))]
+    );
     assert!(server.field("status").is_empty());
 }
 
 #[tokio::test]
 async fn gzip_body_is_accepted() {
     let server = start(1 << 20).await;
-    let lines: String = (0..1_000).map(|i| format!("m,device=d{} v={i} {}\n", i % 10, i * 1_000)).collect();
+    let lines: String = (0..1_000)
+        .map(|i| format!("m,device=d{} v={i} {}\n", i % 10, i * 1_000))
+        .collect();
     let response = server
         .client
         .post(format!("{}/api/v2/write?precision=ms", server.url))
@@ -192,12 +272,29 @@ async fn gzip_body_is_accepted() {
 async fn bad_encodings_are_rejected() {
     let server = start(1 << 20).await;
     let url = format!("{}/api/v2/write", server.url);
-    let unknown = server.client.post(&url).header("Content-Encoding", "br").body("m v=1").send().await.unwrap();
+    let unknown = server
+        .client
+        .post(&url)
+        .header("Content-Encoding", "br")
+        .body("m v=1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(unknown.status().as_u16(), 415);
-    let message = json(&unknown.text().await.unwrap())["message"].as_str().unwrap().to_owned();
+    let message = json(&unknown.text().await.unwrap())["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(message.contains("\"br\""), "message: {message}");
 
-    let corrupt = server.client.post(&url).header("Content-Encoding", "gzip").body("not gzip").send().await.unwrap();
+    let corrupt = server
+        .client
+        .post(&url)
+        .header("Content-Encoding", "gzip")
+        .body("not gzip")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(corrupt.status().as_u16(), 400);
     assert_eq!(json(&corrupt.text().await.unwrap())["code"], "invalid");
 
@@ -239,7 +336,12 @@ async fn closed_pipeline_returns_503() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/api/v2/write", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let response = reqwest::Client::new().post(url).body("m v=1").send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(url)
+        .body("m v=1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 503);
 }
 
@@ -255,12 +357,19 @@ fn parse_body_handles_escapes_and_types() {
     assert_eq!(point.series.tag("device"), Some("d 1"));
     assert_eq!(point.ts, Timestamp(1));
     let values: Vec<Value> = parsed.points.iter().map(|p| p.value).collect();
-    assert_eq!(values, vec![Value::Number(1.5), Value::Number(3.0), Value::Bool(false)]);
+    assert_eq!(
+        values,
+        vec![Value::Number(1.5), Value::Number(3.0), Value::Bool(false)]
+    );
 }
 
 #[test]
 fn timestamp_overflow_rejects_line() {
-    let parsed = parse_body("m v=1 9223372036854775807", Precision::Seconds, Timestamp(0));
+    let parsed = parse_body(
+        "m v=1 9223372036854775807",
+        Precision::Seconds,
+        Timestamp(0),
+    );
     assert!(parsed.points.is_empty());
     assert_eq!(parsed.lines_rejected, 1);
     assert!(parsed.first_error.unwrap().reason.contains("overflows"));

@@ -118,22 +118,47 @@ async fn start_pymodbus(args: &[&str]) -> (Child, String) {
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}; install python3-pymodbus or set PYMODBUS_PYTHON", python()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e}; install python3-pymodbus or set PYMODBUS_PYTHON",
+                python()
+            )
+        });
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(DEADLINE, lines.next_line())
         .await
         .expect("pymodbus server starts in time")
         .expect("read pymodbus output")
-        .unwrap_or_else(|| panic!("pymodbus server exited; is python3-pymodbus 3.0 installed for {}?", python()));
+        .unwrap_or_else(|| {
+            panic!(
+                "pymodbus server exited; is python3-pymodbus 3.0 installed for {}?",
+                python()
+            )
+        });
     (child, line)
 }
 
-async fn poll_readings(profile: Arc<Profile>, config: ModbusDeviceConfig, wanted: usize) -> (Vec<Reading>, modbus::TextValues) {
+async fn poll_readings(
+    profile: Arc<Profile>,
+    config: ModbusDeviceConfig,
+    wanted: usize,
+) -> (Vec<Reading>, modbus::TextValues) {
     let (ingest, mut rx) = IngestHandle::channel(1024);
     let shutdown = CancellationToken::new();
-    let device = PolledDevice { id: DeviceId::new("peer"), site: SiteId::new("site-1"), profile, config };
-    let poller = modbus::start(vec![device], ingest, &SharedRegistry::new(), shutdown.clone(), Arc::new(SystemClock));
+    let device = PolledDevice {
+        id: DeviceId::new("peer"),
+        site: SiteId::new("site-1"),
+        profile,
+        config,
+    };
+    let poller = modbus::start(
+        vec![device],
+        ingest,
+        &SharedRegistry::new(),
+        shutdown.clone(),
+        Arc::new(SystemClock),
+    );
     let deadline = Instant::now() + DEADLINE;
     let mut readings = Vec::new();
     while readings.len() < wanted {
@@ -151,29 +176,51 @@ async fn poll_readings(profile: Arc<Profile>, config: ModbusDeviceConfig, wanted
 }
 
 fn assert_peer_values(readings: &[Reading], texts: &modbus::TextValues) {
-    let value = |metric: &str| readings.iter().find(|r| r.metric.as_str() == metric).map(|r| r.value);
+    let value = |metric: &str| {
+        readings
+            .iter()
+            .find(|r| r.metric.as_str() == metric)
+            .map(|r| r.value)
+    };
     let number = |metric: &str| match value(metric) {
         Some(Value::Number(n)) => n,
         other => panic!("{metric}: expected a number, got {other:?}"),
     };
-    assert!((number("f32_abcd") - 123.456).abs() < 1e-4, "f32_abcd {}", number("f32_abcd"));
-    assert!((number("f32_cdab") + 7.25).abs() < 1e-9, "f32_cdab {}", number("f32_cdab"));
+    assert!(
+        (number("f32_abcd") - 123.456).abs() < 1e-4,
+        "f32_abcd {}",
+        number("f32_abcd")
+    );
+    assert!(
+        (number("f32_cdab") + 7.25).abs() < 1e-9,
+        "f32_cdab {}",
+        number("f32_cdab")
+    );
     assert_eq!(number("i32_negative"), -123_456.0);
     assert_eq!(number("u64_counter"), 9_876_543_210.0);
     assert_eq!(number("i16_negative"), -200.0);
-    assert!((number("scaled") - 432.1).abs() < 1e-9, "scaled {}", number("scaled"));
+    assert!(
+        (number("scaled") - 432.1).abs() < 1e-9,
+        "scaled {}",
+        number("scaled")
+    );
     assert_eq!(value("coil_0"), Some(Value::Bool(true)));
     assert_eq!(value("coil_1"), Some(Value::Bool(false)));
     assert_eq!(value("input_1"), Some(Value::Bool(true)));
     let texts = texts.lock().expect("lock");
-    let label = texts.get(&DeviceId::new("peer")).and_then(|t| t.get(&"label".into()));
+    let label = texts
+        .get(&DeviceId::new("peer"))
+        .and_then(|t| t.get(&"label".into()));
     assert_eq!(label.map(String::as_str), Some("PYMB-42"));
 }
 
 #[tokio::test]
 async fn pymodbus_tcp_server_decodes() {
     let (_server, line) = start_pymodbus(&["tcp"]).await;
-    let port: u16 = line.strip_prefix("PORT ").and_then(|p| p.trim().parse().ok()).unwrap_or_else(|| panic!("unexpected output `{line}`"));
+    let port: u16 = line
+        .strip_prefix("PORT ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output `{line}`"));
     let profile = Arc::new(profile::parse(PROFILE, None).expect("profile parses"));
     let mut config = ModbusDeviceConfig::tcp(format!("127.0.0.1:{port}"), 7);
     config.poll_interval = Some(Duration::from_millis(200));
@@ -209,7 +256,11 @@ async fn pymodbus_rtu_over_pty_decodes() {
 async fn wait_for_path(path: &Path) {
     let deadline = Instant::now() + DEADLINE;
     while !path.exists() {
-        assert!(Instant::now() < deadline, "socat did not create {}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "socat did not create {}",
+            path.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -16,13 +16,19 @@ fn shipped_profiles_pass_check() {
 #[test]
 fn shipped_vendor_profiles_name_their_source() {
     let set = ProfileSet::load_dir(Path::new("device-profiles")).expect("loads");
-    let vendor: Vec<_> = set.names().filter_map(|n| set.get(n)).filter(|p| !p.registers.is_empty()).collect();
+    let vendor: Vec<_> = set
+        .names()
+        .filter_map(|n| set.get(n))
+        .filter(|p| !p.registers.is_empty())
+        .collect();
     assert!(vendor.len() >= 6, "only {} Modbus profiles", vendor.len());
     for profile in vendor {
         let source = profile.source.as_deref().unwrap_or_default();
         assert!(!source.is_empty(), "{} has no source", profile.name);
         assert!(
-            names_version(source) || source.contains("not confirmed") || source.contains("unversioned"),
+            names_version(source)
+                || source.contains("not confirmed")
+                || source.contains("unversioned"),
             "{}: source `{source}` gives no document version or date and does not say it is unknown",
             profile.name
         );
@@ -31,47 +37,95 @@ fn shipped_vendor_profiles_name_their_source() {
 
 /// Whether `source` contains a version such as `v1.6` or `revision 12.05.2023`.
 fn names_version(source: &str) -> bool {
-    let words: Vec<&str> = source.split([' ', ',', '(', ')', ';']).filter(|w| !w.is_empty()).collect();
+    let words: Vec<&str> = source
+        .split([' ', ',', '(', ')', ';'])
+        .filter(|w| !w.is_empty())
+        .collect();
     let starts_with_digit = |word: &str| word.chars().next().is_some_and(|c| c.is_ascii_digit());
-    words.iter().any(|w| w.strip_prefix('v').is_some_and(starts_with_digit))
-        || words.windows(2).any(|pair| ["revision", "version", "rev."].contains(&pair[0]) && starts_with_digit(pair[1]))
+    words
+        .iter()
+        .any(|w| w.strip_prefix('v').is_some_and(starts_with_digit))
+        || words.windows(2).any(|pair| {
+            ["revision", "version", "rev."].contains(&pair[0]) && starts_with_digit(pair[1])
+        })
 }
 
 #[test]
 fn source_version_check_rejects_bare_titles() {
-    assert!(names_version("IGD TOC-635 Plus manual, document SL-014 v1.6"));
-    assert!(names_version("Evikon E2418-DP user manual, revision 12.05.2023"));
-    assert!(!names_version("CHINT DTSU666 user manual ZTY0.464.1448, table 11"));
+    assert!(names_version(
+        "IGD TOC-635 Plus manual, document SL-014 v1.6"
+    ));
+    assert!(names_version(
+        "Evikon E2418-DP user manual, revision 12.05.2023"
+    ));
+    assert!(!names_version(
+        "CHINT DTSU666 user manual ZTY0.464.1448, table 11"
+    ));
     assert!(!names_version("Honeywell Midas manual, appendix A"));
 }
 
 #[test]
 fn generic_mqtt_profiles_match_the_demo() {
     let set = ProfileSet::load_dir(Path::new("device-profiles")).expect("loads");
-    let get = |name: &str| set.get(&ProfileName::new(name)).unwrap_or_else(|| panic!("{name} missing"));
-    let metrics = |name: &str| get(name).metrics.iter().map(|m| m.name.to_string()).collect::<Vec<_>>();
+    let get = |name: &str| {
+        set.get(&ProfileName::new(name))
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let metrics = |name: &str| {
+        get(name)
+            .metrics
+            .iter()
+            .map(|m| m.name.to_string())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(metrics("gas-detector"), ["gas_lel"]);
     assert_eq!(metrics("smoke-detector"), ["smoke"]);
-    assert_eq!(metrics("energy-meter"), ["energy_kwh", "power_kw", "voltage_v"]);
+    assert_eq!(
+        metrics("energy-meter"),
+        ["energy_kwh", "power_kw", "voltage_v"]
+    );
     assert_eq!(metrics("temperature-sensor"), ["temperature_c"]);
 
     let gas = get("gas-detector");
-    assert_eq!(gas.metric(&MetricName::new("gas_lel")).and_then(|m| m.unit.as_deref()), Some("%LEL"));
+    assert_eq!(
+        gas.metric(&MetricName::new("gas_lel"))
+            .and_then(|m| m.unit.as_deref()),
+        Some("%LEL")
+    );
     let rule = &gas.rules[0];
     assert_eq!(rule.id.as_str(), "gas-lel");
-    assert_eq!(rule.condition, Condition::Threshold { above: true, level1: Some(25.0), level2: Some(50.0), deadband: 2.0 });
+    assert_eq!(
+        rule.condition,
+        Condition::Threshold {
+            above: true,
+            level1: Some(25.0),
+            level2: Some(50.0),
+            deadband: 2.0
+        }
+    );
 
     let smoke = get("smoke-detector");
     assert_eq!(smoke.metrics[0].kind, ValueKind::Bool);
     assert_eq!(smoke.rules[0].id.as_str(), "smoke");
-    assert_eq!(smoke.rules[0].condition, Condition::State { equals: true, level: 2 });
+    assert_eq!(
+        smoke.rules[0].condition,
+        Condition::State {
+            equals: true,
+            level: 2
+        }
+    );
 
     let temperature = get("temperature-sensor");
     assert_eq!(temperature.metrics[0].unit.as_deref(), Some("°C"));
     assert_eq!(temperature.rules[0].id.as_str(), "temperature-high");
     assert_eq!(
         temperature.rules[0].condition,
-        Condition::Threshold { above: true, level1: Some(60.0), level2: Some(80.0), deadband: 1.0 }
+        Condition::Threshold {
+            above: true,
+            level1: Some(60.0),
+            level2: Some(80.0),
+            deadband: 1.0
+        }
     );
 }
 
@@ -84,7 +138,11 @@ fn check_one(file: &str, text: &str) -> Vec<String> {
 fn assert_one_problem(problems: &[String], parts: &[&str]) {
     assert_eq!(problems.len(), 1, "{problems:#?}");
     for part in parts {
-        assert!(problems[0].contains(part), "`{}` lacks `{part}`", problems[0]);
+        assert!(
+            problems[0].contains(part),
+            "`{}` lacks `{part}`",
+            problems[0]
+        );
     }
 }
 
@@ -99,7 +157,10 @@ modbus = { register = 40001, type = "f32" }
 name = "voltage"
 modbus = { register = 40002, type = "u16" }
 "#;
-    assert_one_problem(&check_one("overlap.toml", text), &["overlap.toml", "`power`", "`voltage`", "fix one address"]);
+    assert_one_problem(
+        &check_one("overlap.toml", text),
+        &["overlap.toml", "`power`", "`voltage`", "fix one address"],
+    );
 }
 
 #[test]
@@ -120,7 +181,10 @@ modbus = { register = 40001, bit = 1 }
 "#;
     assert!(check_one("status.toml", text).is_empty());
     let same_bit = text.replace("bit = 1", "bit = 0");
-    assert_one_problem(&check_one("status.toml", &same_bit), &["`alarm1`", "`alarm2`"]);
+    assert_one_problem(
+        &check_one("status.toml", &same_bit),
+        &["`alarm1`", "`alarm2`"],
+    );
 }
 
 #[test]
@@ -131,7 +195,15 @@ name = "span"
 name = "energy"
 modbus = { register = 30001, type = "f64", count = 2 }
 "#;
-    assert_one_problem(&check_one("span.toml", text), &["span.toml", "`energy`", "needs 4 registers", "fix the type or the count"]);
+    assert_one_problem(
+        &check_one("span.toml", text),
+        &[
+            "span.toml",
+            "`energy`",
+            "needs 4 registers",
+            "fix the type or the count",
+        ],
+    );
 }
 
 #[test]
@@ -154,7 +226,10 @@ name = "gas_lel"
 [[metrics]]
 name = "gas_lel"
 "#;
-    assert_one_problem(&check_one("twice.toml", text), &["twice.toml", "`gas_lel`", "unique name"]);
+    assert_one_problem(
+        &check_one("twice.toml", text),
+        &["twice.toml", "`gas_lel`", "unique name"],
+    );
 }
 
 #[test]
@@ -192,11 +267,21 @@ fn modbus_doc_config_snippets_parse() {
         .filter_map(|rest| rest.split("```").next())
         .filter(|snippet| snippet.contains("[[devices]]"))
         .collect();
-    assert!(!snippets.is_empty(), "docs/modbus.md has no device config example");
+    assert!(
+        !snippets.is_empty(),
+        "docs/modbus.md has no device config example"
+    );
     for snippet in snippets {
-        let text = format!("[[sites]]\nid = \"plant-a\"\nname = \"Plant A\"\nkind = \"enterprise\"\n\n{snippet}");
-        let parsed = stonelion::config::parse(&text, stonelion::config::builtin::builtin_profiles());
-        assert!(parsed.is_ok(), "example does not parse: {:?}\n{snippet}", parsed.err());
+        let text = format!(
+            "[[sites]]\nid = \"plant-a\"\nname = \"Plant A\"\nkind = \"enterprise\"\n\n{snippet}"
+        );
+        let parsed =
+            stonelion::config::parse(&text, stonelion::config::builtin::builtin_profiles());
+        assert!(
+            parsed.is_ok(),
+            "example does not parse: {:?}\n{snippet}",
+            parsed.err()
+        );
     }
 }
 
@@ -212,12 +297,16 @@ fn polled_config(stale_after: &str, poll_interval: &str) -> String {
 fn polled_device_staleness_must_outlast_failed_polls() {
     let builtin = stonelion::config::builtin::builtin_profiles;
     // Three failed polls of 10 s take 30 s, so a 20 s staleness timeout would fire first.
-    let problems = stonelion::config::parse(&polled_config("20s", "10s"), builtin()).expect_err("rejected");
+    let problems =
+        stonelion::config::parse(&polled_config("20s", "10s"), builtin()).expect_err("rejected");
     let text = format!("{problems:?}");
     assert!(text.contains("devices[0].stale_after"), "{text}");
     assert!(text.contains("offline_after_failures"), "{text}");
     let equal = stonelion::config::parse(&polled_config("30s", "10s"), builtin());
-    assert!(equal.is_err(), "a timeout equal to three intervals is rejected");
+    assert!(
+        equal.is_err(),
+        "a timeout equal to three intervals is rejected"
+    );
     let longer = stonelion::config::parse(&polled_config("31s", "10s"), builtin());
     assert!(longer.is_ok(), "{:?}", longer.err());
 }

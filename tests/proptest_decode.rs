@@ -8,18 +8,29 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use stonelion::ingest::payload::{self, TopicKind};
-use stonelion::model::{MetricName, Timestamp, Value};
 use stonelion::modbus::decode::{self, Decoded};
+use stonelion::model::{MetricName, Timestamp, Value};
 use stonelion::profile::{ByteOrder, DataType, Function, Register, RegisterSpec};
 
-const ORDERS: [ByteOrder; 4] = [ByteOrder::ABCD, ByteOrder::CDAB, ByteOrder::BADC, ByteOrder::DCBA];
+const ORDERS: [ByteOrder; 4] = [
+    ByteOrder::ABCD,
+    ByteOrder::CDAB,
+    ByteOrder::BADC,
+    ByteOrder::DCBA,
+];
 
 fn any_order() -> impl Strategy<Value = ByteOrder> {
     prop::sample::select(ORDERS.to_vec())
 }
 
 /// A holding register of `data_type`, checked as a profile's would be.
-fn register(data_type: DataType, order: ByteOrder, count: Option<u16>, scale: f64, offset: f64) -> Register {
+fn register(
+    data_type: DataType,
+    order: ByteOrder,
+    count: Option<u16>,
+    scale: f64,
+    offset: f64,
+) -> Register {
     let spec = RegisterSpec {
         function: Some(Function::HoldingRegister),
         address: Some(100),
@@ -48,8 +59,12 @@ fn typed_raw() -> impl Strategy<Value = (DataType, f64)> {
         any::<i32>().prop_map(|v| (DataType::I32, f64::from(v))),
         (0..EXACT).prop_map(|v| (DataType::U64, v as f64)),
         (-EXACT..EXACT).prop_map(|v| (DataType::I64, v as f64)),
-        any::<f32>().prop_filter("finite", |v| v.is_finite()).prop_map(|v| (DataType::F32, f64::from(v))),
-        any::<f64>().prop_filter("finite", |v| v.is_finite()).prop_map(|v| (DataType::F64, v)),
+        any::<f32>()
+            .prop_filter("finite", |v| v.is_finite())
+            .prop_map(|v| (DataType::F32, f64::from(v))),
+        any::<f64>()
+            .prop_filter("finite", |v| v.is_finite())
+            .prop_map(|v| (DataType::F64, v)),
     ]
 }
 
@@ -146,7 +161,9 @@ fn id() -> impl Strategy<Value = String> {
 fn metric_value() -> impl Strategy<Value = Value> {
     prop_oneof![
         any::<bool>().prop_map(Value::Bool),
-        any::<f64>().prop_filter("finite", |v| v.is_finite()).prop_map(Value::Number),
+        any::<f64>()
+            .prop_filter("finite", |v| v.is_finite())
+            .prop_map(Value::Number),
         (-1_000_000i64..1_000_000).prop_map(|v| Value::Number(v as f64)),
     ]
 }
@@ -238,13 +255,15 @@ proptest! {
 #[test]
 fn telemetry_value_limit() {
     let message = |count: usize| {
-        let values: serde_json::Map<String, serde_json::Value> =
-            (0..count).map(|i| (format!("m{i}"), serde_json::json!(i))).collect();
+        let values: serde_json::Map<String, serde_json::Value> = (0..count)
+            .map(|i| (format!("m{i}"), serde_json::json!(i)))
+            .collect();
         serde_json::to_vec(&serde_json::json!({ "values": values })).unwrap()
     };
     let accepted = payload::decode_telemetry(&message(payload::MAX_VALUES_PER_MESSAGE)).unwrap();
     assert_eq!(accepted.values.len(), payload::MAX_VALUES_PER_MESSAGE);
-    let rejected = payload::decode_telemetry(&message(payload::MAX_VALUES_PER_MESSAGE + 1)).unwrap_err();
+    let rejected =
+        payload::decode_telemetry(&message(payload::MAX_VALUES_PER_MESSAGE + 1)).unwrap_err();
     assert_eq!(rejected.reason, payload::RejectReason::TooManyValues);
 }
 
@@ -255,5 +274,8 @@ fn telemetry_float_exact() {
     let sent = 1.141_605_258_645_438_1e-74_f64;
     let payload = format!("{{\"values\": {{\"a\": {sent:?}}}}}");
     let telemetry = payload::decode_telemetry(payload.as_bytes()).unwrap();
-    assert_eq!(telemetry.values, vec![(MetricName::from("a"), Value::Number(sent))]);
+    assert_eq!(
+        telemetry.values,
+        vec![(MetricName::from("a"), Value::Number(sent))]
+    );
 }

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Publisher, Receiver, alarms_of, get_json, start_server, wait_for, CONFIG};
+use support::{CONFIG, Publisher, Receiver, alarms_of, get_json, start_server, wait_for};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -23,28 +23,54 @@ async fn restart_keeps_readings_alarms_and_queued_events() {
     }
     let http = server.http_addr;
     let alarm = wait_for("an escalated alarm", WAIT, || async {
-        alarms_of(http, "gas-01").await.into_iter().find(|a| a["level"] == 2)
+        alarms_of(http, "gas-01")
+            .await
+            .into_iter()
+            .find(|a| a["level"] == 2)
     })
     .await;
     let id = alarm["id"].as_i64().unwrap();
-    wait_for("a failed delivery attempt", WAIT, || async { (!receiver.attempts().is_empty()).then_some(()) }).await;
+    wait_for("a failed delivery attempt", WAIT, || async {
+        (!receiver.attempts().is_empty()).then_some(())
+    })
+    .await;
     wait_for("three stored readings", WAIT, || async {
-        let s = get_json(http, "/api/v1/devices/gas-01/series?metric=gas_lel&from=now-1h").await;
+        let s = get_json(
+            http,
+            "/api/v1/devices/gas-01/series?metric=gas_lel&from=now-1h",
+        )
+        .await;
         (s["points"].as_array().unwrap().len() == 3).then_some(())
     })
     .await;
     drop(device);
     server.shutdown().await;
-    assert!(receiver.deliveries().is_empty(), "nothing was accepted while the receiver was down");
-    let first_ids: Vec<String> = receiver.attempts().iter().map(|a| a.delivery_id.clone()).collect();
+    assert!(
+        receiver.deliveries().is_empty(),
+        "nothing was accepted while the receiver was down"
+    );
+    let first_ids: Vec<String> = receiver
+        .attempts()
+        .iter()
+        .map(|a| a.delivery_id.clone())
+        .collect();
 
     // Second run on the same directory with the receiver up.
     receiver.set_up(true);
     let server = start_server(CONFIG, &receiver.url(), data.path()).await;
     let http = server.http_addr;
 
-    let series = get_json(http, "/api/v1/devices/gas-01/series?metric=gas_lel&from=now-1h").await;
-    let values: Vec<f64> = series["points"].as_array().unwrap().iter().map(|p| p["value"].as_f64().unwrap()).collect();
+    let series = get_json(
+        http,
+        "/api/v1/devices/gas-01/series?metric=gas_lel&from=now-1h",
+    )
+    .await;
+    let values: Vec<f64> = series["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
     assert_eq!(values, [10.0, 30.0, 60.0], "readings survive the restart");
 
     let restored = get_json(http, &format!("/api/v1/alarms/{id}")).await;
@@ -58,19 +84,33 @@ async fn restart_keeps_readings_alarms_and_queued_events() {
     })
     .await;
     let events: Vec<&str> = delivered.iter().map(|d| d.event.as_str()).collect();
-    assert_eq!(events, ["alarm.raised", "alarm.escalated"], "in order per alarm");
+    assert_eq!(
+        events,
+        ["alarm.raised", "alarm.escalated"],
+        "in order per alarm"
+    );
     assert!(delivered.iter().all(|d| d.signature_valid));
     // Before the restart only the first event was tried: the second waits behind it.
-    assert!(first_ids.iter().all(|id| *id == delivered[0].delivery_id), "{first_ids:?}");
+    assert!(
+        first_ids.iter().all(|id| *id == delivered[0].delivery_id),
+        "{first_ids:?}"
+    );
     assert_ne!(delivered[0].delivery_id, delivered[1].delivery_id);
 
     // The restored alarm is the open one: no second alarm, and it clears on a low reading.
     let device = Publisher::connect(server.mqtt_addr, "gas-01").await;
     device.reading("plant-a", "gas-01", "gas_lel", 61.0).await;
     device.reading("plant-a", "gas-01", "gas_lel", 5.0).await;
-    wait_for("the restored alarm cleared", WAIT, || async { receiver.events("alarm.cleared").pop() }).await;
+    wait_for("the restored alarm cleared", WAIT, || async {
+        receiver.events("alarm.cleared").pop()
+    })
+    .await;
     let alarms = alarms_of(http, "gas-01").await;
-    assert_eq!(alarms.len(), 1, "still one alarm for the rule and device: {alarms:?}");
+    assert_eq!(
+        alarms.len(),
+        1,
+        "still one alarm for the rule and device: {alarms:?}"
+    );
     assert_eq!(alarms[0]["id"], id);
     server.shutdown().await;
 }

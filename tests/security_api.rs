@@ -54,8 +54,15 @@ async fn get(http: SocketAddr, path: &str, token: Option<&str>) -> (u16, serde_j
     (status, response.json().await.unwrap_or_default())
 }
 
-async fn post(http: SocketAddr, path: &str, token: Option<&str>, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let mut request = reqwest::Client::new().post(format!("http://{http}{path}")).json(&body);
+async fn post(
+    http: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("http://{http}{path}"))
+        .json(&body);
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -74,7 +81,9 @@ async fn requests_need_token_and_role() {
     let (status, _) = get(http, "/healthz", None).await;
     assert_eq!(status, 200, "/healthz stays open");
 
-    let response = reqwest::get(format!("http://{http}/api/v1/devices")).await.unwrap();
+    let response = reqwest::get(format!("http://{http}/api/v1/devices"))
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 401);
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
     let body: serde_json::Value = response.json().await.unwrap();
@@ -90,10 +99,21 @@ async fn requests_need_token_and_role() {
 
     let (status, _) = get(http, "/metrics", None).await;
     assert_eq!(status, 401, "/metrics needs a token");
-    let metrics = reqwest::Client::new().get(format!("http://{http}/metrics")).bearer_auth(VIEWER).send().await.unwrap();
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{http}/metrics"))
+        .bearer_auth(VIEWER)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(metrics.status().as_u16(), 200);
 
-    let (status, body) = post(http, "/api/v1/alarms/1/ack", Some(VIEWER), serde_json::json!({})).await;
+    let (status, body) = post(
+        http,
+        "/api/v1/alarms/1/ack",
+        Some(VIEWER),
+        serde_json::json!({}),
+    )
+    .await;
     assert_eq!(status, 403);
     assert_eq!(body["error"]["code"], "forbidden");
 
@@ -101,13 +121,25 @@ async fn requests_need_token_and_role() {
     assert_eq!(status, 403, "a writer token may not read");
 
     let (status, _) = get(http, "/no/such/route", None).await;
-    assert_eq!(status, 401, "unknown routes do not reveal themselves without a token");
+    assert_eq!(
+        status, 401,
+        "unknown routes do not reveal themselves without a token"
+    );
 
-    let metrics = reqwest::Client::new().get(format!("http://{http}/metrics")).bearer_auth(VIEWER).send().await.unwrap();
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{http}/metrics"))
+        .bearer_auth(VIEWER)
+        .send()
+        .await
+        .unwrap();
     let metrics = metrics.text().await.unwrap();
     let count = |reason: &str| {
         let sample = format!("stonelion_api_denied_total{{reason=\"{reason}\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(&sample)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&sample))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
     };
     assert_eq!(count("missing_token"), 3.0);
     assert_eq!(count("invalid_token"), 1.0);
@@ -128,17 +160,35 @@ async fn actor_is_token_name() {
         let (_, body) = get(http, "/api/v1/alarms?device=gas-01", Some(token)).await;
         body["alarms"].as_array().cloned().unwrap_or_default()
     };
-    let alarm = wait_for("the gas alarm", Duration::from_secs(15), || async { list(VIEWER).await.first().cloned() }).await;
+    let alarm = wait_for("the gas alarm", Duration::from_secs(15), || async {
+        list(VIEWER).await.first().cloned()
+    })
+    .await;
     let id = alarm["id"].as_i64().unwrap();
 
-    let (status, body) = post(http, &format!("/api/v1/alarms/{id}/ack"), None, serde_json::json!({"by": "anyone"})).await;
+    let (status, body) = post(
+        http,
+        &format!("/api/v1/alarms/{id}/ack"),
+        None,
+        serde_json::json!({"by": "anyone"}),
+    )
+    .await;
     assert_eq!(status, 401, "{body}");
 
     let ack = serde_json::json!({"by": "the chief engineer", "note": "on my way"});
-    let (status, body) = post(http, &format!("/api/v1/alarms/{id}/ack"), Some(OPERATOR), ack).await;
+    let (status, body) = post(
+        http,
+        &format!("/api/v1/alarms/{id}/ack"),
+        Some(OPERATOR),
+        ack,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["acknowledged"]["by"], "duty-officer-li");
-    assert_eq!(body["acknowledged"]["note"], "by the chief engineer: on my way");
+    assert_eq!(
+        body["acknowledged"]["note"],
+        "by the chief engineer: on my way"
+    );
     let history = body["history"].as_array().unwrap();
     let last = history.last().unwrap();
     assert_eq!(last["event"], "alarm.acknowledged");
@@ -149,10 +199,22 @@ async fn actor_is_token_name() {
         (list(VIEWER).await.first()?["state"] == "cleared").then_some(())
     })
     .await;
-    let (status, body) = post(http, &format!("/api/v1/alarms/{id}/close"), Some(OPERATOR), serde_json::json!({})).await;
+    let (status, body) = post(
+        http,
+        &format!("/api/v1/alarms/{id}/close"),
+        Some(OPERATOR),
+        serde_json::json!({}),
+    )
+    .await;
     assert_eq!(status, 400, "a close needs a note: {body}");
     let close = serde_json::json!({"note": "detector recalibrated"});
-    let (status, body) = post(http, &format!("/api/v1/alarms/{id}/close"), Some(OPERATOR), close).await;
+    let (status, body) = post(
+        http,
+        &format!("/api/v1/alarms/{id}/close"),
+        Some(OPERATOR),
+        close,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["closed"]["by"], "duty-officer-li");
     assert_eq!(body["closed"]["note"], "detector recalibrated");
@@ -161,7 +223,12 @@ async fn actor_is_token_name() {
 }
 
 async fn alarms_of_with(http: SocketAddr, device: &str) -> usize {
-    let (_, body) = get(http, &format!("/api/v1/alarms?device={device}"), Some(OPERATOR)).await;
+    let (_, body) = get(
+        http,
+        &format!("/api/v1/alarms?device={device}"),
+        Some(OPERATOR),
+    )
+    .await;
     body["alarms"].as_array().map_or(0, Vec::len)
 }
 
@@ -175,7 +242,11 @@ async fn influxdb_routes_take_token() {
     let line = "gas-detector,site=plant-a,device=gas-01 gas_lel=3.5";
 
     let write = |auth: Option<String>| {
-        let mut request = client.post(format!("http://{http}/api/v2/write?bucket=b&org=o&precision=s")).body(line);
+        let mut request = client
+            .post(format!(
+                "http://{http}/api/v2/write?bucket=b&org=o&precision=s"
+            ))
+            .body(line);
         if let Some(auth) = auth {
             request = request.header("authorization", auth);
         }
@@ -185,16 +256,49 @@ async fn influxdb_routes_take_token() {
     assert_eq!(write(Some(format!("Token {VIEWER}"))).await, 403);
     assert_eq!(write(Some(format!("Token {WRITER}"))).await, 204);
 
-    let v1 = client.post(format!("http://{http}/write?db=x&u=telegraf&p={WRITER}")).body(line).send().await.unwrap();
+    let v1 = client
+        .post(format!("http://{http}/write?db=x&u=telegraf&p={WRITER}"))
+        .body(line)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(v1.status().as_u16(), 204, "InfluxDB 1 u/p query parameters");
 
-    let query = |request: reqwest::RequestBuilder| async move { request.send().await.unwrap().status().as_u16() };
+    let query = |request: reqwest::RequestBuilder| async move {
+        request.send().await.unwrap().status().as_u16()
+    };
     let q = "q=SHOW%20MEASUREMENTS";
-    assert_eq!(query(client.get(format!("http://{http}/query?{q}"))).await, 401);
-    assert_eq!(query(client.get(format!("http://{http}/query?{q}&u=grafana&p={VIEWER}"))).await, 200);
-    assert_eq!(query(client.get(format!("http://{http}/query?{q}")).basic_auth("grafana", Some(VIEWER))).await, 200);
-    assert_eq!(query(client.get(format!("http://{http}/query?{q}")).header("authorization", format!("Token {VIEWER}"))).await, 200);
-    assert_eq!(query(client.get(format!("http://{http}/ping"))).await, 204, "/ping stays open");
+    assert_eq!(
+        query(client.get(format!("http://{http}/query?{q}"))).await,
+        401
+    );
+    assert_eq!(
+        query(client.get(format!("http://{http}/query?{q}&u=grafana&p={VIEWER}"))).await,
+        200
+    );
+    assert_eq!(
+        query(
+            client
+                .get(format!("http://{http}/query?{q}"))
+                .basic_auth("grafana", Some(VIEWER))
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        query(
+            client
+                .get(format!("http://{http}/query?{q}"))
+                .header("authorization", format!("Token {VIEWER}"))
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        query(client.get(format!("http://{http}/ping"))).await,
+        204,
+        "/ping stays open"
+    );
     server.shutdown().await;
 }
 
@@ -202,11 +306,18 @@ async fn influxdb_routes_take_token() {
 async fn open_api_beyond_loopback_rejected() {
     let data = tempfile::tempdir().unwrap();
     let text = "[server]\nhttp_listen = \"0.0.0.0:0\"\nmqtt_listen = \"127.0.0.1:0\"\n";
-    let mut open = stonelion::config::parse(text, stonelion::config::builtin::builtin_profiles()).unwrap();
+    let mut open =
+        stonelion::config::parse(text, stonelion::config::builtin::builtin_profiles()).unwrap();
     open.server.data_dir = data.path().to_owned();
-    let error = stonelion::server::Server::start(open, std::sync::Arc::new(stonelion::clock::SystemClock))
-        .await
-        .err()
-        .expect("Server::start must reject an open API on 0.0.0.0");
-    assert!(error.to_string().contains("HTTP API would accept anyone on 0.0.0.0:0"), "{error}");
+    let error =
+        stonelion::server::Server::start(open, std::sync::Arc::new(stonelion::clock::SystemClock))
+            .await
+            .err()
+            .expect("Server::start must reject an open API on 0.0.0.0");
+    assert!(
+        error
+            .to_string()
+            .contains("HTTP API would accept anyone on 0.0.0.0:0"),
+        "{error}"
+    );
 }

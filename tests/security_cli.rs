@@ -22,7 +22,12 @@ fn stonelion(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -33,11 +38,21 @@ fn stdout(output: &Output) -> String {
 #[test]
 fn hash_password_prints_verifiable_hash() {
     let output = stonelion(&["hash-password"], "s3cret pass\n");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let hash = stdout(&output).trim().to_owned();
     assert!(hash.starts_with("$argon2id$"), "{hash}");
-    assert!(stonelion::security::verify_password(b"s3cret pass", &hash), "the line ending was hashed too");
-    assert!(!stonelion::security::verify_password(b"s3cret pass\n", &hash));
+    assert!(
+        stonelion::security::verify_password(b"s3cret pass", &hash),
+        "the line ending was hashed too"
+    );
+    assert!(!stonelion::security::verify_password(
+        b"s3cret pass\n",
+        &hash
+    ));
 
     let empty = stonelion(&["hash-password"], "");
     assert!(!empty.status.success(), "an empty password was hashed");
@@ -49,7 +64,13 @@ fn generated_token_matches_its_digest() {
     let output = stonelion(&["generate-token"], "");
     assert!(output.status.success());
     let text = stdout(&output);
-    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().to_owned();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
     let token = field("token:");
     let digest = field("token_sha256:");
     assert_eq!(token.len(), 64, "32 random bytes in hex");
@@ -114,7 +135,10 @@ token_sha256 = "abc"
     for line in expected {
         assert!(report.contains(line), "missing {line:?} in:\n{report}");
     }
-    assert!(!report.contains("plain-text-password"), "the problem report repeats the hash:\n{report}");
+    assert!(
+        !report.contains("plain-text-password"),
+        "the problem report repeats the hash:\n{report}"
+    );
 }
 
 #[test]
@@ -122,14 +146,24 @@ fn run_rejects_open_wildcard_listener() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap();
     let cases = [
-        (["--mqtt-listen", "0.0.0.0:0", "--http-listen", "127.0.0.1:0"], "MQTT broker would accept anyone on 0.0.0.0:0"),
-        (["--mqtt-listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"], "HTTP API would accept anyone on 0.0.0.0:0"),
+        (
+            ["--mqtt-listen", "0.0.0.0:0", "--http-listen", "127.0.0.1:0"],
+            "MQTT broker would accept anyone on 0.0.0.0:0",
+        ),
+        (
+            ["--mqtt-listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"],
+            "HTTP API would accept anyone on 0.0.0.0:0",
+        ),
     ];
     for (listen, message) in cases {
         let mut args = vec!["run", "--data-dir", data_dir];
         args.extend(listen);
         let output = stonelion(&args, "");
-        assert!(!output.status.success(), "`run {}` started", listen.join(" "));
+        assert!(
+            !output.status.success(),
+            "`run {}` started",
+            listen.join(" ")
+        );
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(message), "{stderr}");
     }

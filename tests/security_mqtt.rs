@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, SubscribeReasonCode,
+};
 use serde_json::json;
 use support::{Receiver, alarms_of, get_json, metric, start_server, wait_for};
 
@@ -81,7 +83,11 @@ max_backoff = "200ms"
     )
 }
 
-fn options(addr: std::net::SocketAddr, client_id: &str, login: Option<(&str, &str)>) -> MqttOptions {
+fn options(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    login: Option<(&str, &str)>,
+) -> MqttOptions {
     let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
     options.set_keep_alive(Duration::from_secs(30));
     if let Some((username, password)) = login {
@@ -106,17 +112,27 @@ async fn connack(events: &mut EventLoop) -> Result<(), String> {
 }
 
 /// Connects and returns the client with its event loop after CONNACK.
-async fn connect(addr: std::net::SocketAddr, client_id: &str, login: Option<(&str, &str)>) -> (AsyncClient, EventLoop) {
+async fn connect(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    login: Option<(&str, &str)>,
+) -> (AsyncClient, EventLoop) {
     let (client, mut events) = AsyncClient::new(options(addr, client_id, login), 100);
     connack(&mut events).await.unwrap();
     (client, events)
 }
 
 /// Polls the event loop until `pick` returns a value.
-async fn next_incoming<T>(events: &mut EventLoop, what: &str, mut pick: impl FnMut(Packet) -> Option<T>) -> T {
+async fn next_incoming<T>(
+    events: &mut EventLoop,
+    what: &str,
+    mut pick: impl FnMut(Packet) -> Option<T>,
+) -> T {
     let found = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let Event::Incoming(packet) = events.poll().await.unwrap() else { continue };
+            let Event::Incoming(packet) = events.poll().await.unwrap() else {
+                continue;
+            };
             if let Some(value) = pick(packet) {
                 return value;
             }
@@ -132,7 +148,8 @@ fn drive(mut events: EventLoop) -> tokio::task::JoinHandle<()> {
 }
 
 async fn latest_gas(http: std::net::SocketAddr, device: &str) -> Option<f64> {
-    get_json(http, &format!("/api/v1/devices/{device}")).await["latest"]["gas_lel"]["value"].as_f64()
+    get_json(http, &format!("/api/v1/devices/{device}")).await["latest"]["gas_lel"]["value"]
+        .as_f64()
 }
 
 fn reading(value: f64) -> String {
@@ -147,25 +164,41 @@ async fn wrong_password_gets_no_connack() {
     let addr = server.mqtt_addr;
 
     let cases = [
-        ("wrong password", "gas-01", Some(("gas-01", "not-the-password"))),
+        (
+            "wrong password",
+            "gas-01",
+            Some(("gas-01", "not-the-password")),
+        ),
         ("no credentials", "gas-01", None),
         ("unknown user", "intruder", Some(("intruder", "pw-gas-01"))),
-        ("client id of another device", "gas-02", Some(("gas-01", "pw-gas-01"))),
+        (
+            "client id of another device",
+            "gas-02",
+            Some(("gas-01", "pw-gas-01")),
+        ),
     ];
     for (case, client_id, login) in cases {
         let (_client, mut events) = AsyncClient::new(options(addr, client_id, login), 10);
-        assert!(connack(&mut events).await.is_err(), "{case}: the broker sent CONNACK");
+        assert!(
+            connack(&mut events).await.is_err(),
+            "{case}: the broker sent CONNACK"
+        );
     }
     // On a loaded machine a client can give up waiting before the argon2 check ends, so
     // the count is awaited rather than read once.
     let sample = r#"stonelion_mqtt_denied_total{reason="bad_credentials"}"#;
     let http = server.http_addr;
-    wait_for("3 bad-credential denials", Duration::from_secs(30), || async {
-        (metric(http, sample).await >= 3.0).then_some(())
-    })
+    wait_for(
+        "3 bad-credential denials",
+        Duration::from_secs(30),
+        || async { (metric(http, sample).await >= 3.0).then_some(()) },
+    )
     .await;
     let denied = metric(http, sample).await;
-    assert_eq!(denied, 3.0, "the client without credentials is refused by rumqttd before the handler");
+    assert_eq!(
+        denied, 3.0,
+        "the client without credentials is refused by rumqttd before the handler"
+    );
 
     connect(addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
     server.shutdown().await;
@@ -180,35 +213,87 @@ async fn device_cannot_publish_for_another() {
 
     let (victim, events) = connect(server.mqtt_addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
     let _victim_loop = drive(events);
-    victim.publish("telemetry/plant-a/gas-02", QoS::AtLeastOnce, false, reading(40.0)).await.unwrap();
-    wait_for("gas-02 at 40", Duration::from_secs(10), || async { (latest_gas(http, "gas-02").await == Some(40.0)).then_some(()) })
-        .await;
+    victim
+        .publish(
+            "telemetry/plant-a/gas-02",
+            QoS::AtLeastOnce,
+            false,
+            reading(40.0),
+        )
+        .await
+        .unwrap();
+    wait_for("gas-02 at 40", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-02").await == Some(40.0)).then_some(())
+    })
+    .await;
 
     // gas-01 tries to report gas-02 safe, over QoS 1 and QoS 0, then reports itself.
-    let (attacker, mut events) = connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
-    attacker.publish("telemetry/plant-a/gas-02", QoS::AtLeastOnce, false, reading(0.0)).await.unwrap();
+    let (attacker, mut events) =
+        connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    attacker
+        .publish(
+            "telemetry/plant-a/gas-02",
+            QoS::AtLeastOnce,
+            false,
+            reading(0.0),
+        )
+        .await
+        .unwrap();
     let acked = next_incoming(&mut events, "PUBACK of the denied publish", |p| match p {
         Packet::PubAck(ack) => Some(ack.pkid),
         _ => None,
     })
     .await;
     assert_eq!(acked, 1, "the guard acknowledges the denied QoS 1 publish");
-    attacker.publish("telemetry/plant-a/gas-02/gas_lel", QoS::AtMostOnce, false, "0").await.unwrap();
-    attacker.publish("status/plant-a/gas-02", QoS::AtMostOnce, false, "offline").await.unwrap();
-    attacker.publish("telemetry/plant-a/gas-01", QoS::AtLeastOnce, false, reading(5.0)).await.unwrap();
+    attacker
+        .publish(
+            "telemetry/plant-a/gas-02/gas_lel",
+            QoS::AtMostOnce,
+            false,
+            "0",
+        )
+        .await
+        .unwrap();
+    attacker
+        .publish("status/plant-a/gas-02", QoS::AtMostOnce, false, "offline")
+        .await
+        .unwrap();
+    attacker
+        .publish(
+            "telemetry/plant-a/gas-01",
+            QoS::AtLeastOnce,
+            false,
+            reading(5.0),
+        )
+        .await
+        .unwrap();
     let _attacker_loop = drive(events);
 
     wait_for("gas-01's own reading", Duration::from_secs(10), || async {
         (latest_gas(http, "gas-01").await == Some(5.0)).then_some(())
     })
     .await;
-    assert_eq!(latest_gas(http, "gas-02").await, Some(40.0), "a denied publish reached the pipeline");
+    assert_eq!(
+        latest_gas(http, "gas-02").await,
+        Some(40.0),
+        "a denied publish reached the pipeline"
+    );
     let gas02 = get_json(http, "/api/v1/devices/gas-02").await;
-    assert_eq!(gas02["online"], true, "the denied status message reached the pipeline");
+    assert_eq!(
+        gas02["online"], true,
+        "the denied status message reached the pipeline"
+    );
     let alarms = alarms_of(http, "gas-02").await;
     assert_eq!(alarms.len(), 1);
-    assert_eq!(alarms[0]["state"], "active", "the fake reading cleared the alarm");
-    let denied = metric(http, r#"stonelion_mqtt_denied_total{reason="publish_not_allowed"}"#).await;
+    assert_eq!(
+        alarms[0]["state"], "active",
+        "the fake reading cleared the alarm"
+    );
+    let denied = metric(
+        http,
+        r#"stonelion_mqtt_denied_total{reason="publish_not_allowed"}"#,
+    )
+    .await;
     assert_eq!(denied, 3.0);
     server.shutdown().await;
 }
@@ -219,7 +304,12 @@ async fn viewer_subscribes_to_own_site_only() {
     let receiver = Receiver::start().await;
     let server = start_server(&config(""), &receiver.url(), data.path()).await;
 
-    let (viewer, mut events) = connect(server.mqtt_addr, "dashboard:1", Some(("dashboard", "pw-dashboard"))).await;
+    let (viewer, mut events) = connect(
+        server.mqtt_addr,
+        "dashboard:1",
+        Some(("dashboard", "pw-dashboard")),
+    )
+    .await;
     viewer
         .subscribe_many([
             rumqttc::SubscribeFilter::new("telemetry/plant-a/#".to_owned(), QoS::AtMostOnce),
@@ -238,23 +328,52 @@ async fn viewer_subscribes_to_own_site_only() {
     assert_eq!(codes[1], SubscribeReasonCode::Failure);
     assert_eq!(codes[2], SubscribeReasonCode::Failure);
 
-    viewer.subscribe("status/park-b3/#", QoS::AtMostOnce).await.unwrap();
-    let codes = next_incoming(&mut events, "SUBACK of a wholly denied SUBSCRIBE", |p| match p {
-        Packet::SubAck(ack) => Some(ack.return_codes),
-        _ => None,
-    })
+    viewer
+        .subscribe("status/park-b3/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let codes = next_incoming(
+        &mut events,
+        "SUBACK of a wholly denied SUBSCRIBE",
+        |p| match p {
+            Packet::SubAck(ack) => Some(ack.return_codes),
+            _ => None,
+        },
+    )
     .await;
     assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
 
     // The viewer may not publish; a device of each site publishes, and only plant-a's
     // message reaches the viewer.
-    viewer.publish("telemetry/plant-a/gas-01", QoS::AtMostOnce, false, reading(99.0)).await.unwrap();
+    viewer
+        .publish(
+            "telemetry/plant-a/gas-01",
+            QoS::AtMostOnce,
+            false,
+            reading(99.0),
+        )
+        .await
+        .unwrap();
     let (b3, b3_events) = connect(server.mqtt_addr, "gas-b3", Some(("gas-b3", "pw-gas-b3"))).await;
     let _b3_loop = drive(b3_events);
-    b3.publish("telemetry/park-b3/gas-b3", QoS::AtLeastOnce, false, reading(1.0)).await.unwrap();
+    b3.publish(
+        "telemetry/park-b3/gas-b3",
+        QoS::AtLeastOnce,
+        false,
+        reading(1.0),
+    )
+    .await
+    .unwrap();
     let (a, a_events) = connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
     let _a_loop = drive(a_events);
-    a.publish("telemetry/plant-a/gas-01", QoS::AtLeastOnce, false, reading(2.0)).await.unwrap();
+    a.publish(
+        "telemetry/plant-a/gas-01",
+        QoS::AtLeastOnce,
+        false,
+        reading(2.0),
+    )
+    .await
+    .unwrap();
     let (topic, payload) = next_incoming(&mut events, "a forwarded publish", |p| match p {
         Packet::Publish(publish) => Some((publish.topic, publish.payload)),
         _ => None,
@@ -262,9 +381,20 @@ async fn viewer_subscribes_to_own_site_only() {
     .await;
     assert_eq!(topic, "telemetry/plant-a/gas-01");
     let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-    assert_eq!(payload["values"]["gas_lel"], 2.0, "the first message forwarded is not gas-01's own");
-    assert_eq!(latest_gas(server.http_addr, "gas-01").await, Some(2.0), "the viewer's publish was stored");
-    let denied = metric(server.http_addr, r#"stonelion_mqtt_denied_total{reason="subscribe_not_allowed"}"#).await;
+    assert_eq!(
+        payload["values"]["gas_lel"], 2.0,
+        "the first message forwarded is not gas-01's own"
+    );
+    assert_eq!(
+        latest_gas(server.http_addr, "gas-01").await,
+        Some(2.0),
+        "the viewer's publish was stored"
+    );
+    let denied = metric(
+        server.http_addr,
+        r#"stonelion_mqtt_denied_total{reason="subscribe_not_allowed"}"#,
+    )
+    .await;
     assert_eq!(denied, 3.0);
     server.shutdown().await;
 }
@@ -275,8 +405,12 @@ async fn device_subscribe_and_will_denied() {
     let receiver = Receiver::start().await;
     let server = start_server(&config(""), &receiver.url(), data.path()).await;
 
-    let (device, mut events) = connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
-    device.subscribe("telemetry/plant-a/#", QoS::AtLeastOnce).await.unwrap();
+    let (device, mut events) =
+        connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    device
+        .subscribe("telemetry/plant-a/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     let codes = next_incoming(&mut events, "SUBACK", |p| match p {
         Packet::SubAck(ack) => Some(ack.return_codes),
         _ => None,
@@ -285,15 +419,32 @@ async fn device_subscribe_and_will_denied() {
     assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
 
     let mut own_will = options(server.mqtt_addr, "gas-02", Some(("gas-02", "pw-gas-02")));
-    own_will.set_last_will(LastWill::new("status/plant-a/gas-02", "offline", QoS::AtLeastOnce, false));
+    own_will.set_last_will(LastWill::new(
+        "status/plant-a/gas-02",
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
     let (_client, mut will_events) = AsyncClient::new(own_will, 10);
     connack(&mut will_events).await.unwrap();
 
     let mut foreign_will = options(server.mqtt_addr, "gas-b3", Some(("gas-b3", "pw-gas-b3")));
-    foreign_will.set_last_will(LastWill::new("status/plant-a/gas-01", "offline", QoS::AtLeastOnce, false));
+    foreign_will.set_last_will(LastWill::new(
+        "status/plant-a/gas-01",
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
     let (_client, mut will_events) = AsyncClient::new(foreign_will, 10);
-    assert!(connack(&mut will_events).await.is_err(), "a last will on another device's topic was accepted");
-    let denied = metric(server.http_addr, r#"stonelion_mqtt_denied_total{reason="will_not_allowed"}"#).await;
+    assert!(
+        connack(&mut will_events).await.is_err(),
+        "a last will on another device's topic was accepted"
+    );
+    let denied = metric(
+        server.http_addr,
+        r#"stonelion_mqtt_denied_total{reason="will_not_allowed"}"#,
+    )
+    .await;
     assert_eq!(denied, 1.0);
     server.shutdown().await;
 }
@@ -306,20 +457,51 @@ async fn rate_limit_spares_other_devices() {
     let server = start_server(&config(limits), &receiver.url(), data.path()).await;
     let http = server.http_addr;
 
-    let (flood, flood_events) = connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let (flood, flood_events) =
+        connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
     let _flood_loop = drive(flood_events);
     for value in 1..=10 {
-        flood.publish("telemetry/plant-a/gas-01", QoS::AtLeastOnce, false, reading(f64::from(value))).await.unwrap();
+        flood
+            .publish(
+                "telemetry/plant-a/gas-01",
+                QoS::AtLeastOnce,
+                false,
+                reading(f64::from(value)),
+            )
+            .await
+            .unwrap();
     }
-    wait_for("7 rate-limited publishes", Duration::from_secs(10), || async {
-        (metric(http, r#"stonelion_mqtt_denied_total{reason="rate_limited"}"#).await >= 7.0).then_some(())
-    })
+    wait_for(
+        "7 rate-limited publishes",
+        Duration::from_secs(10),
+        || async {
+            (metric(
+                http,
+                r#"stonelion_mqtt_denied_total{reason="rate_limited"}"#,
+            )
+            .await
+                >= 7.0)
+                .then_some(())
+        },
+    )
     .await;
-    assert_eq!(latest_gas(http, "gas-01").await, Some(3.0), "the burst of 3 passes, the rest is dropped");
+    assert_eq!(
+        latest_gas(http, "gas-01").await,
+        Some(3.0),
+        "the burst of 3 passes, the rest is dropped"
+    );
 
-    let (calm, calm_events) = connect(server.mqtt_addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
+    let (calm, calm_events) =
+        connect(server.mqtt_addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
     let _calm_loop = drive(calm_events);
-    calm.publish("telemetry/plant-a/gas-02", QoS::AtLeastOnce, false, reading(7.0)).await.unwrap();
+    calm.publish(
+        "telemetry/plant-a/gas-02",
+        QoS::AtLeastOnce,
+        false,
+        reading(7.0),
+    )
+    .await
+    .unwrap();
     wait_for("gas-02's reading", Duration::from_secs(10), || async {
         (latest_gas(http, "gas-02").await == Some(7.0)).then_some(())
     })
@@ -335,14 +517,34 @@ async fn mosquitto_pub_needs_password() {
     let port = server.mqtt_addr.port().to_string();
     let publish = |password: &str, value: &str| {
         Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-i", "gas-01", "-u", "gas-01", "-P", password])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-q",
+                "1",
+                "-i",
+                "gas-01",
+                "-u",
+                "gas-01",
+                "-P",
+                password,
+            ])
             .args(["-t", "telemetry/plant-a/gas-01/gas_lel", "-m", value])
             .output()
             .expect("mosquitto_pub must be installed (Debian package mosquitto-clients)")
     };
-    assert!(!publish("wrong", "60").status.success(), "mosquitto_pub succeeded with a wrong password");
+    assert!(
+        !publish("wrong", "60").status.success(),
+        "mosquitto_pub succeeded with a wrong password"
+    );
     let accepted = publish("pw-gas-01", "12.5");
-    assert!(accepted.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&accepted.stderr));
+    assert!(
+        accepted.status.success(),
+        "mosquitto_pub failed: {}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
     wait_for("the reading", Duration::from_secs(10), || async {
         (latest_gas(server.http_addr, "gas-01").await == Some(12.5)).then_some(())
     })
@@ -354,11 +556,18 @@ async fn mosquitto_pub_needs_password() {
 async fn open_broker_beyond_loopback_rejected() {
     let data = tempfile::tempdir().unwrap();
     let text = "[server]\nmqtt_listen = \"0.0.0.0:0\"\nhttp_listen = \"127.0.0.1:0\"\n";
-    let mut open = stonelion::config::parse(text, stonelion::config::builtin::builtin_profiles()).unwrap();
+    let mut open =
+        stonelion::config::parse(text, stonelion::config::builtin::builtin_profiles()).unwrap();
     open.server.data_dir = data.path().to_owned();
-    let error = stonelion::server::Server::start(open, std::sync::Arc::new(stonelion::clock::SystemClock))
-        .await
-        .err()
-        .expect("Server::start must reject an open broker on 0.0.0.0");
-    assert!(error.to_string().contains("MQTT broker would accept anyone on 0.0.0.0:0"), "{error}");
+    let error =
+        stonelion::server::Server::start(open, std::sync::Arc::new(stonelion::clock::SystemClock))
+            .await
+            .err()
+            .expect("Server::start must reject an open broker on 0.0.0.0");
+    assert!(
+        error
+            .to_string()
+            .contains("MQTT broker would accept anyone on 0.0.0.0:0"),
+        "{error}"
+    );
 }

@@ -25,12 +25,19 @@ fn cheap_hash(password: &str) -> String {
     let params = Params::new(1024, 1, 1, None).unwrap();
     let salt = SaltString::encode_b64(b"sixteen byte salt").unwrap();
     let hasher = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-    hasher.hash_password(password.as_bytes(), &salt).unwrap().to_string()
+    hasher
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
 }
 
 /// Returns a loopback port that nothing listens on, so webhook deliveries to it fail.
 fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts a loopback HTTP server that responds to every request with 401, like InfluxDB
@@ -133,7 +140,20 @@ max_backoff = "100ms"
 
 fn mosquitto_pub(port: u16, password: &str, value: &str) -> std::process::Output {
     Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-i", "gas-01", "-u", "gas-01", "-P", password])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-i",
+            "gas-01",
+            "-u",
+            "gas-01",
+            "-P",
+            password,
+        ])
         .args(["-t", "telemetry/plant-a/gas-01/gas_lel", "-m", value])
         .output()
         .expect("mosquitto_pub must be installed (Debian package mosquitto-clients)")
@@ -144,7 +164,11 @@ fn secrets_absent_from_output() {
     let dir = tempfile::tempdir().unwrap();
     let password_hash = cheap_hash(DEVICE_PASSWORD);
     let config_path = dir.path().join("stonelion.toml");
-    std::fs::write(&config_path, config(&password_hash, unauthorized_influxdb())).unwrap();
+    std::fs::write(
+        &config_path,
+        config(&password_hash, unauthorized_influxdb()),
+    )
+    .unwrap();
     let stderr_path = dir.path().join("stderr.log");
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
@@ -162,20 +186,41 @@ fn secrets_absent_from_output() {
     let mut listening = String::new();
     stdout.read_line(&mut listening).unwrap();
     let address = |key: &str| {
-        listening.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap().parse::<std::net::SocketAddr>().unwrap()
+        listening
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap()
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
     };
     let (http, mqtt) = (address("http="), address("mqtt="));
 
-    assert!(!mosquitto_pub(mqtt.port(), WRONG_PASSWORD, "1").status.success());
+    assert!(
+        !mosquitto_pub(mqtt.port(), WRONG_PASSWORD, "1")
+            .status
+            .success()
+    );
     let published = mosquitto_pub(mqtt.port(), DEVICE_PASSWORD, "60");
-    assert!(published.status.success(), "{}", String::from_utf8_lossy(&published.stderr));
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
 
     let client = reqwest::blocking::Client::new();
     let mut bodies = Vec::new();
-    let wrong = client.get(format!("http://{http}/api/v1/alarms")).bearer_auth(WRONG_TOKEN).send().unwrap();
+    let wrong = client
+        .get(format!("http://{http}/api/v1/alarms"))
+        .bearer_auth(WRONG_TOKEN)
+        .send()
+        .unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
     bodies.push(wrong.text().unwrap());
-    let basic = client.get(format!("http://{http}/query?q=SHOW%20MEASUREMENTS")).basic_auth("u", Some(WRONG_TOKEN)).send().unwrap();
+    let basic = client
+        .get(format!("http://{http}/query?q=SHOW%20MEASUREMENTS"))
+        .basic_auth("u", Some(WRONG_TOKEN))
+        .send()
+        .unwrap();
     assert_eq!(basic.status().as_u16(), 401);
     bodies.push(basic.text().unwrap());
 
@@ -183,33 +228,72 @@ fn secrets_absent_from_output() {
     // and its write to InfluxDB is rejected with 401 and retried.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let metrics = client.get(format!("http://{http}/metrics")).bearer_auth(API_TOKEN).send().unwrap().text().unwrap();
-        let failed = |name: &str| metrics.lines().any(|l| l.starts_with(name) && !l.ends_with(" 0"));
-        if failed("stonelion_webhook_failed_attempts_total") && failed("stonelion_influxdb2_rejected_credentials_total") {
+        let metrics = client
+            .get(format!("http://{http}/metrics"))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        let failed = |name: &str| {
+            metrics
+                .lines()
+                .any(|l| l.starts_with(name) && !l.ends_with(" 0"))
+        };
+        if failed("stonelion_webhook_failed_attempts_total")
+            && failed("stonelion_influxdb2_rejected_credentials_total")
+        {
             bodies.push(metrics);
             break;
         }
-        assert!(Instant::now() < deadline, "no failed webhook attempt or InfluxDB write within 20 s:\n{metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "no failed webhook attempt or InfluxDB write within 20 s:\n{metrics}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
     assert!(child.wait().unwrap().success());
     let stderr = std::fs::read_to_string(&stderr_path).unwrap();
-    assert!(stderr.contains("MQTT client denied"), "the wrong password was not logged:\n{stderr}");
-    assert!(stderr.contains("webhook"), "the failed delivery was not logged:\n{stderr}");
+    assert!(
+        stderr.contains("MQTT client denied"),
+        "the wrong password was not logged:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("webhook"),
+        "the failed delivery was not logged:\n{stderr}"
+    );
     assert!(
         stderr.contains("InfluxDB rejected the token, org or bucket"),
         "the rejected InfluxDB token was not logged:\n{stderr}"
     );
 
-    let outputs = [("stdout", format!("{listening}{rest}")), ("stderr", stderr), ("responses", bodies.join("\n"))];
-    let secrets = [DEVICE_PASSWORD, WRONG_PASSWORD, API_TOKEN, WRONG_TOKEN, WEBHOOK_SECRET, INFLUXDB_TOKEN, &password_hash];
+    let outputs = [
+        ("stdout", format!("{listening}{rest}")),
+        ("stderr", stderr),
+        ("responses", bodies.join("\n")),
+    ];
+    let secrets = [
+        DEVICE_PASSWORD,
+        WRONG_PASSWORD,
+        API_TOKEN,
+        WRONG_TOKEN,
+        WEBHOOK_SECRET,
+        INFLUXDB_TOKEN,
+        &password_hash,
+    ];
     for (name, text) in &outputs {
         for secret in secrets {
-            assert!(!text.contains(secret), "{name} contains the secret {secret:?}");
+            assert!(
+                !text.contains(secret),
+                "{name} contains the secret {secret:?}"
+            );
         }
     }
 }

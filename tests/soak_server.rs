@@ -39,7 +39,10 @@ const GROWTH_LIMIT: f64 = 1.2;
 const ALARMING_EVERY: usize = 50;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn device_id(n: usize) -> String {
@@ -52,7 +55,10 @@ fn config(devices: usize, webhook_url: &str) -> String {
          [[sites]]\nid = \"plant-a\"\nname = \"Plant A\"\nkind = \"enterprise\"\n\n",
     );
     for n in 0..devices {
-        text.push_str(&format!("[[devices]]\nid = \"{}\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n\n", device_id(n)));
+        text.push_str(&format!(
+            "[[devices]]\nid = \"{}\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n\n",
+            device_id(n)
+        ));
     }
     text.push_str(&format!(
         "[[webhooks]]\nname = \"assistant\"\nurl = \"{webhook_url}\"\nsecret = \"test-secret\"\n\
@@ -73,7 +79,13 @@ impl ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_stonelion"))
             .args(["run", "--config"])
             .arg(config)
-            .args(["--http-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data)
             .env_remove("STONELION_HTTP_LISTEN")
             .env_remove("STONELION_MQTT_LISTEN")
@@ -91,11 +103,21 @@ impl ServerProcess {
                 }
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the server printed its addresses within 60 s");
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server printed its addresses within 60 s");
         let address = |key: &str| -> SocketAddr {
-            line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap().parse().unwrap()
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap()
+                .parse()
+                .unwrap()
         };
-        ServerProcess { child, http: address("http="), mqtt: address("mqtt=") }
+        ServerProcess {
+            child,
+            http: address("http="),
+            mqtt: address("mqtt="),
+        }
     }
 
     /// Resident memory in kB and open file descriptors.
@@ -108,7 +130,9 @@ impl ServerProcess {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .expect("VmRSS in /proc/PID/status");
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count();
         (rss_kb, fds)
     }
 }
@@ -122,9 +146,15 @@ impl Drop for ServerProcess {
 
 /// Connects one device and publishes a reading every `PUBLISH_INTERVAL` until `stop`,
 /// counting each PUBACK in `acked`.
-async fn connect_device(mqtt: SocketAddr, n: usize, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+async fn connect_device(
+    mqtt: SocketAddr,
+    n: usize,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
     let device = device_id(n);
-    let mut options = MqttOptions::new(format!("soak-{device}"), mqtt.ip().to_string(), mqtt.port());
+    let mut options =
+        MqttOptions::new(format!("soak-{device}"), mqtt.ip().to_string(), mqtt.port());
     options.set_keep_alive(Duration::from_secs(60));
     let (client, mut events) = AsyncClient::new(options, 10);
     let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
@@ -153,14 +183,24 @@ async fn connect_device(mqtt: SocketAddr, n: usize, stop: Arc<AtomicBool>, acked
         let topic = format!("telemetry/plant-a/{device}");
         // Spread the devices over the interval so the load is even.
         let phase = PUBLISH_INTERVAL.mul_f64((n % 100) as f64 / 100.0);
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + phase, PUBLISH_INTERVAL);
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + phase, PUBLISH_INTERVAL);
         let mut count = 0u64;
         while !stop.load(Ordering::SeqCst) {
             ticker.tick().await;
             let alarming = n.is_multiple_of(ALARMING_EVERY) && (count / 5) % 2 == 1;
-            let value = if alarming { 60.0 } else { 10.0 + (count % 7) as f64 };
-            let payload = serde_json::json!({ "ts": unique_millis(), "values": { "gas_lel": value } }).to_string();
-            client.publish(topic.as_str(), QoS::AtLeastOnce, false, payload).await.unwrap();
+            let value = if alarming {
+                60.0
+            } else {
+                10.0 + (count % 7) as f64
+            };
+            let payload =
+                serde_json::json!({ "ts": unique_millis(), "values": { "gas_lel": value } })
+                    .to_string();
+            client
+                .publish(topic.as_str(), QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
             count += 1;
         }
         let _ = client.disconnect().await;
@@ -170,12 +210,17 @@ async fn connect_device(mqtt: SocketAddr, n: usize, stop: Arc<AtomicBool>, acked
 async fn stored_readings(http: SocketAddr) -> u64 {
     let response = reqwest::Client::new()
         .get(format!("http://{http}/query"))
-        .query(&[("db", "stonelion"), ("q", "SELECT count(gas_lel) FROM \"gas-detector\"")])
+        .query(&[
+            ("db", "stonelion"),
+            ("q", "SELECT count(gas_lel) FROM \"gas-detector\""),
+        ])
         .send()
         .await
         .unwrap();
     let body: serde_json::Value = response.json().await.unwrap();
-    body["results"][0]["series"][0]["values"][0][1].as_u64().unwrap_or(0)
+    body["results"][0]["series"][0]["values"][0][1]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 fn max_of(samples: &[(u64, usize)], pick: impl Fn(&(u64, usize)) -> f64) -> f64 {
@@ -223,8 +268,15 @@ async fn soak_memory_and_descriptors_flat() {
     let (first, second) = samples.split_at(samples.len() / 2);
     let rss = |s: &(u64, usize)| s.0 as f64;
     let fds = |s: &(u64, usize)| s.1 as f64;
-    println!("{devices} devices, sampled for {duration:?} after the warm-up: {} samples (RSS kB, fds): {samples:?}", samples.len());
-    assert!(samples.len() >= 4, "only {} samples in {duration:?}", samples.len());
+    println!(
+        "{devices} devices, sampled for {duration:?} after the warm-up: {} samples (RSS kB, fds): {samples:?}",
+        samples.len()
+    );
+    assert!(
+        samples.len() >= 4,
+        "only {} samples in {duration:?}",
+        samples.len()
+    );
     assert!(
         max_of(second, rss) <= max_of(first, rss) * GROWTH_LIMIT,
         "RSS grew from a maximum of {} kB to {} kB",
@@ -239,14 +291,30 @@ async fn soak_memory_and_descriptors_flat() {
     );
 
     let published = acked.load(Ordering::SeqCst);
-    assert!(published >= devices as u64, "only {published} readings were acknowledged");
+    assert!(
+        published >= devices as u64,
+        "only {published} readings were acknowledged"
+    );
     let http = server.http;
-    wait_for("every acknowledged reading to be stored", Duration::from_secs(60), || async move {
-        (stored_readings(http).await >= published).then_some(())
-    })
+    wait_for(
+        "every acknowledged reading to be stored",
+        Duration::from_secs(60),
+        || async move { (stored_readings(http).await >= published).then_some(()) },
+    )
     .await;
-    assert!(!receiver.events("alarm.raised").is_empty(), "no alarm was raised during the soak");
+    assert!(
+        !receiver.events("alarm.raised").is_empty(),
+        "no alarm was raised during the soak"
+    );
 
-    let errors: Vec<&str> = soak_log.lines().filter(|line| line.contains("ERROR")).collect();
-    assert!(errors.is_empty(), "the server logged {} ERROR lines, first: {}", errors.len(), errors[0]);
+    let errors: Vec<&str> = soak_log
+        .lines()
+        .filter(|line| line.contains("ERROR"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "the server logged {} ERROR lines, first: {}",
+        errors.len(),
+        errors[0]
+    );
 }

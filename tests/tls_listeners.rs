@@ -9,7 +9,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
 use support::{Receiver, start_server, wait_for};
 
 /// A CA with a server certificate for 127.0.0.1 and a client certificate, written as PEM
@@ -29,12 +32,17 @@ fn make_pki(dir: &Path) -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "Stonelion test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Stonelion test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
 
-    let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-    server.distinguished_name.push(DnType::CommonName, "stonelion");
+    let mut server =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "stonelion");
     issue(server, &ca, &ca_key, dir, "server");
 
     let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -46,7 +54,11 @@ fn make_pki(dir: &Path) -> Pki {
 
 fn config(dir: &Path, client_ca: bool) -> String {
     let path = |name: &str| dir.join(name).display().to_string();
-    let ca_line = if client_ca { format!("tls_client_ca = \"{}\"", path("ca.pem")) } else { String::new() };
+    let ca_line = if client_ca {
+        format!("tls_client_ca = \"{}\"", path("ca.pem"))
+    } else {
+        String::new()
+    };
     format!(
         "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n{ca_line}\n\n\
          [api]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\n{}",
@@ -60,7 +72,16 @@ fn mosquitto_pub(port: u16, dir: &Path, extra: &[&str], value: &str) -> Output {
     Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
         .arg(dir.join("ca.pem"))
-        .args(["-q", "1", "-i", "tls-test", "-t", "telemetry/plant-a/gas-01/gas_lel", "-m", value])
+        .args([
+            "-q",
+            "1",
+            "-i",
+            "tls-test",
+            "-t",
+            "telemetry/plant-a/gas-01/gas_lel",
+            "-m",
+            value,
+        ])
         .args(extra)
         .output()
         .expect("mosquitto_pub must be installed (Debian package mosquitto-clients)")
@@ -74,7 +95,10 @@ async fn latest_gas(client: &reqwest::Client, http: std::net::SocketAddr) -> Opt
 
 fn https_client(pki: &Pki) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
-    reqwest::Client::builder().add_root_certificate(ca).build().unwrap()
+    reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,24 +110,42 @@ async fn https_and_mqtt_over_tls() {
     let server = start_server(&config(certs.path(), false), &receiver.url(), data.path()).await;
     let http = server.http_addr;
     let client = https_client(&pki);
-    let tls = server.mqtt_tls_addr.expect("the MQTT over TLS listener is on");
+    let tls = server
+        .mqtt_tls_addr
+        .expect("the MQTT over TLS listener is on");
 
     // Connections that never start their handshake must not delay the others.
     let _idle_http = tokio::net::TcpStream::connect(http).await.unwrap();
     let _idle_mqtt = tokio::net::TcpStream::connect(tls).await.unwrap();
 
-    let health = client.get(format!("https://127.0.0.1:{}/healthz", http.port())).send().await.unwrap();
+    let health = client
+        .get(format!("https://127.0.0.1:{}/healthz", http.port()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status().as_u16(), 200);
     let plain = reqwest::get(format!("http://{http}/healthz")).await;
-    assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP was served on the TLS port");
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "plain HTTP was served on the TLS port"
+    );
     let untrusted = reqwest::get(format!("https://127.0.0.1:{}/healthz", http.port())).await;
-    assert!(untrusted.is_err(), "a client without the CA accepted the certificate");
+    assert!(
+        untrusted.is_err(),
+        "a client without the CA accepted the certificate"
+    );
 
     let output = mosquitto_pub(tls.port(), certs.path(), &[], "14.5");
-    assert!(output.status.success(), "mosquitto_pub over TLS failed: {}", String::from_utf8_lossy(&output.stderr));
-    wait_for("the reading sent over TLS", Duration::from_secs(10), || async {
-        (latest_gas(&client, http).await == Some(14.5)).then_some(())
-    })
+    assert!(
+        output.status.success(),
+        "mosquitto_pub over TLS failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    wait_for(
+        "the reading sent over TLS",
+        Duration::from_secs(10),
+        || async { (latest_gas(&client, http).await == Some(14.5)).then_some(()) },
+    )
     .await;
     server.shutdown().await;
 }
@@ -115,26 +157,60 @@ async fn mqtt_tls_requires_client_certificate() {
     let data = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
     let server = start_server(&config(certs.path(), true), &receiver.url(), data.path()).await;
-    let tls = server.mqtt_tls_addr.expect("the MQTT over TLS listener is on");
+    let tls = server
+        .mqtt_tls_addr
+        .expect("the MQTT over TLS listener is on");
     let dir = certs.path();
 
     let without = mosquitto_pub(tls.port(), dir, &[], "40");
-    assert!(!without.status.success(), "a client without a certificate connected");
+    assert!(
+        !without.status.success(),
+        "a client without a certificate connected"
+    );
 
     let cert = dir.join("client.pem").display().to_string();
     let key = dir.join("client.key").display().to_string();
-    let other = mosquitto_pub(tls.port(), dir, &["--cert", &cert, "--key", &key, "-u", "gas-02"], "30");
-    assert!(!other.status.success(), "gas-01's certificate logged in as gas-02");
-    let with = mosquitto_pub(tls.port(), dir, &["--cert", &cert, "--key", &key, "-u", "gas-01"], "21.5");
-    assert!(with.status.success(), "mosquitto_pub with a client certificate failed: {}", String::from_utf8_lossy(&with.stderr));
+    let other = mosquitto_pub(
+        tls.port(),
+        dir,
+        &["--cert", &cert, "--key", &key, "-u", "gas-02"],
+        "30",
+    );
+    assert!(
+        !other.status.success(),
+        "gas-01's certificate logged in as gas-02"
+    );
+    let with = mosquitto_pub(
+        tls.port(),
+        dir,
+        &["--cert", &cert, "--key", &key, "-u", "gas-01"],
+        "21.5",
+    );
+    assert!(
+        with.status.success(),
+        "mosquitto_pub with a client certificate failed: {}",
+        String::from_utf8_lossy(&with.stderr)
+    );
     let client = https_client(&pki);
-    wait_for("the reading sent with a client certificate", Duration::from_secs(10), || async {
-        (latest_gas(&client, server.http_addr).await == Some(21.5)).then_some(())
-    })
+    wait_for(
+        "the reading sent with a client certificate",
+        Duration::from_secs(10),
+        || async { (latest_gas(&client, server.http_addr).await == Some(21.5)).then_some(()) },
+    )
     .await;
     let metrics_url = format!("https://127.0.0.1:{}/metrics", server.http_addr.port());
-    let metrics = client.get(metrics_url).send().await.unwrap().text().await.unwrap();
+    let metrics = client
+        .get(metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let sample = r#"stonelion_mqtt_denied_total{reason="certificate_mismatch"} 1"#;
-    assert!(metrics.lines().any(|l| l == sample), "missing {sample} in:\n{metrics}");
+    assert!(
+        metrics.lines().any(|l| l == sample),
+        "missing {sample} in:\n{metrics}"
+    );
     server.shutdown().await;
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use stonelion::ingest::line_protocol::{self, Precision};
 use stonelion::ingest::payload::{self, TopicKind};
-use stonelion::model::{MetricName, Timestamp, Value};
 use stonelion::modbus::decode::{self, Decoded};
+use stonelion::model::{MetricName, Timestamp, Value};
 use stonelion::profile::{ByteOrder, DataType, Function, ProfileSet, RegisterSpec};
 use stonelion::storage::sqlite::SqliteStore;
 use stonelion::storage::{Point, SeriesKey, TimeSeriesStore};
@@ -25,14 +25,21 @@ pub fn mqtt_payload(data: &[u8]) {
     let (topic, body) = (&data[..split], data.get(split + 1..).unwrap_or_default());
     let topic = String::from_utf8_lossy(topic);
     if let Ok(kind) = payload::parse_topic(&topic) {
-        assert_eq!(topic_string(&kind), topic, "a parsed topic must print back as itself");
+        assert_eq!(
+            topic_string(&kind),
+            topic,
+            "a parsed topic must print back as itself"
+        );
     }
 
     // Every decoder runs on every payload, whatever the topic, for coverage.
     if let Ok(telemetry) = payload::decode_telemetry(body) {
         let total = telemetry.values.len() + telemetry.rejected.len();
         assert!(total >= 1, "an accepted message has at least one value");
-        assert!(total <= payload::MAX_VALUES_PER_MESSAGE, "{total} values accepted");
+        assert!(
+            total <= payload::MAX_VALUES_PER_MESSAGE,
+            "{total} values accepted"
+        );
         for (name, value) in &telemetry.values {
             assert_finite(*value, name.as_str());
         }
@@ -46,8 +53,16 @@ pub fn mqtt_payload(data: &[u8]) {
 
 fn topic_string(kind: &TopicKind) -> String {
     match kind {
-        TopicKind::Telemetry { site, device, metric: None } => format!("telemetry/{site}/{device}"),
-        TopicKind::Telemetry { site, device, metric: Some(metric) } => {
+        TopicKind::Telemetry {
+            site,
+            device,
+            metric: None,
+        } => format!("telemetry/{site}/{device}"),
+        TopicKind::Telemetry {
+            site,
+            device,
+            metric: Some(metric),
+        } => {
             format!("telemetry/{site}/{device}/{metric}")
         }
         TopicKind::Status { site, device } => format!("status/{site}/{device}"),
@@ -62,7 +77,9 @@ fn assert_finite(value: Value, what: &str) {
 
 /// Line-protocol body: the first byte picks the precision, the rest is the body.
 pub fn line_protocol(data: &[u8]) {
-    let Some((first, rest)) = data.split_first() else { return };
+    let Some((first, rest)) = data.split_first() else {
+        return;
+    };
     let precisions = [
         Precision::Nanoseconds,
         Precision::Microseconds,
@@ -72,7 +89,9 @@ pub fn line_protocol(data: &[u8]) {
         Precision::Hours,
     ];
     let precision = precisions[usize::from(*first) % precisions.len()];
-    let Ok(body) = std::str::from_utf8(rest) else { return };
+    let Ok(body) = std::str::from_utf8(rest) else {
+        return;
+    };
 
     let parsed = line_protocol::parse_body(body, precision, NOW);
     let lines = u64::try_from(body.split('\n').count()).unwrap_or(u64::MAX);
@@ -82,9 +101,16 @@ pub fn line_protocol(data: &[u8]) {
         parsed.lines_accepted,
         parsed.lines_rejected
     );
-    assert!(parsed.points.len() as u64 >= parsed.lines_accepted, "an accepted line yields a point");
+    assert!(
+        parsed.points.len() as u64 >= parsed.lines_accepted,
+        "an accepted line yields a point"
+    );
     let rejected_anything = parsed.lines_rejected > 0 || parsed.string_fields_skipped > 0;
-    assert_eq!(parsed.first_error.is_some(), rejected_anything, "first_error is set exactly when something was rejected");
+    assert_eq!(
+        parsed.first_error.is_some(),
+        rejected_anything,
+        "first_error is set exactly when something was rejected"
+    );
 }
 
 struct QueryService {
@@ -110,15 +136,29 @@ fn query_service() -> &'static QueryService {
         for i in 0..60i32 {
             let ts = Timestamp(NOW.0 - 60_000 + i64::from(i) * 1_000);
             let value = Value::Number(f64::from(i % 17) * 3.5);
-            points.push(Point { series: SeriesKey::new("gas-detector", tags("gas-01"), "gas_lel"), ts, value });
+            points.push(Point {
+                series: SeriesKey::new("gas-detector", tags("gas-01"), "gas_lel"),
+                ts,
+                value,
+            });
             let value = Value::Bool(i % 5 == 0);
-            points.push(Point { series: SeriesKey::new("smoke-detector", tags("smoke-01"), "smoke"), ts, value });
+            points.push(Point {
+                series: SeriesKey::new("smoke-detector", tags("smoke-01"), "smoke"),
+                ts,
+                value,
+            });
         }
         store.write(points).expect("points write");
         store.flush().expect("points flush");
         let store: Arc<dyn TimeSeriesStore> = Arc::new(store);
-        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("tokio runtime");
-        QueryService { runtime, router: stonelion::api::influxql::router(store), _dir: dir }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("tokio runtime");
+        QueryService {
+            runtime,
+            router: stonelion::api::influxql::router(store),
+            _dir: dir,
+        }
     })
 }
 
@@ -126,9 +166,12 @@ fn query_service() -> &'static QueryService {
 pub fn influxql(data: &[u8]) {
     use tower::ServiceExt as _;
 
-    let Ok(query) = std::str::from_utf8(data) else { return };
+    let Ok(query) = std::str::from_utf8(data) else {
+        return;
+    };
     let service = query_service();
-    let params = serde_urlencoded::to_string([("db", "stonelion"), ("q", query)]).expect("query encodes");
+    let params =
+        serde_urlencoded::to_string([("db", "stonelion"), ("q", query)]).expect("query encodes");
     let request = axum::http::Request::get(format!("/query?{params}"))
         .body(axum::body::Body::empty())
         .expect("request builds");
@@ -138,13 +181,18 @@ pub fn influxql(data: &[u8]) {
         .expect("the router is infallible");
     let status = response.status();
     // A 500 means the evaluation task panicked; every bad query is a 400.
-    assert!(status == 200 || status == 400, "query {query:?} returned {status}");
+    assert!(
+        status == 200 || status == 400,
+        "query {query:?} returned {status}"
+    );
 }
 
 /// Modbus register description and reply: the first bytes pick the description, the rest
 /// are the register words.
 pub fn modbus_decode(data: &[u8]) {
-    let Some((head, rest)) = data.split_first_chunk::<8>() else { return };
+    let Some((head, rest)) = data.split_first_chunk::<8>() else {
+        return;
+    };
     let types = [
         DataType::Bool,
         DataType::U16,
@@ -157,8 +205,18 @@ pub fn modbus_decode(data: &[u8]) {
         DataType::F64,
         DataType::String,
     ];
-    let functions = [Function::Coil, Function::DiscreteInput, Function::InputRegister, Function::HoldingRegister];
-    let orders = [ByteOrder::ABCD, ByteOrder::CDAB, ByteOrder::BADC, ByteOrder::DCBA];
+    let functions = [
+        Function::Coil,
+        Function::DiscreteInput,
+        Function::InputRegister,
+        Function::HoldingRegister,
+    ];
+    let orders = [
+        ByteOrder::ABCD,
+        ByteOrder::CDAB,
+        ByteOrder::BADC,
+        ByteOrder::DCBA,
+    ];
     let spec = RegisterSpec {
         function: Some(functions[usize::from(head[0] & 3)]),
         address: Some(u16::from_be_bytes([head[1], head[2]])),
@@ -171,15 +229,26 @@ pub fn modbus_decode(data: &[u8]) {
         offset: [0.0, -40.0, 273.15, 1e308][usize::from(head[7] >> 3 & 3)],
         valid_min: (head[7] & 0x20 != 0).then_some(-1000.0),
         valid_max: (head[7] & 0x40 != 0).then_some(1000.0),
-        no_value: if head[7] & 0x80 != 0 { vec![65535.0, -32768.0] } else { Vec::new() },
+        no_value: if head[7] & 0x80 != 0 {
+            vec![65535.0, -32768.0]
+        } else {
+            Vec::new()
+        },
         codes: Default::default(),
     };
-    let words: Vec<u16> = rest.chunks(2).map(|p| u16::from_be_bytes([p[0], p.get(1).copied().unwrap_or(0)])).collect();
+    let words: Vec<u16> = rest
+        .chunks(2)
+        .map(|p| u16::from_be_bytes([p[0], p.get(1).copied().unwrap_or(0)]))
+        .collect();
     let bits: Vec<bool> = rest.iter().map(|b| b & 1 == 1).collect();
 
     for order in orders {
         let bytes = decode::to_big_endian(order, &words);
-        assert_eq!(decode::from_big_endian(order, &bytes), words, "byte order {order:?} does not round-trip");
+        assert_eq!(
+            decode::from_big_endian(order, &bytes),
+            words,
+            "byte order {order:?} does not round-trip"
+        );
     }
     let Ok(register) = spec.check() else { return };
     if register.function.is_bit() {
@@ -195,17 +264,29 @@ pub fn modbus_decode(data: &[u8]) {
 /// Server config text, checked against the built-in profiles.
 pub fn config(data: &[u8]) {
     static BUILTIN: OnceLock<ProfileSet> = OnceLock::new();
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let builtin = BUILTIN.get_or_init(stonelion::config::builtin::builtin_profiles).clone();
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let builtin = BUILTIN
+        .get_or_init(stonelion::config::builtin::builtin_profiles)
+        .clone();
     if let Err(problems) = stonelion::config::parse(text, builtin) {
-        assert!(!problems.is_empty(), "a rejected config names at least one problem");
+        assert!(
+            !problems.is_empty(),
+            "a rejected config names at least one problem"
+        );
     }
 }
 
 /// Device profile text.
 pub fn profile(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Err(errors) = stonelion::profile::parse(text, None) {
-        assert!(!errors.is_empty(), "a rejected profile names at least one error");
+        assert!(
+            !errors.is_empty(),
+            "a rejected profile names at least one error"
+        );
     }
 }

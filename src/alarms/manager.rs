@@ -71,13 +71,38 @@ pub enum ActionError {
 pub enum AlarmCommand {
     /// Readings with the server time at which they were received, which bounds their
     /// ordering key (see [`crate::rules::engine::order_key`]).
-    Readings { readings: Vec<Reading>, received: Timestamp },
-    Liveness { device: DeviceId, online: bool, at: Timestamp, cause: String },
-    Acknowledge { id: AlarmId, by: String, note: Option<String>, reply: oneshot::Sender<Result<Alarm, ActionError>> },
+    Readings {
+        readings: Vec<Reading>,
+        received: Timestamp,
+    },
+    Liveness {
+        device: DeviceId,
+        online: bool,
+        at: Timestamp,
+        cause: String,
+    },
+    Acknowledge {
+        id: AlarmId,
+        by: String,
+        note: Option<String>,
+        reply: oneshot::Sender<Result<Alarm, ActionError>>,
+    },
     /// Closes a cleared alarm. The note is required, as on a work order.
-    Close { id: AlarmId, by: String, note: String, reply: oneshot::Sender<Result<Alarm, ActionError>> },
-    Reset { request: ResetRequest, reply: oneshot::Sender<Result<Alarm, ActionError>> },
-    Reload { config: Arc<Config>, webhooks: Option<WebhookUpdate>, reply: oneshot::Sender<()> },
+    Close {
+        id: AlarmId,
+        by: String,
+        note: String,
+        reply: oneshot::Sender<Result<Alarm, ActionError>>,
+    },
+    Reset {
+        request: ResetRequest,
+        reply: oneshot::Sender<Result<Alarm, ActionError>>,
+    },
+    Reload {
+        config: Arc<Config>,
+        webhooks: Option<WebhookUpdate>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A cloneable handle to the alarm task.
@@ -91,15 +116,32 @@ impl AlarmHandle {
         self.tx.send(command).await.map_err(|_| ActionError::Closed)
     }
 
-    pub async fn acknowledge(&self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+    pub async fn acknowledge(
+        &self,
+        id: AlarmId,
+        by: String,
+        note: Option<String>,
+    ) -> Result<Alarm, ActionError> {
         let (reply, wait) = oneshot::channel();
-        self.send(AlarmCommand::Acknowledge { id, by, note, reply }).await?;
+        self.send(AlarmCommand::Acknowledge {
+            id,
+            by,
+            note,
+            reply,
+        })
+        .await?;
         wait.await.map_err(|_| ActionError::Closed)?
     }
 
     pub async fn close(&self, id: AlarmId, by: String, note: String) -> Result<Alarm, ActionError> {
         let (reply, wait) = oneshot::channel();
-        self.send(AlarmCommand::Close { id, by, note, reply }).await?;
+        self.send(AlarmCommand::Close {
+            id,
+            by,
+            note,
+            reply,
+        })
+        .await?;
         wait.await.map_err(|_| ActionError::Closed)?
     }
 }
@@ -181,8 +223,16 @@ impl AlarmManager {
             store_failures: Counter::default(),
         };
         registry.register(|r| {
-            r.register("alarms", "Alarms that are not closed, by state and level", metrics.open.clone());
-            r.register("alarm_transitions", "Alarm transitions, by event", metrics.transitions.clone());
+            r.register(
+                "alarms",
+                "Alarms that are not closed, by state and level",
+                metrics.open.clone(),
+            );
+            r.register(
+                "alarm_transitions",
+                "Alarm transitions, by event",
+                metrics.transitions.clone(),
+            );
             r.register(
                 "alarm_store_failures",
                 "Alarm transitions that could not be stored",
@@ -203,11 +253,20 @@ impl AlarmManager {
                 let last_rule_transition = alarm
                     .history
                     .iter()
-                    .filter(|t| matches!(t.event, EventKind::Raised | EventKind::Escalated | EventKind::Cleared))
+                    .filter(|t| {
+                        matches!(
+                            t.event,
+                            EventKind::Raised | EventKind::Escalated | EventKind::Cleared
+                        )
+                    })
                     .map(|t| t.at)
                     .max()
                     .unwrap_or(alarm.raised_at);
-                evaluator.restore_order(alarm.device.clone(), alarm.rule.clone(), last_rule_transition);
+                evaluator.restore_order(
+                    alarm.device.clone(),
+                    alarm.rule.clone(),
+                    last_rule_transition,
+                );
             }
             open.insert((alarm.device.clone(), alarm.rule.clone()), alarm);
         }
@@ -257,14 +316,17 @@ impl AlarmManager {
     /// and checks pending levels: until the next pending level is due, at most
     /// [`PENDING_CHECK_INTERVAL`] while one waits, else [`LIVENESS_RETRY_INTERVAL`].
     fn next_wait(&self) -> Duration {
-        let Some(due) = self.evaluator.next_due() else { return LIVENESS_RETRY_INTERVAL };
+        let Some(due) = self.evaluator.next_due() else {
+            return LIVENESS_RETRY_INTERVAL;
+        };
         let remaining = due.0.saturating_sub(self.clock.now().0);
         if remaining <= 0 {
             // Due but not confirmed, because storing the raise failed: try again with the
             // liveness retries instead of in a tight loop.
             return LIVENESS_RETRY_INTERVAL;
         }
-        Duration::from_millis(u64::try_from(remaining).unwrap_or(u64::MAX)).min(PENDING_CHECK_INTERVAL)
+        Duration::from_millis(u64::try_from(remaining).unwrap_or(u64::MAX))
+            .min(PENDING_CHECK_INTERVAL)
     }
 
     /// Applies one command, after retrying liveness changes that could not be stored and
@@ -278,21 +340,40 @@ impl AlarmManager {
                     self.evaluate(&reading, received);
                 }
             }
-            AlarmCommand::Liveness { device, online, at, cause } => {
+            AlarmCommand::Liveness {
+                device,
+                online,
+                at,
+                cause,
+            } => {
                 // A newer change replaces one that is still waiting to be stored.
                 self.pending_liveness.remove(&device);
                 self.apply_liveness(device, PendingLiveness { online, at, cause });
             }
-            AlarmCommand::Acknowledge { id, by, note, reply } => {
+            AlarmCommand::Acknowledge {
+                id,
+                by,
+                note,
+                reply,
+            } => {
                 let _ = reply.send(self.acknowledge(id, by, note));
             }
-            AlarmCommand::Close { id, by, note, reply } => {
+            AlarmCommand::Close {
+                id,
+                by,
+                note,
+                reply,
+            } => {
                 let _ = reply.send(self.close(id, by, note));
             }
             AlarmCommand::Reset { request, reply } => {
                 let _ = reply.send(self.reset(request));
             }
-            AlarmCommand::Reload { config, webhooks, reply } => {
+            AlarmCommand::Reload {
+                config,
+                webhooks,
+                reply,
+            } => {
                 self.reload(&config, webhooks);
                 let _ = reply.send(());
             }
@@ -300,7 +381,9 @@ impl AlarmManager {
     }
 
     fn evaluate(&mut self, reading: &Reading, received: Timestamp) {
-        let Some(device) = self.devices.get(&reading.device) else { return };
+        let Some(device) = self.devices.get(&reading.device) else {
+            return;
+        };
         let now = self.clock.now();
         let key = order_key(reading.ts, received);
         let changes: Vec<(LevelChange, Rule)> = device
@@ -333,7 +416,9 @@ impl AlarmManager {
                 self.evaluator.drop_pending(&device, &rule_id);
                 continue;
             };
-            let Some(change) = self.evaluator.confirm_due(&device, &rule, now) else { continue };
+            let Some(change) = self.evaluator.confirm_due(&device, &rule, now) else {
+                continue;
+            };
             // The reading that kept the level pending, rebuilt for the alarm's fields. Its
             // source is not stored with the alarm.
             let reading = Reading {
@@ -355,10 +440,13 @@ impl AlarmManager {
     /// the floor to their last transition when the stage was built.
     pub fn restore_latest(&mut self, states: &HashMap<DeviceId, crate::pipeline::DeviceState>) {
         for (device, entry) in &self.devices {
-            let Some(state) = states.get(device) else { continue };
+            let Some(state) = states.get(device) else {
+                continue;
+            };
             for rule in &entry.rules {
                 if let Some(key) = state.latest_order.get(&rule.metric) {
-                    self.evaluator.restore_order(device.clone(), rule.id.clone(), *key);
+                    self.evaluator
+                        .restore_order(device.clone(), rule.id.clone(), *key);
                 }
             }
         }
@@ -400,7 +488,9 @@ impl AlarmManager {
                 })
                 .is_ok()
             }
-            (Some(AlarmState::Active), level) if level > self.open.get(&key).map_or(0, |a| a.level) => {
+            (Some(AlarmState::Active), level)
+                if level > self.open.get(&key).map_or(0, |a| a.level) =>
+            {
                 let t = transition(EventKind::Escalated, change.ts, &actor, level, value);
                 self.modify(&key, t, |alarm| {
                     alarm.level = level;
@@ -415,7 +505,10 @@ impl AlarmManager {
     }
 
     fn new_alarm(&self, rule: &Rule, reading: &Reading, level: u8) -> Alarm {
-        let unit = self.devices.get(&reading.device).and_then(|d| d.units.get(&reading.metric).cloned().flatten());
+        let unit = self
+            .devices
+            .get(&reading.device)
+            .and_then(|d| d.units.get(&reading.metric).cloned().flatten());
         Alarm {
             id: AlarmId(0),
             rule: rule.id.clone(),
@@ -444,11 +537,16 @@ impl AlarmManager {
         if self.pending_liveness.is_empty() {
             return;
         }
-        let mut waiting: Vec<(Timestamp, DeviceId)> =
-            self.pending_liveness.iter().map(|(device, change)| (change.at, device.clone())).collect();
+        let mut waiting: Vec<(Timestamp, DeviceId)> = self
+            .pending_liveness
+            .iter()
+            .map(|(device, change)| (change.at, device.clone()))
+            .collect();
         waiting.sort();
         for (_, device) in waiting {
-            let Some(change) = self.pending_liveness.remove(&device) else { continue };
+            let Some(change) = self.pending_liveness.remove(&device) else {
+                continue;
+            };
             if !self.apply_liveness(device, change) {
                 // The store still fails: the others wait for the next retry instead of each
                 // waiting for the same failure now.
@@ -470,7 +568,9 @@ impl AlarmManager {
     /// Stores the transition of a liveness change, if any. Returns `false` when storing
     /// failed.
     fn liveness(&mut self, device: &DeviceId, online: bool, at: Timestamp, cause: &str) -> bool {
-        let Some(site) = self.devices.get(device).map(|d| d.site.clone()) else { return true };
+        let Some(site) = self.devices.get(device).map(|d| d.site.clone()) else {
+            return true;
+        };
         let key = (device.clone(), RuleId::from(OFFLINE_RULE));
         let note = Some(cause.to_owned());
         let state = self.open.get(&key).map(|a| a.state);
@@ -526,7 +626,10 @@ impl AlarmManager {
     }
 
     fn find_open(&self, id: AlarmId) -> Option<(DeviceId, RuleId)> {
-        self.open.iter().find(|(_, a)| a.id == id).map(|(k, _)| k.clone())
+        self.open
+            .iter()
+            .find(|(_, a)| a.id == id)
+            .map(|(k, _)| k.clone())
     }
 
     fn not_open_error(&self, id: AlarmId) -> ActionError {
@@ -537,7 +640,12 @@ impl AlarmManager {
         }
     }
 
-    fn acknowledge(&mut self, id: AlarmId, by: String, note: Option<String>) -> Result<Alarm, ActionError> {
+    fn acknowledge(
+        &mut self,
+        id: AlarmId,
+        by: String,
+        note: Option<String>,
+    ) -> Result<Alarm, ActionError> {
         let key = self.find_open(id).ok_or_else(|| self.not_open_error(id))?;
         let alarm = &self.open[&key];
         if let Some(ack) = &alarm.acknowledged {
@@ -549,7 +657,9 @@ impl AlarmManager {
         let now = self.clock.now();
         let mut t = transition(EventKind::Acknowledged, now, &by, alarm.level, alarm.value);
         t.note.clone_from(&note);
-        self.modify(&key, t, |alarm| alarm.acknowledged = Some(Signoff { by, at: now, note }))
+        self.modify(&key, t, |alarm| {
+            alarm.acknowledged = Some(Signoff { by, at: now, note })
+        })
     }
 
     /// Closes a cleared alarm. The close is recorded in `closed` and in its own transition;
@@ -567,7 +677,11 @@ impl AlarmManager {
         t.note = Some(note.clone());
         self.modify(&key, t, |alarm| {
             alarm.state = AlarmState::Closed;
-            alarm.closed = Some(Signoff { by, at: now, note: Some(note) });
+            alarm.closed = Some(Signoff {
+                by,
+                at: now,
+                note: Some(note),
+            });
         })
     }
 
@@ -580,7 +694,8 @@ impl AlarmManager {
             Ok((alarm, event)) => {
                 self.store_worked();
                 self.after_transition(&alarm, event.kind, level);
-                self.open.insert((alarm.device.clone(), alarm.rule.clone()), alarm.clone());
+                self.open
+                    .insert((alarm.device.clone(), alarm.rule.clone()), alarm.clone());
                 self.update_gauges();
                 Ok(alarm)
             }
@@ -601,7 +716,10 @@ impl AlarmManager {
         change: impl FnOnce(&mut Alarm),
     ) -> Result<Alarm, ActionError> {
         let Some(open) = self.open.get(key) else {
-            return Err(ActionError::Conflict(format!("no open alarm for device {} and rule {}", key.0, key.1)));
+            return Err(ActionError::Conflict(format!(
+                "no open alarm for device {} and rule {}",
+                key.0, key.1
+            )));
         };
         let mut alarm = open.clone();
         change(&mut alarm);
@@ -641,7 +759,10 @@ impl AlarmManager {
         let log = &mut self.failure_log;
         log.since_working += 1;
         let now = Instant::now();
-        if log.last_logged.is_some_and(|last| now.duration_since(last) < STORE_FAILURE_LOG_INTERVAL) {
+        if log
+            .last_logged
+            .is_some_and(|last| now.duration_since(last) < STORE_FAILURE_LOG_INTERVAL)
+        {
             log.suppressed += 1;
             return;
         }
@@ -663,13 +784,21 @@ impl AlarmManager {
     fn store_worked(&mut self) {
         let log = std::mem::take(&mut self.failure_log);
         if log.since_working > 0 {
-            tracing::info!(failed_transitions = log.since_working, "storing alarm transitions works again");
+            tracing::info!(
+                failed_transitions = log.since_working,
+                "storing alarm transitions works again"
+            );
         }
     }
 
     fn after_transition(&self, alarm: &Alarm, kind: EventKind, level: u8) {
         self.dispatcher.wake();
-        self.metrics.transitions.get_or_create(&EventLabel { event: kind.as_str().to_owned() }).inc();
+        self.metrics
+            .transitions
+            .get_or_create(&EventLabel {
+                event: kind.as_str().to_owned(),
+            })
+            .inc();
         tracing::info!(
             alarm = alarm.id.0,
             event = kind.as_str(),
@@ -700,7 +829,11 @@ impl AlarmManager {
                     value: Value::Number(value),
                 });
             }
-            let active_level = if alarm.state == AlarmState::Active { alarm.level } else { 0 };
+            let active_level = if alarm.state == AlarmState::Active {
+                alarm.level
+            } else {
+                0
+            };
             points.push(Point {
                 series: SeriesKey::new(ALARM_STATE_MEASUREMENT, tags[..3].to_vec(), "level"),
                 ts: at,
@@ -716,16 +849,36 @@ impl AlarmManager {
         self.metrics.open.clear();
         for state in [AlarmState::Active, AlarmState::Cleared] {
             for level in [1u8, 2] {
-                let count = self.open.values().filter(|a| a.state == state && a.level == level).count();
+                let count = self
+                    .open
+                    .values()
+                    .filter(|a| a.state == state && a.level == level)
+                    .count();
                 self.metrics
                     .open
-                    .get_or_create(&StateLevel { state: state.as_str().to_owned(), level: level.to_string() })
+                    .get_or_create(&StateLevel {
+                        state: state.as_str().to_owned(),
+                        level: level.to_string(),
+                    })
                     .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
     }
 }
 
-fn transition(event: EventKind, at: Timestamp, actor: &str, level: u8, value: Option<f64>) -> Transition {
-    Transition { event, at, actor: actor.to_owned(), level, value, note: None }
+fn transition(
+    event: EventKind,
+    at: Timestamp,
+    actor: &str,
+    level: u8,
+    value: Option<f64>,
+) -> Transition {
+    Transition {
+        event,
+        at,
+        actor: actor.to_owned(),
+        level,
+        value,
+        note: None,
+    }
 }

@@ -18,7 +18,9 @@ pub use event::{AlarmEvent, EventKind};
 pub const OFFLINE_RULE: &str = "device-offline";
 
 /// Numeric alarm id, as shown in the API and webhooks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct AlarmId(pub i64);
 
@@ -49,7 +51,9 @@ impl AlarmState {
     }
 
     pub fn parse(text: &str) -> Option<AlarmState> {
-        [AlarmState::Active, AlarmState::Cleared, AlarmState::Closed].into_iter().find(|s| s.as_str() == text)
+        [AlarmState::Active, AlarmState::Cleared, AlarmState::Closed]
+            .into_iter()
+            .find(|s| s.as_str() == text)
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Alarm, AlarmId, AlarmKind, AlarmState, EventKind, Signoff, Transition, AlarmEvent};
+use super::{Alarm, AlarmEvent, AlarmId, AlarmKind, AlarmState, EventKind, Signoff, Transition};
 use crate::model::{DeviceId, MetricName, RuleId, SiteId, Timestamp};
 use crate::notify::{self, Webhook};
 
@@ -53,7 +53,9 @@ CREATE INDEX IF NOT EXISTS alarm_transitions_by_alarm ON alarm_transitions (alar
 /// Opens the state database with the settings every connection to it uses.
 pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+    )?;
     Ok(conn)
 }
 
@@ -89,14 +91,25 @@ impl AlarmStore {
 
     /// Returns every alarm that is not closed, with its history.
     pub fn open_alarms(&self) -> rusqlite::Result<Vec<Alarm>> {
-        let mut statement = self.conn.prepare(&format!("{SELECT_ALARM} WHERE state != 'closed' ORDER BY id"))?;
-        let alarms: Vec<Alarm> = statement.query_map([], alarm_from_row)?.collect::<Result<_, _>>()?;
-        alarms.into_iter().map(|a| with_history(&self.conn, a)).collect()
+        let mut statement = self.conn.prepare(&format!(
+            "{SELECT_ALARM} WHERE state != 'closed' ORDER BY id"
+        ))?;
+        let alarms: Vec<Alarm> = statement
+            .query_map([], alarm_from_row)?
+            .collect::<Result<_, _>>()?;
+        alarms
+            .into_iter()
+            .map(|a| with_history(&self.conn, a))
+            .collect()
     }
 
     /// Stores a new alarm and its first transition, queues its webhook deliveries, and
     /// returns the alarm with its assigned id.
-    pub fn insert(&mut self, mut alarm: Alarm, transition: Transition) -> rusqlite::Result<(Alarm, AlarmEvent)> {
+    pub fn insert(
+        &mut self,
+        mut alarm: Alarm,
+        transition: Transition,
+    ) -> rusqlite::Result<(Alarm, AlarmEvent)> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO alarms (rule, kind, site, device, metric, unit, level, state, value, threshold,
@@ -125,7 +138,11 @@ impl AlarmStore {
     }
 
     /// Stores the changed alarm and one new transition, and queues its deliveries.
-    pub fn update(&mut self, alarm: &mut Alarm, transition: Transition) -> rusqlite::Result<AlarmEvent> {
+    pub fn update(
+        &mut self,
+        alarm: &mut Alarm,
+        transition: Transition,
+    ) -> rusqlite::Result<AlarmEvent> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "UPDATE alarms SET level = ?2, state = ?3, ack_by = ?4, ack_at = ?5, ack_note = ?6,
@@ -199,14 +216,22 @@ const SELECT_ALARM: &str = "SELECT id, rule, kind, site, device, metric, unit, l
 
 fn alarm_from_row(row: &Row<'_>) -> rusqlite::Result<Alarm> {
     let signoff = |by: Option<String>, at: Option<i64>, note: Option<String>| {
-        by.zip(at).map(|(by, at)| Signoff { by, at: Timestamp(at), note })
+        by.zip(at).map(|(by, at)| Signoff {
+            by,
+            at: Timestamp(at),
+            note,
+        })
     };
     let kind: String = row.get(2)?;
     let state: String = row.get(8)?;
     Ok(Alarm {
         id: AlarmId(row.get(0)?),
         rule: RuleId::new(row.get::<_, String>(1)?),
-        kind: if kind == "offline" { AlarmKind::Offline } else { AlarmKind::Rule },
+        kind: if kind == "offline" {
+            AlarmKind::Offline
+        } else {
+            AlarmKind::Rule
+        },
         site: SiteId::new(row.get::<_, String>(3)?),
         device: DeviceId::new(row.get::<_, String>(4)?),
         metric: row.get::<_, Option<String>>(5)?.map(MetricName::new),
@@ -247,7 +272,11 @@ fn with_history(conn: &Connection, mut alarm: Alarm) -> rusqlite::Result<Alarm> 
 /// Reads one alarm with its history.
 pub fn get(conn: &Connection, id: AlarmId) -> rusqlite::Result<Option<Alarm>> {
     let alarm = conn
-        .query_row(&format!("{SELECT_ALARM} WHERE id = ?1"), params![id.0], alarm_from_row)
+        .query_row(
+            &format!("{SELECT_ALARM} WHERE id = ?1"),
+            params![id.0],
+            alarm_from_row,
+        )
         .optional()?;
     alarm.map(|a| with_history(conn, a)).transpose()
 }

@@ -43,7 +43,10 @@ pub struct ApiAuth {
 
 impl ApiAuth {
     pub fn new(tokens: TokenSet, registry: &SharedRegistry) -> Self {
-        Self { tokens: Arc::new(tokens), denials: Arc::new(ApiDenials::new(registry)) }
+        Self {
+            tokens: Arc::new(tokens),
+            denials: Arc::new(ApiDenials::new(registry)),
+        }
     }
 }
 
@@ -62,16 +65,30 @@ struct ApiDenials {
 impl ApiDenials {
     fn new(registry: &SharedRegistry) -> Self {
         let denied = Family::<ReasonLabel, Counter>::default();
-        registry.register(|r| r.register("api_denied", "HTTP requests denied for their token, by reason", denied.clone()));
-        Self { denied, last_logged: Mutex::new(HashMap::new()) }
+        registry.register(|r| {
+            r.register(
+                "api_denied",
+                "HTTP requests denied for their token, by reason",
+                denied.clone(),
+            )
+        });
+        Self {
+            denied,
+            last_logged: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Counts and logs a denial. `token` is the token's configured name, never the token.
     fn deny(&self, reason: &'static str, request: &Request, token: Option<&str>) {
         self.denied.get_or_create(&ReasonLabel { reason }).inc();
         let now = Instant::now();
-        let mut last = self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = last.entry(reason).or_insert((now.checked_sub(LOG_INTERVAL).unwrap_or(now), 0));
+        let mut last = self
+            .last_logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = last
+            .entry(reason)
+            .or_insert((now.checked_sub(LOG_INTERVAL).unwrap_or(now), 0));
         if now.duration_since(entry.0) < LOG_INTERVAL {
             entry.1 += 1;
             return;
@@ -94,7 +111,8 @@ impl ApiDenials {
 pub fn required_permission(method: &Method, path: &str) -> Option<Permission> {
     let alarm_action = path.starts_with("/api/v1/alarms/")
         && (path.ends_with("/ack") || path.ends_with("/close") || path.ends_with("/reset"));
-    let device_change = path.starts_with("/api/v1/devices/") && (method == Method::PUT || method == Method::DELETE);
+    let device_change =
+        path.starts_with("/api/v1/devices/") && (method == Method::PUT || method == Method::DELETE);
     match path {
         "/healthz" | "/ping" => None,
         "/write" | "/api/v2/write" => Some(Permission::Write),
@@ -122,7 +140,8 @@ pub async fn authorize(State(auth): State<ApiAuth>, mut request: Request, next: 
         return unauthorized("invalid API token");
     };
     if !token.role.allows(permission) {
-        auth.denials.deny("role_not_allowed", &request, Some(&token.name));
+        auth.denials
+            .deny("role_not_allowed", &request, Some(&token.name));
         return ApiError::forbidden(format!(
             "token `{}` has role `{}`, which may not {}",
             token.name,
@@ -131,14 +150,19 @@ pub async fn authorize(State(auth): State<ApiAuth>, mut request: Request, next: 
         ))
         .into_response();
     }
-    request.extensions_mut().insert(Principal { name: token.name.clone(), role: token.role });
+    request.extensions_mut().insert(Principal {
+        name: token.name.clone(),
+        role: token.role,
+    });
     next.run(request).await
 }
 
 fn describe(permission: Permission) -> &'static str {
     match permission {
         Permission::Read => "read data; use a viewer, operator or admin token",
-        Permission::AlarmAction => "acknowledge, close or reset alarms; use an operator or admin token",
+        Permission::AlarmAction => {
+            "acknowledge, close or reset alarms; use an operator or admin token"
+        }
         Permission::Write => "write points; use a writer or admin token",
         Permission::Admin => "reload the config or change devices; use an admin token",
     }
@@ -146,13 +170,19 @@ fn describe(permission: Permission) -> &'static str {
 
 fn unauthorized(message: &str) -> Response {
     let mut response = ApiError::unauthorized(message).into_response();
-    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     response
 }
 
 /// Returns the token from the `Authorization` header or the `p` query parameter.
 fn presented_token(request: &Request) -> Option<String> {
-    if let Some(value) = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(value) = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let (scheme, credentials) = value.trim().split_once(' ')?;
         let credentials = credentials.trim();
         return match scheme.to_ascii_lowercase().as_str() {
@@ -163,14 +193,21 @@ fn presented_token(request: &Request) -> Option<String> {
     }
     let query = request.uri().query()?;
     let params: Vec<(String, String)> = serde_urlencoded::from_str(query).ok()?;
-    params.into_iter().find(|(key, _)| key == "p").map(|(_, value)| value)
+    params
+        .into_iter()
+        .find(|(key, _)| key == "p")
+        .map(|(_, value)| value)
 }
 
 /// Decodes HTTP Basic credentials and returns the password.
 fn basic_password(credentials: &str) -> Option<String> {
-    let decoded = base64::engine::general_purpose::STANDARD.decode(credentials).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
-    decoded.split_once(':').map(|(_, password)| password.to_owned())
+    decoded
+        .split_once(':')
+        .map(|(_, password)| password.to_owned())
 }
 
 #[cfg(test)]
@@ -180,23 +217,62 @@ mod tests {
     #[test]
     fn permissions_by_route() {
         assert_eq!(required_permission(&Method::GET, "/healthz"), None);
-        assert_eq!(required_permission(&Method::GET, "/metrics"), Some(Permission::Read));
-        assert_eq!(required_permission(&Method::GET, "/query"), Some(Permission::Read));
-        assert_eq!(required_permission(&Method::POST, "/api/v2/write"), Some(Permission::Write));
-        assert_eq!(required_permission(&Method::POST, "/api/v1/alarms/3/ack"), Some(Permission::AlarmAction));
-        assert_eq!(required_permission(&Method::POST, "/api/v1/alarms/3/close"), Some(Permission::AlarmAction));
-        assert_eq!(required_permission(&Method::POST, "/api/v1/alarms/3/reset"), Some(Permission::AlarmAction));
-        assert_eq!(required_permission(&Method::GET, "/api/v1/alarms/3"), Some(Permission::Read));
-        assert_eq!(required_permission(&Method::POST, "/api/v1/admin/reload"), Some(Permission::Admin));
-        assert_eq!(required_permission(&Method::PUT, "/api/v1/devices/gas-09"), Some(Permission::Admin));
-        assert_eq!(required_permission(&Method::DELETE, "/api/v1/devices/gas-09"), Some(Permission::Admin));
-        assert_eq!(required_permission(&Method::GET, "/api/v1/devices/gas-09"), Some(Permission::Read));
-        assert_eq!(required_permission(&Method::GET, "/no/such/route"), Some(Permission::Read));
+        assert_eq!(
+            required_permission(&Method::GET, "/metrics"),
+            Some(Permission::Read)
+        );
+        assert_eq!(
+            required_permission(&Method::GET, "/query"),
+            Some(Permission::Read)
+        );
+        assert_eq!(
+            required_permission(&Method::POST, "/api/v2/write"),
+            Some(Permission::Write)
+        );
+        assert_eq!(
+            required_permission(&Method::POST, "/api/v1/alarms/3/ack"),
+            Some(Permission::AlarmAction)
+        );
+        assert_eq!(
+            required_permission(&Method::POST, "/api/v1/alarms/3/close"),
+            Some(Permission::AlarmAction)
+        );
+        assert_eq!(
+            required_permission(&Method::POST, "/api/v1/alarms/3/reset"),
+            Some(Permission::AlarmAction)
+        );
+        assert_eq!(
+            required_permission(&Method::GET, "/api/v1/alarms/3"),
+            Some(Permission::Read)
+        );
+        assert_eq!(
+            required_permission(&Method::POST, "/api/v1/admin/reload"),
+            Some(Permission::Admin)
+        );
+        assert_eq!(
+            required_permission(&Method::PUT, "/api/v1/devices/gas-09"),
+            Some(Permission::Admin)
+        );
+        assert_eq!(
+            required_permission(&Method::DELETE, "/api/v1/devices/gas-09"),
+            Some(Permission::Admin)
+        );
+        assert_eq!(
+            required_permission(&Method::GET, "/api/v1/devices/gas-09"),
+            Some(Permission::Read)
+        );
+        assert_eq!(
+            required_permission(&Method::GET, "/no/such/route"),
+            Some(Permission::Read)
+        );
     }
 
     #[test]
     fn basic_auth_password() {
-        assert_eq!(basic_password("dXNlcjpzZWNyZXQ="), Some("secret".to_owned()));
+        assert_eq!(
+            basic_password("dXNlcjpzZWNyZXQ="),
+            Some("secret".to_owned())
+        );
         assert_eq!(basic_password("not base64!"), None);
     }
 }

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use axum::{Extension, Json};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value as Json_, json};
 
@@ -46,7 +46,10 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.registry.encode(),
     )
 }
@@ -72,7 +75,9 @@ fn device_json(config: &Config, device: &Device, device_state: Option<&DeviceSta
             s.latest
                 .iter()
                 .map(|(metric, (ts, value))| {
-                    let unit = profile.and_then(|p| p.metric(metric)).and_then(|m| m.unit.clone());
+                    let unit = profile
+                        .and_then(|p| p.metric(metric))
+                        .and_then(|m| m.unit.clone());
                     let mut entry = json!({ "value": value, "ts": ts.to_rfc3339(), "unit": unit });
                     if let Some(label) = profile.and_then(|p| code_label(p, metric, *value)) {
                         entry["label"] = json!(label);
@@ -86,7 +91,12 @@ fn device_json(config: &Config, device: &Device, device_state: Option<&DeviceSta
         .map(|s| {
             s.bad
                 .iter()
-                .map(|(metric, bad)| (metric.to_string(), json!({ "reason": bad.reason, "at": bad.at.to_rfc3339() })))
+                .map(|(metric, bad)| {
+                    (
+                        metric.to_string(),
+                        json!({ "reason": bad.reason, "at": bad.at.to_rfc3339() }),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -106,9 +116,19 @@ fn device_json(config: &Config, device: &Device, device_state: Option<&DeviceSta
 
 /// Looks up the profile's label for a status or fault code, for metrics whose register
 /// lists `codes`. A code the profile does not list has no label.
-fn code_label(profile: &crate::profile::Profile, metric: &MetricName, value: crate::model::Value) -> Option<String> {
-    let crate::model::Value::Number(number) = value else { return None };
-    let register = &profile.registers.iter().find(|entry| entry.metric == *metric)?.register;
+fn code_label(
+    profile: &crate::profile::Profile,
+    metric: &MetricName,
+    value: crate::model::Value,
+) -> Option<String> {
+    let crate::model::Value::Number(number) = value else {
+        return None;
+    };
+    let register = &profile
+        .registers
+        .iter()
+        .find(|entry| entry.metric == *metric)?
+        .register;
     if register.codes.is_empty() {
         return None;
     }
@@ -133,7 +153,10 @@ pub async fn devices(
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let config = state.config.load();
-    let states = state.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let states = state
+        .states
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let devices: Vec<Json_> = config
         .devices
         .iter()
@@ -143,17 +166,25 @@ pub async fn devices(
     Ok(Json(json!({ "devices": devices })))
 }
 
-pub async fn device(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub async fn device(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let config = state.config.load();
     let device = find_device(&config, &id)?;
-    let states = state.states.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let states = state
+        .states
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     Ok(Json(device_json(&config, device, states.get(&device.id))))
 }
 
 fn find_device<'a>(config: &'a Config, id: &str) -> Result<&'a Device, ApiError> {
-    config
-        .device(&DeviceId::from(id))
-        .ok_or_else(|| ApiError::not_found(format!("device `{id}` not found; GET /api/v1/devices lists the devices")))
+    config.device(&DeviceId::from(id)).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "device `{id}` not found; GET /api/v1/devices lists the devices"
+        ))
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,35 +207,54 @@ pub async fn series(
     let config = state.config.load();
     let device = find_device(&config, &id)?;
     let profile = config.profiles.get(&device.profile);
-    let metric_names: Vec<&MetricName> = profile.map(|p| p.metrics.iter().map(|m| &m.name).collect()).unwrap_or_default();
+    let metric_names: Vec<&MetricName> = profile
+        .map(|p| p.metrics.iter().map(|m| &m.name).collect())
+        .unwrap_or_default();
     let Some(metric) = params.metric.as_deref() else {
         return Err(ApiError::bad_request(format!(
             "missing `metric`; device `{id}` has: {}",
-            metric_names.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+            metric_names
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     };
     let metric = MetricName::from(metric);
     if !metric_names.contains(&&metric) {
         return Err(ApiError::bad_request(format!(
             "device `{id}` has no metric `{metric}`; use one of: {}",
-            metric_names.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+            metric_names
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
 
     let now = state.clock.now();
     let to = parse_time("to", params.to.as_deref(), now)?.unwrap_or(Timestamp(now.0 + 1));
-    let from = parse_time("from", params.from.as_deref(), now)?.unwrap_or(Timestamp(to.0 - 3_600_000));
+    let from =
+        parse_time("from", params.from.as_deref(), now)?.unwrap_or(Timestamp(to.0 - 3_600_000));
     if from >= to {
-        return Err(ApiError::bad_request(format!("`from` ({from}) must be before `to` ({to})")));
+        return Err(ApiError::bad_request(format!(
+            "`from` ({from}) must be before `to` ({to})"
+        )));
     }
     let aggregation = parse_aggregation(params.step.as_deref(), params.agg.as_deref())?;
     let limit = params.limit.unwrap_or(DEFAULT_POINTS).min(MAX_POINTS);
 
     let directory = Directory::from_config(&config);
-    let entry = directory.device(&device.id).ok_or_else(|| ApiError::not_found(format!("device `{id}` not found")))?;
+    let entry = directory
+        .device(&device.id)
+        .ok_or_else(|| ApiError::not_found(format!("device `{id}` not found")))?;
     let key = series_key(entry, &metric);
     let query = storage::Query {
-        selector: Selector { measurement: Some(key.measurement.clone()), tags: key.tags.clone(), field: Some(key.field.clone()) },
+        selector: Selector {
+            measurement: Some(key.measurement.clone()),
+            tags: key.tags.clone(),
+            field: Some(key.field.clone()),
+        },
         from,
         to,
         aggregation,
@@ -225,7 +275,9 @@ pub async fn series(
         .collect();
     let truncated = points.len() > limit;
     points.truncate(limit);
-    let unit = profile.and_then(|p| p.metric(&metric)).and_then(|m| m.unit.clone());
+    let unit = profile
+        .and_then(|p| p.metric(&metric))
+        .and_then(|m| m.unit.clone());
     Ok(Json(json!({
         "device": device.id,
         "metric": metric,
@@ -240,8 +292,14 @@ pub async fn series(
 }
 
 /// Parses an RFC 3339 time, epoch milliseconds, or `now`, `now-1h`, `-15m`.
-fn parse_time(name: &str, text: Option<&str>, now: Timestamp) -> Result<Option<Timestamp>, ApiError> {
-    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else { return Ok(None) };
+fn parse_time(
+    name: &str,
+    text: Option<&str>,
+    now: Timestamp,
+) -> Result<Option<Timestamp>, ApiError> {
+    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
     let invalid = || {
         ApiError::bad_request(format!(
             "`{name}` value `{text}` is invalid; use RFC 3339 (2026-01-02T03:04:05Z), epoch \
@@ -264,23 +322,37 @@ fn parse_time(name: &str, text: Option<&str>, now: Timestamp) -> Result<Option<T
     Ok(Some(Timestamp(now.0.saturating_sub(ms))))
 }
 
-fn parse_aggregation(step: Option<&str>, agg: Option<&str>) -> Result<Option<(Duration, Aggregate)>, ApiError> {
+fn parse_aggregation(
+    step: Option<&str>,
+    agg: Option<&str>,
+) -> Result<Option<(Duration, Aggregate)>, ApiError> {
     let aggregate = agg
         .map(|name| {
-            Aggregate::ALL.into_iter().find(|a| a.name() == name).ok_or_else(|| {
-                let names: Vec<&str> = Aggregate::ALL.iter().map(|a| a.name()).collect();
-                ApiError::bad_request(format!("`agg` value `{name}` is unknown; use one of: {}", names.join(", ")))
-            })
+            Aggregate::ALL
+                .into_iter()
+                .find(|a| a.name() == name)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = Aggregate::ALL.iter().map(|a| a.name()).collect();
+                    ApiError::bad_request(format!(
+                        "`agg` value `{name}` is unknown; use one of: {}",
+                        names.join(", ")
+                    ))
+                })
         })
         .transpose()?;
     let Some(step) = step else {
         if aggregate.is_some() {
-            return Err(ApiError::bad_request("`agg` needs a `step`, such as step=1m"));
+            return Err(ApiError::bad_request(
+                "`agg` needs a `step`, such as step=1m",
+            ));
         }
         return Ok(None);
     };
-    let duration = humantime::parse_duration(step)
-        .map_err(|_| ApiError::bad_request(format!("`step` value `{step}` is invalid; write a duration such as 10s, 1m or 1h")))?;
+    let duration = humantime::parse_duration(step).map_err(|_| {
+        ApiError::bad_request(format!(
+            "`step` value `{step}` is invalid; write a duration such as 10s, 1m or 1h"
+        ))
+    })?;
     if duration < Duration::from_millis(1) {
         return Err(ApiError::bad_request("`step` must be at least 1ms"));
     }
@@ -306,7 +378,9 @@ pub async fn alarms(
         .as_deref()
         .map(|s| {
             AlarmState::parse(s).ok_or_else(|| {
-                ApiError::bad_request(format!("`state` value `{s}` is unknown; use active, cleared or closed"))
+                ApiError::bad_request(format!(
+                    "`state` value `{s}` is unknown; use active, cleared or closed"
+                ))
             })
         })
         .transpose()?;
@@ -318,7 +392,9 @@ pub async fn alarms(
     };
     let reader = state.alarm_reader.clone();
     let alarms = tokio::task::spawn_blocking(move || {
-        let conn = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conn = reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         store::list(&conn, &filter)
     })
     .await
@@ -329,16 +405,23 @@ pub async fn alarms(
 }
 
 pub(super) fn parse_alarm_id(id: &str) -> Result<AlarmId, ApiError> {
-    id.parse::<i64>()
-        .map(AlarmId)
-        .map_err(|_| ApiError::bad_request(format!("alarm id `{id}` is invalid; alarm ids are integers")))
+    id.parse::<i64>().map(AlarmId).map_err(|_| {
+        ApiError::bad_request(format!(
+            "alarm id `{id}` is invalid; alarm ids are integers"
+        ))
+    })
 }
 
-pub async fn alarm(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub async fn alarm(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let id = parse_alarm_id(&id)?;
     let reader = state.alarm_reader.clone();
     let alarm = tokio::task::spawn_blocking(move || {
-        let conn = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conn = reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         store::get(&conn, id)
     })
     .await
@@ -387,14 +470,25 @@ pub(super) fn check_action(
     note_rule: NoteRule,
 ) -> Result<Action, ApiError> {
     let Json(body) = body.map_err(|e| {
-        ApiError::bad_request(format!("{}; send JSON such as {{\"by\": \"duty officer\", \"note\": \"...\"}}", e.body_text()))
+        ApiError::bad_request(format!(
+            "{}; send JSON such as {{\"by\": \"duty officer\", \"note\": \"...\"}}",
+            e.body_text()
+        ))
     })?;
     let by = body.by.as_deref().map(str::trim);
     if by.is_some_and(|by| by.is_empty() || by.chars().count() > MAX_ACTOR_CHARS) {
-        return Err(ApiError::bad_request(format!("`by` must name who acts, in 1 to {MAX_ACTOR_CHARS} characters")));
+        return Err(ApiError::bad_request(format!(
+            "`by` must name who acts, in 1 to {MAX_ACTOR_CHARS} characters"
+        )));
     }
-    if body.note.as_ref().is_some_and(|n| n.chars().count() > MAX_NOTE_CHARS) {
-        return Err(ApiError::bad_request(format!("`note` is longer than {MAX_NOTE_CHARS} characters")));
+    if body
+        .note
+        .as_ref()
+        .is_some_and(|n| n.chars().count() > MAX_NOTE_CHARS)
+    {
+        return Err(ApiError::bad_request(format!(
+            "`note` is longer than {MAX_NOTE_CHARS} characters"
+        )));
     }
     if note_rule == NoteRule::Required && body.note.as_deref().is_none_or(|n| n.trim().is_empty()) {
         return Err(ApiError::bad_request(
@@ -403,15 +497,23 @@ pub(super) fn check_action(
         ));
     }
     let Some(principal) = principal else {
-        let by = by.ok_or_else(|| ApiError::bad_request("missing `by`; name who acts, such as {\"by\": \"duty officer\"}"))?;
-        return Ok(Action { actor: by.to_owned(), note: body.note });
+        let by = by.ok_or_else(|| {
+            ApiError::bad_request("missing `by`; name who acts, such as {\"by\": \"duty officer\"}")
+        })?;
+        return Ok(Action {
+            actor: by.to_owned(),
+            note: body.note,
+        });
     };
     let note = match (by, body.note) {
         (Some(by), Some(note)) => Some(format!("by {by}: {note}")),
         (Some(by), None) => Some(format!("by {by}")),
         (None, note) => note,
     };
-    Ok(Action { actor: principal.name.clone(), note })
+    Ok(Action {
+        actor: principal.name.clone(),
+        note,
+    })
 }
 
 pub async fn acknowledge(
@@ -422,7 +524,10 @@ pub async fn acknowledge(
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_alarm_id(&id)?;
     let action = check_action(body, principal.as_deref(), NoteRule::Optional)?;
-    let alarm = state.alarms.acknowledge(id, action.actor, action.note).await?;
+    let alarm = state
+        .alarms
+        .acknowledge(id, action.actor, action.note)
+        .await?;
     Ok((StatusCode::OK, Json(alarm.to_json())))
 }
 

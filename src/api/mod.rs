@@ -5,8 +5,8 @@
 mod admin;
 pub mod auth;
 pub mod error;
-pub mod influxql;
 mod handlers;
+pub mod influxql;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -48,7 +48,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices", get(handlers::devices))
         .route(
             "/api/v1/devices/{id}",
-            get(handlers::device).put(admin::put_device).delete(admin::delete_device),
+            get(handlers::device)
+                .put(admin::put_device)
+                .delete(admin::delete_device),
         )
         .route("/api/v1/devices/{id}/series", get(handlers::series))
         .route("/api/v1/alarms", get(handlers::alarms))

@@ -269,12 +269,18 @@ impl SharedConfig {
 
     /// Returns the current config.
     pub fn load(&self) -> std::sync::Arc<Config> {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the config; readers holding the previous one finish with it.
     pub fn store(&self, config: std::sync::Arc<Config>) {
-        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
     }
 }
 
@@ -309,7 +315,11 @@ pub struct ConfigError {
 }
 
 fn render(problems: &[ConfigProblem]) -> String {
-    problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n")
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Reads and checks a config file. Relative paths in it are relative to the current
@@ -490,7 +500,11 @@ impl RawSections {
         check_ingest(checker, &ingest);
         let alarms = self.alarms.unwrap_or_default();
         if !(1..=2).contains(&alarms.offline_level) {
-            checker.push(None, "alarms.offline_level", format!("level {} is invalid; write 1 or 2", alarms.offline_level));
+            checker.push(
+                None,
+                "alarms.offline_level",
+                format!("level {} is invalid; write 1 or 2", alarms.offline_level),
+            );
         }
         let storage = self.storage.unwrap_or_default();
         check_storage(checker, &storage);
@@ -500,7 +514,8 @@ impl RawSections {
         let webhooks = check_webhooks(checker, self.webhooks);
         let mqtt = self.mqtt.unwrap_or_default();
         crate::security::config::check_mqtt(checker, &mqtt);
-        let mqtt_users = crate::security::config::check_mqtt_users(checker, self.mqtt_users, &sites, &devices);
+        let mqtt_users =
+            crate::security::config::check_mqtt_users(checker, self.mqtt_users, &sites, &devices);
         let api = self.api.unwrap_or_default();
         crate::security::config::check_api(checker, &api);
         let api_tokens = crate::security::config::check_api_tokens(checker, self.api_tokens);
@@ -523,11 +538,22 @@ impl RawSections {
 
 fn check_ingest(checker: &mut Checker<'_>, ingest: &IngestSection) {
     if ingest.max_payload_bytes < 64 {
-        checker.push(None, "ingest.max_payload_bytes", "write at least 64 bytes, such as 65536");
+        checker.push(
+            None,
+            "ingest.max_payload_bytes",
+            "write at least 64 bytes, such as 65536",
+        );
     }
-    for (key, value) in [("ingest.max_age", ingest.max_age), ("ingest.stale_after", ingest.stale_after)] {
+    for (key, value) in [
+        ("ingest.max_age", ingest.max_age),
+        ("ingest.stale_after", ingest.stale_after),
+    ] {
         if value.is_zero() {
-            checker.push(None, key, "a zero duration would reject or expire every reading; write one such as \"5m\"");
+            checker.push(
+                None,
+                key,
+                "a zero duration would reject or expire every reading; write one such as \"5m\"",
+            );
         }
     }
 }
@@ -535,7 +561,11 @@ fn check_ingest(checker: &mut Checker<'_>, ingest: &IngestSection) {
 fn check_cors_origins(checker: &mut Checker<'_>, origins: &[String]) {
     for (index, origin) in origins.iter().enumerate() {
         if let Err(message) = check_origin(origin) {
-            checker.push(None, format!("server.cors_allowed_origins[{index}]"), message);
+            checker.push(
+                None,
+                format!("server.cors_allowed_origins[{index}]"),
+                message,
+            );
         }
     }
 }
@@ -548,21 +578,34 @@ pub fn check_origin(origin: &str) -> Result<(), String> {
         return Err(format!("`{origin}` is not an origin; {fix}"));
     };
     if scheme != "http" && scheme != "https" {
-        return Err(format!("`{origin}` has scheme `{scheme}`; browsers send http or https origins; {fix}"));
+        return Err(format!(
+            "`{origin}` has scheme `{scheme}`; browsers send http or https origins; {fix}"
+        ));
     }
     let valid_authority = !authority.is_empty()
-        && authority.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
     if !valid_authority {
-        return Err(format!("`{origin}` has a path, wildcard or invalid host; {fix}"));
+        return Err(format!(
+            "`{origin}` has a path, wildcard or invalid host; {fix}"
+        ));
     }
     Ok(())
 }
 
 fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
     if storage.retention < Duration::from_secs(3600) {
-        checker.push(None, "storage.retention", "retention below 1h would delete fresh readings; write one such as \"90d\"");
+        checker.push(
+            None,
+            "storage.retention",
+            "retention below 1h would delete fresh readings; write one such as \"90d\"",
+        );
     }
-    let needs_influx = matches!(storage.backend, StorageBackend::Influxdb2 | StorageBackend::Both);
+    let needs_influx = matches!(
+        storage.backend,
+        StorageBackend::Influxdb2 | StorageBackend::Both
+    );
     match (&storage.influxdb2, needs_influx) {
         (None, true) => checker.push(
             None,
@@ -577,13 +620,27 @@ fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
         _ => {}
     }
     if storage.commit_interval.is_zero() || storage.commit_interval > Duration::from_secs(60) {
-        checker.push(None, "storage.commit_interval", "write a duration between 1ms and 60s, such as \"500ms\"");
+        checker.push(
+            None,
+            "storage.commit_interval",
+            "write a duration between 1ms and 60s, such as \"500ms\"",
+        );
     }
-    if storage.summary_interval < Duration::from_secs(1) || storage.summary_interval > Duration::from_secs(300) {
-        checker.push(None, "storage.summary_interval", "write a duration between 1s and 5m, such as \"10s\"");
+    if storage.summary_interval < Duration::from_secs(1)
+        || storage.summary_interval > Duration::from_secs(300)
+    {
+        checker.push(
+            None,
+            "storage.summary_interval",
+            "write a duration between 1s and 5m, such as \"10s\"",
+        );
     }
     if storage.memory_budget_bytes < 16 << 20 {
-        checker.push(None, "storage.memory_budget_bytes", "write at least 16777216 (16 MiB)");
+        checker.push(
+            None,
+            "storage.memory_budget_bytes",
+            "write at least 16777216 (16 MiB)",
+        );
     }
     check_rollups(checker, storage);
 }
@@ -592,7 +649,12 @@ fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
 /// larger multiple of the tier before it, and each retention covers the raw retention.
 fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
     const PARTITION: Duration = Duration::from_secs(86_400);
-    if !storage.rollups.is_empty() && matches!(storage.backend, StorageBackend::Sqlite | StorageBackend::Influxdb2) {
+    if !storage.rollups.is_empty()
+        && matches!(
+            storage.backend,
+            StorageBackend::Sqlite | StorageBackend::Influxdb2
+        )
+    {
         checker.push(
             None,
             "storage.rollups",
@@ -604,7 +666,9 @@ fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
     for (index, tier) in storage.rollups.iter().enumerate() {
         let resolution = tier.resolution;
         let key = format!("storage.rollups[{index}].resolution");
-        if resolution < Duration::from_secs(1) || !PARTITION.as_nanos().is_multiple_of(resolution.as_nanos()) {
+        if resolution < Duration::from_secs(1)
+            || !PARTITION.as_nanos().is_multiple_of(resolution.as_nanos())
+        {
             checker.push(
                 None,
                 key,
@@ -614,7 +678,8 @@ fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
                 ),
             );
         } else if let Some(previous) = previous
-            && (resolution <= previous || !resolution.as_nanos().is_multiple_of(previous.as_nanos()))
+            && (resolution <= previous
+                || !resolution.as_nanos().is_multiple_of(previous.as_nanos()))
         {
             checker.push(
                 None,
@@ -674,7 +739,10 @@ fn check_sites(checker: &mut Checker<'_>, entries: Vec<(Site, EntrySpans)>) -> V
             checker.push(
                 Some(spans.key("id")),
                 format!("sites[{index}].id"),
-                format!("site id `{}` is used twice; give each site a unique id", site.id),
+                format!(
+                    "site id `{}` is used twice; give each site a unique id",
+                    site.id
+                ),
             );
         } else {
             sites.push(site);
@@ -703,7 +771,10 @@ fn check_devices(
             checker.push(
                 Some(spans.key("id")),
                 key("id"),
-                format!("device id `{}` is used twice; device ids must be unique across sites", spec.id),
+                format!(
+                    "device id `{}` is used twice; device ids must be unique across sites",
+                    spec.id
+                ),
             );
             ok = false;
         }
@@ -720,7 +791,10 @@ fn check_devices(
             checker.push(
                 Some(spans.key("site")),
                 key("site"),
-                format!("unknown site `{}`; declare it in [[sites]] ({hint})", spec.site),
+                format!(
+                    "unknown site `{}`; declare it in [[sites]] ({hint})",
+                    spec.site
+                ),
             );
             ok = false;
         }
@@ -729,11 +803,19 @@ fn check_devices(
             checker.push(
                 Some(spans.key("profile")),
                 key("profile"),
-                format!("unknown profile `{}`; use one of: {}", spec.profile, known.join(", ")),
+                format!(
+                    "unknown profile `{}`; use one of: {}",
+                    spec.profile,
+                    known.join(", ")
+                ),
             );
             continue;
         };
-        let mut rules: BTreeMap<_, Rule> = profile.rules.iter().map(|r| (r.id.clone(), r.clone())).collect();
+        let mut rules: BTreeMap<_, Rule> = profile
+            .rules
+            .iter()
+            .map(|r| (r.id.clone(), r.clone()))
+            .collect();
         let mut rule_ids = HashSet::new();
         for (rule_index, rule) in spec.rules.iter().enumerate() {
             let rule_key = format!("devices[{index}].rules[{rule_index}]");
@@ -742,14 +824,21 @@ fn check_devices(
                 checker.push(
                     rule_span("id"),
                     format!("{rule_key}.id"),
-                    format!("rule id `{}` is used twice for this device; give each rule a unique id", rule.id),
+                    format!(
+                        "rule id `{}` is used twice for this device; give each rule a unique id",
+                        rule.id
+                    ),
                 );
                 ok = false;
             }
             if let Some(metric) = profile.metric(&rule.metric) {
                 let wants_bool = rule.kind == crate::rules::spec::RuleKind::Equals;
                 if wants_bool != (metric.kind == crate::model::ValueKind::Bool) {
-                    let (rule_kind, metric_kind) = if wants_bool { ("an equals", "a number") } else { ("a threshold", "a boolean") };
+                    let (rule_kind, metric_kind) = if wants_bool {
+                        ("an equals", "a number")
+                    } else {
+                        ("a threshold", "a boolean")
+                    };
                     checker.push(
                         rule_span("kind"),
                         format!("{rule_key}.kind"),
@@ -770,7 +859,12 @@ fn check_devices(
                         "profile `{}` has no metric `{}`; use one of: {}",
                         profile.name,
                         rule.metric,
-                        profile.metrics.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                        profile
+                            .metrics
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
                 ok = false;
@@ -789,11 +883,23 @@ fn check_devices(
         }
         if let Some(modbus) = &spec.modbus {
             for (field, message) in modbus.validate() {
-                checker.push(Some(spans.key("modbus")), format!("devices[{index}].modbus.{field}"), message);
+                checker.push(
+                    Some(spans.key("modbus")),
+                    format!("devices[{index}].modbus.{field}"),
+                    message,
+                );
                 ok = false;
             }
-            if let Some(message) = check_polled_staleness(modbus, profile, spec.stale_after.unwrap_or(ingest.stale_after)) {
-                let span = if spec.stale_after.is_some() { spans.key("stale_after") } else { spans.key("modbus") };
+            if let Some(message) = check_polled_staleness(
+                modbus,
+                profile,
+                spec.stale_after.unwrap_or(ingest.stale_after),
+            ) {
+                let span = if spec.stale_after.is_some() {
+                    spans.key("stale_after")
+                } else {
+                    spans.key("modbus")
+                };
                 checker.push(Some(span), key("stale_after"), message);
                 ok = false;
             }
@@ -810,9 +916,16 @@ fn check_devices(
                 ok = false;
             }
         }
-        let hash_check = spec.mqtt_password_hash.as_ref().map(|hash| crate::security::check_password_hash(hash.as_str()));
+        let hash_check = spec
+            .mqtt_password_hash
+            .as_ref()
+            .map(|hash| crate::security::check_password_hash(hash.as_str()));
         if let Some(Err(message)) = hash_check {
-            checker.push(Some(spans.key("mqtt_password_hash")), key("mqtt_password_hash"), message);
+            checker.push(
+                Some(spans.key("mqtt_password_hash")),
+                key("mqtt_password_hash"),
+                message,
+            );
             ok = false;
         }
         if ok {
@@ -837,7 +950,11 @@ fn check_devices(
 /// polled devices included. A timeout that is not longer than `offline_after_failures`
 /// poll intervals would raise an offline alarm for a device that misses one poll, or for
 /// every device whose interval is longer than the timeout.
-fn check_polled_staleness(modbus: &ModbusDeviceConfig, profile: &crate::profile::Profile, stale_after: Duration) -> Option<String> {
+fn check_polled_staleness(
+    modbus: &ModbusDeviceConfig,
+    profile: &crate::profile::Profile,
+    stale_after: Duration,
+) -> Option<String> {
     let interval = modbus
         .poll_interval
         .or(profile.modbus.poll_interval)
@@ -856,7 +973,10 @@ fn check_polled_staleness(modbus: &ModbusDeviceConfig, profile: &crate::profile:
     })
 }
 
-fn check_webhooks(checker: &mut Checker<'_>, entries: Vec<(WebhookConfig, EntrySpans)>) -> Vec<Webhook> {
+fn check_webhooks(
+    checker: &mut Checker<'_>,
+    entries: Vec<(WebhookConfig, EntrySpans)>,
+) -> Vec<Webhook> {
     let mut seen = HashSet::new();
     let mut webhooks = Vec::new();
     for (spec, spans) in entries {
@@ -865,7 +985,10 @@ fn check_webhooks(checker: &mut Checker<'_>, entries: Vec<(WebhookConfig, EntryS
             checker.push(
                 Some(spans.key("name")),
                 format!("webhooks[{index}].name"),
-                format!("webhook name `{}` is used twice; give each webhook a unique name", spec.name),
+                format!(
+                    "webhook name `{}` is used twice; give each webhook a unique name",
+                    spec.name
+                ),
             );
             continue;
         }
@@ -873,7 +996,11 @@ fn check_webhooks(checker: &mut Checker<'_>, entries: Vec<(WebhookConfig, EntryS
             Ok(webhook) => webhooks.push(webhook),
             Err(problems) => {
                 for (key, message) in problems {
-                    checker.push(Some(spans.key(&key)), format!("webhooks[{index}].{key}"), message);
+                    checker.push(
+                        Some(spans.key(&key)),
+                        format!("webhooks[{index}].{key}"),
+                        message,
+                    );
                 }
             }
         }
@@ -885,7 +1012,9 @@ fn check_webhooks(checker: &mut Checker<'_>, entries: Vec<(WebhookConfig, EntryS
 pub fn check_id(id: &str) -> Result<(), String> {
     let valid = !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if valid {
         Ok(())
     } else {

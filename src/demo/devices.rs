@@ -32,18 +32,45 @@ struct Simulated {
 }
 
 const DEVICES: &[Simulated] = &[
-    Simulated { site: "plant-a", device: "gas-a-01", behaviour: Behaviour::ClimbingGas },
-    Simulated { site: "plant-a", device: "gas-a-02", behaviour: Behaviour::BackgroundGas(3.0) },
-    Simulated { site: "plant-a", device: "meter-a-01", behaviour: Behaviour::EnergyMeter },
-    Simulated { site: "park-b3", device: "gas-b3-01", behaviour: Behaviour::BackgroundGas(1.5) },
-    Simulated { site: "park-b3", device: "smoke-b3-01", behaviour: Behaviour::Smoke },
-    Simulated { site: "park-b3", device: "temp-b3-01", behaviour: Behaviour::Temperature },
+    Simulated {
+        site: "plant-a",
+        device: "gas-a-01",
+        behaviour: Behaviour::ClimbingGas,
+    },
+    Simulated {
+        site: "plant-a",
+        device: "gas-a-02",
+        behaviour: Behaviour::BackgroundGas(3.0),
+    },
+    Simulated {
+        site: "plant-a",
+        device: "meter-a-01",
+        behaviour: Behaviour::EnergyMeter,
+    },
+    Simulated {
+        site: "park-b3",
+        device: "gas-b3-01",
+        behaviour: Behaviour::BackgroundGas(1.5),
+    },
+    Simulated {
+        site: "park-b3",
+        device: "smoke-b3-01",
+        behaviour: Behaviour::Smoke,
+    },
+    Simulated {
+        site: "park-b3",
+        device: "temp-b3-01",
+        behaviour: Behaviour::Temperature,
+    },
 ];
 
 /// Starts every simulated device against the broker at `mqtt`.
 pub fn spawn_all(mqtt: SocketAddr, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
     let started = Instant::now();
-    DEVICES.iter().map(|d| tokio::spawn(run_device(d, mqtt, started, stop.clone()))).collect()
+    DEVICES
+        .iter()
+        .map(|d| tokio::spawn(run_device(d, mqtt, started, stop.clone())))
+        .collect()
 }
 
 /// Percent LEL of the climbing detector `t` seconds into its cycle: background for 10 s,
@@ -65,11 +92,21 @@ pub fn climbing_gas(t: f64) -> f64 {
     (value * 10.0).round() / 10.0
 }
 
-async fn run_device(device: &'static Simulated, mqtt: SocketAddr, started: Instant, stop: CancellationToken) {
+async fn run_device(
+    device: &'static Simulated,
+    mqtt: SocketAddr,
+    started: Instant,
+    stop: CancellationToken,
+) {
     let status_topic = format!("status/{}/{}", device.site, device.device);
     let mut options = MqttOptions::new(device.device, mqtt.ip().to_string(), mqtt.port());
     options.set_keep_alive(Duration::from_secs(10));
-    options.set_last_will(LastWill::new(&status_topic, "offline", QoS::AtLeastOnce, false));
+    options.set_last_will(LastWill::new(
+        &status_topic,
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
     let (client, mut events) = AsyncClient::new(options, 16);
 
     let event_stop = stop.clone();
@@ -89,7 +126,9 @@ async fn run_device(device: &'static Simulated, mqtt: SocketAddr, started: Insta
         }
     });
 
-    let _ = client.publish(&status_topic, QoS::AtLeastOnce, false, "online").await;
+    let _ = client
+        .publish(&status_topic, QoS::AtLeastOnce, false, "online")
+        .await;
     let topic = format!("telemetry/{}/{}", device.site, device.device);
     let mut ticker = tokio::time::interval(PUBLISH_INTERVAL);
     let mut energy_kwh = 18_250.0;
@@ -102,7 +141,9 @@ async fn run_device(device: &'static Simulated, mqtt: SocketAddr, started: Insta
         let jitter = (t * 7.3).sin();
         let values = match device.behaviour {
             Behaviour::ClimbingGas => json!({ "gas_lel": climbing_gas(t) }),
-            Behaviour::BackgroundGas(level) => json!({ "gas_lel": ((level + jitter * 0.4) * 10.0).round() / 10.0 }),
+            Behaviour::BackgroundGas(level) => {
+                json!({ "gas_lel": ((level + jitter * 0.4) * 10.0).round() / 10.0 })
+            }
             Behaviour::Smoke => json!({ "smoke": false }),
             Behaviour::EnergyMeter => {
                 let power_kw = 42.0 + jitter * 3.0;
@@ -113,10 +154,14 @@ async fn run_device(device: &'static Simulated, mqtt: SocketAddr, started: Insta
                     "voltage_v": ((230.0 + jitter) * 10.0_f64).round() / 10.0,
                 })
             }
-            Behaviour::Temperature => json!({ "temperature_c": ((24.0 + jitter * 0.8) * 10.0_f64).round() / 10.0 }),
+            Behaviour::Temperature => {
+                json!({ "temperature_c": ((24.0 + jitter * 0.8) * 10.0_f64).round() / 10.0 })
+            }
         };
         let payload = json!({ "ts": chrono::Utc::now().timestamp_millis(), "values": values });
-        let _ = client.publish(&topic, QoS::AtLeastOnce, false, payload.to_string()).await;
+        let _ = client
+            .publish(&topic, QoS::AtLeastOnce, false, payload.to_string())
+            .await;
     }
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(1), event_loop).await;
@@ -128,10 +173,17 @@ mod tests {
 
     #[test]
     fn climbing_gas_crosses_both_levels_within_a_minute() {
-        let first_level1 = (0..600).map(|i| f64::from(i) / 10.0).find(|t| climbing_gas(*t) >= 25.0);
-        let first_level2 = (0..600).map(|i| f64::from(i) / 10.0).find(|t| climbing_gas(*t) >= 50.0);
+        let first_level1 = (0..600)
+            .map(|i| f64::from(i) / 10.0)
+            .find(|t| climbing_gas(*t) >= 25.0);
+        let first_level2 = (0..600)
+            .map(|i| f64::from(i) / 10.0)
+            .find(|t| climbing_gas(*t) >= 50.0);
         assert!(first_level1.is_some_and(|t| t < 30.0), "{first_level1:?}");
         assert!(first_level2.is_some_and(|t| t < 60.0), "{first_level2:?}");
-        assert!(climbing_gas(100.0) < 23.0, "the gas falls back below level 1 minus the deadband");
+        assert!(
+            climbing_gas(100.0) < 23.0,
+            "the gas falls back below level 1 minus the deadband"
+        );
     }
 }

@@ -25,17 +25,23 @@ pub const DEMO_SECRET: &str = "demo-secret";
 /// Runs the demo until SIGTERM or Ctrl-C.
 pub async fn run(overrides: Overrides, webhook_listen: SocketAddr) -> anyhow::Result<()> {
     let api = Arc::new(std::sync::OnceLock::new());
-    let (receiver_addr, receiver) = receiver::start(webhook_listen, DEMO_SECRET.as_bytes().to_vec(), api.clone())
+    let (receiver_addr, receiver) =
+        receiver::start(webhook_listen, DEMO_SECRET.as_bytes().to_vec(), api.clone())
+            .await
+            .with_context(|| {
+                format!("cannot start the demo webhook receiver on {webhook_listen}")
+            })?;
+    let simulated_modbus = modbus::start(&builtin_profiles())
         .await
-        .with_context(|| format!("cannot start the demo webhook receiver on {webhook_listen}"))?;
-    let simulated_modbus = modbus::start(&builtin_profiles()).await.context("cannot start the demo's Modbus simulator")?;
+        .context("cannot start the demo's Modbus simulator")?;
     let text = DEMO_CONFIG
         .replace("WEBHOOK_URL", &format!("http://{receiver_addr}/stonelion"))
         .replace("MODBUS_ADDR", &simulated_modbus.addr.to_string());
-    let mut config = config::parse(&text, builtin_profiles()).map_err(|problems| config::ConfigError {
-        source_name: "demo config".to_owned(),
-        problems,
-    })?;
+    let mut config =
+        config::parse(&text, builtin_profiles()).map_err(|problems| config::ConfigError {
+            source_name: "demo config".to_owned(),
+            problems,
+        })?;
     overrides.apply(&mut config.server);
     let data_dir = config.server.data_dir.clone();
     let sites = config.sites.clone();
@@ -45,7 +51,14 @@ pub async fn run(overrides: Overrides, webhook_listen: SocketAddr) -> anyhow::Re
     let mqtt = server.mqtt_addr;
     let _ = api.set(http);
     println!("stonelion listening: http={http} mqtt={mqtt}");
-    print_banner(http, mqtt, receiver_addr, simulated_modbus.addr, &data_dir, &sites);
+    print_banner(
+        http,
+        mqtt,
+        receiver_addr,
+        simulated_modbus.addr,
+        &data_dir,
+        &sites,
+    );
 
     let stop_devices = CancellationToken::new();
     let mut simulated = devices::spawn_all(mqtt, &stop_devices);
@@ -69,7 +82,10 @@ fn print_banner(
     data_dir: &std::path::Path,
     sites: &[crate::config::Site],
 ) {
-    let site_list: Vec<String> = sites.iter().map(|s| format!("{} ({}, {})", s.id, s.name, s.kind.as_str())).collect();
+    let site_list: Vec<String> = sites
+        .iter()
+        .map(|s| format!("{} ({}, {})", s.id, s.name, s.kind.as_str()))
+        .collect();
     println!(
         "\nStonelion demo\n\
          \n  sites:            {}\

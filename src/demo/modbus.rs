@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{MetricName, ProfileName};
 use crate::modbus::decode::Decoded;
 use crate::modbus::{RegisterBank, SimulatorHandle, spawn_simulator};
+use crate::model::{MetricName, ProfileName};
 use crate::profile::{Profile, ProfileSet};
 
 pub const METER_UNIT: u8 = 1;
@@ -34,13 +34,24 @@ pub struct DemoModbus {
 /// Starts the simulated gateway on a free loopback port.
 pub async fn start(profiles: &ProfileSet) -> anyhow::Result<DemoModbus> {
     let profile = |name: &str| {
-        profiles.get(&ProfileName::from(name)).cloned().ok_or_else(|| anyhow::anyhow!("built-in profile `{name}` is missing"))
+        profiles
+            .get(&ProfileName::from(name))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("built-in profile `{name}` is missing"))
     };
     let meter = profile(METER_PROFILE)?;
     let controller = profile(CONTROLLER_PROFILE)?;
-    let units = BTreeMap::from([(METER_UNIT, zeroed_bank(&meter)), (CONTROLLER_UNIT, zeroed_bank(&controller))]);
+    let units = BTreeMap::from([
+        (METER_UNIT, zeroed_bank(&meter)),
+        (CONTROLLER_UNIT, zeroed_bank(&controller)),
+    ]);
     let (addr, handle) = spawn_simulator(SocketAddr::from(([127, 0, 0, 1], 0)), units).await?;
-    let demo = DemoModbus { addr, handle, meter, controller };
+    let demo = DemoModbus {
+        addr,
+        handle,
+        meter,
+        controller,
+    };
     demo.update(0.0);
     Ok(demo)
 }
@@ -81,20 +92,42 @@ impl DemoModbus {
         }
 
         let gas = controller_gas(t);
-        self.set(CONTROLLER_UNIT, &self.controller, "gas_lel", Decoded::Number(gas));
-        self.set(CONTROLLER_UNIT, &self.controller, "sensor_volts", Decoded::Number(1.2 + gas / 100.0));
-        for metric in self.controller.metrics.iter().filter(|m| m.kind == crate::model::ValueKind::Bool) {
+        self.set(
+            CONTROLLER_UNIT,
+            &self.controller,
+            "gas_lel",
+            Decoded::Number(gas),
+        );
+        self.set(
+            CONTROLLER_UNIT,
+            &self.controller,
+            "sensor_volts",
+            Decoded::Number(1.2 + gas / 100.0),
+        );
+        for metric in self
+            .controller
+            .metrics
+            .iter()
+            .filter(|m| m.kind == crate::model::ValueKind::Bool)
+        {
             let on = match metric.name.as_str() {
                 "alarm1" => gas >= 25.0,
                 "alarm2" => gas >= 50.0,
                 _ => false,
             };
-            self.set(CONTROLLER_UNIT, &self.controller, metric.name.as_str(), Decoded::Bool(on));
+            self.set(
+                CONTROLLER_UNIT,
+                &self.controller,
+                metric.name.as_str(),
+                Decoded::Bool(on),
+            );
         }
     }
 
     fn set(&self, unit: u8, profile: &Profile, metric: &str, value: Decoded) {
-        let Some(register) = profile.register(&MetricName::from(metric)) else { return };
+        let Some(register) = profile.register(&MetricName::from(metric)) else {
+            return;
+        };
         if let Err(e) = self.handle.set_value(unit, register, &value) {
             tracing::warn!(profile = %profile.name, metric, error = %e, "demo cannot set a simulated register");
         }
@@ -109,7 +142,9 @@ fn zeroed_bank(profile: &Profile) -> RegisterBank {
     let mut spans: BTreeMap<crate::profile::Function, (u16, u16)> = BTreeMap::new();
     for register in profile.registers.iter().map(|r| &r.register) {
         let end = register.address.saturating_add(register.span.max(1));
-        let span = spans.entry(register.function).or_insert((register.address, end));
+        let span = spans
+            .entry(register.function)
+            .or_insert((register.address, end));
         *span = (span.0.min(register.address), span.1.max(end));
     }
     for (function, (start, end)) in spans {

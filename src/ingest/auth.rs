@@ -33,24 +33,33 @@ pub enum MqttIdentity {
     /// A configured device: publishes its own telemetry and status, subscribes to nothing.
     Device { device: DeviceId, site: SiteId },
     /// An `[[mqtt_users]]` account: subscribes to its sites' topics, publishes nothing.
-    Viewer { username: String, sites: Vec<SiteId> },
+    Viewer {
+        username: String,
+        sites: Vec<SiteId>,
+    },
 }
 
 impl MqttIdentity {
     /// Returns whether this identity may publish to `topic`, which is also the check for
     /// a last will's topic.
     pub fn may_publish(&self, topic: &str) -> bool {
-        let MqttIdentity::Device { device, site } = self else { return false };
+        let MqttIdentity::Device { device, site } = self else {
+            return false;
+        };
         let telemetry = format!("telemetry/{site}/{device}");
         topic == telemetry
-            || topic.strip_prefix(&telemetry).is_some_and(|rest| rest.starts_with('/'))
+            || topic
+                .strip_prefix(&telemetry)
+                .is_some_and(|rest| rest.starts_with('/'))
             || topic == format!("status/{site}/{device}")
     }
 
     /// Returns whether this identity may subscribe to `filter`. A shared subscription
     /// (`$share/{group}/{filter}`) is checked by its filter.
     pub fn may_subscribe(&self, filter: &str) -> bool {
-        let MqttIdentity::Viewer { sites, .. } = self else { return false };
+        let MqttIdentity::Viewer { sites, .. } = self else {
+            return false;
+        };
         let filter = match filter.strip_prefix("$share/") {
             Some(shared) => match shared.split_once('/') {
                 Some((_group, filter)) => filter,
@@ -59,7 +68,9 @@ impl MqttIdentity {
             None => filter,
         };
         sites.iter().any(|site| {
-            ["telemetry", "status"].iter().any(|kind| filter.starts_with(&format!("{kind}/{site}/")))
+            ["telemetry", "status"]
+                .iter()
+                .any(|kind| filter.starts_with(&format!("{kind}/{site}/")))
         })
     }
 
@@ -73,7 +84,9 @@ impl MqttIdentity {
             MqttIdentity::Viewer { .. } => {
                 client_id.is_empty()
                     || client_id == username
-                    || client_id.strip_prefix(username).is_some_and(|rest| rest.starts_with(':'))
+                    || client_id
+                        .strip_prefix(username)
+                        .is_some_and(|rest| rest.starts_with(':'))
             }
         }
     }
@@ -96,13 +109,31 @@ impl MqttAccounts {
         let mut accounts = HashMap::new();
         for device in &config.devices {
             if let Some(hash) = &device.mqtt_password_hash {
-                let identity = MqttIdentity::Device { device: device.id.clone(), site: device.site.clone() };
-                accounts.insert(device.id.to_string(), Account { password_hash: hash.as_str().to_owned(), identity });
+                let identity = MqttIdentity::Device {
+                    device: device.id.clone(),
+                    site: device.site.clone(),
+                };
+                accounts.insert(
+                    device.id.to_string(),
+                    Account {
+                        password_hash: hash.as_str().to_owned(),
+                        identity,
+                    },
+                );
             }
         }
         for user in &config.mqtt_users {
-            let identity = MqttIdentity::Viewer { username: user.username.clone(), sites: user.sites.clone() };
-            accounts.insert(user.username.clone(), Account { password_hash: user.password_hash.clone(), identity });
+            let identity = MqttIdentity::Viewer {
+                username: user.username.clone(),
+                sites: user.sites.clone(),
+            };
+            accounts.insert(
+                user.username.clone(),
+                Account {
+                    password_hash: user.password_hash.clone(),
+                    identity,
+                },
+            );
         }
         MqttAccounts { accounts }
     }
@@ -119,13 +150,23 @@ impl MqttAccounts {
     /// Checks a CONNECT's credentials and client id. The argon2 check runs on the
     /// blocking pool; an unknown username is checked against a dummy hash, so the time
     /// taken does not tell which usernames exist.
-    pub async fn authenticate(&self, client_id: &str, username: &str, password: String, checks: &Semaphore) -> bool {
+    pub async fn authenticate(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: String,
+        checks: &Semaphore,
+    ) -> bool {
         let account = self.accounts.get(username);
         let hash = account.map_or_else(|| dummy_hash().to_owned(), |a| a.password_hash.clone());
-        let Ok(_permit) = checks.acquire().await else { return false };
-        let verified = tokio::task::spawn_blocking(move || crate::security::verify_password(password.as_bytes(), &hash))
-            .await
-            .unwrap_or(false);
+        let Ok(_permit) = checks.acquire().await else {
+            return false;
+        };
+        let verified = tokio::task::spawn_blocking(move || {
+            crate::security::verify_password(password.as_bytes(), &hash)
+        })
+        .await
+        .unwrap_or(false);
         match account {
             Some(account) => verified && account.identity.client_id_allowed(username, client_id),
             None => false,
@@ -142,16 +183,23 @@ fn dummy_hash() -> &'static str {
 pub fn auth_handler(
     accounts: Arc<MqttAccounts>,
     denials: Arc<MqttDenials>,
-) -> impl Fn(String, String, String) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync + 'static {
+) -> impl Fn(String, String, String) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync + 'static
+{
     let checks = Arc::new(Semaphore::new(CONCURRENT_PASSWORD_CHECKS));
     move |client_id: String, username: String, password: String| {
         let accounts = accounts.clone();
         let denials = denials.clone();
         let checks = checks.clone();
         Box::pin(async move {
-            let accepted = accounts.authenticate(&client_id, &username, password, &checks).await;
+            let accepted = accounts
+                .authenticate(&client_id, &username, password, &checks)
+                .await;
             if !accepted {
-                denials.deny(DenyReason::BadCredentials, &client_id, &format!("username `{username}`"));
+                denials.deny(
+                    DenyReason::BadCredentials,
+                    &client_id,
+                    &format!("username `{username}`"),
+                );
             }
             accepted
         })
@@ -205,18 +253,34 @@ impl MqttDenials {
     pub fn new(registry: &SharedRegistry) -> Self {
         let denied = Family::<ReasonLabel, Counter>::default();
         registry.register(|r| {
-            r.register("mqtt_denied", "MQTT connections and packets denied by the broker, by reason", denied.clone());
+            r.register(
+                "mqtt_denied",
+                "MQTT connections and packets denied by the broker, by reason",
+                denied.clone(),
+            );
         });
-        Self { denied, last_logged: Mutex::new(HashMap::new()) }
+        Self {
+            denied,
+            last_logged: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Counts a denial and logs it with the client id and the topic or username
     /// (`subject`). Passwords are never passed here.
     pub fn deny(&self, reason: DenyReason, client_id: &str, subject: &str) {
-        self.denied.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() }).inc();
+        self.denied
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str().to_owned(),
+            })
+            .inc();
         let now = Instant::now();
-        let mut last = self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = last.entry(reason).or_insert((now.checked_sub(LOG_INTERVAL).unwrap_or(now), 0));
+        let mut last = self
+            .last_logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = last
+            .entry(reason)
+            .or_insert((now.checked_sub(LOG_INTERVAL).unwrap_or(now), 0));
         if now.duration_since(entry.0) < LOG_INTERVAL {
             entry.1 += 1;
             return;
@@ -234,7 +298,11 @@ impl MqttDenials {
     }
 
     pub fn count(&self, reason: DenyReason) -> u64 {
-        self.denied.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() }).get()
+        self.denied
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str().to_owned(),
+            })
+            .get()
     }
 }
 
@@ -243,7 +311,10 @@ mod tests {
     use super::*;
 
     fn device() -> MqttIdentity {
-        MqttIdentity::Device { device: DeviceId::from("gas-01"), site: SiteId::from("plant-a") }
+        MqttIdentity::Device {
+            device: DeviceId::from("gas-01"),
+            site: SiteId::from("plant-a"),
+        }
     }
 
     #[test]
@@ -261,7 +332,10 @@ mod tests {
 
     #[test]
     fn viewer_subscribes_to_own_sites() {
-        let id = MqttIdentity::Viewer { username: "dash".to_owned(), sites: vec![SiteId::from("plant-a")] };
+        let id = MqttIdentity::Viewer {
+            username: "dash".to_owned(),
+            sites: vec![SiteId::from("plant-a")],
+        };
         assert!(id.may_subscribe("telemetry/plant-a/#"));
         assert!(id.may_subscribe("status/plant-a/+"));
         assert!(id.may_subscribe("$share/g/telemetry/plant-a/#"));
@@ -278,7 +352,10 @@ mod tests {
         assert!(device().client_id_allowed("gas-01", "gas-01"));
         assert!(!device().client_id_allowed("gas-01", "gas-02"));
         assert!(!device().client_id_allowed("gas-01", ""));
-        let viewer = MqttIdentity::Viewer { username: "dash".to_owned(), sites: vec![] };
+        let viewer = MqttIdentity::Viewer {
+            username: "dash".to_owned(),
+            sites: vec![],
+        };
         assert!(viewer.client_id_allowed("dash", "dash:1"));
         assert!(viewer.client_id_allowed("dash", ""));
         assert!(!viewer.client_id_allowed("dash", "dashboard"));

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use super::payload::{RejectReason, Rejection, check_timestamp};
 use crate::config::{Config, SiteKind};
-use crate::model::{DeviceId, MetricName, ProfileName, Reading, SiteId, Source, Timestamp, Value, ValueKind};
+use crate::model::{
+    DeviceId, MetricName, ProfileName, Reading, SiteId, Source, Timestamp, Value, ValueKind,
+};
 
 /// What ingestion knows about one device.
 #[derive(Clone, Debug)]
@@ -34,9 +36,17 @@ impl Directory {
     pub fn from_config(config: &Config) -> Self {
         let mut devices = HashMap::new();
         for device in &config.devices {
-            let Some(site) = config.site(&device.site) else { continue };
-            let Some(profile) = config.profiles.get(&device.profile) else { continue };
-            let metrics = profile.metrics.iter().map(|m| (m.name.clone(), (m.unit.clone(), m.kind))).collect();
+            let Some(site) = config.site(&device.site) else {
+                continue;
+            };
+            let Some(profile) = config.profiles.get(&device.profile) else {
+                continue;
+            };
+            let metrics = profile
+                .metrics
+                .iter()
+                .map(|m| (m.name.clone(), (m.unit.clone(), m.kind)))
+                .collect();
             let entry = DeviceEntry {
                 id: device.id.clone(),
                 site: device.site.clone(),
@@ -63,7 +73,11 @@ impl Directory {
     }
 
     /// Finds the device a topic addresses, checking that it belongs to the topic's site.
-    pub fn resolve(&self, site: &SiteId, device: &DeviceId) -> Result<&Arc<DeviceEntry>, Rejection> {
+    pub fn resolve(
+        &self,
+        site: &SiteId,
+        device: &DeviceId,
+    ) -> Result<&Arc<DeviceEntry>, Rejection> {
         let Some(entry) = self.devices.get(device) else {
             let reason = if self.devices.values().any(|d| d.site == *site) {
                 RejectReason::UnknownDevice
@@ -72,7 +86,9 @@ impl Directory {
             };
             return Err(Rejection::new(
                 reason,
-                format!("device `{device}` at site `{site}` is not in the config; add it under [[devices]]"),
+                format!(
+                    "device `{device}` at site `{site}` is not in the config; add it under [[devices]]"
+                ),
             ));
         };
         if entry.site != *site {
@@ -138,7 +154,10 @@ impl SharedDirectory {
 
     /// Returns the current directory.
     pub fn load(&self) -> Arc<Directory> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the directory; readers holding the previous one finish with it.
@@ -149,7 +168,11 @@ impl SharedDirectory {
 
 /// Checks a value against its metric's kind. A number 0 or 1 for a boolean metric is
 /// accepted, because many devices send flags as integers.
-pub fn check_value(entry: &DeviceEntry, metric: &MetricName, value: Value) -> Result<Value, Rejection> {
+pub fn check_value(
+    entry: &DeviceEntry,
+    metric: &MetricName,
+    value: Value,
+) -> Result<Value, Rejection> {
     let Some((_, kind)) = entry.metrics.get(metric) else {
         let known: Vec<&str> = entry.metrics.keys().map(MetricName::as_str).collect();
         return Err(Rejection::new(
@@ -167,11 +190,17 @@ pub fn check_value(entry: &DeviceEntry, metric: &MetricName, value: Value) -> Re
         (ValueKind::Bool, Value::Number(n)) if n == 0.0 || n == 1.0 => Ok(Value::Bool(n == 1.0)),
         (ValueKind::Number, Value::Bool(_)) => Err(Rejection::new(
             RejectReason::WrongType,
-            format!("metric `{metric}` of device `{}` is a number; a boolean was sent", entry.id),
+            format!(
+                "metric `{metric}` of device `{}` is a number; a boolean was sent",
+                entry.id
+            ),
         )),
         (ValueKind::Bool, Value::Number(n)) => Err(Rejection::new(
             RejectReason::WrongType,
-            format!("metric `{metric}` of device `{}` is a boolean; send true/false (or 1/0), not {n}", entry.id),
+            format!(
+                "metric `{metric}` of device `{}` is a boolean; send true/false (or 1/0), not {n}",
+                entry.id
+            ),
         )),
     }
 }

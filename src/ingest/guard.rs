@@ -25,8 +25,8 @@ use std::time::Instant;
 use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
-    Error, Packet, PingReq, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Protocol,
-    SubAck, Subscribe, SubscribeReasonCode,
+    Error, Packet, PingReq, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, SubAck, Subscribe, SubscribeReasonCode,
 };
 
 use super::auth::{DenyReason, MqttAccounts, MqttDenials, MqttIdentity};
@@ -63,15 +63,28 @@ struct Replies {
 
 impl GuardedV4 {
     pub fn new(policy: Arc<GuardPolicy>) -> Self {
-        Self { policy, inner: V4, client_id: String::new(), identity: None, bucket: None, replies: Mutex::default() }
+        Self {
+            policy,
+            inner: V4,
+            client_id: String::new(),
+            identity: None,
+            bucket: None,
+            replies: Mutex::default(),
+        }
     }
 
     fn replies(&mut self) -> &mut Replies {
-        self.replies.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.replies
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Checks one decoded packet. `Ok(None)` drops it and decodes the next one.
-    fn inspect(&mut self, packet: Packet, publish: Option<PublishHeader>) -> Result<Option<Packet>, Error> {
+    fn inspect(
+        &mut self,
+        packet: Packet,
+        publish: Option<PublishHeader>,
+    ) -> Result<Option<Packet>, Error> {
         match packet {
             Packet::Connect(connect, properties, will, will_properties, login) => {
                 self.client_id.clone_from(&connect.client_id);
@@ -81,13 +94,27 @@ impl GuardedV4 {
                     self.bucket = self.new_bucket();
                     if let Some(will) = &will {
                         let topic = String::from_utf8_lossy(&will.topic);
-                        if !self.identity.as_ref().is_some_and(|id| id.may_publish(&topic)) {
-                            self.policy.denials.deny(DenyReason::WillNotAllowed, &self.client_id, &topic);
+                        if !self
+                            .identity
+                            .as_ref()
+                            .is_some_and(|id| id.may_publish(&topic))
+                        {
+                            self.policy.denials.deny(
+                                DenyReason::WillNotAllowed,
+                                &self.client_id,
+                                &topic,
+                            );
                             return Err(Error::InvalidProtocol);
                         }
                     }
                 }
-                Ok(Some(Packet::Connect(connect, properties, will, will_properties, login)))
+                Ok(Some(Packet::Connect(
+                    connect,
+                    properties,
+                    will,
+                    will_properties,
+                    login,
+                )))
             }
             Packet::Publish(message, properties) => {
                 let topic = String::from_utf8_lossy(&message.topic).into_owned();
@@ -99,10 +126,15 @@ impl GuardedV4 {
                     }
                 }
             }
-            Packet::Subscribe(subscribe, properties) => Ok(Some(self.filter_subscribe(subscribe, properties))),
+            Packet::Subscribe(subscribe, properties) => {
+                Ok(Some(self.filter_subscribe(subscribe, properties)))
+            }
             Packet::PubRel(release, properties) => {
                 if self.replies().denied_exactly_once.remove(&release.pkid) {
-                    let complete = PubComp { pkid: release.pkid, reason: PubCompReason::Success };
+                    let complete = PubComp {
+                        pkid: release.pkid,
+                        reason: PubCompReason::Success,
+                    };
                     self.replies().pending.push(Packet::PubComp(complete, None));
                     return Ok(Some(Packet::PingReq(PingReq)));
                 }
@@ -114,29 +146,56 @@ impl GuardedV4 {
 
     fn new_bucket(&self) -> Option<TokenBucket> {
         let is_device = matches!(self.identity, Some(MqttIdentity::Device { .. }));
-        (is_device && self.policy.max_messages_per_second > 0.0)
-            .then(|| TokenBucket::new(self.policy.max_messages_per_second, self.policy.max_burst_messages))
+        (is_device && self.policy.max_messages_per_second > 0.0).then(|| {
+            TokenBucket::new(
+                self.policy.max_messages_per_second,
+                self.policy.max_burst_messages,
+            )
+        })
     }
 
     fn check_publish(&mut self, topic: &str) -> Result<(), DenyReason> {
         if self.policy.accounts.is_open() {
             return Ok(());
         }
-        if !self.identity.as_ref().is_some_and(|id| id.may_publish(topic)) {
+        if !self
+            .identity
+            .as_ref()
+            .is_some_and(|id| id.may_publish(topic))
+        {
             return Err(DenyReason::PublishNotAllowed);
         }
-        let within_rate = self.bucket.as_mut().is_none_or(|bucket| bucket.take(Instant::now()));
-        if within_rate { Ok(()) } else { Err(DenyReason::RateLimited) }
+        let within_rate = self
+            .bucket
+            .as_mut()
+            .is_none_or(|bucket| bucket.take(Instant::now()));
+        if within_rate {
+            Ok(())
+        } else {
+            Err(DenyReason::RateLimited)
+        }
     }
 
     /// Drops a denied publish, queueing the acknowledgement its QoS needs.
     fn deny_publish(&mut self, header: Option<PublishHeader>) -> Option<Packet> {
         let header = header?;
         let reply = match header.qos {
-            1 => Packet::PubAck(PubAck { pkid: header.pkid, reason: PubAckReason::NotAuthorized }, None),
+            1 => Packet::PubAck(
+                PubAck {
+                    pkid: header.pkid,
+                    reason: PubAckReason::NotAuthorized,
+                },
+                None,
+            ),
             2 => {
                 self.replies().denied_exactly_once.insert(header.pkid);
-                Packet::PubRec(PubRec { pkid: header.pkid, reason: PubRecReason::NotAuthorized }, None)
+                Packet::PubRec(
+                    PubRec {
+                        pkid: header.pkid,
+                        reason: PubRecReason::NotAuthorized,
+                    },
+                    None,
+                )
             }
             _ => return None,
         };
@@ -155,10 +214,18 @@ impl GuardedV4 {
         let mut removed = Vec::new();
         let mut kept = Vec::new();
         for (index, filter) in subscribe.filters.into_iter().enumerate() {
-            if self.identity.as_ref().is_some_and(|id| id.may_subscribe(&filter.path)) {
+            if self
+                .identity
+                .as_ref()
+                .is_some_and(|id| id.may_subscribe(&filter.path))
+            {
                 kept.push(filter);
             } else {
-                self.policy.denials.deny(DenyReason::SubscribeNotAllowed, &self.client_id, &filter.path);
+                self.policy.denials.deny(
+                    DenyReason::SubscribeNotAllowed,
+                    &self.client_id,
+                    &filter.path,
+                );
                 removed.push(index);
             }
         }
@@ -168,11 +235,16 @@ impl GuardedV4 {
         }
         if subscribe.filters.is_empty() {
             let codes = vec![SubscribeReasonCode::Failure; removed.len()];
-            let ack = SubAck { pkid: subscribe.pkid, return_codes: codes };
+            let ack = SubAck {
+                pkid: subscribe.pkid,
+                return_codes: codes,
+            };
             self.replies().pending.push(Packet::SubAck(ack, None));
             return Packet::PingReq(PingReq);
         }
-        self.replies().removed_filters.insert(subscribe.pkid, removed);
+        self.replies()
+            .removed_filters
+            .insert(subscribe.pkid, removed);
         Packet::Subscribe(subscribe, properties)
     }
 }
@@ -196,14 +268,21 @@ impl Protocol for GuardedV4 {
     }
 
     fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
-        let mut replies = self.replies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut replies = self
+            .replies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut size = 0;
         for reply in replies.pending.drain(..) {
             size += self.inner.write(reply, buffer)?;
         }
         let packet = match packet {
             Packet::SubAck(mut ack, properties) => {
-                for index in replies.removed_filters.remove(&ack.pkid).unwrap_or_default() {
+                for index in replies
+                    .removed_filters
+                    .remove(&ack.pkid)
+                    .unwrap_or_default()
+                {
                     let index = index.min(ack.return_codes.len());
                     ack.return_codes.insert(index, SubscribeReasonCode::Failure);
                 }
@@ -247,7 +326,10 @@ impl PublishHeader {
         if qos == 0 {
             return Some(PublishHeader { qos, pkid: 0 });
         }
-        let topic_len = usize::from(u16::from_be_bytes([*stream.get(position)?, *stream.get(position + 1)?]));
+        let topic_len = usize::from(u16::from_be_bytes([
+            *stream.get(position)?,
+            *stream.get(position + 1)?,
+        ]));
         let at = position + 2 + topic_len;
         let pkid = u16::from_be_bytes([*stream.get(at)?, *stream.get(at + 1)?]);
         Some(PublishHeader { qos, pkid })
@@ -265,7 +347,12 @@ struct TokenBucket {
 impl TokenBucket {
     fn new(rate: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
-        Self { rate, burst, tokens: burst, last: Instant::now() }
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
     }
 
     fn take(&mut self, now: Instant) -> bool {
@@ -290,8 +377,17 @@ mod tests {
     fn peeks_publish_header() {
         // PUBLISH QoS 1, remaining length 9, topic "a/b", packet id 0x0102, payload "xy".
         let packet = [0x32, 9, 0, 3, b'a', b'/', b'b', 1, 2, b'x', b'y'];
-        assert_eq!(PublishHeader::peek(&packet), Some(PublishHeader { qos: 1, pkid: 0x0102 }));
-        assert_eq!(PublishHeader::peek(&[0x30, 5, 0, 3, b'a', b'/', b'b']), Some(PublishHeader { qos: 0, pkid: 0 }));
+        assert_eq!(
+            PublishHeader::peek(&packet),
+            Some(PublishHeader {
+                qos: 1,
+                pkid: 0x0102
+            })
+        );
+        assert_eq!(
+            PublishHeader::peek(&[0x30, 5, 0, 3, b'a', b'/', b'b']),
+            Some(PublishHeader { qos: 0, pkid: 0 })
+        );
         assert_eq!(PublishHeader::peek(&[0xC0, 0]), None);
         assert_eq!(PublishHeader::peek(&[0x32, 9, 0]), None);
     }

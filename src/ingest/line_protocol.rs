@@ -42,7 +42,10 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        Self { max_body_bytes: 32 << 20, clock: Arc::new(SystemClock) }
+        Self {
+            max_body_bytes: 32 << 20,
+            clock: Arc::new(SystemClock),
+        }
     }
 }
 
@@ -62,14 +65,26 @@ impl WriteMetrics {
         registry.register(|r| {
             let r = r.sub_registry_with_prefix("http_write");
             r.register("requests", "Write requests received", self.requests.clone());
-            r.register("lines_accepted", "Line-protocol lines stored", self.lines_accepted.clone());
-            r.register("lines_rejected", "Line-protocol lines that failed to parse", self.lines_rejected.clone());
+            r.register(
+                "lines_accepted",
+                "Line-protocol lines stored",
+                self.lines_accepted.clone(),
+            );
+            r.register(
+                "lines_rejected",
+                "Line-protocol lines that failed to parse",
+                self.lines_rejected.clone(),
+            );
             r.register(
                 "string_fields_skipped",
                 "String fields skipped because only numbers and booleans are stored",
                 self.string_fields_skipped.clone(),
             );
-            r.register("points_written", "Points handed to the pipeline", self.points_written.clone());
+            r.register(
+                "points_written",
+                "Points handed to the pipeline",
+                self.points_written.clone(),
+            );
             r.register(
                 "bodies_rejected",
                 "Requests rejected whole: too large, bad encoding or bad precision",
@@ -148,7 +163,11 @@ fn quote_line(line: &str) -> String {
 impl ParsedBody {
     fn reject(&mut self, line: usize, text: &str, reason: String) {
         if self.first_error.is_none() {
-            self.first_error = Some(LineError { line, text: quote_line(text), reason });
+            self.first_error = Some(LineError {
+                line,
+                text: quote_line(text),
+                reason,
+            });
         }
     }
 }
@@ -162,7 +181,14 @@ pub fn parse_body(body: &str, precision: Precision, now: Timestamp) -> ParsedBod
             continue;
         }
         match influxdb_line_protocol::parse_lines(trimmed).next() {
-            Some(Ok(parsed_line)) => add_line(&mut parsed, index + 1, trimmed, &parsed_line, precision, now),
+            Some(Ok(parsed_line)) => add_line(
+                &mut parsed,
+                index + 1,
+                trimmed,
+                &parsed_line,
+                precision,
+                now,
+            ),
             Some(Err(err)) => {
                 parsed.lines_rejected += 1;
                 parsed.reject(index + 1, trimmed, format!("invalid line protocol: {err}"));
@@ -187,7 +213,11 @@ fn add_line(
             Some(ms) => Timestamp(ms),
             None => {
                 parsed.lines_rejected += 1;
-                parsed.reject(number, text, format!("timestamp {raw} overflows at precision {precision:?}"));
+                parsed.reject(
+                    number,
+                    text,
+                    format!("timestamp {raw} overflows at precision {precision:?}"),
+                );
                 return;
             }
         },
@@ -270,14 +300,23 @@ pub struct WriteError {
 
 impl WriteError {
     fn new(status: StatusCode, code: &'static str, message: String) -> Self {
-        Self { status, code, message }
+        Self {
+            status,
+            code,
+            message,
+        }
     }
 }
 
 impl IntoResponse for WriteError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "code": self.code, "message": self.message });
-        (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
     }
 }
 
@@ -287,10 +326,18 @@ pub fn router(ingest: IngestHandle, registry: &SharedRegistry) -> Router {
 }
 
 /// Builds the write router: `POST /api/v2/write` and `POST /write`.
-pub fn router_with_options(ingest: IngestHandle, registry: &SharedRegistry, options: WriteOptions) -> Router {
+pub fn router_with_options(
+    ingest: IngestHandle,
+    registry: &SharedRegistry,
+    options: WriteOptions,
+) -> Router {
     let metrics = WriteMetrics::default();
     metrics.register(registry);
-    let state = WriteState { ingest, metrics, options };
+    let state = WriteState {
+        ingest,
+        metrics,
+        options,
+    };
     Router::new()
         .route("/api/v2/write", post(write_v2))
         .route("/write", post(write_v1))
@@ -318,14 +365,26 @@ async fn write_v1(
     handle_write(&state, precision, &headers, body).await
 }
 
-fn parse_precision(value: Option<&str>, v1: bool, metrics: &WriteMetrics) -> Result<Precision, WriteError> {
+fn parse_precision(
+    value: Option<&str>,
+    v1: bool,
+    metrics: &WriteMetrics,
+) -> Result<Precision, WriteError> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
         return Ok(Precision::Nanoseconds);
     };
     Precision::parse(value, v1).ok_or_else(|| {
         metrics.bodies_rejected.inc();
-        let allowed = if v1 { "n, ns, u, us, ms, s, m or h" } else { "ns, us, ms or s" };
-        WriteError::new(StatusCode::BAD_REQUEST, "invalid", format!("invalid precision \"{value}\"; use {allowed}"))
+        let allowed = if v1 {
+            "n, ns, u, us, ms, s, m or h"
+        } else {
+            "ns, us, ms or s"
+        };
+        WriteError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("invalid precision \"{value}\"; use {allowed}"),
+        )
     })
 }
 
@@ -348,18 +407,32 @@ async fn handle_write(
 
     // Decompression and parsing take most of a request's CPU time, so they run on the
     // blocking pool and several requests parse in parallel.
-    let parsed = tokio::task::spawn_blocking(move || decode_and_parse(&raw, gzip, limit, precision, now))
-        .await
-        .map_err(|e| WriteError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", format!("parser task failed: {e}")))?
-        .inspect_err(|_| {
-        state.metrics.bodies_rejected.inc();
-    })?;
+    let parsed =
+        tokio::task::spawn_blocking(move || decode_and_parse(&raw, gzip, limit, precision, now))
+            .await
+            .map_err(|e| {
+                WriteError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error",
+                    format!("parser task failed: {e}"),
+                )
+            })?
+            .inspect_err(|_| {
+                state.metrics.bodies_rejected.inc();
+            })?;
     state.metrics.lines_accepted.inc_by(parsed.lines_accepted);
     state.metrics.lines_rejected.inc_by(parsed.lines_rejected);
-    state.metrics.string_fields_skipped.inc_by(parsed.string_fields_skipped);
+    state
+        .metrics
+        .string_fields_skipped
+        .inc_by(parsed.string_fields_skipped);
 
     let point_count = parsed.points.len() as u64;
-    let stored = if parsed.points.is_empty() { Ok(()) } else { store(state, parsed.points).await };
+    let stored = if parsed.points.is_empty() {
+        Ok(())
+    } else {
+        store(state, parsed.points).await
+    };
     if stored.is_ok() {
         state.metrics.points_written.inc_by(point_count);
     }
@@ -368,7 +441,12 @@ async fn handle_write(
     };
     // A line that failed to parse is reported first, as InfluxDB does, with the outcome of
     // storing the other lines appended so that neither is hidden.
-    let mut error = partial_write(&first, parsed.lines_rejected, parsed.string_fields_skipped, point_count);
+    let mut error = partial_write(
+        &first,
+        parsed.lines_rejected,
+        parsed.string_fields_skipped,
+        point_count,
+    );
     if let Err(also) = stored {
         if also.status.is_server_error() {
             return Err(also);
@@ -387,18 +465,33 @@ async fn store(state: &WriteState, points: Vec<Point>) -> Result<(), WriteError>
             "unprocessable entity",
             format!("field type conflict: {message}; write each field with one type"),
         )),
-        Ok(Err(WriteFailure::Rejected(message))) => {
-            Err(WriteError::new(StatusCode::UNPROCESSABLE_ENTITY, "unprocessable entity", message))
-        }
+        Ok(Err(WriteFailure::Rejected(message))) => Err(WriteError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable entity",
+            message,
+        )),
         Ok(Err(WriteFailure::Storage(message))) => {
             tracing::warn!(error = %message, "storage rejected an HTTP write");
-            Err(WriteError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", format!("storing the points failed: {message}")))
+            Err(WriteError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error",
+                format!("storing the points failed: {message}"),
+            ))
         }
-        Err(closed) => Err(WriteError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{closed}; retry later"))),
+        Err(closed) => Err(WriteError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{closed}; retry later"),
+        )),
     }
 }
 
-fn partial_write(first: &LineError, rejected_lines: u64, skipped_fields: u64, stored_points: u64) -> WriteError {
+fn partial_write(
+    first: &LineError,
+    rejected_lines: u64,
+    skipped_fields: u64,
+    stored_points: u64,
+) -> WriteError {
     WriteError::new(
         StatusCode::BAD_REQUEST,
         "invalid",
@@ -413,7 +506,9 @@ fn too_large(limit: usize) -> WriteError {
     WriteError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "request too large",
-        format!("request body exceeds the limit of {limit} bytes; split the write into smaller batches"),
+        format!(
+            "request body exceeds the limit of {limit} bytes; split the write into smaller batches"
+        ),
     )
 }
 
@@ -427,7 +522,9 @@ fn content_is_gzip(headers: &HeaderMap) -> Result<bool, WriteError> {
         _ => Err(WriteError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported media type",
-            format!("Content-Encoding {encoding:?} is not supported; send gzip or an uncompressed body"),
+            format!(
+                "Content-Encoding {encoding:?} is not supported; send gzip or an uncompressed body"
+            ),
         )),
     }
 }
@@ -447,7 +544,14 @@ fn decode_and_parse(
         raw
     };
     let text = std::str::from_utf8(bytes).map_err(|e| {
-        WriteError::new(StatusCode::BAD_REQUEST, "invalid", format!("request body is not valid UTF-8 at byte {}", e.valid_up_to()))
+        WriteError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!(
+                "request body is not valid UTF-8 at byte {}",
+                e.valid_up_to()
+            ),
+        )
     })?;
     Ok(parse_body(text, precision, now))
 }
@@ -455,9 +559,16 @@ fn decode_and_parse(
 fn gunzip(raw: &[u8], limit: usize) -> Result<Vec<u8>, WriteError> {
     let mut out = Vec::with_capacity(raw.len() * 4);
     let decoder = flate2::read::MultiGzDecoder::new(raw);
-    decoder.take(limit as u64 + 1).read_to_end(&mut out).map_err(|e| {
-        WriteError::new(StatusCode::BAD_REQUEST, "invalid", format!("request body is not valid gzip: {e}"))
-    })?;
+    decoder
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            WriteError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("request body is not valid gzip: {e}"),
+            )
+        })?;
     if out.len() > limit {
         return Err(too_large(limit));
     }

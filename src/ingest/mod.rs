@@ -2,12 +2,12 @@
 //! turns its input into readings or points and hands them to the pipeline through an
 //! [`IngestHandle`].
 
-pub mod payload;
 pub mod auth;
 pub mod directory;
 pub mod guard;
 pub mod line_protocol;
 pub mod mqtt;
+pub mod payload;
 pub mod reject;
 mod unique_json;
 
@@ -40,13 +40,23 @@ pub enum IngestMessage {
     /// Points written over HTTP. Points whose measurement and tags map to a known device
     /// become readings; the rest are stored as they are. `done` receives the outcome
     /// once the points were handed to storage.
-    Points { points: Vec<Point>, done: Option<oneshot::Sender<Result<(), WriteFailure>>> },
+    Points {
+        points: Vec<Point>,
+        done: Option<oneshot::Sender<Result<(), WriteFailure>>>,
+    },
     /// Metrics of a polled device whose latest read failed or returned an invalid value,
     /// each with the reason, such as `timeout` or `out_of_range`. A later reading of the
     /// metric clears it.
-    BadReadings { device: DeviceId, bad: Vec<(MetricName, String)> },
+    BadReadings {
+        device: DeviceId,
+        bad: Vec<(MetricName, String)>,
+    },
     /// A device went offline or came back.
-    Liveness { device: DeviceId, online: bool, cause: LivenessCause },
+    Liveness {
+        device: DeviceId,
+        online: bool,
+        cause: LivenessCause,
+    },
 }
 
 /// Why written points were not all stored.
@@ -103,7 +113,11 @@ impl IngestHandle {
     }
 
     /// Reports metrics whose latest read failed, with the reason of each.
-    pub async fn bad_readings(&self, device: DeviceId, bad: Vec<(MetricName, String)>) -> Result<(), PipelineClosed> {
+    pub async fn bad_readings(
+        &self,
+        device: DeviceId,
+        bad: Vec<(MetricName, String)>,
+    ) -> Result<(), PipelineClosed> {
         if bad.is_empty() {
             return Ok(());
         }
@@ -111,9 +125,16 @@ impl IngestHandle {
     }
 
     /// Sends points and waits until the pipeline has handed them to storage.
-    pub async fn write_points(&self, points: Vec<Point>) -> Result<Result<(), WriteFailure>, PipelineClosed> {
+    pub async fn write_points(
+        &self,
+        points: Vec<Point>,
+    ) -> Result<Result<(), WriteFailure>, PipelineClosed> {
         let (done, wait) = oneshot::channel();
-        self.send(IngestMessage::Points { points, done: Some(done) }).await?;
+        self.send(IngestMessage::Points {
+            points,
+            done: Some(done),
+        })
+        .await?;
         wait.await.map_err(|_| PipelineClosed)
     }
 
@@ -124,7 +145,12 @@ impl IngestHandle {
         online: bool,
         cause: LivenessCause,
     ) -> Result<(), PipelineClosed> {
-        self.send(IngestMessage::Liveness { device, online, cause }).await
+        self.send(IngestMessage::Liveness {
+            device,
+            online,
+            cause,
+        })
+        .await
     }
 
     async fn send(&self, message: IngestMessage) -> Result<(), PipelineClosed> {

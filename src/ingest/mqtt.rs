@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
-use rumqttd::{ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings};
+use rumqttd::{
+    ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +45,6 @@ pub struct BrokerSettings {
     /// Accounts, topic rules and limits that every connection is checked against.
     pub guard: Arc<GuardPolicy>,
 }
-
 
 type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync;
 
@@ -94,12 +95,19 @@ impl EmbeddedBroker {
                         Ok((link_tx, link_rx))
                     });
                     tracing::info!(%addr, "embedded MQTT broker listening");
-                    return Ok(EmbeddedBroker { addr, links, listener });
+                    return Ok(EmbeddedBroker {
+                        addr,
+                        links,
+                        listener,
+                    });
                 }
                 Err(reason) => last_error = reason,
             }
         }
-        Err(BrokerError::Listen { addr: settings.listen, reason: last_error })
+        Err(BrokerError::Listen {
+            addr: settings.listen,
+            reason: last_error,
+        })
     }
 
     /// Opens an in-process link with the given client id.
@@ -146,7 +154,10 @@ fn server_settings(settings: &BrokerSettings, addr: SocketAddr) -> ServerSetting
     };
     let guard = &settings.guard;
     if !guard.accounts.is_open() {
-        server.set_auth_handler(auth::auth_handler(guard.accounts.clone(), guard.denials.clone()));
+        server.set_auth_handler(auth::auth_handler(
+            guard.accounts.clone(),
+            guard.denials.clone(),
+        ));
     }
     server
 }
@@ -154,14 +165,21 @@ fn server_settings(settings: &BrokerSettings, addr: SocketAddr) -> ServerSetting
 /// Largest payload the broker accepts before it closes a connection: four times the
 /// ingest limit, at most 16 MiB.
 pub fn broker_payload_limit(ingest_limit: usize) -> usize {
-    ingest_limit.saturating_mul(4).clamp(ingest_limit, 16 * 1024 * 1024)
+    ingest_limit
+        .saturating_mul(4)
+        .clamp(ingest_limit, 16 * 1024 * 1024)
 }
 
 /// Checks that the address is free, choosing a free port for port 0.
 fn resolve_port(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
-    let probe = std::net::TcpListener::bind(listen)
-        .map_err(|e| BrokerError::Listen { addr: listen, reason: e.to_string() })?;
-    probe.local_addr().map_err(|e| BrokerError::Listen { addr: listen, reason: e.to_string() })
+    let probe = std::net::TcpListener::bind(listen).map_err(|e| BrokerError::Listen {
+        addr: listen,
+        reason: e.to_string(),
+    })?;
+    probe.local_addr().map_err(|e| BrokerError::Listen {
+        addr: listen,
+        reason: e.to_string(),
+    })
 }
 
 /// Waits until the listener has bound its port, or the listener task reports an error.
@@ -203,9 +221,17 @@ pub fn spawn_ingest_link(
 ) -> Result<JoinHandle<()>, BrokerError> {
     let (mut link_tx, mut link_rx) = broker.link("stonelion-ingest")?;
     for filter in ["telemetry/#", "status/#"] {
-        link_tx.subscribe(filter).map_err(|e| BrokerError::Link(e.to_string()))?;
+        link_tx
+            .subscribe(filter)
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
     }
-    let consumer = LinkConsumer { directory, ingest, rejects, clock, max_payload_bytes };
+    let consumer = LinkConsumer {
+        directory,
+        ingest,
+        rejects,
+        clock,
+        max_payload_bytes,
+    };
     Ok(tokio::spawn(async move {
         // The link must stay alive for the subscription to last.
         let _link_tx = link_tx;
@@ -275,7 +301,11 @@ impl LinkConsumer {
         }
         let directory = self.directory.load();
         match payload::parse_topic(topic)? {
-            TopicKind::Telemetry { site, device, metric } => {
+            TopicKind::Telemetry {
+                site,
+                device,
+                metric,
+            } => {
                 let entry = directory.resolve(&site, &device)?;
                 let (ts, values, mut rejected) = match metric {
                     Some(metric) => {
@@ -294,14 +324,20 @@ impl LinkConsumer {
                     self.rejects.reject("mqtt", topic, rejection);
                 }
                 if self.ingest.submit(readings).await.is_err() {
-                    return Err(Rejection::new(RejectReason::PipelineBusy, "the pipeline is shut down"));
+                    return Err(Rejection::new(
+                        RejectReason::PipelineBusy,
+                        "the pipeline is shut down",
+                    ));
                 }
                 Ok(())
             }
             TopicKind::Status { site, device } => {
                 let entry = directory.resolve(&site, &device)?;
                 let online = payload::decode_status(payload)?;
-                let _ = self.ingest.liveness(entry.id.clone(), online, LivenessCause::StatusMessage).await;
+                let _ = self
+                    .ingest
+                    .liveness(entry.id.clone(), online, LivenessCause::StatusMessage)
+                    .await;
                 Ok(())
             }
         }

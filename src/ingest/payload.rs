@@ -75,7 +75,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(reason: RejectReason, message: impl Into<String>) -> Self {
-        Self { reason, message: message.into() }
+        Self {
+            reason,
+            message: message.into(),
+        }
     }
 }
 
@@ -83,7 +86,11 @@ impl Rejection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TopicKind {
     /// `telemetry/{site}/{device}`, or with a fourth level naming one metric.
-    Telemetry { site: SiteId, device: DeviceId, metric: Option<MetricName> },
+    Telemetry {
+        site: SiteId,
+        device: DeviceId,
+        metric: Option<MetricName>,
+    },
     /// `status/{site}/{device}`.
     Status { site: SiteId, device: DeviceId },
 }
@@ -116,9 +123,10 @@ pub fn parse_topic(topic: &str) -> Result<TopicKind, Rejection> {
             device: DeviceId::from(*device),
             metric: Some(MetricName::from(*metric)),
         }),
-        ["status", site, device] => {
-            Ok(TopicKind::Status { site: SiteId::from(*site), device: DeviceId::from(*device) })
-        }
+        ["status", site, device] => Ok(TopicKind::Status {
+            site: SiteId::from(*site),
+            device: DeviceId::from(*device),
+        }),
         _ => Err(invalid("is not a Stonelion topic")),
     }
 }
@@ -134,18 +142,29 @@ pub struct Telemetry {
 
 /// Decodes a `telemetry/{site}/{device}` JSON payload.
 pub fn decode_telemetry(payload: &[u8]) -> Result<Telemetry, Rejection> {
-    let text = std::str::from_utf8(payload)
-        .map_err(|_| Rejection::new(RejectReason::NotUtf8, "payload is not UTF-8; send JSON text"))?;
-    let json = serde_json::from_str::<super::unique_json::UniqueKeys>(text).map(|unique| unique.0).map_err(|e| {
+    let text = std::str::from_utf8(payload).map_err(|_| {
         Rejection::new(
-            RejectReason::MalformedJson,
-            format!("payload is not valid JSON ({e}); send {{\"values\": {{\"metric\": 1.5}}}}"),
+            RejectReason::NotUtf8,
+            "payload is not UTF-8; send JSON text",
         )
     })?;
+    let json = serde_json::from_str::<super::unique_json::UniqueKeys>(text)
+        .map(|unique| unique.0)
+        .map_err(|e| {
+            Rejection::new(
+                RejectReason::MalformedJson,
+                format!(
+                    "payload is not valid JSON ({e}); send {{\"values\": {{\"metric\": 1.5}}}}"
+                ),
+            )
+        })?;
     let serde_json::Value::Object(mut object) = json else {
         return Err(Rejection::new(
             RejectReason::NotAnObject,
-            format!("payload is JSON {}, not an object; send {{\"values\": {{...}}}}", json_kind(&json)),
+            format!(
+                "payload is JSON {}, not an object; send {{\"values\": {{...}}}}",
+                json_kind(&json)
+            ),
         ));
     };
     let ts = match object.remove("ts") {
@@ -161,26 +180,42 @@ pub fn decode_telemetry(payload: &[u8]) -> Result<Telemetry, Rejection> {
     if let Some(extra) = object.keys().next() {
         return Err(Rejection::new(
             RejectReason::NotAnObject,
-            format!("unknown key `{}` in payload; only `ts` and `values` are allowed", truncate(extra, 64)),
+            format!(
+                "unknown key `{}` in payload; only `ts` and `values` are allowed",
+                truncate(extra, 64)
+            ),
         ));
     }
     let serde_json::Value::Object(values) = values else {
         return Err(Rejection::new(
             RejectReason::ValuesMissing,
-            format!("`values` is JSON {}, not an object of metric names to values", json_kind(&values)),
+            format!(
+                "`values` is JSON {}, not an object of metric names to values",
+                json_kind(&values)
+            ),
         ));
     };
     if values.is_empty() {
-        return Err(Rejection::new(RejectReason::ValuesMissing, "`values` is empty; send at least one metric"));
+        return Err(Rejection::new(
+            RejectReason::ValuesMissing,
+            "`values` is empty; send at least one metric",
+        ));
     }
     if values.len() > MAX_VALUES_PER_MESSAGE {
         return Err(Rejection::new(
             RejectReason::TooManyValues,
-            format!("{} values in one message; send at most {MAX_VALUES_PER_MESSAGE}", values.len()),
+            format!(
+                "{} values in one message; send at most {MAX_VALUES_PER_MESSAGE}",
+                values.len()
+            ),
         ));
     }
 
-    let mut telemetry = Telemetry { ts, values: Vec::with_capacity(values.len()), rejected: Vec::new() };
+    let mut telemetry = Telemetry {
+        ts,
+        values: Vec::with_capacity(values.len()),
+        rejected: Vec::new(),
+    };
     for (name, value) in values {
         match decode_json_value(&name, &value) {
             Ok(v) => telemetry.values.push((MetricName::new(name), v)),
@@ -194,18 +229,27 @@ fn decode_json_value(name: &str, value: &serde_json::Value) -> Result<Value, Rej
     if crate::config::check_id(name).is_err() {
         return Err(Rejection::new(
             RejectReason::ValueInvalid,
-            format!("metric name `{}` is invalid; use letters, digits, `-`, `_` or `.`", truncate(name, 64)),
+            format!(
+                "metric name `{}` is invalid; use letters, digits, `-`, `_` or `.`",
+                truncate(name, 64)
+            ),
         ));
     }
     match value {
         serde_json::Value::Bool(b) => Ok(Value::Bool(*b)),
         serde_json::Value::Number(n) => match n.as_f64() {
             Some(f) if f.is_finite() => Ok(Value::Number(f)),
-            _ => Err(Rejection::new(RejectReason::NonFinite, format!("metric `{name}` value {n} is not a finite number"))),
+            _ => Err(Rejection::new(
+                RejectReason::NonFinite,
+                format!("metric `{name}` value {n} is not a finite number"),
+            )),
         },
         other => Err(Rejection::new(
             RejectReason::ValueInvalid,
-            format!("metric `{name}` is JSON {}; send a number or a boolean", json_kind(other)),
+            format!(
+                "metric `{name}` is JSON {}; send a number or a boolean",
+                json_kind(other)
+            ),
         )),
     }
 }
@@ -213,7 +257,12 @@ fn decode_json_value(name: &str, value: &serde_json::Value) -> Result<Value, Rej
 /// Decodes a bare value for `telemetry/{site}/{device}/{metric}`.
 pub fn decode_bare_value(metric: &MetricName, payload: &[u8]) -> Result<Value, Rejection> {
     let text = std::str::from_utf8(payload)
-        .map_err(|_| Rejection::new(RejectReason::NotUtf8, "payload is not UTF-8; send a number or true/false"))?
+        .map_err(|_| {
+            Rejection::new(
+                RejectReason::NotUtf8,
+                "payload is not UTF-8; send a number or true/false",
+            )
+        })?
         .trim();
     match text {
         "true" => return Ok(Value::Bool(true)),
@@ -224,11 +273,17 @@ pub fn decode_bare_value(metric: &MetricName, payload: &[u8]) -> Result<Value, R
         Ok(n) if n.is_finite() => Ok(Value::Number(n)),
         Ok(_) => Err(Rejection::new(
             RejectReason::NonFinite,
-            format!("metric `{metric}` value `{}` is not a finite number", truncate(text, 32)),
+            format!(
+                "metric `{metric}` value `{}` is not a finite number",
+                truncate(text, 32)
+            ),
         )),
         Err(_) => Err(Rejection::new(
             RejectReason::ValueInvalid,
-            format!("metric `{metric}` value `{}` is not a number or true/false", truncate(text, 32)),
+            format!(
+                "metric `{metric}` value `{}` is not a number or true/false",
+                truncate(text, 32)
+            ),
         )),
     }
 }
@@ -237,7 +292,9 @@ pub fn decode_bare_value(metric: &MetricName, payload: &[u8]) -> Result<Value, R
 pub fn decode_status(payload: &[u8]) -> Result<bool, Rejection> {
     let text = std::str::from_utf8(payload).unwrap_or("").trim();
     let word = match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(serde_json::Value::Object(o)) => o.get("status").and_then(|s| s.as_str()).map(str::to_owned),
+        Ok(serde_json::Value::Object(o)) => {
+            o.get("status").and_then(|s| s.as_str()).map(str::to_owned)
+        }
         _ => Some(text.to_owned()),
     };
     match word.as_deref() {
@@ -245,7 +302,10 @@ pub fn decode_status(payload: &[u8]) -> Result<bool, Rejection> {
         Some("offline") => Ok(false),
         _ => Err(Rejection::new(
             RejectReason::StatusInvalid,
-            format!("status payload `{}` is invalid; send `online` or `offline`", truncate(text, 32)),
+            format!(
+                "status payload `{}` is invalid; send `online` or `offline`",
+                truncate(text, 32)
+            ),
         )),
     }
 }
@@ -270,7 +330,12 @@ fn decode_timestamp(ts: &serde_json::Value) -> Result<Timestamp, Rejection> {
 }
 
 /// Checks a timestamp against the accepted window around `now`.
-pub fn check_timestamp(ts: Timestamp, now: Timestamp, max_age_ms: i64, max_skew_ms: i64) -> Result<(), Rejection> {
+pub fn check_timestamp(
+    ts: Timestamp,
+    now: Timestamp,
+    max_age_ms: i64,
+    max_skew_ms: i64,
+) -> Result<(), Rejection> {
     if ts.0 < now.0.saturating_sub(max_age_ms) {
         let hint = if ts.0.unsigned_abs() < 100_000_000_000 {
             "; it looks like seconds or a clock reset to 1970, send epoch milliseconds from a synchronised clock"
@@ -279,13 +344,19 @@ pub fn check_timestamp(ts: Timestamp, now: Timestamp, max_age_ms: i64, max_skew_
         };
         return Err(Rejection::new(
             RejectReason::TimestampTooOld,
-            format!("timestamp {} ({ts}) is older than the accepted age{hint}", ts.0),
+            format!(
+                "timestamp {} ({ts}) is older than the accepted age{hint}",
+                ts.0
+            ),
         ));
     }
     if ts.0 > now.0.saturating_add(max_skew_ms) {
         return Err(Rejection::new(
             RejectReason::TimestampInFuture,
-            format!("timestamp {} ({ts}) is in the future beyond the allowed clock skew; check the device clock", ts.0),
+            format!(
+                "timestamp {} ({ts}) is in the future beyond the allowed clock skew; check the device clock",
+                ts.0
+            ),
         ));
     }
     Ok(())
@@ -319,16 +390,26 @@ mod tests {
 
     #[test]
     fn telemetry_with_epoch_millis() {
-        let t = decode_telemetry(br#"{"ts": 1700000000123, "values": {"gas_lel": 12.5, "smoke": false}}"#).unwrap();
+        let t = decode_telemetry(
+            br#"{"ts": 1700000000123, "values": {"gas_lel": 12.5, "smoke": false}}"#,
+        )
+        .unwrap();
         assert_eq!(t.ts, Some(Timestamp(1_700_000_000_123)));
         assert_eq!(t.values.len(), 2);
-        assert!(t.values.contains(&(MetricName::from("gas_lel"), Value::Number(12.5))));
-        assert!(t.values.contains(&(MetricName::from("smoke"), Value::Bool(false))));
+        assert!(
+            t.values
+                .contains(&(MetricName::from("gas_lel"), Value::Number(12.5)))
+        );
+        assert!(
+            t.values
+                .contains(&(MetricName::from("smoke"), Value::Bool(false)))
+        );
     }
 
     #[test]
     fn telemetry_with_rfc3339() {
-        let t = decode_telemetry(br#"{"ts": "2026-01-02T03:04:05.5+08:00", "values": {"x": 1}}"#).unwrap();
+        let t = decode_telemetry(br#"{"ts": "2026-01-02T03:04:05.5+08:00", "values": {"x": 1}}"#)
+            .unwrap();
         assert_eq!(t.ts, Some(Timestamp(1_767_294_245_500)));
     }
 
@@ -337,7 +418,11 @@ mod tests {
         let t = decode_telemetry(br#"{"values": {"a": 1, "b": "high", "c": null}}"#).unwrap();
         assert_eq!(t.values, vec![(MetricName::from("a"), Value::Number(1.0))]);
         assert_eq!(t.rejected.len(), 2);
-        assert!(t.rejected.iter().all(|r| r.reason == RejectReason::ValueInvalid));
+        assert!(
+            t.rejected
+                .iter()
+                .all(|r| r.reason == RejectReason::ValueInvalid)
+        );
     }
 
     #[test]
@@ -349,37 +434,86 @@ mod tests {
             (br#"{"ts": 1}"#, RejectReason::ValuesMissing),
             (br#"{"values": {}}"#, RejectReason::ValuesMissing),
             (br#"{"values": 5}"#, RejectReason::ValuesMissing),
-            (br#"{"ts": "yesterday", "values": {"a": 1}}"#, RejectReason::TimestampInvalid),
-            (br#"{"ts": 1.5, "values": {"a": 1}}"#, RejectReason::TimestampInvalid),
-            (br#"{"values": {"a": 1}, "extra": 2}"#, RejectReason::NotAnObject),
+            (
+                br#"{"ts": "yesterday", "values": {"a": 1}}"#,
+                RejectReason::TimestampInvalid,
+            ),
+            (
+                br#"{"ts": 1.5, "values": {"a": 1}}"#,
+                RejectReason::TimestampInvalid,
+            ),
+            (
+                br#"{"values": {"a": 1}, "extra": 2}"#,
+                RejectReason::NotAnObject,
+            ),
             (br#"{"values": {"a": 1e999}}"#, RejectReason::MalformedJson),
         ];
         for (payload, reason) in cases {
             let error = decode_telemetry(payload).unwrap_err();
-            assert_eq!(error.reason, *reason, "payload {:?}", String::from_utf8_lossy(payload));
+            assert_eq!(
+                error.reason,
+                *reason,
+                "payload {:?}",
+                String::from_utf8_lossy(payload)
+            );
         }
     }
 
     #[test]
     fn bare_values() {
         let m = MetricName::from("gas_lel");
-        assert_eq!(decode_bare_value(&m, b" 12.5\n").unwrap(), Value::Number(12.5));
+        assert_eq!(
+            decode_bare_value(&m, b" 12.5\n").unwrap(),
+            Value::Number(12.5)
+        );
         assert_eq!(decode_bare_value(&m, b"true").unwrap(), Value::Bool(true));
-        assert_eq!(decode_bare_value(&m, b"NaN").unwrap_err().reason, RejectReason::NonFinite);
-        assert_eq!(decode_bare_value(&m, b"inf").unwrap_err().reason, RejectReason::NonFinite);
-        assert_eq!(decode_bare_value(&m, b"12,5").unwrap_err().reason, RejectReason::ValueInvalid);
+        assert_eq!(
+            decode_bare_value(&m, b"NaN").unwrap_err().reason,
+            RejectReason::NonFinite
+        );
+        assert_eq!(
+            decode_bare_value(&m, b"inf").unwrap_err().reason,
+            RejectReason::NonFinite
+        );
+        assert_eq!(
+            decode_bare_value(&m, b"12,5").unwrap_err().reason,
+            RejectReason::ValueInvalid
+        );
     }
 
     #[test]
     fn topics() {
         assert_eq!(
             parse_topic("telemetry/plant-a/gas-01").unwrap(),
-            TopicKind::Telemetry { site: "plant-a".into(), device: "gas-01".into(), metric: None }
+            TopicKind::Telemetry {
+                site: "plant-a".into(),
+                device: "gas-01".into(),
+                metric: None
+            }
         );
-        assert!(matches!(parse_topic("telemetry/a/b/gas_lel").unwrap(), TopicKind::Telemetry { metric: Some(_), .. }));
-        assert!(matches!(parse_topic("status/a/b").unwrap(), TopicKind::Status { .. }));
-        for bad in ["telemetry/a", "telemetry//b", "other/a/b", "telemetry/a/b/c/d", "telemetry/a/b c"] {
-            assert_eq!(parse_topic(bad).unwrap_err().reason, RejectReason::TopicInvalid, "{bad}");
+        assert!(matches!(
+            parse_topic("telemetry/a/b/gas_lel").unwrap(),
+            TopicKind::Telemetry {
+                metric: Some(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse_topic("status/a/b").unwrap(),
+            TopicKind::Status { .. }
+        ));
+        for bad in [
+            "telemetry/a",
+            "telemetry//b",
+            "other/a/b",
+            "telemetry/a/b/c/d",
+            "telemetry/a/b c",
+        ] {
+            assert_eq!(
+                parse_topic(bad).unwrap_err().reason,
+                RejectReason::TopicInvalid,
+                "{bad}"
+            );
         }
     }
 
@@ -399,6 +533,9 @@ mod tests {
     fn status_payloads() {
         assert!(decode_status(b"online").unwrap());
         assert!(!decode_status(br#"{"status":"offline"}"#).unwrap());
-        assert_eq!(decode_status(b"maybe").unwrap_err().reason, RejectReason::StatusInvalid);
+        assert_eq!(
+            decode_status(b"maybe").unwrap_err().reason,
+            RejectReason::StatusInvalid
+        );
     }
 }

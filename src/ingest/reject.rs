@@ -30,18 +30,34 @@ impl RejectLog {
     pub fn new(registry: &SharedRegistry) -> Self {
         let rejected = Family::<ReasonLabel, Counter>::default();
         registry.register(|r| {
-            r.register("ingest_rejected", "Messages and values rejected, by reason", rejected.clone());
+            r.register(
+                "ingest_rejected",
+                "Messages and values rejected, by reason",
+                rejected.clone(),
+            );
         });
-        Self { rejected, last_logged: Mutex::new(HashMap::new()) }
+        Self {
+            rejected,
+            last_logged: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Counts a rejection and logs it unless the same reason was logged recently.
     pub fn reject(&self, source: &str, subject: &str, rejection: &Rejection) {
-        self.rejected.get_or_create(&ReasonLabel { reason: rejection.reason.as_str().to_owned() }).inc();
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: rejection.reason.as_str().to_owned(),
+            })
+            .inc();
 
         let now = Instant::now();
-        let mut last = self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = last.entry(rejection.reason).or_insert((now - LOG_INTERVAL, 0));
+        let mut last = self
+            .last_logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = last
+            .entry(rejection.reason)
+            .or_insert((now - LOG_INTERVAL, 0));
         if now.duration_since(entry.0) < LOG_INTERVAL {
             entry.1 += 1;
             return;
@@ -61,6 +77,10 @@ impl RejectLog {
 
     /// Returns how many rejections of `reason` were counted.
     pub fn count(&self, reason: RejectReason) -> u64 {
-        self.rejected.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() }).get()
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str().to_owned(),
+            })
+            .get()
     }
 }

@@ -155,7 +155,12 @@ impl ModbusDeviceConfig {
         Self::with_transport(Transport::Rtu, None, Some(path.into()), unit_id)
     }
 
-    fn with_transport(transport: Transport, address: Option<String>, serial_port: Option<String>, unit_id: u8) -> Self {
+    fn with_transport(
+        transport: Transport,
+        address: Option<String>,
+        serial_port: Option<String>,
+        unit_id: u8,
+    ) -> Self {
         Self {
             transport,
             address,
@@ -207,38 +212,77 @@ impl ModbusDeviceConfig {
             Transport::Rtu | Transport::RtuOverTcp => (1..=247).contains(&self.unit_id),
         };
         if !unit_ok {
-            push("unit_id", format!("unit_id {} is invalid on a serial bus; write 1 to 247", self.unit_id));
+            push(
+                "unit_id",
+                format!(
+                    "unit_id {} is invalid on a serial bus; write 1 to 247",
+                    self.unit_id
+                ),
+            );
         }
         if self.timeout.is_zero() {
-            push("timeout", "timeout must be longer than 0; write a duration such as \"1s\"".to_owned());
+            push(
+                "timeout",
+                "timeout must be longer than 0; write a duration such as \"1s\"".to_owned(),
+            );
         }
         if let Some(interval) = self.poll_interval {
             if interval < Duration::from_millis(10) {
-                push("poll_interval", format!("poll_interval {interval:?} is too short; write at least \"10ms\""));
+                push(
+                    "poll_interval",
+                    format!("poll_interval {interval:?} is too short; write at least \"10ms\""),
+                );
             }
         }
         if self.retries > 10 {
-            push("retries", format!("retries {} is too many; write 0 to 10", self.retries));
+            push(
+                "retries",
+                format!("retries {} is too many; write 0 to 10", self.retries),
+            );
         }
         if self.max_gap > 124 {
-            push("max_gap", format!("max_gap {} is invalid; write 0 to 124", self.max_gap));
+            push(
+                "max_gap",
+                format!("max_gap {} is invalid; write 0 to 124", self.max_gap),
+            );
         }
         if let Some(max) = self.max_registers_per_read {
             if !(1..=125).contains(&max) {
-                push("max_registers_per_read", format!("max_registers_per_read {max} is invalid; write 1 to 125"));
+                push(
+                    "max_registers_per_read",
+                    format!("max_registers_per_read {max} is invalid; write 1 to 125"),
+                );
             }
         }
         if !(1..=2000).contains(&self.max_bits_per_read) {
-            push("max_bits_per_read", format!("max_bits_per_read {} is invalid; write 1 to 2000", self.max_bits_per_read));
+            push(
+                "max_bits_per_read",
+                format!(
+                    "max_bits_per_read {} is invalid; write 1 to 2000",
+                    self.max_bits_per_read
+                ),
+            );
         }
         if self.max_concurrent_requests == 0 {
-            push("max_concurrent_requests", "max_concurrent_requests must be at least 1".to_owned());
+            push(
+                "max_concurrent_requests",
+                "max_concurrent_requests must be at least 1".to_owned(),
+            );
         }
         if self.offline_after_failures == 0 {
-            push("offline_after_failures", "offline_after_failures must be at least 1".to_owned());
+            push(
+                "offline_after_failures",
+                "offline_after_failures must be at least 1".to_owned(),
+            );
         }
-        if self.report_deadband.is_some_and(|d| !d.is_finite() || d < 0.0) {
-            push("report_deadband", "report_deadband must be a number of 0 or more".to_owned());
+        if self
+            .report_deadband
+            .is_some_and(|d| !d.is_finite() || d < 0.0)
+        {
+            push(
+                "report_deadband",
+                "report_deadband must be a number of 0 or more".to_owned(),
+            );
         }
         problems
     }
@@ -254,34 +298,59 @@ impl ModbusDeviceConfig {
         match self.transport {
             Transport::Tcp | Transport::RtuOverTcp => {
                 match self.address.as_deref() {
-                    None => push("address", "missing `address`; write host:port, such as \"192.0.2.10:502\"".to_owned()),
+                    None => push(
+                        "address",
+                        "missing `address`; write host:port, such as \"192.0.2.10:502\"".to_owned(),
+                    ),
                     Some(address) if !is_host_port(address) => push(
                         "address",
-                        format!("address `{address}` is not host:port; write it such as \"192.0.2.10:502\""),
+                        format!(
+                            "address `{address}` is not host:port; write it such as \"192.0.2.10:502\""
+                        ),
                     ),
                     Some(_) => {}
                 }
                 for (key, set) in serial_keys {
                     if set {
-                        push(key, format!("`{key}` applies to transport rtu only; remove it"));
+                        push(
+                            key,
+                            format!("`{key}` applies to transport rtu only; remove it"),
+                        );
                     }
                 }
             }
             Transport::Rtu => {
                 if self.serial_port.as_deref().is_none_or(str::is_empty) {
-                    push("serial_port", "missing `serial_port`; write the device path, such as \"/dev/ttyUSB0\"".to_owned());
+                    push(
+                        "serial_port",
+                        "missing `serial_port`; write the device path, such as \"/dev/ttyUSB0\""
+                            .to_owned(),
+                    );
                 }
                 if self.address.is_some() {
-                    push("address", "`address` applies to tcp and rtu_over_tcp; remove it or change transport".to_owned());
+                    push(
+                        "address",
+                        "`address` applies to tcp and rtu_over_tcp; remove it or change transport"
+                            .to_owned(),
+                    );
                 }
                 if self.baud_rate == Some(0) {
-                    push("baud_rate", "baud_rate must be greater than 0, such as 9600".to_owned());
+                    push(
+                        "baud_rate",
+                        "baud_rate must be greater than 0, such as 9600".to_owned(),
+                    );
                 }
                 if !(5..=8).contains(&self.data_bits()) {
-                    push("data_bits", format!("data_bits {} is invalid; write 5 to 8", self.data_bits()));
+                    push(
+                        "data_bits",
+                        format!("data_bits {} is invalid; write 5 to 8", self.data_bits()),
+                    );
                 }
                 if !(1..=2).contains(&self.stop_bits()) {
-                    push("stop_bits", format!("stop_bits {} is invalid; write 1 or 2", self.stop_bits()));
+                    push(
+                        "stop_bits",
+                        format!("stop_bits {} is invalid; write 1 or 2", self.stop_bits()),
+                    );
                 }
             }
         }
@@ -314,7 +383,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected() {
-        let result: Result<ModbusDeviceConfig, _> = toml::from_str("transport = \"tcp\"\nadress = \"x:1\"\n");
+        let result: Result<ModbusDeviceConfig, _> =
+            toml::from_str("transport = \"tcp\"\nadress = \"x:1\"\n");
         assert!(result.is_err());
     }
 

@@ -22,7 +22,11 @@ pub enum DecodeError {
     /// The raw value is one of the device's "no value" sentinels.
     NoValue { raw: f64 },
     /// The scaled value is outside the profile's valid range.
-    OutOfRange { value: f64, min: Option<f64>, max: Option<f64> },
+    OutOfRange {
+        value: f64,
+        min: Option<f64>,
+        max: Option<f64>,
+    },
     /// A float register holds NaN or an infinity, or scaling overflowed to one.
     NotFinite,
     /// A string register holds bytes that are not UTF-8.
@@ -48,12 +52,21 @@ impl fmt::Display for DecodeError {
             DecodeError::Short { needed, got } => {
                 write!(f, "reply has {got} values where {needed} were requested")
             }
-            DecodeError::NoValue { raw } => write!(f, "raw value {raw} is the device's no-value marker"),
+            DecodeError::NoValue { raw } => {
+                write!(f, "raw value {raw} is the device's no-value marker")
+            }
             DecodeError::OutOfRange { value, min, max } => {
                 let bound = |b: &Option<f64>| b.map_or_else(|| "-".to_owned(), |v| v.to_string());
-                write!(f, "value {value} is outside the valid range {}..{}", bound(min), bound(max))
+                write!(
+                    f,
+                    "value {value} is outside the valid range {}..{}",
+                    bound(min),
+                    bound(max)
+                )
             }
-            DecodeError::NotFinite => f.write_str("value is NaN or infinite; check the register type and scale"),
+            DecodeError::NotFinite => {
+                f.write_str("value is NaN or infinite; check the register type and scale")
+            }
             DecodeError::InvalidText => f.write_str("string registers are not valid UTF-8"),
         }
     }
@@ -62,13 +75,18 @@ impl fmt::Display for DecodeError {
 /// Decodes a coil or discrete input from the bits of a reply, `bits[0]` being the register's
 /// own address.
 pub fn decode_bit(bits: &[bool]) -> Result<Decoded, DecodeError> {
-    bits.first().map(|b| Decoded::Bool(*b)).ok_or(DecodeError::Short { needed: 1, got: 0 })
+    bits.first()
+        .map(|b| Decoded::Bool(*b))
+        .ok_or(DecodeError::Short { needed: 1, got: 0 })
 }
 
 /// Decodes a register metric from `words`, which start at the register's address.
 pub fn decode_words(register: &Register, words: &[u16]) -> Result<Decoded, DecodeError> {
     let needed = usize::from(register.span);
-    let words = words.get(..needed).ok_or(DecodeError::Short { needed, got: words.len() })?;
+    let words = words.get(..needed).ok_or(DecodeError::Short {
+        needed,
+        got: words.len(),
+    })?;
     if register.data_type == DataType::String {
         return decode_text(register.order, words);
     }
@@ -92,7 +110,11 @@ pub fn decode_words(register: &Register, words: &[u16]) -> Result<Decoded, Decod
     let below = register.valid_min.is_some_and(|min| value < min);
     let above = register.valid_max.is_some_and(|max| value > max);
     if below || above {
-        return Err(DecodeError::OutOfRange { value, min: register.valid_min, max: register.valid_max });
+        return Err(DecodeError::OutOfRange {
+            value,
+            min: register.valid_min,
+            max: register.valid_max,
+        });
     }
     Ok(Decoded::Number(value))
 }
@@ -105,7 +127,13 @@ pub fn to_big_endian(order: ByteOrder, words: &[u16]) -> Vec<u8> {
     }
     ordered
         .iter()
-        .flat_map(|w| if order.swaps_bytes() { w.to_le_bytes() } else { w.to_be_bytes() })
+        .flat_map(|w| {
+            if order.swaps_bytes() {
+                w.to_le_bytes()
+            } else {
+                w.to_be_bytes()
+            }
+        })
         .collect()
 }
 
@@ -115,7 +143,11 @@ pub fn from_big_endian(order: ByteOrder, bytes: &[u8]) -> Vec<u16> {
         .chunks(2)
         .map(|pair| {
             let pair = [pair[0], pair.get(1).copied().unwrap_or(0)];
-            if order.swaps_bytes() { u16::from_le_bytes(pair) } else { u16::from_be_bytes(pair) }
+            if order.swaps_bytes() {
+                u16::from_le_bytes(pair)
+            } else {
+                u16::from_be_bytes(pair)
+            }
         })
         .collect();
     if order.swaps_words() {
@@ -148,14 +180,24 @@ fn raw_value(data_type: DataType, order: ByteOrder, words: &[u16]) -> Result<f64
         DataType::F64 => f64::from_be_bytes(array(8)),
         DataType::String => unreachable!("strings are decoded as text"),
     };
-    if raw.is_finite() { Ok(raw) } else { Err(DecodeError::NotFinite) }
+    if raw.is_finite() {
+        Ok(raw)
+    } else {
+        Err(DecodeError::NotFinite)
+    }
 }
 
 fn decode_text(order: ByteOrder, words: &[u16]) -> Result<Decoded, DecodeError> {
     // Strings keep their register order; only the byte order inside each register applies.
     let bytes: Vec<u8> = words
         .iter()
-        .flat_map(|w| if order.swaps_bytes() { w.to_le_bytes() } else { w.to_be_bytes() })
+        .flat_map(|w| {
+            if order.swaps_bytes() {
+                w.to_le_bytes()
+            } else {
+                w.to_be_bytes()
+            }
+        })
         .collect();
     let text = std::str::from_utf8(&bytes).map_err(|_| DecodeError::InvalidText)?;
     Ok(Decoded::Text(text.trim_end_matches(['\0', ' ']).to_owned()))
@@ -175,7 +217,13 @@ pub fn encode_words(register: &Register, value: &Decoded) -> Result<Vec<u16>, St
             bytes.resize(width * 2, 0);
             let words = bytes
                 .chunks(2)
-                .map(|p| if register.order.swaps_bytes() { u16::from_le_bytes([p[0], p[1]]) } else { u16::from_be_bytes([p[0], p[1]]) })
+                .map(|p| {
+                    if register.order.swaps_bytes() {
+                        u16::from_le_bytes([p[0], p[1]])
+                    } else {
+                        u16::from_be_bytes([p[0], p[1]])
+                    }
+                })
                 .collect();
             return Ok(words);
         }
@@ -183,7 +231,12 @@ pub fn encode_words(register: &Register, value: &Decoded) -> Result<Vec<u16>, St
             let raw = (number - register.offset) / register.scale;
             raw_bytes(data_type, raw)?
         }
-        (_, other) => return Err(format!("cannot encode {other:?} as {}", register.data_type.as_str())),
+        (_, other) => {
+            return Err(format!(
+                "cannot encode {other:?} as {}",
+                register.data_type.as_str()
+            ));
+        }
     };
     let mut words = from_big_endian(register.order, &bytes);
     words.resize(width, 0);
@@ -194,7 +247,14 @@ pub fn encode_words(register: &Register, value: &Decoded) -> Result<Vec<u16>, St
 fn raw_bytes(data_type: DataType, raw: f64) -> Result<Vec<u8>, String> {
     let int = raw.round();
     let fits = |min: f64, max: f64| {
-        if (min..=max).contains(&int) { Ok(()) } else { Err(format!("raw value {raw} does not fit {}", data_type.as_str())) }
+        if (min..=max).contains(&int) {
+            Ok(())
+        } else {
+            Err(format!(
+                "raw value {raw} does not fit {}",
+                data_type.as_str()
+            ))
+        }
     };
     Ok(match data_type {
         DataType::U16 => {
@@ -217,13 +277,19 @@ fn raw_bytes(data_type: DataType, raw: f64) -> Result<Vec<u8>, String> {
         DataType::I64 => (int as i64).to_be_bytes().to_vec(),
         DataType::F32 => (raw as f32).to_be_bytes().to_vec(),
         DataType::F64 => raw.to_be_bytes().to_vec(),
-        DataType::Bool | DataType::String => return Err(format!("{} is not a number type", data_type.as_str())),
+        DataType::Bool | DataType::String => {
+            return Err(format!("{} is not a number type", data_type.as_str()));
+        }
     })
 }
 
 /// Returns `word` with bit `bit` set to `on`.
 pub fn set_bit(word: u16, bit: u8, on: bool) -> u16 {
-    if on { word | (1 << bit) } else { word & !(1 << bit) }
+    if on {
+        word | (1 << bit)
+    } else {
+        word & !(1 << bit)
+    }
 }
 
 #[cfg(test)]
@@ -232,7 +298,9 @@ mod tests {
     use crate::profile::{Function, RegisterSpec};
 
     fn register(data_type: &str, order: &str) -> Register {
-        let text = format!("function = \"holding_register\"\naddress = 0\ntype = \"{data_type}\"\norder = \"{order}\"\ncount = 4");
+        let text = format!(
+            "function = \"holding_register\"\naddress = 0\ntype = \"{data_type}\"\norder = \"{order}\"\ncount = 4"
+        );
         let spec: RegisterSpec = toml::from_str(&text).expect("spec parses");
         let mut register = spec.check().expect("spec is valid");
         register.span = register.data_type.words().unwrap_or(4);
@@ -243,7 +311,12 @@ mod tests {
     #[test]
     fn status_bits_follow_byte_order() {
         // The register value 0x0102 has bits 1 and 8 set, whatever order its bytes travel in.
-        let cases = [("ABCD", 0x0102), ("CDAB", 0x0102), ("BADC", 0x0201), ("DCBA", 0x0201)];
+        let cases = [
+            ("ABCD", 0x0102),
+            ("CDAB", 0x0102),
+            ("BADC", 0x0201),
+            ("DCBA", 0x0201),
+        ];
         for (order, word) in cases {
             for bit in 0..16u8 {
                 let mut register = register("u16", order);
@@ -266,15 +339,23 @@ mod tests {
         ];
         for (order, words) in cases {
             let value = decode_words(&register("f32", order), &words).expect("decodes");
-            let Decoded::Number(n) = value else { panic!("{order}: not a number") };
+            let Decoded::Number(n) = value else {
+                panic!("{order}: not a number")
+            };
             assert!((n - 123.456).abs() < 1e-4, "{order}: decoded {n}");
         }
     }
 
     #[test]
     fn signed_and_wide_integers() {
-        assert_eq!(decode_words(&register("i16", "ABCD"), &[0xFF38]), Ok(Decoded::Number(-200.0)));
-        assert_eq!(decode_words(&register("i32", "CDAB"), &[0xFFFE, 0xFFFF]), Ok(Decoded::Number(-2.0)));
+        assert_eq!(
+            decode_words(&register("i16", "ABCD"), &[0xFF38]),
+            Ok(Decoded::Number(-200.0))
+        );
+        assert_eq!(
+            decode_words(&register("i32", "CDAB"), &[0xFFFE, 0xFFFF]),
+            Ok(Decoded::Number(-2.0))
+        );
         assert_eq!(
             decode_words(&register("u64", "ABCD"), &[0x0000, 0x0001, 0x0000, 0x0000]),
             Ok(Decoded::Number(4_294_967_296.0))
@@ -299,7 +380,11 @@ mod tests {
             for order in ["ABCD", "CDAB", "BADC", "DCBA"] {
                 let register = register(data_type, order);
                 let words = encode_words(&register, &Decoded::Number(1234.0)).expect("encodes");
-                assert_eq!(decode_words(&register, &words), Ok(Decoded::Number(1234.0)), "{data_type} {order}");
+                assert_eq!(
+                    decode_words(&register, &words),
+                    Ok(Decoded::Number(1234.0)),
+                    "{data_type} {order}"
+                );
             }
         }
     }

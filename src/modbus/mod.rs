@@ -23,7 +23,9 @@ use tracing::error;
 
 pub use config::{ModbusDeviceConfig, Parity, Transport};
 pub use metrics::ModbusMetrics;
-pub use simulator::{spawn_rtu_over_tcp_simulator, spawn_simulator, Behaviour, RegisterBank, SimulatorHandle};
+pub use simulator::{
+    Behaviour, RegisterBank, SimulatorHandle, spawn_rtu_over_tcp_simulator, spawn_simulator,
+};
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::ingest::IngestHandle;
@@ -90,10 +92,20 @@ pub fn start_with_metrics(
     clock: SharedClock,
 ) -> Poller {
     let texts = TextValues::default();
-    let shared = Shared { ingest, metrics: metrics.clone(), clock, texts: Arc::clone(&texts), shutdown };
+    let shared = Shared {
+        ingest,
+        metrics: metrics.clone(),
+        clock,
+        texts: Arc::clone(&texts),
+        shutdown,
+    };
     let groups = group_devices(devices);
     let task = tokio::spawn(run_groups(groups, shared));
-    Poller { task, texts, metrics }
+    Poller {
+        task,
+        texts,
+        metrics,
+    }
 }
 
 /// Devices grouped by how they are polled.
@@ -128,7 +140,10 @@ fn group_devices(devices: Vec<PolledDevice>) -> Groups {
         };
         match &link {
             Link::Tcp(address) => {
-                let entry = groups.gateway_limits.entry(address.clone()).or_insert(limit);
+                let entry = groups
+                    .gateway_limits
+                    .entry(address.clone())
+                    .or_insert(limit);
                 *entry = (*entry).min(limit);
                 groups.tcp.push((state, address.clone()));
             }
@@ -143,7 +158,10 @@ fn add_to_bus(groups: &mut Groups, link: &Link, state: DeviceState) {
         Link::Serial(serial) => serial.path.clone(),
         other => other.to_string(),
     };
-    let (bus_link, states) = groups.buses.entry(key).or_insert_with(|| (link.clone(), Vec::new()));
+    let (bus_link, states) = groups
+        .buses
+        .entry(key)
+        .or_insert_with(|| (link.clone(), Vec::new()));
     if bus_link != link {
         error!(link = %link, "devices on one serial port have different line settings; using the first device's");
     }
@@ -152,8 +170,11 @@ fn add_to_bus(groups: &mut Groups, link: &Link, state: DeviceState) {
 
 async fn run_groups(groups: Groups, shared: Shared) {
     let mut tasks = tokio::task::JoinSet::new();
-    let semaphores: HashMap<String, Arc<Semaphore>> =
-        groups.gateway_limits.iter().map(|(address, limit)| (address.clone(), Arc::new(Semaphore::new(*limit)))).collect();
+    let semaphores: HashMap<String, Arc<Semaphore>> = groups
+        .gateway_limits
+        .iter()
+        .map(|(address, limit)| (address.clone(), Arc::new(Semaphore::new(*limit))))
+        .collect();
     for (state, address) in groups.tcp {
         let gateway = Arc::clone(&semaphores[&address]);
         tasks.spawn(poller::run_tcp_device(state, gateway, shared.clone()));

@@ -36,14 +36,26 @@ impl ReadBlock {
 
 /// Plans the reads for `registers`. Fails when one metric alone is wider than the device's
 /// per-read limit, naming the metric.
-pub fn plan_reads(registers: &[MetricRegister], limits: PlanLimits) -> Result<Vec<ReadBlock>, String> {
+pub fn plan_reads(
+    registers: &[MetricRegister],
+    limits: PlanLimits,
+) -> Result<Vec<ReadBlock>, String> {
     let mut order: Vec<usize> = (0..registers.len()).collect();
-    order.sort_by_key(|&i| (registers[i].register.function, registers[i].register.address));
+    order.sort_by_key(|&i| {
+        (
+            registers[i].register.function,
+            registers[i].register.address,
+        )
+    });
 
     let mut blocks: Vec<ReadBlock> = Vec::new();
     for index in order {
         let register = &registers[index].register;
-        let limit = if register.function.is_bit() { limits.max_bits } else { limits.max_registers };
+        let limit = if register.function.is_bit() {
+            limits.max_bits
+        } else {
+            limits.max_registers
+        };
         if register.span > limit {
             return Err(format!(
                 "metric `{}` spans {} registers but the device reads at most {limit} at once; \
@@ -51,9 +63,13 @@ pub fn plan_reads(registers: &[MetricRegister], limits: PlanLimits) -> Result<Ve
                 registers[index].metric, register.span
             ));
         }
-        if let Some(block) = blocks.last_mut().filter(|b| limits.coalesce && joins(b, register, limit, limits.max_gap)) {
+        if let Some(block) = blocks
+            .last_mut()
+            .filter(|b| limits.coalesce && joins(b, register, limit, limits.max_gap))
+        {
             let end = block.end().max(register.end());
-            block.count = u16::try_from(end - u32::from(block.address)).expect("bounded by the per-read limit");
+            block.count = u16::try_from(end - u32::from(block.address))
+                .expect("bounded by the per-read limit");
             block.metrics.push(index);
             continue;
         }
@@ -70,7 +86,9 @@ pub fn plan_reads(registers: &[MetricRegister], limits: PlanLimits) -> Result<Ve
 fn joins(block: &ReadBlock, register: &crate::profile::Register, limit: u16, max_gap: u16) -> bool {
     let near = u32::from(register.address) <= block.end() + u32::from(max_gap);
     let new_end = block.end().max(register.end());
-    block.function == register.function && near && new_end - u32::from(block.address) <= u32::from(limit)
+    block.function == register.function
+        && near
+        && new_end - u32::from(block.address) <= u32::from(limit)
 }
 
 #[cfg(test)]
@@ -80,12 +98,21 @@ mod tests {
     use crate::profile::RegisterSpec;
 
     fn metric(name: &str, function: &str, address: u16, data_type: &str) -> MetricRegister {
-        let text = format!("function = \"{function}\"\naddress = {address}\ntype = \"{data_type}\"");
+        let text =
+            format!("function = \"{function}\"\naddress = {address}\ntype = \"{data_type}\"");
         let spec: RegisterSpec = toml::from_str(&text).expect("parses");
-        MetricRegister { metric: MetricName::new(name), register: spec.check().expect("valid") }
+        MetricRegister {
+            metric: MetricName::new(name),
+            register: spec.check().expect("valid"),
+        }
     }
 
-    const LIMITS: PlanLimits = PlanLimits { max_registers: 125, max_bits: 2000, max_gap: 4, coalesce: true };
+    const LIMITS: PlanLimits = PlanLimits {
+        max_registers: 125,
+        max_bits: 2000,
+        max_gap: 4,
+        coalesce: true,
+    };
 
     #[test]
     fn near_ranges_merge_and_far_ones_split() {
@@ -97,18 +124,29 @@ mod tests {
             metric("e", "input_register", 0, "u16"),
         ];
         let blocks = plan_reads(&registers, LIMITS).expect("plans");
-        let shape: Vec<(Function, u16, u16)> = blocks.iter().map(|b| (b.function, b.address, b.count)).collect();
+        let shape: Vec<(Function, u16, u16)> = blocks
+            .iter()
+            .map(|b| (b.function, b.address, b.count))
+            .collect();
         assert_eq!(
             shape,
-            [(Function::InputRegister, 0, 1), (Function::HoldingRegister, 0, 8), (Function::HoldingRegister, 20, 2)]
+            [
+                (Function::InputRegister, 0, 1),
+                (Function::HoldingRegister, 0, 8),
+                (Function::HoldingRegister, 20, 2)
+            ]
         );
     }
 
     #[test]
     fn device_limit_splits_reads() {
-        let registers: Vec<MetricRegister> =
-            (0..10).map(|i| metric(&format!("m{i}"), "input_register", i * 2, "f32")).collect();
-        let limits = PlanLimits { max_registers: 6, ..LIMITS };
+        let registers: Vec<MetricRegister> = (0..10)
+            .map(|i| metric(&format!("m{i}"), "input_register", i * 2, "f32"))
+            .collect();
+        let limits = PlanLimits {
+            max_registers: 6,
+            ..LIMITS
+        };
         let blocks = plan_reads(&registers, limits).expect("plans");
         assert_eq!(blocks.len(), 4);
         assert!(blocks.iter().all(|b| b.count <= 6));
@@ -116,28 +154,48 @@ mod tests {
 
     #[test]
     fn no_coalescing_reads_each_metric() {
-        let registers: Vec<MetricRegister> =
-            (0..5).map(|i| metric(&format!("m{i}"), "coil", i, "bool")).collect();
-        let blocks = plan_reads(&registers, PlanLimits { coalesce: false, ..LIMITS }).expect("plans");
+        let registers: Vec<MetricRegister> = (0..5)
+            .map(|i| metric(&format!("m{i}"), "coil", i, "bool"))
+            .collect();
+        let blocks = plan_reads(
+            &registers,
+            PlanLimits {
+                coalesce: false,
+                ..LIMITS
+            },
+        )
+        .expect("plans");
         assert_eq!(blocks.len(), 5);
     }
 
     #[test]
     fn protocol_register_limit_at_its_edge() {
         // Registers 0 and 124 fit one read of exactly 125 registers, but 125 needs a second read.
-        let at_edge = [metric("first", "holding_register", 0, "u16"), metric("last", "holding_register", 124, "u16")];
-        let wide_gap = PlanLimits { max_gap: 200, ..LIMITS };
+        let at_edge = [
+            metric("first", "holding_register", 0, "u16"),
+            metric("last", "holding_register", 124, "u16"),
+        ];
+        let wide_gap = PlanLimits {
+            max_gap: 200,
+            ..LIMITS
+        };
         let blocks = plan_reads(&at_edge, wide_gap).expect("plans");
         let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
         assert_eq!(shape, [(0, 125)]);
 
-        let past_edge = [metric("first", "holding_register", 0, "u16"), metric("next", "holding_register", 125, "u16")];
+        let past_edge = [
+            metric("first", "holding_register", 0, "u16"),
+            metric("next", "holding_register", 125, "u16"),
+        ];
         let blocks = plan_reads(&past_edge, wide_gap).expect("plans");
         let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
         assert_eq!(shape, [(0, 1), (125, 1)]);
 
         // A 32-bit value whose second register would be the 126th starts a new read.
-        let straddling = [metric("first", "input_register", 0, "u16"), metric("wide", "input_register", 124, "u32")];
+        let straddling = [
+            metric("first", "input_register", 0, "u16"),
+            metric("wide", "input_register", 124, "u32"),
+        ];
         let blocks = plan_reads(&straddling, wide_gap).expect("plans");
         let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
         assert_eq!(shape, [(0, 1), (124, 2)]);
@@ -145,13 +203,22 @@ mod tests {
 
     #[test]
     fn protocol_bit_limit_at_its_edge() {
-        let wide_gap = PlanLimits { max_gap: 3000, ..LIMITS };
-        let at_edge = [metric("first", "coil", 0, "bool"), metric("last", "coil", 1999, "bool")];
+        let wide_gap = PlanLimits {
+            max_gap: 3000,
+            ..LIMITS
+        };
+        let at_edge = [
+            metric("first", "coil", 0, "bool"),
+            metric("last", "coil", 1999, "bool"),
+        ];
         let blocks = plan_reads(&at_edge, wide_gap).expect("plans");
         let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
         assert_eq!(shape, [(0, 2000)]);
 
-        let past_edge = [metric("first", "discrete_input", 0, "bool"), metric("next", "discrete_input", 2000, "bool")];
+        let past_edge = [
+            metric("first", "discrete_input", 0, "bool"),
+            metric("next", "discrete_input", 2000, "bool"),
+        ];
         let blocks = plan_reads(&past_edge, wide_gap).expect("plans");
         let shape: Vec<(u16, u16)> = blocks.iter().map(|b| (b.address, b.count)).collect();
         assert_eq!(shape, [(0, 1), (2000, 1)]);
@@ -160,7 +227,14 @@ mod tests {
     #[test]
     fn metric_wider_than_limit_is_rejected() {
         let registers = [metric("energy", "holding_register", 0, "f64")];
-        let error = plan_reads(&registers, PlanLimits { max_registers: 2, ..LIMITS }).expect_err("too wide");
+        let error = plan_reads(
+            &registers,
+            PlanLimits {
+                max_registers: 2,
+                ..LIMITS
+            },
+        )
+        .expect_err("too wide");
         assert!(error.contains("energy"), "{error}");
     }
 }

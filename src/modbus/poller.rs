@@ -66,9 +66,15 @@ impl DeviceState {
         };
         let blocks = plan::plan_reads(&device.profile.registers, limits)?;
         if blocks.is_empty() {
-            return Err(format!("profile `{}` lists no Modbus registers", device.profile.name));
+            return Err(format!(
+                "profile `{}` lists no Modbus registers",
+                device.profile.name
+            ));
         }
-        let interval = config.poll_interval.or(device.profile.modbus.poll_interval).unwrap_or(DEFAULT_POLL_INTERVAL);
+        let interval = config
+            .poll_interval
+            .or(device.profile.modbus.poll_interval)
+            .unwrap_or(DEFAULT_POLL_INTERVAL);
         Ok(Self {
             device,
             blocks,
@@ -87,7 +93,11 @@ impl DeviceState {
 }
 
 /// Polls one Modbus TCP device until shutdown.
-pub(crate) async fn run_tcp_device(mut state: DeviceState, gateway: Arc<Semaphore>, shared: Shared) {
+pub(crate) async fn run_tcp_device(
+    mut state: DeviceState,
+    gateway: Arc<Semaphore>,
+    shared: Shared,
+) {
     let mut connection = Connection::new(Link::of(&state.device.config));
     info!(device = %state.device.id, link = %connection.link(), "modbus polling started");
     while wait_until(state.next_due, &shared.shutdown).await {
@@ -99,7 +109,11 @@ pub(crate) async fn run_tcp_device(mut state: DeviceState, gateway: Arc<Semaphor
 /// Polls the devices that share one serial bus or RTU-over-TCP gateway until shutdown, one
 /// request at a time.
 pub(crate) async fn run_bus(link: Link, mut states: Vec<DeviceState>, shared: Shared) {
-    let pause = states.iter().map(|s| s.device.config.bus_pause).max().unwrap_or_default();
+    let pause = states
+        .iter()
+        .map(|s| s.device.config.bus_pause)
+        .max()
+        .unwrap_or_default();
     let mut connection = Connection::with_pause(link, pause);
     info!(link = %connection.link(), devices = states.len(), "modbus bus polling started");
     while let Some(index) = (0..states.len()).min_by_key(|&i| states[i].next_due) {
@@ -139,7 +153,12 @@ async fn poll_once(
     for block_index in 0..state.blocks.len() {
         let block = state.blocks[block_index].clone();
         let _permit = match gateway {
-            Some(semaphore) => Some(semaphore.acquire().await.expect("the semaphore is never closed")),
+            Some(semaphore) => Some(
+                semaphore
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
             None => None,
         };
         match read_with_retries(state, connection, &block, shared).await {
@@ -149,14 +168,24 @@ async fn poll_once(
             }
             Err(error) => {
                 let reason = error.reason();
-                bad.extend(block.metrics.iter().map(|&i| (state.device.profile.registers[i].metric.clone(), reason.clone())));
+                bad.extend(block.metrics.iter().map(|&i| {
+                    (
+                        state.device.profile.registers[i].metric.clone(),
+                        reason.clone(),
+                    )
+                }));
             }
         }
         if shared.shutdown.is_cancelled() {
             return;
         }
     }
-    if shared.ingest.bad_readings(state.device.id.clone(), bad).await.is_err() {
+    if shared
+        .ingest
+        .bad_readings(state.device.id.clone(), bad)
+        .await
+        .is_err()
+    {
         debug!(device = %state.device.id, "pipeline closed; bad readings dropped at shutdown");
     }
     finish_poll(state, answered, readings, started, shared).await;
@@ -168,8 +197,14 @@ async fn read_with_retries(
     block: &ReadBlock,
     shared: &Shared,
 ) -> Result<Reply, ReadError> {
-    let (unit_id, timeout, retries) = (state.device.config.unit_id, state.device.config.timeout, state.device.config.retries);
-    let labels = DeviceLabels { device: state.device.id.to_string() };
+    let (unit_id, timeout, retries) = (
+        state.device.config.unit_id,
+        state.device.config.timeout,
+        state.device.config.retries,
+    );
+    let labels = DeviceLabels {
+        device: state.device.id.to_string(),
+    };
     let mut attempt = 0;
     loop {
         shared.metrics.requests.get_or_create(&labels).inc();
@@ -188,7 +223,12 @@ async fn read_with_retries(
 }
 
 fn log_read_error(state: &mut DeviceState, block: &ReadBlock, error: &ReadError, attempt: u32) {
-    let key = format!("{} {} {}", block.function.as_str(), block.address, error.reason());
+    let key = format!(
+        "{} {} {}",
+        block.function.as_str(),
+        block.address,
+        error.reason()
+    );
     let config = &state.device.config;
     if state.offline || state.last_warned.as_deref() == Some(key.as_str()) {
         debug!(
@@ -230,7 +270,9 @@ fn decode_block(
                 continue;
             }
             Err(error) => {
-                shared.metrics.count_bad_value(state.id(), entry.metric.as_str(), error.reason());
+                shared
+                    .metrics
+                    .count_bad_value(state.id(), entry.metric.as_str(), error.reason());
                 debug!(device = %state.device.id, metric = %entry.metric, %error, "bad modbus value not stored");
                 bad.push((entry.metric.clone(), error.reason().to_owned()));
                 continue;
@@ -259,12 +301,25 @@ fn note_unknown_code(state: &DeviceState, entry: &crate::profile::MetricRegister
 }
 
 fn store_text(texts: &TextValues, state: &DeviceState, metric: &MetricName, text: String) {
-    let mut texts = texts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    texts.entry(state.device.id.clone()).or_default().insert(metric.clone(), text);
+    let mut texts = texts
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    texts
+        .entry(state.device.id.clone())
+        .or_default()
+        .insert(metric.clone(), text);
 }
 
-async fn finish_poll(state: &mut DeviceState, answered: bool, readings: Vec<Reading>, started: Instant, shared: &Shared) {
-    let labels = DeviceLabels { device: state.device.id.to_string() };
+async fn finish_poll(
+    state: &mut DeviceState,
+    answered: bool,
+    readings: Vec<Reading>,
+    started: Instant,
+    shared: &Shared,
+) {
+    let labels = DeviceLabels {
+        device: state.device.id.to_string(),
+    };
     if answered {
         if state.offline {
             info!(device = %state.device.id, "modbus device responds again");
@@ -281,12 +336,20 @@ async fn finish_poll(state: &mut DeviceState, answered: bool, readings: Vec<Read
             state.offline = true;
             warn!(device = %state.device.id, failures = state.failures, "modbus device offline");
             shared.metrics.online.get_or_create(&labels).set(0);
-            report_liveness(state, false, LivenessCause::PollFailures(state.failures), shared).await;
+            report_liveness(
+                state,
+                false,
+                LivenessCause::PollFailures(state.failures),
+                shared,
+            )
+            .await;
         }
     }
     let (stored, unstored) = split_reported(state, readings);
     let count = stored.len() as u64;
-    if shared.ingest.submit(stored).await.is_err() || shared.ingest.submit_unstored(unstored).await.is_err() {
+    if shared.ingest.submit(stored).await.is_err()
+        || shared.ingest.submit_unstored(unstored).await.is_err()
+    {
         debug!(device = %state.device.id, "pipeline closed; readings dropped at shutdown");
     } else {
         shared.metrics.readings.get_or_create(&labels).inc_by(count);
@@ -295,7 +358,12 @@ async fn finish_poll(state: &mut DeviceState, answered: bool, readings: Vec<Read
 }
 
 async fn report_liveness(state: &DeviceState, online: bool, cause: LivenessCause, shared: &Shared) {
-    if shared.ingest.liveness(state.device.id.clone(), online, cause).await.is_err() {
+    if shared
+        .ingest
+        .liveness(state.device.id.clone(), online, cause)
+        .await
+        .is_err()
+    {
         debug!(device = %state.device.id, "pipeline closed; liveness change dropped at shutdown");
     }
 }
@@ -304,27 +372,29 @@ async fn report_liveness(state: &DeviceState, online: bool, cause: LivenessCause
 /// store (moved past the deadband, changed state, or last stored `report_max_interval` ago)
 /// and the rest, which the rules and liveness still see.
 fn split_reported(state: &mut DeviceState, readings: Vec<Reading>) -> (Vec<Reading>, Vec<Reading>) {
-    let Some(deadband) = state.device.config.report_deadband else { return (readings, Vec::new()) };
+    let Some(deadband) = state.device.config.report_deadband else {
+        return (readings, Vec::new());
+    };
     let max_interval = state.device.config.report_max_interval;
     let now = Instant::now();
-    readings
-        .into_iter()
-        .partition(|reading| {
-            let report = match state.last_reported.get(&reading.metric) {
-                None => true,
-                Some((last, at)) => {
-                    let moved = match (last, reading.value) {
-                        (Value::Number(a), Value::Number(b)) => (a - b).abs() > deadband,
-                        (a, b) => *a != b,
-                    };
-                    moved || now.duration_since(*at) >= max_interval
-                }
-            };
-            if report {
-                state.last_reported.insert(reading.metric.clone(), (reading.value, now));
+    readings.into_iter().partition(|reading| {
+        let report = match state.last_reported.get(&reading.metric) {
+            None => true,
+            Some((last, at)) => {
+                let moved = match (last, reading.value) {
+                    (Value::Number(a), Value::Number(b)) => (a - b).abs() > deadband,
+                    (a, b) => *a != b,
+                };
+                moved || now.duration_since(*at) >= max_interval
             }
-            report
-        })
+        };
+        if report {
+            state
+                .last_reported
+                .insert(reading.metric.clone(), (reading.value, now));
+        }
+        report
+    })
 }
 
 /// Computes the next poll time: the interval after the last start, or an exponential
@@ -345,16 +415,22 @@ const BACKOFF_JITTER: std::ops::Range<f64> = 0.8..1.2;
 /// counts the failed polls since it went offline, capped at `max_backoff` (but never below
 /// `interval`), times `jitter`.
 fn offline_backoff(state: &DeviceState, jitter: f64) -> Duration {
-    let steps = state.failures.saturating_sub(state.device.config.offline_after_failures).min(16);
-    let backoff = state.interval.saturating_mul(1 << steps).min(state.device.config.max_backoff.max(state.interval));
+    let steps = state
+        .failures
+        .saturating_sub(state.device.config.offline_after_failures)
+        .min(16);
+    let backoff = state
+        .interval
+        .saturating_mul(1 << steps)
+        .min(state.device.config.max_backoff.max(state.interval));
     backoff.mul_f64(jitter)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeviceId, SiteId};
     use crate::modbus::ModbusDeviceConfig;
+    use crate::model::{DeviceId, SiteId};
 
     fn offline_state(failures: u32) -> DeviceState {
         let text = "name = \"one\"\n[[metrics]]\nname = \"level\"\nmodbus = { register = 40001 }\n";
@@ -363,7 +439,12 @@ mod tests {
         config.poll_interval = Some(Duration::from_secs(1));
         config.offline_after_failures = 3;
         config.max_backoff = Duration::from_secs(10);
-        let device = PolledDevice { id: DeviceId::new("d"), site: SiteId::new("s"), profile: Arc::new(profile), config };
+        let device = PolledDevice {
+            id: DeviceId::new("d"),
+            site: SiteId::new("s"),
+            profile: Arc::new(profile),
+            config,
+        };
         let mut state = DeviceState::new(device).expect("plans");
         state.failures = failures;
         state.offline = true;
@@ -384,7 +465,10 @@ mod tests {
     #[test]
     fn backoff_jitter_scales_the_wait() {
         let state = offline_state(5);
-        assert_eq!(offline_backoff(&state, BACKOFF_JITTER.start), Duration::from_secs_f64(3.2));
+        assert_eq!(
+            offline_backoff(&state, BACKOFF_JITTER.start),
+            Duration::from_secs_f64(3.2)
+        );
         assert!((offline_backoff(&state, BACKOFF_JITTER.end).as_secs_f64() - 4.8).abs() < 1e-9);
     }
 
@@ -396,11 +480,23 @@ mod tests {
             let before = Instant::now();
             let due = next_due(&state, before);
             let after = Instant::now();
-            assert!(due >= before + Duration::from_secs_f64(3.2), "wait shorter than 0.8 x 4 s");
-            assert!(due <= after + Duration::from_secs_f64(4.8), "wait longer than 1.2 x 4 s");
+            assert!(
+                due >= before + Duration::from_secs_f64(3.2),
+                "wait shorter than 0.8 x 4 s"
+            );
+            assert!(
+                due <= after + Duration::from_secs_f64(4.8),
+                "wait longer than 1.2 x 4 s"
+            );
             waits.push(due.duration_since(before));
         }
-        let (min, max) = (waits.iter().min().expect("samples"), waits.iter().max().expect("samples"));
-        assert!(*max - *min > Duration::from_millis(100), "no jitter: waits from {min:?} to {max:?}");
+        let (min, max) = (
+            waits.iter().min().expect("samples"),
+            waits.iter().max().expect("samples"),
+        );
+        assert!(
+            *max - *min > Duration::from_millis(100),
+            "no jitter: waits from {min:?} to {max:?}"
+        );
     }
 }

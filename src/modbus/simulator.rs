@@ -76,27 +76,58 @@ impl RegisterBank {
                 let words = decode::encode_words(register, value)?;
                 self.set_words(register.function, register.address, &words);
             }
-            (_, _, value) => return Err(format!("cannot store {value:?} in a {}", register.function.as_str())),
+            (_, _, value) => {
+                return Err(format!(
+                    "cannot store {value:?} in a {}",
+                    register.function.as_str()
+                ));
+            }
         }
         Ok(())
     }
 
     fn table(&mut self, function: Function) -> &mut BTreeMap<u16, u16> {
-        if function == Function::InputRegister { &mut self.input_registers } else { &mut self.holding_registers }
+        if function == Function::InputRegister {
+            &mut self.input_registers
+        } else {
+            &mut self.holding_registers
+        }
     }
 
-    fn read_bits(table: &BTreeMap<u16, bool>, address: u16, count: u16) -> Result<Vec<bool>, ExceptionCode> {
+    fn read_bits(
+        table: &BTreeMap<u16, bool>,
+        address: u16,
+        count: u16,
+    ) -> Result<Vec<bool>, ExceptionCode> {
         if count == 0 || count > 2000 {
             return Err(ExceptionCode::IllegalDataValue);
         }
-        (0..count).map(|i| address.checked_add(i).and_then(|a| table.get(&a).copied()).ok_or(ExceptionCode::IllegalDataAddress)).collect()
+        (0..count)
+            .map(|i| {
+                address
+                    .checked_add(i)
+                    .and_then(|a| table.get(&a).copied())
+                    .ok_or(ExceptionCode::IllegalDataAddress)
+            })
+            .collect()
     }
 
-    fn read_words(table: &BTreeMap<u16, u16>, address: u16, count: u16) -> Result<Vec<u16>, ExceptionCode> {
+    fn read_words(
+        table: &BTreeMap<u16, u16>,
+        address: u16,
+        count: u16,
+    ) -> Result<Vec<u16>, ExceptionCode> {
         if count == 0 || count > 125 {
             return Err(ExceptionCode::IllegalDataValue);
         }
-        (0..count).map(|i| address.checked_add(i).and_then(|a| table.get(&a).copied()).ok_or(ExceptionCode::IllegalDataAddress)).collect()
+        (0..count)
+            .map(|i| {
+                address
+                    .checked_add(i)
+                    .and_then(|a| table.get(&a).copied())
+                    .ok_or(ExceptionCode::IllegalDataAddress)
+            })
+            .collect()
     }
 }
 
@@ -152,7 +183,9 @@ pub struct SimulatorHandle {
 
 impl SimulatorHandle {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs `change` on the registers of `unit_id`, creating the unit if needed.
@@ -166,7 +199,12 @@ impl SimulatorHandle {
     }
 
     /// Stores a metric value as the device would hold it.
-    pub fn set_value(&self, unit_id: u8, register: &Register, value: &Decoded) -> Result<(), String> {
+    pub fn set_value(
+        &self,
+        unit_id: u8,
+        register: &Register,
+        value: &Decoded,
+    ) -> Result<(), String> {
         self.with_bank(unit_id, |bank| bank.set_value(register, value))
     }
 
@@ -220,31 +258,52 @@ impl Service for SimulatorService {
 
 /// Computes the answer at arrival time, so a delayed reply carries the values of the moment
 /// the request came in. `None` means the unit does not exist and stays silent.
-fn answer(state: &Mutex<State>, unit_id: u8, request: &Request<'_>) -> (Option<Behaviour>, Result<Response, ExceptionCode>) {
-    let mut state = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+fn answer(
+    state: &Mutex<State>,
+    unit_id: u8,
+    request: &Request<'_>,
+) -> (Option<Behaviour>, Result<Response, ExceptionCode>) {
+    let mut state = state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let received = tokio::time::Instant::now();
-    let record = |function, address, count| RequestRecord { unit_id, function, address, count, received };
+    let record = |function, address, count| RequestRecord {
+        unit_id,
+        function,
+        address,
+        count,
+        received,
+    };
     let (record, response) = {
-        let Some(unit) = state.units.get(&unit_id) else { return (None, Err(ExceptionCode::GatewayTargetDevice)) };
+        let Some(unit) = state.units.get(&unit_id) else {
+            return (None, Err(ExceptionCode::GatewayTargetDevice));
+        };
         if unit.behaviour == Behaviour::Silent {
-            return (Some(Behaviour::Silent), Err(ExceptionCode::GatewayTargetDevice));
+            return (
+                Some(Behaviour::Silent),
+                Err(ExceptionCode::GatewayTargetDevice),
+            );
         }
         let bank = &unit.bank;
         match *request {
-            Request::ReadCoils(a, n) => {
-                (Some(record(Function::Coil, a, n)), RegisterBank::read_bits(&bank.coils, a, n).map(Response::ReadCoils))
-            }
+            Request::ReadCoils(a, n) => (
+                Some(record(Function::Coil, a, n)),
+                RegisterBank::read_bits(&bank.coils, a, n).map(Response::ReadCoils),
+            ),
             Request::ReadDiscreteInputs(a, n) => (
                 Some(record(Function::DiscreteInput, a, n)),
-                RegisterBank::read_bits(&bank.discrete_inputs, a, n).map(Response::ReadDiscreteInputs),
+                RegisterBank::read_bits(&bank.discrete_inputs, a, n)
+                    .map(Response::ReadDiscreteInputs),
             ),
             Request::ReadInputRegisters(a, n) => (
                 Some(record(Function::InputRegister, a, n)),
-                RegisterBank::read_words(&bank.input_registers, a, n).map(Response::ReadInputRegisters),
+                RegisterBank::read_words(&bank.input_registers, a, n)
+                    .map(Response::ReadInputRegisters),
             ),
             Request::ReadHoldingRegisters(a, n) => (
                 Some(record(Function::HoldingRegister, a, n)),
-                RegisterBank::read_words(&bank.holding_registers, a, n).map(Response::ReadHoldingRegisters),
+                RegisterBank::read_words(&bank.holding_registers, a, n)
+                    .map(Response::ReadHoldingRegisters),
             ),
             _ => (None, Err(ExceptionCode::IllegalFunction)),
         }
@@ -258,7 +317,10 @@ fn answer(state: &Mutex<State>, unit_id: u8, request: &Request<'_>) -> (Option<B
 
 /// Starts a Modbus TCP simulator on `listen` (use port 0 for an ephemeral port) serving
 /// `units`, keyed by unit id. Returns the bound address and a handle.
-pub async fn spawn_simulator(listen: SocketAddr, units: BTreeMap<u8, RegisterBank>) -> io::Result<(SocketAddr, SimulatorHandle)> {
+pub async fn spawn_simulator(
+    listen: SocketAddr,
+    units: BTreeMap<u8, RegisterBank>,
+) -> io::Result<(SocketAddr, SimulatorHandle)> {
     spawn_with_framing(listen, units, Framing::Tcp).await
 }
 
@@ -278,21 +340,50 @@ async fn spawn_with_framing(
 ) -> io::Result<(SocketAddr, SimulatorHandle)> {
     let listener = TcpListener::bind(listen).await?;
     let bound = listener.local_addr()?;
-    let units = units.into_iter().map(|(id, bank)| (id, Unit { bank, behaviour: Behaviour::Normal })).collect();
-    let state = Arc::new(Mutex::new(State { units, requests: Vec::new() }));
-    let handle = SimulatorHandle { state: Arc::clone(&state), shutdown: CancellationToken::new() };
+    let units = units
+        .into_iter()
+        .map(|(id, bank)| {
+            (
+                id,
+                Unit {
+                    bank,
+                    behaviour: Behaviour::Normal,
+                },
+            )
+        })
+        .collect();
+    let state = Arc::new(Mutex::new(State {
+        units,
+        requests: Vec::new(),
+    }));
+    let handle = SimulatorHandle {
+        state: Arc::clone(&state),
+        shutdown: CancellationToken::new(),
+    };
     let shutdown = handle.shutdown.clone();
-    let new_service = move |_peer: SocketAddr| Ok(Some(SimulatorService { state: Arc::clone(&state) }));
+    let new_service = move |_peer: SocketAddr| {
+        Ok(Some(SimulatorService {
+            state: Arc::clone(&state),
+        }))
+    };
     match framing {
         Framing::Tcp => {
             let server = tokio_modbus::server::tcp::Server::new(listener);
             tokio::spawn(async move {
                 let on_connected = |stream, peer| {
-                    let service = tokio_modbus::server::tcp::accept_tcp_connection(stream, peer, &new_service);
+                    let service = tokio_modbus::server::tcp::accept_tcp_connection(
+                        stream,
+                        peer,
+                        &new_service,
+                    );
                     async move { service }
                 };
-                let on_error = |error| tracing::debug!(%error, "modbus simulator connection failed");
-                if let Err(error) = server.serve_until(&on_connected, on_error, shutdown.cancelled_owned()).await {
+                let on_error =
+                    |error| tracing::debug!(%error, "modbus simulator connection failed");
+                if let Err(error) = server
+                    .serve_until(&on_connected, on_error, shutdown.cancelled_owned())
+                    .await
+                {
                     tracing::warn!(%error, "modbus simulator stopped");
                 }
             });
@@ -301,11 +392,19 @@ async fn spawn_with_framing(
             let server = tokio_modbus::server::rtu_over_tcp::Server::new(listener);
             tokio::spawn(async move {
                 let on_connected = |stream, peer| {
-                    let service = tokio_modbus::server::rtu_over_tcp::accept_tcp_connection(stream, peer, &new_service);
+                    let service = tokio_modbus::server::rtu_over_tcp::accept_tcp_connection(
+                        stream,
+                        peer,
+                        &new_service,
+                    );
                     async move { service }
                 };
-                let on_error = |error| tracing::debug!(%error, "modbus simulator connection failed");
-                if let Err(error) = server.serve_until(&on_connected, on_error, shutdown.cancelled_owned()).await {
+                let on_error =
+                    |error| tracing::debug!(%error, "modbus simulator connection failed");
+                if let Err(error) = server
+                    .serve_until(&on_connected, on_error, shutdown.cancelled_owned())
+                    .await
+                {
                     tracing::warn!(%error, "modbus simulator stopped");
                 }
             });

@@ -81,7 +81,10 @@ pub enum ReadError {
     Protocol(String),
     Exception(ExceptionCode),
     /// The reply carried a different number of values than requested.
-    Short { requested: u16, got: usize },
+    Short {
+        requested: u16,
+        got: usize,
+    },
 }
 
 impl ReadError {
@@ -106,7 +109,10 @@ impl ReadError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ReadError::Exception(code) => {
-                matches!(code, ExceptionCode::ServerDeviceBusy | ExceptionCode::Acknowledge)
+                matches!(
+                    code,
+                    ExceptionCode::ServerDeviceBusy | ExceptionCode::Acknowledge
+                )
             }
             _ => true,
         }
@@ -120,8 +126,12 @@ impl fmt::Display for ReadError {
             ReadError::Timeout => f.write_str("no reply within the timeout"),
             ReadError::Transport(e) => write!(f, "transport error: {e}"),
             ReadError::Protocol(e) => write!(f, "reply does not match the request: {e}"),
-            ReadError::Exception(code) => write!(f, "device exception {:#04x} ({code})", u8::from(*code)),
-            ReadError::Short { requested, got } => write!(f, "reply has {got} values where {requested} were requested"),
+            ReadError::Exception(code) => {
+                write!(f, "device exception {:#04x} ({code})", u8::from(*code))
+            }
+            ReadError::Short { requested, got } => {
+                write!(f, "reply has {got} values where {requested} were requested")
+            }
         }
     }
 }
@@ -159,7 +169,12 @@ impl Connection {
     /// A connection that keeps `pause` between any two requests it sends, whichever unit
     /// they address, as a shared RS485 bus needs.
     pub fn with_pause(link: Link, pause: Duration) -> Self {
-        Self { link, context: None, pause, last_request_end: None }
+        Self {
+            link,
+            context: None,
+            pause,
+            last_request_end: None,
+        }
     }
 
     pub fn link(&self) -> &Link {
@@ -173,7 +188,12 @@ impl Connection {
 
     /// Reads `block` from unit `unit_id`, connecting first if needed. Any error other than
     /// a device exception drops the connection.
-    pub async fn read(&mut self, unit_id: u8, block: &ReadBlock, timeout: Duration) -> Result<Reply, ReadError> {
+    pub async fn read(
+        &mut self,
+        unit_id: u8,
+        block: &ReadBlock,
+        timeout: Duration,
+    ) -> Result<Reply, ReadError> {
         if let Some(end) = self.last_request_end {
             tokio::time::sleep_until(end + self.pause).await;
         }
@@ -182,11 +202,18 @@ impl Connection {
         outcome
     }
 
-    async fn read_now(&mut self, unit_id: u8, block: &ReadBlock, timeout: Duration) -> Result<Reply, ReadError> {
+    async fn read_now(
+        &mut self,
+        unit_id: u8,
+        block: &ReadBlock,
+        timeout: Duration,
+    ) -> Result<Reply, ReadError> {
         if self.context.is_none() {
             let context = tokio::time::timeout(timeout, connect(&self.link))
                 .await
-                .map_err(|_| ReadError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
+                .map_err(|_| {
+                    ReadError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+                })?
                 .map_err(ReadError::Connect)?;
             self.context = Some(context);
         }
@@ -237,7 +264,11 @@ fn open_serial(serial: &SerialSettings) -> io::Result<tokio_serial::SerialStream
         7 => tokio_serial::DataBits::Seven,
         _ => tokio_serial::DataBits::Eight,
     };
-    let stop_bits = if serial.stop_bits == 2 { tokio_serial::StopBits::Two } else { tokio_serial::StopBits::One };
+    let stop_bits = if serial.stop_bits == 2 {
+        tokio_serial::StopBits::Two
+    } else {
+        tokio_serial::StopBits::One
+    };
     tokio_serial::new(serial.path.as_str(), serial.baud_rate)
         .parity(parity)
         .data_bits(data_bits)
@@ -249,10 +280,22 @@ fn open_serial(serial: &SerialSettings) -> io::Result<tokio_serial::SerialStream
 async fn read_block(context: &mut Context, block: &ReadBlock) -> Result<Reply, ReadError> {
     let (address, count) = (block.address, block.count);
     let result = match block.function {
-        Function::Coil => context.read_coils(address, count).await.map(|r| r.map(Reply::Bits)),
-        Function::DiscreteInput => context.read_discrete_inputs(address, count).await.map(|r| r.map(Reply::Bits)),
-        Function::HoldingRegister => context.read_holding_registers(address, count).await.map(|r| r.map(Reply::Words)),
-        Function::InputRegister => context.read_input_registers(address, count).await.map(|r| r.map(Reply::Words)),
+        Function::Coil => context
+            .read_coils(address, count)
+            .await
+            .map(|r| r.map(Reply::Bits)),
+        Function::DiscreteInput => context
+            .read_discrete_inputs(address, count)
+            .await
+            .map(|r| r.map(Reply::Bits)),
+        Function::HoldingRegister => context
+            .read_holding_registers(address, count)
+            .await
+            .map(|r| r.map(Reply::Words)),
+        Function::InputRegister => context
+            .read_input_registers(address, count)
+            .await
+            .map(|r| r.map(Reply::Words)),
     };
     let reply = match result {
         Ok(Ok(reply)) => reply,
@@ -266,7 +309,10 @@ async fn read_block(context: &mut Context, block: &ReadBlock) -> Result<Reply, R
         Reply::Bits(bits) => bits.len(),
     };
     if got != usize::from(count) {
-        return Err(ReadError::Short { requested: count, got });
+        return Err(ReadError::Short {
+            requested: count,
+            got,
+        });
     }
     Ok(reply)
 }

@@ -20,7 +20,10 @@ mod outbox;
 mod signature;
 
 pub use config::{ConfigProblem, Secret, Webhook, WebhookConfig};
-pub use dispatcher::{DispatcherError, DispatcherHandle, RESCAN_INTERVAL, spawn_dispatcher, spawn_dispatcher_with_metrics};
+pub use dispatcher::{
+    DispatcherError, DispatcherHandle, RESCAN_INTERVAL, spawn_dispatcher,
+    spawn_dispatcher_with_metrics,
+};
 pub use metrics::{NotifyMetrics, WebhookLabel};
 pub use outbox::{QueueState, enqueue, init_schema, queue_state};
 pub use signature::signature_header;

@@ -106,14 +106,20 @@ impl Profile {
 
     /// The register a metric is read from, if the profile gives one.
     pub fn register(&self, name: &MetricName) -> Option<&Register> {
-        self.registers.iter().find(|r| r.metric == *name).map(|r| &r.register)
+        self.registers
+            .iter()
+            .find(|r| r.metric == *name)
+            .map(|r| &r.register)
     }
 }
 
 #[derive(Debug, Error)]
 pub enum ProfileError {
     #[error("{path}: cannot read profile: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -140,8 +146,12 @@ impl ProfileSet {
     /// Loads every `*.toml` file in `dir`, collecting every problem instead of stopping at
     /// the first.
     pub fn load_dir(dir: &Path) -> Result<ProfileSet, Vec<ProfileError>> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|source| vec![ProfileError::Read { path: dir.to_owned(), source }])?;
+        let entries = std::fs::read_dir(dir).map_err(|source| {
+            vec![ProfileError::Read {
+                path: dir.to_owned(),
+                source,
+            }]
+        })?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|ext| ext == "toml"))
@@ -166,21 +176,32 @@ impl ProfileSet {
                 Err(mut e) => errors.append(&mut e),
             }
         }
-        if errors.is_empty() { Ok(set) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(set)
+        } else {
+            Err(errors)
+        }
     }
 }
 
 /// Loads and checks one profile file.
 pub fn load_file(path: &Path) -> Result<Profile, Vec<ProfileError>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| vec![ProfileError::Read { path: path.to_owned(), source }])?;
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        vec![ProfileError::Read {
+            path: path.to_owned(),
+            source,
+        }]
+    })?;
     parse(&text, Some(path))
 }
 
 /// Parses and checks profile text; `path` names the file in errors.
 pub fn parse(text: &str, path: Option<&Path>) -> Result<Profile, Vec<ProfileError>> {
     let path_buf = path.map_or_else(|| PathBuf::from("<profile>"), Path::to_owned);
-    let invalid = |message: String| ProfileError::Invalid { path: path_buf.clone(), message };
+    let invalid = |message: String| ProfileError::Invalid {
+        path: path_buf.clone(),
+        message,
+    };
 
     let spec: ProfileSpec = toml::from_str(text).map_err(|e| vec![invalid(e.to_string())])?;
     let mut errors = Vec::new();
@@ -220,7 +241,9 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Profile, Vec<ProfileErro
         match rule.check() {
             Ok(checked) => rules.push(checked),
             Err(problems) => errors.extend(
-                problems.into_iter().map(|(key, msg)| invalid(format!("rule `{}`: {key}: {msg}", rule.id))),
+                problems
+                    .into_iter()
+                    .map(|(key, msg)| invalid(format!("rule `{}`: {key}: {msg}", rule.id))),
             ),
         }
     }
@@ -247,11 +270,16 @@ fn check_registers(
 ) -> Vec<MetricRegister> {
     let mut registers = Vec::new();
     for metric in &spec.metrics {
-        let Some(register_spec) = &metric.modbus else { continue };
+        let Some(register_spec) = &metric.modbus else {
+            continue;
+        };
         match register_spec.check() {
             Ok(register) => {
                 check_kind(metric, &register, errors, invalid);
-                registers.push(MetricRegister { metric: metric.name.clone(), register });
+                registers.push(MetricRegister {
+                    metric: metric.name.clone(),
+                    register,
+                });
             }
             Err(problems) => errors.extend(problems.into_iter().map(|(key, message)| {
                 invalid(format!("metric `{}`: modbus.{key}: {message}", metric.name))
@@ -267,9 +295,17 @@ fn check_kind(
     errors: &mut Vec<ProfileError>,
     invalid: &dyn Fn(String) -> ProfileError,
 ) {
-    let expected = if register.is_bool() { ValueKind::Bool } else { ValueKind::Number };
+    let expected = if register.is_bool() {
+        ValueKind::Bool
+    } else {
+        ValueKind::Number
+    };
     if register.data_type != DataType::String && metric.kind != expected {
-        let kind = if expected == ValueKind::Bool { "bool" } else { "number" };
+        let kind = if expected == ValueKind::Bool {
+            "bool"
+        } else {
+            "number"
+        };
         errors.push(invalid(format!(
             "metric `{}`: its register decodes to a {kind}, so write `kind = \"{kind}\"`",
             metric.name

@@ -227,7 +227,8 @@ pub fn split_reference(register: u32) -> Result<(Function, u16), String> {
             ));
         }
     };
-    let address = u16::try_from(register - base).map_err(|_| format!("register {register} is out of range"))?;
+    let address = u16::try_from(register - base)
+        .map_err(|_| format!("register {register} is out of range"))?;
     Ok((function, address))
 }
 
@@ -236,12 +237,18 @@ impl RegisterSpec {
     pub fn check(&self) -> Result<Register, Vec<(&'static str, String)>> {
         let mut problems = Vec::new();
         let (function, address) = self.locate(&mut problems);
-        let data_type = self.data_type.unwrap_or(if function.is_bit() { DataType::Bool } else { DataType::U16 });
+        let data_type = self.data_type.unwrap_or(if function.is_bit() {
+            DataType::Bool
+        } else {
+            DataType::U16
+        });
         let span = self.check_type(function, data_type, &mut problems);
         if u32::from(address) + u32::from(span) > 65_536 {
             problems.push((
                 "address",
-                format!("address {address} plus {span} registers runs past 65535; check the address"),
+                format!(
+                    "address {address} plus {span} registers runs past 65535; check the address"
+                ),
             ));
         }
         self.check_scaling(&mut problems);
@@ -268,7 +275,11 @@ impl RegisterSpec {
     fn locate(&self, problems: &mut Vec<(&'static str, String)>) -> (Function, u16) {
         match (self.address, self.register) {
             (Some(_), Some(_)) => {
-                problems.push(("register", "write either `address` (0-based) or `register` (vendor notation), not both".to_owned()));
+                problems.push((
+                    "register",
+                    "write either `address` (0-based) or `register` (vendor notation), not both"
+                        .to_owned(),
+                ));
                 (self.function.unwrap_or(Function::HoldingRegister), 0)
             }
             (Some(address), None) => {
@@ -302,34 +313,61 @@ impl RegisterSpec {
                 }
             },
             (None, None) => {
-                problems.push(("address", "missing `address` or `register`; add one".to_owned()));
+                problems.push((
+                    "address",
+                    "missing `address` or `register`; add one".to_owned(),
+                ));
                 (Function::HoldingRegister, 0)
             }
         }
     }
 
-    fn check_type(&self, function: Function, data_type: DataType, problems: &mut Vec<(&'static str, String)>) -> u16 {
+    fn check_type(
+        &self,
+        function: Function,
+        data_type: DataType,
+        problems: &mut Vec<(&'static str, String)>,
+    ) -> u16 {
         if function.is_bit() {
             if data_type != DataType::Bool {
                 problems.push((
                     "type",
-                    format!("a {} is one bit, so `type` must be bool, not {}", function.as_str(), data_type.as_str()),
+                    format!(
+                        "a {} is one bit, so `type` must be bool, not {}",
+                        function.as_str(),
+                        data_type.as_str()
+                    ),
                 ));
             }
             if self.bit.is_some() || self.count.is_some_and(|c| c != 1) {
-                problems.push(("bit", format!("`bit` and `count` do not apply to a {}; remove them", function.as_str())));
+                problems.push((
+                    "bit",
+                    format!(
+                        "`bit` and `count` do not apply to a {}; remove them",
+                        function.as_str()
+                    ),
+                ));
             }
             return 1;
         }
         if data_type == DataType::Bool && self.bit.is_none() {
-            problems.push(("type", "a register metric of type bool needs `bit`; or use type u16".to_owned()));
+            problems.push((
+                "type",
+                "a register metric of type bool needs `bit`; or use type u16".to_owned(),
+            ));
         }
         if let Some(bit) = self.bit {
             if bit > 15 {
-                problems.push(("bit", format!("bit {bit} is invalid; a register has bits 0 to 15")));
+                problems.push((
+                    "bit",
+                    format!("bit {bit} is invalid; a register has bits 0 to 15"),
+                ));
             }
             if !matches!(data_type, DataType::U16 | DataType::Bool) {
-                problems.push(("bit", format!("`bit` needs type u16, not {}", data_type.as_str())));
+                problems.push((
+                    "bit",
+                    format!("`bit` needs type u16, not {}", data_type.as_str()),
+                ));
             }
         }
         let width = match data_type.words() {
@@ -337,11 +375,17 @@ impl RegisterSpec {
             None => match self.count {
                 Some(count) if (1..=125).contains(&count) => count,
                 Some(count) => {
-                    problems.push(("count", format!("string length {count} is invalid; write 1 to 125 registers")));
+                    problems.push((
+                        "count",
+                        format!("string length {count} is invalid; write 1 to 125 registers"),
+                    ));
                     1
                 }
                 None => {
-                    problems.push(("count", "a string needs `count`, its length in registers".to_owned()));
+                    problems.push((
+                        "count",
+                        "a string needs `count`, its length in registers".to_owned(),
+                    ));
                     1
                 }
             },
@@ -360,14 +404,23 @@ impl RegisterSpec {
 
     fn check_scaling(&self, problems: &mut Vec<(&'static str, String)>) {
         if !self.scale.is_finite() || self.scale == 0.0 {
-            problems.push(("scale", format!("scale {} is invalid; write a finite, non-zero number", self.scale)));
+            problems.push((
+                "scale",
+                format!(
+                    "scale {} is invalid; write a finite, non-zero number",
+                    self.scale
+                ),
+            ));
         }
         if !self.offset.is_finite() {
             problems.push(("offset", "offset must be a finite number".to_owned()));
         }
         if let (Some(min), Some(max)) = (self.valid_min, self.valid_max) {
             if min > max {
-                problems.push(("valid_min", format!("valid_min {min} is greater than valid_max {max}; swap them")));
+                problems.push((
+                    "valid_min",
+                    format!("valid_min {min} is greater than valid_max {max}; swap them"),
+                ));
             }
         }
     }
@@ -399,7 +452,10 @@ mod tests {
         assert_eq!(split_reference(30343), Ok((Function::InputRegister, 342)));
         assert_eq!(split_reference(10005), Ok((Function::DiscreteInput, 4)));
         assert_eq!(split_reference(1), Ok((Function::Coil, 0)));
-        assert_eq!(split_reference(465_536), Ok((Function::HoldingRegister, 65_535)));
+        assert_eq!(
+            split_reference(465_536),
+            Ok((Function::HoldingRegister, 65_535))
+        );
         assert!(split_reference(20001).is_err());
         assert!(split_reference(0).is_err());
     }

@@ -81,7 +81,9 @@ impl Evaluator {
 
     /// Returns the confirmed level of a rule for a device.
     pub fn level(&self, device: &DeviceId, rule: &RuleId) -> u8 {
-        self.states.get(&(device.clone(), rule.clone())).map_or(0, |s| s.level)
+        self.states
+            .get(&(device.clone(), rule.clone()))
+            .map_or(0, |s| s.level)
     }
 
     /// Evaluates one reading against one rule at server time `now`, returning the change
@@ -97,7 +99,10 @@ impl Evaluator {
         key: Timestamp,
         now: Timestamp,
     ) -> Option<LevelChange> {
-        let state = self.states.entry((device.clone(), rule.id.clone())).or_default();
+        let state = self
+            .states
+            .entry((device.clone(), rule.id.clone()))
+            .or_default();
         if state.last_key.is_some_and(|last| key < last) {
             return None;
         }
@@ -116,7 +121,13 @@ impl Evaluator {
                     None => (observed, now),
                 };
                 let due = Timestamp(since.0.saturating_add(duration_millis(rule)));
-                state.pending = Some(Pending { level: pending_level, since, due, value, ts });
+                state.pending = Some(Pending {
+                    level: pending_level,
+                    since,
+                    due,
+                    value,
+                    ts,
+                });
                 (now >= due).then_some(pending_level)
             }
         } else {
@@ -128,12 +139,22 @@ impl Evaluator {
         if to == from {
             return None;
         }
-        Some(LevelChange { device: device.clone(), rule: rule.id.clone(), from, to, value, ts })
+        Some(LevelChange {
+            device: device.clone(),
+            rule: rule.id.clone(),
+            from,
+            to,
+            value,
+            ts,
+        })
     }
 
     /// Returns the earliest server time at which a pending level is due, if any.
     pub fn next_due(&self) -> Option<Timestamp> {
-        self.states.values().filter_map(|s| s.pending.map(|p| p.due)).min()
+        self.states
+            .values()
+            .filter_map(|s| s.pending.map(|p| p.due))
+            .min()
     }
 
     /// Returns the (device, rule) pairs whose pending level is due at server time `now`.
@@ -150,7 +171,12 @@ impl Evaluator {
     /// and timestamp of the last reading that kept the level pending, and takes effect
     /// only through [`Evaluator::commit`]. A pending level of a rule that no longer has a
     /// minimum duration is confirmed at once.
-    pub fn confirm_due(&mut self, device: &DeviceId, rule: &Rule, now: Timestamp) -> Option<LevelChange> {
+    pub fn confirm_due(
+        &mut self,
+        device: &DeviceId,
+        rule: &Rule,
+        now: Timestamp,
+    ) -> Option<LevelChange> {
         let state = self.states.get_mut(&(device.clone(), rule.id.clone()))?;
         let pending = state.pending?;
         let due = Timestamp(pending.since.0.saturating_add(duration_millis(rule)));
@@ -182,7 +208,12 @@ impl Evaluator {
     /// rule's confirmed level. A change whose `from` is no longer the confirmed level is
     /// ignored.
     pub fn commit(&mut self, change: &LevelChange) {
-        let Some(state) = self.states.get_mut(&(change.device.clone(), change.rule.clone())) else { return };
+        let Some(state) = self
+            .states
+            .get_mut(&(change.device.clone(), change.rule.clone()))
+        else {
+            return;
+        };
         if state.level == change.from {
             state.level = change.to;
             state.pending = None;
@@ -205,7 +236,12 @@ pub fn observed_level(rule: &Rule, value: Value, current: u8) -> u8 {
             };
             if state == *equals { *level } else { 0 }
         }
-        Condition::Threshold { above, level1, level2, deadband } => {
+        Condition::Threshold {
+            above,
+            level1,
+            level2,
+            deadband,
+        } => {
             let v = value.as_f64();
             for (level, threshold) in [(2u8, *level2), (1u8, *level1)] {
                 let Some(threshold) = threshold else { continue };
@@ -236,7 +272,12 @@ mod tests {
         Rule {
             id: RuleId::from("gas-lel"),
             metric: MetricName::from("gas_lel"),
-            condition: Condition::Threshold { above: true, level1: Some(25.0), level2: Some(50.0), deadband: 2.0 },
+            condition: Condition::Threshold {
+                above: true,
+                level1: Some(25.0),
+                level2: Some(50.0),
+                deadband: 2.0,
+            },
             min_duration,
             description: String::new(),
         }
@@ -247,7 +288,14 @@ mod tests {
         let device = DeviceId::from("gas-01");
         let mut changes = Vec::new();
         for (t, v) in values {
-            if let Some(change) = evaluator.evaluate(&device, rule, Value::Number(*v), Timestamp(*t), Timestamp(*t), Timestamp(*t)) {
+            if let Some(change) = evaluator.evaluate(
+                &device,
+                rule,
+                Value::Number(*v),
+                Timestamp(*t),
+                Timestamp(*t),
+                Timestamp(*t),
+            ) {
                 evaluator.commit(&change);
                 changes.push((change.from, change.to));
             }
@@ -258,25 +306,44 @@ mod tests {
     #[test]
     fn raise_escalate_clear() {
         let rule = gas_rule(Duration::ZERO);
-        let changes = run(&rule, &[(1, 10.0), (2, 26.0), (3, 51.0), (4, 49.0), (5, 24.0), (6, 22.9)]);
+        let changes = run(
+            &rule,
+            &[
+                (1, 10.0),
+                (2, 26.0),
+                (3, 51.0),
+                (4, 49.0),
+                (5, 24.0),
+                (6, 22.9),
+            ],
+        );
         assert_eq!(changes, vec![(0, 1), (1, 2), (2, 1), (1, 0)]);
     }
 
     #[test]
     fn hovering_inside_deadband_changes_once() {
         let rule = gas_rule(Duration::ZERO);
-        let values: Vec<(i64, f64)> =
-            (0..100).map(|i| (i, if i % 2 == 0 { 25.5 } else { 24.0 })).collect();
+        let values: Vec<(i64, f64)> = (0..100)
+            .map(|i| (i, if i % 2 == 0 { 25.5 } else { 24.0 }))
+            .collect();
         assert_eq!(run(&rule, &values), vec![(0, 1)]);
     }
 
     #[test]
     fn below_rule_mirrors_above() {
         let rule = Rule {
-            condition: Condition::Threshold { above: false, level1: Some(19.5), level2: Some(18.0), deadband: 0.5 },
+            condition: Condition::Threshold {
+                above: false,
+                level1: Some(19.5),
+                level2: Some(18.0),
+                deadband: 0.5,
+            },
             ..gas_rule(Duration::ZERO)
         };
-        let changes = run(&rule, &[(1, 20.9), (2, 19.4), (3, 19.8), (4, 17.9), (5, 20.1)]);
+        let changes = run(
+            &rule,
+            &[(1, 20.9), (2, 19.4), (3, 19.8), (4, 17.9), (5, 20.1)],
+        );
         assert_eq!(changes, vec![(0, 1), (1, 2), (2, 0)]);
     }
 
@@ -284,16 +351,29 @@ mod tests {
     fn min_duration_delays_raise() {
         let rule = gas_rule(Duration::from_secs(10));
         assert_eq!(run(&rule, &[(0, 30.0), (5_000, 30.0)]), vec![]);
-        assert_eq!(run(&rule, &[(0, 30.0), (5_000, 30.0), (10_000, 30.0)]), vec![(0, 1)]);
+        assert_eq!(
+            run(&rule, &[(0, 30.0), (5_000, 30.0), (10_000, 30.0)]),
+            vec![(0, 1)]
+        );
         // A dip below the threshold restarts the wait.
-        assert_eq!(run(&rule, &[(0, 30.0), (5_000, 10.0), (10_000, 30.0), (15_000, 30.0)]), vec![]);
+        assert_eq!(
+            run(
+                &rule,
+                &[(0, 30.0), (5_000, 10.0), (10_000, 30.0), (15_000, 30.0)]
+            ),
+            vec![]
+        );
     }
 
     #[test]
     fn late_reading_changes_nothing() {
         let rule = gas_rule(Duration::ZERO);
         let changes = run(&rule, &[(10_000, 60.0), (5_000, 0.0), (11_000, 61.0)]);
-        assert_eq!(changes, vec![(0, 2)], "the reading from before the alarm must not clear it");
+        assert_eq!(
+            changes,
+            vec![(0, 2)],
+            "the reading from before the alarm must not clear it"
+        );
     }
 
     #[test]
@@ -309,12 +389,22 @@ mod tests {
         let mut evaluator = Evaluator::default();
         let device = DeviceId::from("gas-01");
         let mut step = |ts: i64, now: i64| {
-            let change = evaluator.evaluate(&device, &rule, Value::Number(30.0), Timestamp(ts), order_key(Timestamp(ts), Timestamp(now)), Timestamp(now));
+            let change = evaluator.evaluate(
+                &device,
+                &rule,
+                Value::Number(30.0),
+                Timestamp(ts),
+                order_key(Timestamp(ts), Timestamp(now)),
+                Timestamp(now),
+            );
             change.inspect(|c| evaluator.commit(c))
         };
         assert!(step(0, 0).is_none());
         // The device's clock jumps 200 s ahead, but only 300 ms passed at the server.
-        assert!(step(200_000, 300).is_none(), "a device clock running ahead must not skip the wait");
+        assert!(
+            step(200_000, 300).is_none(),
+            "a device clock running ahead must not skip the wait"
+        );
         assert!(step(200_100, 10_000).is_some());
     }
 
@@ -323,7 +413,10 @@ mod tests {
         let rule = Rule {
             id: RuleId::from("smoke"),
             metric: MetricName::from("smoke"),
-            condition: Condition::State { equals: true, level: 2 },
+            condition: Condition::State {
+                equals: true,
+                level: 2,
+            },
             min_duration: Duration::ZERO,
             description: String::new(),
         };
@@ -331,7 +424,14 @@ mod tests {
         let device = DeviceId::from("smoke-01");
         let mut changes = Vec::new();
         for (t, v) in [(1, false), (2, true), (3, true), (4, false)] {
-            if let Some(c) = evaluator.evaluate(&device, &rule, Value::Bool(v), Timestamp(t), Timestamp(t), Timestamp(t)) {
+            if let Some(c) = evaluator.evaluate(
+                &device,
+                &rule,
+                Value::Bool(v),
+                Timestamp(t),
+                Timestamp(t),
+                Timestamp(t),
+            ) {
                 evaluator.commit(&c);
                 changes.push((c.from, c.to));
             }
@@ -345,12 +445,27 @@ mod tests {
         let mut evaluator = Evaluator::default();
         let device = DeviceId::from("gas-01");
         let mut step = |ts: i64, value: f64| {
-            let change = evaluator.evaluate(&device, &rule, Value::Number(value), Timestamp(ts), Timestamp(ts), Timestamp(ts));
+            let change = evaluator.evaluate(
+                &device,
+                &rule,
+                Value::Number(value),
+                Timestamp(ts),
+                Timestamp(ts),
+                Timestamp(ts),
+            );
             change.map(|c| (c.from, c.to))
         };
         assert_eq!(step(1, 30.0), Some((0, 1)));
-        assert_eq!(step(2, 31.0), Some((0, 1)), "a raise that was not committed must be returned again");
-        assert_eq!(step(3, 10.0), None, "without a committed raise there is nothing to clear");
+        assert_eq!(
+            step(2, 31.0),
+            Some((0, 1)),
+            "a raise that was not committed must be returned again"
+        );
+        assert_eq!(
+            step(3, 10.0),
+            None,
+            "without a committed raise there is nothing to clear"
+        );
     }
 
     #[test]
@@ -359,16 +474,52 @@ mod tests {
         let mut evaluator = Evaluator::default();
         let device = DeviceId::from("gas-01");
         let value = Value::Number(30.0);
-        assert!(evaluator.evaluate(&device, &rule, value, Timestamp(0), Timestamp(0), Timestamp(0)).is_none());
-        let first = evaluator.evaluate(&device, &rule, value, Timestamp(10_000), Timestamp(10_000), Timestamp(10_000));
+        assert!(
+            evaluator
+                .evaluate(
+                    &device,
+                    &rule,
+                    value,
+                    Timestamp(0),
+                    Timestamp(0),
+                    Timestamp(0)
+                )
+                .is_none()
+        );
+        let first = evaluator.evaluate(
+            &device,
+            &rule,
+            value,
+            Timestamp(10_000),
+            Timestamp(10_000),
+            Timestamp(10_000),
+        );
         assert_eq!(first.as_ref().map(|c| c.to), Some(1));
         // The store failed, so the raise was not committed: the next reading raises at once
         // instead of waiting another `min_duration`.
-        let again = evaluator.evaluate(&device, &rule, value, Timestamp(10_500), Timestamp(10_500), Timestamp(10_500));
+        let again = evaluator.evaluate(
+            &device,
+            &rule,
+            value,
+            Timestamp(10_500),
+            Timestamp(10_500),
+            Timestamp(10_500),
+        );
         assert_eq!(again.as_ref().map(|c| c.to), Some(1));
         evaluator.commit(&again.unwrap());
         assert_eq!(evaluator.level(&device, &rule.id), 1);
-        assert!(evaluator.evaluate(&device, &rule, value, Timestamp(11_000), Timestamp(11_000), Timestamp(11_000)).is_none());
+        assert!(
+            evaluator
+                .evaluate(
+                    &device,
+                    &rule,
+                    value,
+                    Timestamp(11_000),
+                    Timestamp(11_000),
+                    Timestamp(11_000)
+                )
+                .is_none()
+        );
     }
 
     #[test]
@@ -378,13 +529,26 @@ mod tests {
         let device = DeviceId::from("gas-01");
         let mut step = |ts: i64, received: i64, value: f64| {
             let key = order_key(Timestamp(ts), Timestamp(received));
-            let change = evaluator.evaluate(&device, &rule, Value::Number(value), Timestamp(ts), key, Timestamp(received));
-            change.inspect(|c| evaluator.commit(c)).map(|c| (c.from, c.to))
+            let change = evaluator.evaluate(
+                &device,
+                &rule,
+                Value::Number(value),
+                Timestamp(ts),
+                key,
+                Timestamp(received),
+            );
+            change
+                .inspect(|c| evaluator.commit(c))
+                .map(|c| (c.from, c.to))
         };
         assert_eq!(step(1_000, 1_000, 10.0), None);
         // Dated 240 s ahead of the server's clock, inside the allowed skew.
         assert_eq!(step(241_000, 1_100, 5.0), None);
-        assert_eq!(step(1_200, 1_200, 80.0), Some((0, 2)), "a reading after the future one must raise");
+        assert_eq!(
+            step(1_200, 1_200, 80.0),
+            Some((0, 2)),
+            "a reading after the future one must raise"
+        );
     }
 
     #[test]
@@ -394,10 +558,27 @@ mod tests {
         let device = DeviceId::from("gas-01");
         evaluator.restore(device.clone(), rule.id.clone(), 2);
         evaluator.restore_order(device.clone(), rule.id.clone(), Timestamp(10_000));
-        let old = evaluator.evaluate(&device, &rule, Value::Number(0.0), Timestamp(5_000), Timestamp(5_000), Timestamp(20_000));
-        assert_eq!(old, None, "a reading older than the floor must not clear the restored level");
+        let old = evaluator.evaluate(
+            &device,
+            &rule,
+            Value::Number(0.0),
+            Timestamp(5_000),
+            Timestamp(5_000),
+            Timestamp(20_000),
+        );
+        assert_eq!(
+            old, None,
+            "a reading older than the floor must not clear the restored level"
+        );
         assert_eq!(evaluator.level(&device, &rule.id), 2);
-        let new = evaluator.evaluate(&device, &rule, Value::Number(0.0), Timestamp(20_000), Timestamp(20_000), Timestamp(20_000));
+        let new = evaluator.evaluate(
+            &device,
+            &rule,
+            Value::Number(0.0),
+            Timestamp(20_000),
+            Timestamp(20_000),
+            Timestamp(20_000),
+        );
         assert_eq!(new.map(|c| c.to), Some(0));
     }
 
@@ -408,7 +589,14 @@ mod tests {
         let device = DeviceId::from("gas-01");
         evaluator.restore_order(device.clone(), rule.id.clone(), Timestamp(10_000));
         evaluator.restore_order(device.clone(), rule.id.clone(), Timestamp(3_000));
-        let old = evaluator.evaluate(&device, &rule, Value::Number(60.0), Timestamp(5_000), Timestamp(5_000), Timestamp(20_000));
+        let old = evaluator.evaluate(
+            &device,
+            &rule,
+            Value::Number(60.0),
+            Timestamp(5_000),
+            Timestamp(5_000),
+            Timestamp(20_000),
+        );
         assert_eq!(old, None);
     }
 
@@ -417,16 +605,36 @@ mod tests {
         let rule = gas_rule(Duration::from_secs(3));
         let mut evaluator = Evaluator::default();
         let device = DeviceId::from("gas-01");
-        let first = evaluator.evaluate(&device, &rule, Value::Number(55.0), Timestamp(900), Timestamp(900), Timestamp(1_000));
+        let first = evaluator.evaluate(
+            &device,
+            &rule,
+            Value::Number(55.0),
+            Timestamp(900),
+            Timestamp(900),
+            Timestamp(1_000),
+        );
         assert_eq!(first, None);
         assert_eq!(evaluator.next_due(), Some(Timestamp(4_000)));
         assert!(evaluator.due(Timestamp(3_999)).is_empty());
-        assert_eq!(evaluator.confirm_due(&device, &rule, Timestamp(3_999)), None, "confirmed before the wait ended");
-        assert_eq!(evaluator.due(Timestamp(4_000)), vec![(device.clone(), rule.id.clone())]);
-        let change = evaluator.confirm_due(&device, &rule, Timestamp(4_000)).unwrap();
+        assert_eq!(
+            evaluator.confirm_due(&device, &rule, Timestamp(3_999)),
+            None,
+            "confirmed before the wait ended"
+        );
+        assert_eq!(
+            evaluator.due(Timestamp(4_000)),
+            vec![(device.clone(), rule.id.clone())]
+        );
+        let change = evaluator
+            .confirm_due(&device, &rule, Timestamp(4_000))
+            .unwrap();
         assert_eq!((change.from, change.to), (0, 2));
         assert_eq!(change.value, Value::Number(55.0));
-        assert_eq!(change.ts, Timestamp(900), "the change carries the reading's timestamp");
+        assert_eq!(
+            change.ts,
+            Timestamp(900),
+            "the change carries the reading's timestamp"
+        );
         evaluator.commit(&change);
         assert_eq!(evaluator.level(&device, &rule.id), 2);
         assert_eq!(evaluator.next_due(), None);
@@ -437,10 +645,27 @@ mod tests {
         let rule = gas_rule(Duration::from_secs(3));
         let mut evaluator = Evaluator::default();
         let device = DeviceId::from("gas-01");
-        evaluator.evaluate(&device, &rule, Value::Number(55.0), Timestamp(1_000), Timestamp(1_000), Timestamp(1_000));
-        evaluator.evaluate(&device, &rule, Value::Number(10.0), Timestamp(2_000), Timestamp(2_000), Timestamp(2_000));
+        evaluator.evaluate(
+            &device,
+            &rule,
+            Value::Number(55.0),
+            Timestamp(1_000),
+            Timestamp(1_000),
+            Timestamp(1_000),
+        );
+        evaluator.evaluate(
+            &device,
+            &rule,
+            Value::Number(10.0),
+            Timestamp(2_000),
+            Timestamp(2_000),
+            Timestamp(2_000),
+        );
         assert_eq!(evaluator.next_due(), None);
-        assert_eq!(evaluator.confirm_due(&device, &rule, Timestamp(10_000)), None);
+        assert_eq!(
+            evaluator.confirm_due(&device, &rule, Timestamp(10_000)),
+            None
+        );
     }
 
     #[test]
@@ -448,9 +673,28 @@ mod tests {
         let rule = gas_rule(Duration::from_secs(3));
         let mut evaluator = Evaluator::default();
         let device = DeviceId::from("gas-01");
-        evaluator.evaluate(&device, &rule, Value::Number(30.0), Timestamp(1_000), Timestamp(1_000), Timestamp(1_000));
-        evaluator.evaluate(&device, &rule, Value::Number(60.0), Timestamp(2_000), Timestamp(2_000), Timestamp(2_000));
-        let change = evaluator.confirm_due(&device, &rule, Timestamp(4_000)).unwrap();
-        assert_eq!(change.to, 1, "a spike to level 2 inside the wait confirms only level 1");
+        evaluator.evaluate(
+            &device,
+            &rule,
+            Value::Number(30.0),
+            Timestamp(1_000),
+            Timestamp(1_000),
+            Timestamp(1_000),
+        );
+        evaluator.evaluate(
+            &device,
+            &rule,
+            Value::Number(60.0),
+            Timestamp(2_000),
+            Timestamp(2_000),
+            Timestamp(2_000),
+        );
+        let change = evaluator
+            .confirm_due(&device, &rule, Timestamp(4_000))
+            .unwrap();
+        assert_eq!(
+            change.to, 1,
+            "a spike to level 2 inside the wait confirms only level 1"
+        );
     }
 }

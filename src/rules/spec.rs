@@ -53,7 +53,12 @@ pub struct RuleSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Condition {
     /// Thresholds for levels 1 and 2; at least one is set.
-    Threshold { above: bool, level1: Option<f64>, level2: Option<f64>, deadband: f64 },
+    Threshold {
+        above: bool,
+        level1: Option<f64>,
+        level2: Option<f64>,
+        deadband: f64,
+    },
     /// A boolean state that raises one level.
     State { equals: bool, level: u8 },
 }
@@ -73,7 +78,11 @@ impl Rule {
     pub fn threshold(&self, level: u8) -> Option<f64> {
         match &self.condition {
             Condition::Threshold { level1, level2, .. } => {
-                if level >= 2 { level2.or(*level1) } else { level1.or(*level2) }
+                if level >= 2 {
+                    level2.or(*level1)
+                } else {
+                    level1.or(*level2)
+                }
             }
             Condition::State { equals, .. } => Some(f64::from(u8::from(*equals))),
         }
@@ -91,7 +100,10 @@ impl RuleSpec {
         if !self.deadband.is_finite() || self.deadband < 0.0 {
             problems.push((
                 "deadband",
-                format!("deadband {} is invalid; write a number of 0 or more", self.deadband),
+                format!(
+                    "deadband {} is invalid; write a number of 0 or more",
+                    self.deadband
+                ),
             ));
         }
         if !problems.is_empty() {
@@ -109,7 +121,10 @@ impl RuleSpec {
     fn check_threshold(&self, problems: &mut Vec<(&'static str, String)>) -> Option<Condition> {
         let above = self.kind == RuleKind::Above;
         if self.level1.is_none() && self.level2.is_none() {
-            problems.push(("level1", "a threshold rule needs level1, level2 or both".to_owned()));
+            problems.push((
+                "level1",
+                "a threshold rule needs level1, level2 or both".to_owned(),
+            ));
         }
         for (key, value) in [("level1", self.level1), ("level2", self.level2)] {
             if value.is_some_and(|v| !v.is_finite()) {
@@ -119,10 +134,16 @@ impl RuleSpec {
         if let (Some(l1), Some(l2)) = (self.level1, self.level2) {
             let ordered = if above { l2 > l1 } else { l2 < l1 };
             if !ordered {
-                let (relation, kind) = if above { ("greater", "above") } else { ("less", "below") };
+                let (relation, kind) = if above {
+                    ("greater", "above")
+                } else {
+                    ("less", "below")
+                };
                 problems.push((
                     "level2",
-                    format!("level2 ({l2}) must be {relation} than level1 ({l1}) for an `{kind}` rule"),
+                    format!(
+                        "level2 ({l2}) must be {relation} than level1 ({l1}) for an `{kind}` rule"
+                    ),
                 ));
             }
         }
@@ -142,7 +163,10 @@ impl RuleSpec {
 
     fn check_state(&self, problems: &mut Vec<(&'static str, String)>) -> Option<Condition> {
         let Some(equals) = self.equals else {
-            problems.push(("equals", "an equals rule needs `equals = true` or `false`".to_owned()));
+            problems.push((
+                "equals",
+                "an equals rule needs `equals = true` or `false`".to_owned(),
+            ));
             return None;
         };
         let level = self.level.unwrap_or(2);

@@ -62,7 +62,10 @@ pub struct MqttUserSpec {
 
 impl std::fmt::Debug for MqttUserSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MqttUserSpec").field("username", &self.username).field("sites", &self.sites).finish_non_exhaustive()
+        f.debug_struct("MqttUserSpec")
+            .field("username", &self.username)
+            .field("sites", &self.sites)
+            .finish_non_exhaustive()
     }
 }
 
@@ -116,20 +119,34 @@ pub fn check_mqtt(checker: &mut Checker<'_>, mqtt: &MqttSection) {
             "must be a number of 0 or more; 0 turns the limit off",
         );
     }
-    let files = [("tls_cert", mqtt.tls_cert.is_some()), ("tls_key", mqtt.tls_key.is_some())];
+    let files = [
+        ("tls_cert", mqtt.tls_cert.is_some()),
+        ("tls_key", mqtt.tls_key.is_some()),
+    ];
     match mqtt.tls_listen {
         Some(_) => {
             for (key, present) in files {
                 if !present {
-                    checker.push(None, format!("mqtt.{key}"), format!("missing; `tls_listen` needs `{key}`"));
+                    checker.push(
+                        None,
+                        format!("mqtt.{key}"),
+                        format!("missing; `tls_listen` needs `{key}`"),
+                    );
                 }
             }
         }
         None => {
-            let set = files.iter().filter(|(_, present)| *present).map(|(key, _)| *key);
+            let set = files
+                .iter()
+                .filter(|(_, present)| *present)
+                .map(|(key, _)| *key);
             let set = set.chain(mqtt.tls_client_ca.is_some().then_some("tls_client_ca"));
             for key in set {
-                checker.push(None, format!("mqtt.{key}"), "is set but `tls_listen` is not; add `tls_listen = \"0.0.0.0:8883\"`");
+                checker.push(
+                    None,
+                    format!("mqtt.{key}"),
+                    "is set but `tls_listen` is not; add `tls_listen = \"0.0.0.0:8883\"`",
+                );
             }
         }
     }
@@ -139,7 +156,9 @@ pub fn check_mqtt(checker: &mut Checker<'_>, mqtt: &MqttSection) {
 pub fn check_api(checker: &mut Checker<'_>, api: &ApiSection) {
     match (&api.tls_cert, &api.tls_key) {
         (Some(_), None) => checker.push(None, "api.tls_key", "missing; `tls_cert` needs `tls_key`"),
-        (None, Some(_)) => checker.push(None, "api.tls_cert", "missing; `tls_key` needs `tls_cert`"),
+        (None, Some(_)) => {
+            checker.push(None, "api.tls_cert", "missing; `tls_key` needs `tls_cert`")
+        }
         _ => {}
     }
     let limits = [
@@ -175,23 +194,47 @@ pub fn check_mqtt_users(
         if let Err(message) = check_id(&user.username) {
             problem(checker, "username", message);
         } else if devices.iter().any(|d| d.id.as_str() == user.username) {
-            problem(checker, "username", format!("`{}` is a device id; give the user another name", user.username));
+            problem(
+                checker,
+                "username",
+                format!(
+                    "`{}` is a device id; give the user another name",
+                    user.username
+                ),
+            );
         } else if !seen.insert(user.username.clone()) {
-            problem(checker, "username", format!("username `{}` is used twice", user.username));
+            problem(
+                checker,
+                "username",
+                format!("username `{}` is used twice", user.username),
+            );
         }
         if let Err(message) = crate::security::check_password_hash(&user.password_hash) {
             problem(checker, "password_hash", message);
         }
         if user.sites.is_empty() {
-            problem(checker, "sites", "is empty; list the sites whose topics the user may subscribe to".to_owned());
+            problem(
+                checker,
+                "sites",
+                "is empty; list the sites whose topics the user may subscribe to".to_owned(),
+            );
         }
         for site in &user.sites {
             // A site whose entry is invalid is reported on its own.
             if !sites.iter().any(|s| s.id == *site) && !checker.is_written_site(site.as_str()) {
-                problem(checker, "sites", format!("unknown site `{site}`; declare it in [[sites]]"));
+                problem(
+                    checker,
+                    "sites",
+                    format!("unknown site `{site}`; declare it in [[sites]]"),
+                );
             }
         }
-        if ok && user.sites.iter().all(|site| sites.iter().any(|s| s.id == *site)) {
+        if ok
+            && user
+                .sites
+                .iter()
+                .all(|site| sites.iter().any(|s| s.id == *site))
+        {
             users.push(user);
         }
     }
@@ -199,14 +242,21 @@ pub fn check_mqtt_users(
 }
 
 /// Checks `[[api_tokens]]`: unique names and valid digests.
-pub fn check_api_tokens(checker: &mut Checker<'_>, entries: Vec<(ApiTokenSpec, EntrySpans)>) -> TokenSet {
+pub fn check_api_tokens(
+    checker: &mut Checker<'_>,
+    entries: Vec<(ApiTokenSpec, EntrySpans)>,
+) -> TokenSet {
     let mut seen = HashSet::new();
     let mut tokens = Vec::new();
     for (spec, spans) in entries {
         let index = spans.index;
         let name = spec.name.trim();
         if name.is_empty() || name.chars().count() > 128 {
-            checker.push(Some(spans.key("name")), format!("api_tokens[{index}].name"), "must be 1 to 128 characters");
+            checker.push(
+                Some(spans.key("name")),
+                format!("api_tokens[{index}].name"),
+                "must be 1 to 128 characters",
+            );
             continue;
         }
         if !seen.insert(name.to_owned()) {
@@ -219,7 +269,11 @@ pub fn check_api_tokens(checker: &mut Checker<'_>, entries: Vec<(ApiTokenSpec, E
         }
         match spec.check() {
             Ok(token) => tokens.push(token),
-            Err(message) => checker.push(Some(spans.key("token_sha256")), format!("api_tokens[{index}].token_sha256"), message),
+            Err(message) => checker.push(
+                Some(spans.key("token_sha256")),
+                format!("api_tokens[{index}].token_sha256"),
+                message,
+            ),
         }
     }
     TokenSet::new(tokens)

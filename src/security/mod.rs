@@ -6,9 +6,9 @@ pub mod mqtt_tls;
 pub mod tls;
 pub mod tokens;
 
+use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use std::net::SocketAddr;
 
 use crate::config::Config;
@@ -17,7 +17,9 @@ use crate::config::Config;
 /// PHC string such as `$argon2id$v=19$m=19456,t=2,p=1$...`.
 pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);
-    Ok(Argon2::default().hash_password(password.as_bytes(), &salt)?.to_string())
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
 }
 
 /// An argon2 PHC string from the config. Its `Debug` output is redacted, so printing a

@@ -53,10 +53,20 @@ pub async fn spawn(
     Ok((addr, task))
 }
 
-async fn relay(mut client: TlsStream<TcpStream>, peer: SocketAddr, broker: SocketAddr, bind: Option<Arc<MqttDenials>>) {
+async fn relay(
+    mut client: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    broker: SocketAddr,
+    bind: Option<Arc<MqttDenials>>,
+) {
     let mut first = Vec::new();
     if let Some(denials) = bind {
-        let common_name = client.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| subject_common_name(c));
+        let common_name = client
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| subject_common_name(c));
         let connect = tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut client)).await;
         let Ok(Ok(connect)) = connect else { return };
         let username = connect_username(&connect);
@@ -93,7 +103,9 @@ async fn read_packet(stream: &mut TlsStream<TcpStream>) -> io::Result<Vec<u8>> {
         }
     }
     if remaining > MAX_CONNECT_BYTES {
-        let message = format!("CONNECT packet of {remaining} bytes exceeds the maximum of {MAX_CONNECT_BYTES} bytes");
+        let message = format!(
+            "CONNECT packet of {remaining} bytes exceeds the maximum of {MAX_CONNECT_BYTES} bytes"
+        );
         return Err(io::Error::new(io::ErrorKind::InvalidData, message));
     }
     let header = packet.len();
@@ -112,7 +124,10 @@ fn connect_username(packet: &[u8]) -> Option<String> {
     while packet.get(at)? & 0x80 != 0 {
         at += 1;
     }
-    let mut reader = Reader { bytes: packet, at: at + 1 };
+    let mut reader = Reader {
+        bytes: packet,
+        at: at + 1,
+    };
     reader.string()?;
     let level = reader.byte()?;
     let flags = reader.byte()?;
@@ -149,7 +164,10 @@ impl<'a> Reader<'a> {
     }
 
     fn skip(&mut self, count: usize) -> Option<()> {
-        self.at = self.at.checked_add(count).filter(|end| *end <= self.bytes.len())?;
+        self.at = self
+            .at
+            .checked_add(count)
+            .filter(|end| *end <= self.bytes.len())?;
         Some(())
     }
 
@@ -214,7 +232,12 @@ fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
             return None;
         }
         let bytes = input.get(2..2 + count)?;
-        (bytes.iter().fold(0usize, |length, b| (length << 8) | usize::from(*b)), 2 + count)
+        (
+            bytes
+                .iter()
+                .fold(0usize, |length, b| (length << 8) | usize::from(*b)),
+            2 + count,
+        )
     };
     let end = header.checked_add(length)?;
     Some((input.get(end..)?, input.get(header..end)?))
@@ -223,8 +246,12 @@ fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
 /// Returns the address to reach a listener on: its own, or loopback for a wildcard bind.
 fn relay_target(broker: SocketAddr) -> SocketAddr {
     match broker.ip() {
-        std::net::IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], broker.port())),
-        std::net::IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, broker.port())),
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], broker.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, broker.port()))
+        }
         _ => broker,
     }
 }

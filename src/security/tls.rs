@@ -13,11 +13,11 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 /// Longest time a client may take to finish its TLS handshake.
@@ -47,22 +47,29 @@ pub fn server_config(
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = read_certificates(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| TlsError::File { path: key.to_owned(), reason: e.to_string() })?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
+        path: key.to_owned(),
+        reason: e.to_string(),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(path) => {
             let mut roots = RootCertStore::empty();
             for certificate in read_certificates(path)? {
-                roots
-                    .add(certificate)
-                    .map_err(|e| TlsError::ClientCa { path: path.to_owned(), reason: e.to_string() })?;
+                roots.add(certificate).map_err(|e| TlsError::ClientCa {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| TlsError::ClientCa { path: path.to_owned(), reason: e.to_string() })?;
+                .map_err(|e| TlsError::ClientCa {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -74,7 +81,10 @@ pub fn server_config(
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::File { path: path.to_owned(), reason: e.to_string() })?;
+        .map_err(|e| TlsError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate(path.to_owned()));
     }
@@ -90,11 +100,19 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Starts accepting on `listener`, handshaking each connection in its own task.
-    pub fn new(listener: TcpListener, config: Arc<ServerConfig>, name: &'static str) -> io::Result<TlsListener> {
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<ServerConfig>,
+        name: &'static str,
+    ) -> io::Result<TlsListener> {
         let local_addr = listener.local_addr()?;
         let (tx, accepted) = mpsc::channel(64);
         let acceptor = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), tx, name));
-        Ok(TlsListener { local_addr, accepted, acceptor })
+        Ok(TlsListener {
+            local_addr,
+            accepted,
+            acceptor,
+        })
     }
 
     /// Waits for the next connection that finished its handshake.
@@ -134,7 +152,9 @@ async fn accept_loop(
 ) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
-        let Ok(permit) = pending.clone().acquire_owned().await else { return };
+        let Ok(permit) = pending.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(connection) => connection,
             Err(e) => {
@@ -151,7 +171,9 @@ async fn accept_loop(
                 Ok(Ok(tls)) => {
                     let _ = accepted.send((tls, peer)).await;
                 }
-                Ok(Err(e)) => tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed"),
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed")
+                }
                 Err(_) => tracing::debug!(listener = name, %peer, "TLS handshake timed out"),
             }
         });

@@ -70,7 +70,10 @@ pub struct ApiTokenSpec {
 
 impl std::fmt::Debug for ApiTokenSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiTokenSpec").field("name", &self.name).field("role", &self.role).finish_non_exhaustive()
+        f.debug_struct("ApiTokenSpec")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,7 +87,10 @@ pub struct ApiToken {
 
 impl std::fmt::Debug for ApiToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiToken").field("name", &self.name).field("role", &self.role).finish_non_exhaustive()
+        f.debug_struct("ApiToken")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
     }
 }
 
@@ -92,11 +98,16 @@ impl ApiTokenSpec {
     /// Checks the digest, returning the token or a message for `token_sha256`.
     pub fn check(&self) -> Result<ApiToken, String> {
         let invalid = || {
-            "`token_sha256` must be 64 hex digits; write what `stonelion hash-token` prints".to_owned()
+            "`token_sha256` must be 64 hex digits; write what `stonelion hash-token` prints"
+                .to_owned()
         };
         let bytes = hex::decode(self.token_sha256.trim()).map_err(|_| invalid())?;
         let digest: [u8; 32] = bytes.try_into().map_err(|_| invalid())?;
-        Ok(ApiToken { name: self.name.clone(), role: self.role, digest })
+        Ok(ApiToken {
+            name: self.name.clone(),
+            role: self.role,
+            digest,
+        })
     }
 }
 

@@ -852,7 +852,10 @@ impl TimeSeriesStore for TeeStore {
         self.primary.series(selector)
     }
 
-    fn latest(&self, selector: &Selector) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
+    fn latest(
+        &self,
+        selector: &Selector,
+    ) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
         self.primary.latest(selector)
     }
 

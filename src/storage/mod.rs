@@ -26,14 +26,25 @@ pub struct SeriesKey {
 
 impl SeriesKey {
     /// Builds a key, sorting the tags by key.
-    pub fn new(measurement: impl Into<String>, mut tags: Vec<(String, String)>, field: impl Into<String>) -> Self {
+    pub fn new(
+        measurement: impl Into<String>,
+        mut tags: Vec<(String, String)>,
+        field: impl Into<String>,
+    ) -> Self {
         tags.sort();
         tags.dedup_by(|a, b| a.0 == b.0);
-        Self { measurement: measurement.into(), tags, field: field.into() }
+        Self {
+            measurement: measurement.into(),
+            tags,
+            field: field.into(),
+        }
     }
 
     pub fn tag(&self, key: &str) -> Option<&str> {
-        self.tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.tags
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -56,9 +67,14 @@ pub struct Selector {
 
 impl Selector {
     pub fn matches(&self, key: &SeriesKey) -> bool {
-        self.measurement.as_ref().is_none_or(|m| *m == key.measurement)
+        self.measurement
+            .as_ref()
+            .is_none_or(|m| *m == key.measurement)
             && self.field.as_ref().is_none_or(|f| *f == key.field)
-            && self.tags.iter().all(|(k, v)| key.tag(k) == Some(v.as_str()))
+            && self
+                .tags
+                .iter()
+                .all(|(k, v)| key.tag(k) == Some(v.as_str()))
     }
 }
 
@@ -129,7 +145,11 @@ pub enum StorageError {
     #[error("embedded database failed: {0}")]
     Database(String),
     #[error("series {series} stores {stored:?} values; a {offered:?} value cannot be added")]
-    KindMismatch { series: String, stored: ValueKind, offered: ValueKind },
+    KindMismatch {
+        series: String,
+        stored: ValueKind,
+        offered: ValueKind,
+    },
     #[error("storage is shut down")]
     Closed,
     #[error("invalid query: {0}")]
@@ -153,7 +173,10 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     /// it at start to restore each device's latest values.
     // NOTE: backends that cannot list series return no points, so a server on them starts
     // without restored latest values.
-    fn latest(&self, selector: &Selector) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
+    fn latest(
+        &self,
+        selector: &Selector,
+    ) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
         let _ = selector;
         Ok(Vec::new())
     }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Aggregate, Point, Query, SeriesData, SeriesKey, Selector, StorageError, TimeSeriesStore};
+use super::{
+    Aggregate, Point, Query, Selector, SeriesData, SeriesKey, StorageError, TimeSeriesStore,
+};
 use crate::model::{Timestamp, Value, ValueKind};
 
 /// Points waiting for the writer before it commits without waiting for the interval.
@@ -35,7 +37,10 @@ pub struct SqliteStore {
     commit_interval: Duration,
 }
 
-#[allow(clippy::needless_pass_by_value, reason = "used as a `map_err` function")]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "used as a `map_err` function"
+)]
 fn db_error(e: rusqlite::Error) -> StorageError {
     StorageError::Database(e.to_string())
 }
@@ -71,7 +76,9 @@ impl SqliteStore {
         let reader = Connection::open(&path).map_err(db_error)?;
         // Readers can meet a busy database while the writer checkpoints the WAL, and
         // retention deletes through this connection.
-        reader.busy_timeout(Duration::from_secs(5)).map_err(db_error)?;
+        reader
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(db_error)?;
         let series = Arc::new(Mutex::new(load_series(&reader)?));
 
         let (tx, rx) = mpsc::channel();
@@ -90,7 +97,11 @@ impl SqliteStore {
 
     fn send(&self, message: WriterMessage) -> Result<(), StorageError> {
         let writer = lock(&self.writer);
-        writer.as_ref().ok_or(StorageError::Closed)?.send(message).map_err(|_| StorageError::Closed)
+        writer
+            .as_ref()
+            .ok_or(StorageError::Closed)?
+            .send(message)
+            .map_err(|_| StorageError::Closed)
     }
 
     /// Flushes and stops the writer thread.
@@ -105,8 +116,11 @@ impl SqliteStore {
 
     fn matching_series(&self, selector: &Selector) -> Vec<(SeriesKey, i64, ValueKind)> {
         let series = lock(&self.series);
-        let mut found: Vec<_> =
-            series.iter().filter(|(k, _)| selector.matches(k)).map(|(k, (id, kind))| (k.clone(), *id, *kind)).collect();
+        let mut found: Vec<_> = series
+            .iter()
+            .filter(|(k, _)| selector.matches(k))
+            .map(|(k, (id, kind))| (k.clone(), *id, *kind))
+            .collect();
         found.sort_by(|a, b| a.0.cmp(&b.0));
         found
     }
@@ -134,8 +148,9 @@ fn encode_tags(tags: &[(String, String)]) -> String {
 }
 
 fn load_series(conn: &Connection) -> Result<HashMap<SeriesKey, (i64, ValueKind)>, StorageError> {
-    let mut statement =
-        conn.prepare("SELECT id, measurement, tags, field, kind FROM series").map_err(db_error)?;
+    let mut statement = conn
+        .prepare("SELECT id, measurement, tags, field, kind FROM series")
+        .map_err(db_error)?;
     let rows = statement
         .query_map([], |row| {
             Ok((
@@ -151,18 +166,36 @@ fn load_series(conn: &Connection) -> Result<HashMap<SeriesKey, (i64, ValueKind)>
     for row in rows {
         let (id, measurement, tags, field, kind) = row.map_err(db_error)?;
         let tags: Vec<(String, String)> = serde_json::from_str(&tags).unwrap_or_default();
-        let kind = if kind == "bool" { ValueKind::Bool } else { ValueKind::Number };
-        series.insert(SeriesKey { measurement, tags, field }, (id, kind));
+        let kind = if kind == "bool" {
+            ValueKind::Bool
+        } else {
+            ValueKind::Number
+        };
+        series.insert(
+            SeriesKey {
+                measurement,
+                tags,
+                field,
+            },
+            (id, kind),
+        );
     }
     Ok(series)
 }
 
-fn run_writer(mut conn: Connection, rx: &mpsc::Receiver<WriterMessage>, series: &SeriesCache, interval: Duration) {
+fn run_writer(
+    mut conn: Connection,
+    rx: &mpsc::Receiver<WriterMessage>,
+    series: &SeriesCache,
+    interval: Duration,
+) {
     let mut pending: Vec<Point> = Vec::new();
     let mut waiters: Vec<mpsc::Sender<Result<(), String>>> = Vec::new();
     let mut deadline: Option<Instant> = None;
     loop {
-        let timeout = deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
+        let timeout = deadline.map_or(Duration::from_secs(3600), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
         let mut closed = false;
         match rx.recv_timeout(timeout) {
             Ok(WriterMessage::Points(points)) => {
@@ -197,11 +230,16 @@ fn commit(conn: &mut Connection, points: Vec<Point>, series: &SeriesCache) -> Re
     let tx = conn.transaction().map_err(|e| e.to_string())?;
     {
         let mut insert_point = tx
-            .prepare_cached("INSERT OR REPLACE INTO points (series_id, ts, value) VALUES (?1, ?2, ?3)")
+            .prepare_cached(
+                "INSERT OR REPLACE INTO points (series_id, ts, value) VALUES (?1, ?2, ?3)",
+            )
             .map_err(|e| e.to_string())?;
         for point in points {
-            let id = series_id(&tx, series, &point.series, point.value.kind()).map_err(|e| e.to_string())?;
-            insert_point.execute(params![id, point.ts.0, point.value.as_f64()]).map_err(|e| e.to_string())?;
+            let id = series_id(&tx, series, &point.series, point.value.kind())
+                .map_err(|e| e.to_string())?;
+            insert_point
+                .execute(params![id, point.ts.0, point.value.as_f64()])
+                .map_err(|e| e.to_string())?;
         }
     }
     tx.commit().map_err(|e| e.to_string())
@@ -261,14 +299,23 @@ impl TimeSeriesStore for SqliteStore {
         for (key, id, kind) in matching {
             let points = match query.aggregation {
                 None => query_raw(&reader, id, kind, query)?,
-                Some((step, aggregate)) => query_aggregated(&reader, id, kind, query, step, aggregate)?,
+                Some((step, aggregate)) => {
+                    query_aggregated(&reader, id, kind, query, step, aggregate)?
+                }
             };
-            results.push(SeriesData { series: key, kind, points });
+            results.push(SeriesData {
+                series: key,
+                kind,
+                points,
+            });
         }
         Ok(results)
     }
 
-    fn latest(&self, selector: &Selector) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
+    fn latest(
+        &self,
+        selector: &Selector,
+    ) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
         let mut out = Vec::new();
         for (key, _, _) in self.matching_series(selector) {
             if let Some((ts, value)) = latest(self, &key)? {
@@ -279,18 +326,26 @@ impl TimeSeriesStore for SqliteStore {
     }
 
     fn series(&self, selector: &Selector) -> Result<Vec<SeriesKey>, StorageError> {
-        Ok(self.matching_series(selector).into_iter().map(|(k, _, _)| k).collect())
+        Ok(self
+            .matching_series(selector)
+            .into_iter()
+            .map(|(k, _, _)| k)
+            .collect())
     }
 
     fn flush(&self) -> Result<(), StorageError> {
         let (tx, rx) = mpsc::channel();
         self.send(WriterMessage::Flush(tx))?;
-        rx.recv().map_err(|_| StorageError::Closed)?.map_err(StorageError::Database)
+        rx.recv()
+            .map_err(|_| StorageError::Closed)?
+            .map_err(StorageError::Database)
     }
 
     fn enforce_retention(&self, cutoff: Timestamp) -> Result<u64, StorageError> {
         let reader = lock(&self.reader);
-        let deleted = reader.execute("DELETE FROM points WHERE ts < ?1", params![cutoff.0]).map_err(db_error)?;
+        let deleted = reader
+            .execute("DELETE FROM points WHERE ts < ?1", params![cutoff.0])
+            .map_err(db_error)?;
         Ok(deleted as u64)
     }
 
@@ -300,17 +355,30 @@ impl TimeSeriesStore for SqliteStore {
 }
 
 fn limit_of(query: &Query) -> i64 {
-    query.limit.map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX))
+    query
+        .limit
+        .map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX))
 }
 
-fn query_raw(conn: &Connection, id: i64, kind: ValueKind, query: &Query) -> Result<Vec<(Timestamp, Value)>, StorageError> {
+fn query_raw(
+    conn: &Connection,
+    id: i64,
+    kind: ValueKind,
+    query: &Query,
+) -> Result<Vec<(Timestamp, Value)>, StorageError> {
     let mut statement = conn
         .prepare_cached("SELECT ts, value FROM points WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 ORDER BY ts LIMIT ?4")
         .map_err(db_error)?;
     let rows = statement
-        .query_map(params![id, query.from.0, query.to.0, limit_of(query)], |row| {
-            Ok((Timestamp(row.get(0)?), Value::from_stored(row.get(1)?, kind)))
-        })
+        .query_map(
+            params![id, query.from.0, query.to.0, limit_of(query)],
+            |row| {
+                Ok((
+                    Timestamp(row.get(0)?),
+                    Value::from_stored(row.get(1)?, kind),
+                ))
+            },
+        )
         .map_err(db_error)?;
     rows.collect::<Result<_, _>>().map_err(db_error)
 }
@@ -325,7 +393,9 @@ fn query_aggregated(
 ) -> Result<Vec<(Timestamp, Value)>, StorageError> {
     let step_ms = i64::try_from(step.as_millis()).unwrap_or(i64::MAX);
     if step_ms <= 0 {
-        return Err(StorageError::InvalidQuery("step must be at least 1 ms".to_owned()));
+        return Err(StorageError::InvalidQuery(
+            "step must be at least 1 ms".to_owned(),
+        ));
     }
     // Steps are aligned to multiples of the step since the epoch, as Grafana and InfluxDB
     // align `GROUP BY time()`.
@@ -346,25 +416,47 @@ fn query_aggregated(
          WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY bucket ORDER BY bucket LIMIT ?5"
     );
     let mut statement = conn.prepare_cached(&sql).map_err(db_error)?;
-    let keeps_kind = matches!(aggregate, Aggregate::First | Aggregate::Last | Aggregate::Min | Aggregate::Max);
+    let keeps_kind = matches!(
+        aggregate,
+        Aggregate::First | Aggregate::Last | Aggregate::Min | Aggregate::Max
+    );
     let rows = statement
-        .query_map(params![id, query.from.0, query.to.0, step_ms, limit_of(query)], |row| {
-            let number: f64 = row.get(1)?;
-            let value = if keeps_kind { Value::from_stored(number, kind) } else { Value::Number(number) };
-            Ok((Timestamp(row.get(0)?), value))
-        })
+        .query_map(
+            params![id, query.from.0, query.to.0, step_ms, limit_of(query)],
+            |row| {
+                let number: f64 = row.get(1)?;
+                let value = if keeps_kind {
+                    Value::from_stored(number, kind)
+                } else {
+                    Value::Number(number)
+                };
+                Ok((Timestamp(row.get(0)?), value))
+            },
+        )
         .map_err(db_error)?;
     rows.collect::<Result<_, _>>().map_err(db_error)
 }
 
 /// Returns the latest stored point of a series, if any.
-pub fn latest(store: &SqliteStore, key: &SeriesKey) -> Result<Option<(Timestamp, Value)>, StorageError> {
-    let Some((id, kind)) = lock(&store.series).get(key).copied() else { return Ok(None) };
+pub fn latest(
+    store: &SqliteStore,
+    key: &SeriesKey,
+) -> Result<Option<(Timestamp, Value)>, StorageError> {
+    let Some((id, kind)) = lock(&store.series).get(key).copied() else {
+        return Ok(None);
+    };
     let reader = lock(&store.reader);
     reader
-        .query_row("SELECT ts, value FROM points WHERE series_id = ?1 ORDER BY ts DESC LIMIT 1", params![id], |row| {
-            Ok((Timestamp(row.get(0)?), Value::from_stored(row.get(1)?, kind)))
-        })
+        .query_row(
+            "SELECT ts, value FROM points WHERE series_id = ?1 ORDER BY ts DESC LIMIT 1",
+            params![id],
+            |row| {
+                Ok((
+                    Timestamp(row.get(0)?),
+                    Value::from_stored(row.get(1)?, kind),
+                ))
+            },
+        )
         .optional()
         .map_err(db_error)
 }
@@ -376,17 +468,30 @@ mod tests {
     fn key(device: &str) -> SeriesKey {
         SeriesKey::new(
             "gas-detector",
-            vec![("site".into(), "a".into()), ("device".into(), device.into())],
+            vec![
+                ("site".into(), "a".into()),
+                ("device".into(), device.into()),
+            ],
             "gas_lel",
         )
     }
 
     fn point(device: &str, ts: i64, v: f64) -> Point {
-        Point { series: key(device), ts: Timestamp(ts), value: Value::Number(v) }
+        Point {
+            series: key(device),
+            ts: Timestamp(ts),
+            value: Value::Number(v),
+        }
     }
 
     fn all(selector: Selector) -> Query {
-        Query { selector, from: Timestamp(0), to: Timestamp(i64::MAX), aggregation: None, limit: None }
+        Query {
+            selector,
+            from: Timestamp(0),
+            to: Timestamp(i64::MAX),
+            aggregation: None,
+            limit: None,
+        }
     }
 
     #[test]
@@ -394,12 +499,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = SqliteStore::open(dir.path(), Duration::from_millis(50)).unwrap();
-            store.write(vec![point("d1", 2000, 2.0), point("d1", 1000, 1.0), point("d2", 1000, 5.0)]).unwrap();
+            store
+                .write(vec![
+                    point("d1", 2000, 2.0),
+                    point("d1", 1000, 1.0),
+                    point("d2", 1000, 5.0),
+                ])
+                .unwrap();
             store.write(vec![point("d1", 2000, 2.5)]).unwrap();
             store.flush().unwrap();
-            let data = store.query(&all(Selector { tags: vec![("device".into(), "d1".into())], ..Default::default() })).unwrap();
+            let data = store
+                .query(&all(Selector {
+                    tags: vec![("device".into(), "d1".into())],
+                    ..Default::default()
+                }))
+                .unwrap();
             assert_eq!(data.len(), 1);
-            assert_eq!(data[0].points, vec![(Timestamp(1000), Value::Number(1.0)), (Timestamp(2000), Value::Number(2.5))]);
+            assert_eq!(
+                data[0].points,
+                vec![
+                    (Timestamp(1000), Value::Number(1.0)),
+                    (Timestamp(2000), Value::Number(2.5))
+                ]
+            );
         }
         let store = SqliteStore::open(dir.path(), Duration::from_millis(50)).unwrap();
         let data = store.query(&all(Selector::default())).unwrap();
@@ -411,7 +533,9 @@ mod tests {
     fn aggregates_align_to_steps() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), Duration::from_millis(50)).unwrap();
-        store.write((0..120).map(|i| point("d1", i * 1000, i as f64)).collect()).unwrap();
+        store
+            .write((0..120).map(|i| point("d1", i * 1000, i as f64)).collect())
+            .unwrap();
         store.flush().unwrap();
         let expect = [
             (Aggregate::Mean, [29.5, 89.5]),
@@ -426,8 +550,16 @@ mod tests {
             let mut query = all(Selector::default());
             query.aggregation = Some((Duration::from_secs(60), aggregate));
             let data = store.query(&query).unwrap();
-            let got: Vec<(i64, f64)> = data[0].points.iter().map(|(t, v)| (t.0, v.as_f64())).collect();
-            assert_eq!(got, vec![(0, values[0]), (60_000, values[1])], "{aggregate:?}");
+            let got: Vec<(i64, f64)> = data[0]
+                .points
+                .iter()
+                .map(|(t, v)| (t.0, v.as_f64()))
+                .collect();
+            assert_eq!(
+                got,
+                vec![(0, values[0]), (60_000, values[1])],
+                "{aggregate:?}"
+            );
         }
     }
 
@@ -437,15 +569,24 @@ mod tests {
         let store = SqliteStore::open(dir.path(), Duration::from_millis(50)).unwrap();
         store.write(vec![point("d1", 1, 1.0)]).unwrap();
         store.flush().unwrap();
-        let bad = Point { series: key("d1"), ts: Timestamp(2), value: Value::Bool(true) };
-        assert!(matches!(store.write(vec![bad]), Err(StorageError::KindMismatch { .. })));
+        let bad = Point {
+            series: key("d1"),
+            ts: Timestamp(2),
+            value: Value::Bool(true),
+        };
+        assert!(matches!(
+            store.write(vec![bad]),
+            Err(StorageError::KindMismatch { .. })
+        ));
     }
 
     #[test]
     fn retention_deletes_old_points() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), Duration::from_millis(50)).unwrap();
-        store.write(vec![point("d1", 1000, 1.0), point("d1", 5000, 5.0)]).unwrap();
+        store
+            .write(vec![point("d1", 1000, 1.0), point("d1", 5000, 5.0)])
+            .unwrap();
         store.flush().unwrap();
         assert_eq!(store.enforce_retention(Timestamp(2000)).unwrap(), 1);
         let data = store.query(&all(Selector::default())).unwrap();

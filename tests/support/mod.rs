@@ -107,7 +107,9 @@ impl Receiver {
             attempts: Arc::default(),
             status: Arc::new(AtomicU16::new(204)),
         };
-        let app = Router::new().route("/hook", post(receive)).with_state(receiver.clone());
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(receiver.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         receiver
     }
@@ -118,7 +120,8 @@ impl Receiver {
 
     /// Makes the receiver answer 503 (`false`) or accept deliveries (`true`).
     pub fn set_up(&self, up: bool) {
-        self.status.store(if up { 204 } else { 503 }, Ordering::SeqCst);
+        self.status
+            .store(if up { 204 } else { 503 }, Ordering::SeqCst);
     }
 
     pub fn deliveries(&self) -> Vec<Delivery> {
@@ -131,16 +134,29 @@ impl Receiver {
 
     /// Accepted deliveries of one event kind.
     pub fn events(&self, kind: &str) -> Vec<Delivery> {
-        self.deliveries().into_iter().filter(|d| d.event == kind).collect()
+        self.deliveries()
+            .into_iter()
+            .filter(|d| d.event == kind)
+            .collect()
     }
 }
 
 async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
     let delivery = Delivery {
         event: header("x-stonelion-event"),
         delivery_id: header("x-stonelion-delivery"),
-        signature_valid: signature_valid(SECRET.as_bytes(), &body, &header("x-stonelion-signature")),
+        signature_valid: signature_valid(
+            SECRET.as_bytes(),
+            &body,
+            &header("x-stonelion-signature"),
+        ),
         body: serde_json::from_slice(&body).unwrap_or_default(),
     };
     receiver.attempts.lock().unwrap().push(delivery.clone());
@@ -153,8 +169,12 @@ async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: Byt
 
 /// Verifies `sha256=<hex>` as a receiver would.
 pub fn signature_valid(secret: &[u8], body: &[u8], header: &str) -> bool {
-    let Some(hex_digest) = header.strip_prefix("sha256=") else { return false };
-    let Ok(expected) = hex::decode(hex_digest) else { return false };
+    let Some(hex_digest) = header.strip_prefix("sha256=") else {
+        return false;
+    };
+    let Ok(expected) = hex::decode(hex_digest) else {
+        return false;
+    };
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
     mac.update(body);
     mac.verify_slice(&expected).is_ok()
@@ -171,7 +191,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -186,7 +209,11 @@ pub struct Publisher {
 impl Publisher {
     /// Connects to the broker and waits for CONNACK.
     pub async fn connect(addr: SocketAddr, client_id: &str) -> Publisher {
-        Self::connect_with(addr, MqttOptions::new(client_id, addr.ip().to_string(), addr.port())).await
+        Self::connect_with(
+            addr,
+            MqttOptions::new(client_id, addr.ip().to_string(), addr.port()),
+        )
+        .await
     }
 
     pub async fn connect_with(addr: SocketAddr, mut options: MqttOptions) -> Publisher {
@@ -206,19 +233,31 @@ impl Publisher {
                             let _ = tx.send(());
                         }
                     }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked_in_loop.notify_waiters(),
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        acked_in_loop.notify_waiters()
+                    }
                     Ok(_) => {}
                     Err(_) => break,
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(10), connected_rx).await.unwrap().unwrap();
-        Publisher { client, acked, task }
+        tokio::time::timeout(Duration::from_secs(10), connected_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        Publisher {
+            client,
+            acked,
+            task,
+        }
     }
 
     /// Publishes with QoS 1.
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
     }
 
     /// Publishes `{"ts": ..., "values": {metric: value}}` to `telemetry/{site}/{device}`.
@@ -228,7 +267,8 @@ impl Publisher {
     pub async fn reading(&self, site: &str, device: &str, metric: &str, value: f64) {
         let ts = unique_millis();
         let payload = serde_json::json!({ "ts": ts, "values": { metric: value } }).to_string();
-        self.publish(&format!("telemetry/{site}/{device}"), payload).await;
+        self.publish(&format!("telemetry/{site}/{device}"), payload)
+            .await;
     }
 }
 
@@ -243,33 +283,61 @@ pub fn unique_millis() -> i64 {
     static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
     let now = chrono::Utc::now().timestamp_millis();
     let previous = LAST.fetch_max(now, Ordering::SeqCst);
-    if previous >= now { LAST.fetch_add(1, Ordering::SeqCst) + 1 } else { now }
+    if previous >= now {
+        LAST.fetch_add(1, Ordering::SeqCst) + 1
+    } else {
+        now
+    }
 }
 
 /// GETs a JSON document from the server.
 pub async fn get_json(http: SocketAddr, path: &str) -> serde_json::Value {
     let response = reqwest::get(format!("http://{http}{path}")).await.unwrap();
-    assert!(response.status().is_success(), "GET {path}: {}", response.status());
+    assert!(
+        response.status().is_success(),
+        "GET {path}: {}",
+        response.status()
+    );
     response.json().await.unwrap()
 }
 
 /// POSTs JSON, returning the status and the body.
-pub async fn post_json(http: SocketAddr, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let response = reqwest::Client::new().post(format!("http://{http}{path}")).json(&body).send().await.unwrap();
+pub async fn post_json(
+    http: SocketAddr,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or_default())
 }
 
 /// Returns the alarms of a device from the API.
 pub async fn alarms_of(http: SocketAddr, device: &str) -> Vec<serde_json::Value> {
-    get_json(http, &format!("/api/v1/alarms?device={device}")).await["alarms"].as_array().unwrap().clone()
+    get_json(http, &format!("/api/v1/alarms?device={device}")).await["alarms"]
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 /// Returns the value of one Prometheus sample line, such as
 /// `stonelion_ingest_rejected_total{reason="malformed_json"}`.
 pub async fn metric(http: SocketAddr, sample: &str) -> f64 {
-    let text = reqwest::get(format!("http://{http}/metrics")).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     text.lines()
-        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+        .find_map(|line| {
+            line.strip_prefix(sample)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }

@@ -787,10 +787,18 @@ mod tests {
 
     #[test]
     fn deep_nesting_rejected_not_overflowed() {
-        let deep = format!("SELECT x FROM m WHERE {}a = 'b'{}", "(".repeat(100_000), ")".repeat(100_000));
+        let deep = format!(
+            "SELECT x FROM m WHERE {}a = 'b'{}",
+            "(".repeat(100_000),
+            ")".repeat(100_000)
+        );
         let error = parse_query(&deep, NOW).unwrap_err();
         assert!(error.to_string().contains("nested deeper"), "{error}");
-        let ok = format!("SELECT x FROM m WHERE {}a = 'b'{}", "(".repeat(60), ")".repeat(60));
+        let ok = format!(
+            "SELECT x FROM m WHERE {}a = 'b'{}",
+            "(".repeat(60),
+            ")".repeat(60)
+        );
         assert!(parse_query(&ok, NOW).is_ok());
     }
 

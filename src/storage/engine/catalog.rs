@@ -10,7 +10,7 @@ use std::path::Path;
 use rusqlite::{Connection, params};
 
 use crate::model::ValueKind;
-use crate::storage::{SeriesKey, Selector, StorageError};
+use crate::storage::{Selector, SeriesKey, StorageError};
 
 fn db_error(err: &rusqlite::Error) -> StorageError {
     StorageError::Database(format!("series index (SQLite) failed: {err}"))
@@ -46,7 +46,10 @@ impl Catalog {
                 self.entries.len()
             )));
         }
-        self.by_measurement.entry(key.measurement.clone()).or_default().push(id);
+        self.by_measurement
+            .entry(key.measurement.clone())
+            .or_default()
+            .push(id);
         self.ids.insert(key.clone(), id);
         self.entries.push((key, kind));
         Ok(())
@@ -55,14 +58,19 @@ impl Catalog {
     /// Copies the series with ids from `start` on.
     pub fn entries_from(&self, start: usize) -> Vec<(u32, SeriesKey, ValueKind)> {
         let tail = self.entries.get(start..).unwrap_or_default();
-        tail.iter().enumerate().map(|(i, (key, kind))| ((start + i) as u32, key.clone(), *kind)).collect()
+        tail.iter()
+            .enumerate()
+            .map(|(i, (key, kind))| ((start + i) as u32, key.clone(), *kind))
+            .collect()
     }
 
     /// Ids of the series that match `selector`, in id order.
     pub fn select(&self, selector: &Selector) -> Vec<u32> {
         let matches = |id: &u32| selector.matches(&self.entries[*id as usize].0);
         match &selector.measurement {
-            Some(m) => self.by_measurement.get(m).map_or_else(Vec::new, |ids| ids.iter().copied().filter(matches).collect()),
+            Some(m) => self.by_measurement.get(m).map_or_else(Vec::new, |ids| {
+                ids.iter().copied().filter(matches).collect()
+            }),
             None => (0..self.entries.len() as u32).filter(matches).collect(),
         }
     }
@@ -102,15 +110,34 @@ impl IndexDb {
             .map_err(|e| db_error(&e))?;
         let rows = stmt
             .query_map([], |row| {
-                Ok((row.get::<_, u32>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?, row.get::<_, String>(4)?))
+                Ok((
+                    row.get::<_, u32>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                ))
             })
             .map_err(|e| db_error(&e))?;
         for row in rows {
             let (id, measurement, tags, field, kind) = row.map_err(|e| db_error(&e))?;
-            let tags: Vec<(String, String)> = serde_json::from_str(&tags)
-                .map_err(|e| StorageError::Database(format!("series {id} has invalid tags in the index: {e}")))?;
-            let kind = if kind == "bool" { ValueKind::Bool } else { ValueKind::Number };
-            catalog.insert(id, SeriesKey { measurement, tags, field }, kind)?;
+            let tags: Vec<(String, String)> = serde_json::from_str(&tags).map_err(|e| {
+                StorageError::Database(format!("series {id} has invalid tags in the index: {e}"))
+            })?;
+            let kind = if kind == "bool" {
+                ValueKind::Bool
+            } else {
+                ValueKind::Number
+            };
+            catalog.insert(
+                id,
+                SeriesKey {
+                    measurement,
+                    tags,
+                    field,
+                },
+                kind,
+            )?;
         }
         self.persisted = catalog.len();
         Ok(catalog)
@@ -137,7 +164,8 @@ impl IndexDb {
                     ValueKind::Bool => "bool",
                     ValueKind::Number => "number",
                 };
-                stmt.execute(params![id, key.measurement, tags, key.field, kind]).map_err(|e| db_error(&e))?;
+                stmt.execute(params![id, key.measurement, tags, key.field, kind])
+                    .map_err(|e| db_error(&e))?;
             }
         }
         tx.commit().map_err(|e| db_error(&e))?;
@@ -146,7 +174,10 @@ impl IndexDb {
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<i64>, StorageError> {
-        let mut stmt = self.conn.prepare("SELECT value FROM meta WHERE key = ?1").map_err(|e| db_error(&e))?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT value FROM meta WHERE key = ?1")
+            .map_err(|e| db_error(&e))?;
         let mut rows = stmt.query(params![key]).map_err(|e| db_error(&e))?;
         match rows.next().map_err(|e| db_error(&e))? {
             Some(row) => Ok(Some(row.get(0).map_err(|e| db_error(&e))?)),
@@ -156,7 +187,10 @@ impl IndexDb {
 
     pub fn set_meta(&self, key: &str, value: i64) -> Result<(), StorageError> {
         self.conn
-            .execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)", params![key, value])
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
             .map_err(|e| db_error(&e))?;
         Ok(())
     }

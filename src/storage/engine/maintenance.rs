@@ -19,13 +19,18 @@ fn partition_dir(data_dir: &Path, start: i64) -> PathBuf {
 
 /// Parses a partition directory name `p-{start_ms}`.
 pub(super) fn parse_partition_name(name: &std::ffi::OsStr) -> Option<i64> {
-    name.to_str().and_then(|n| n.strip_prefix("p-")).and_then(|n| n.parse::<i64>().ok())
+    name.to_str()
+        .and_then(|n| n.strip_prefix("p-"))
+        .and_then(|n| n.parse::<i64>().ok())
 }
 
 /// Opens every segment under `data_dir`. Leftover `.tmp` files, segments covered by a
 /// compacted segment (a compaction that crashed before its cleanup) and partitions below
 /// the retention floor (a retention run that crashed before its cleanup) are deleted.
-pub(super) fn open_partitions(data_dir: &Path, floor: i64) -> Result<BTreeMap<i64, Vec<Arc<Segment>>>, StorageError> {
+pub(super) fn open_partitions(
+    data_dir: &Path,
+    floor: i64,
+) -> Result<BTreeMap<i64, Vec<Arc<Segment>>>, StorageError> {
     let mut partitions = BTreeMap::new();
     for entry in fs::read_dir(data_dir)? {
         let entry = entry?;
@@ -57,7 +62,9 @@ fn open_partition(dir: &Path) -> Result<Vec<Arc<Segment>>, StorageError> {
         }
     }
     let covered = |(lo, hi): (u64, u64)| {
-        ranges.iter().any(|&((l, h), _)| (l, h) != (lo, hi) && l <= lo && hi <= h)
+        ranges
+            .iter()
+            .any(|&((l, h), _)| (l, h) != (lo, hi) && l <= lo && hi <= h)
     };
     let mut segments = Vec::new();
     for &((lo, hi), ref path) in &ranges {
@@ -105,12 +112,14 @@ impl Inner {
             return Ok(());
         }
         wal.file.sync_data()?;
-        self.durable_seq.fetch_max(wal.appended_seq, Ordering::SeqCst);
+        self.durable_seq
+            .fetch_max(wal.appended_seq, Ordering::SeqCst);
         let old_epoch = wal.epoch;
         *wal = wal::WalWriter::create(&self.wal_dir, old_epoch + 1, wal.appended_seq)?;
         self.epoch.store(old_epoch + 1, Ordering::SeqCst);
         let frozen = self.active.take(old_epoch);
-        self.frozen_points.fetch_add(frozen.points, Ordering::Relaxed);
+        self.frozen_points
+            .fetch_add(frozen.points, Ordering::Relaxed);
         write(&self.state).frozen.push(Arc::new(frozen));
         Ok(())
     }
@@ -122,7 +131,8 @@ impl Inner {
         let mut by_partition: BTreeMap<i64, Vec<(u32, SeriesBuf)>> = BTreeMap::new();
         for shard in &frozen.shards {
             for (&id, buf) in shard {
-                let sorted = merge::merge(vec![super::memtable::filter_range(buf, floor, i64::MAX)]);
+                let sorted =
+                    merge::merge(vec![super::memtable::filter_range(buf, floor, i64::MAX)]);
                 for (start, run) in split_by_partition(sorted, self.partition_ms) {
                     by_partition.entry(start).or_default().push((id, run));
                 }
@@ -132,7 +142,12 @@ impl Inner {
         for (start, mut chunks) in by_partition {
             chunks.sort_by_key(|(id, _)| *id);
             let dir = partition_dir(&self.data_dir, start);
-            let segment = segment::write_segment(&dir, frozen.epoch, frozen.epoch, chunks.into_iter().map(Ok))?;
+            let segment = segment::write_segment(
+                &dir,
+                frozen.epoch,
+                frozen.epoch,
+                chunks.into_iter().map(Ok),
+            )?;
             sealed.push((start, Arc::new(segment)));
         }
         self.persist_catalog()?;
@@ -146,7 +161,8 @@ impl Inner {
             }
             state.frozen.retain(|f| !Arc::ptr_eq(f, frozen));
         }
-        self.frozen_points.fetch_sub(frozen.points, Ordering::Relaxed);
+        self.frozen_points
+            .fetch_sub(frozen.points, Ordering::Relaxed);
         self.memory_freed.notify();
         self.metrics.checkpoints.inc();
         self.update_disk_gauge();
@@ -157,7 +173,11 @@ impl Inner {
             }
         }
         segment::sync_dir(&self.wal_dir)?;
-        tracing::debug!(epoch = frozen.epoch, points = frozen.points, "sealed memtable into segments");
+        tracing::debug!(
+            epoch = frozen.epoch,
+            points = frozen.points,
+            "sealed memtable into segments"
+        );
         Ok(())
     }
 
@@ -184,7 +204,10 @@ impl Inner {
     fn compact_partition(&self, start: i64, segments: &[Arc<Segment>]) -> Result<(), StorageError> {
         let seq_lo = segments.iter().map(|s| s.seq_lo).min().unwrap_or(0);
         let seq_hi = segments.iter().map(|s| s.seq_hi).max().unwrap_or(0);
-        let ids: BTreeSet<u32> = segments.iter().flat_map(|s| s.chunks().iter().map(|c| c.series)).collect();
+        let ids: BTreeSet<u32> = segments
+            .iter()
+            .flat_map(|s| s.chunks().iter().map(|c| c.series))
+            .collect();
         let floor = self.retention_floor.load(Ordering::SeqCst);
         let chunks = ids.into_iter().map(|id| {
             let mut sources = Vec::new();
@@ -212,7 +235,11 @@ impl Inner {
         segment::sync_dir(&dir)?;
         self.metrics.compactions.inc();
         self.update_disk_gauge();
-        tracing::debug!(partition = start, segments = segments.len(), "compacted partition");
+        tracing::debug!(
+            partition = start,
+            segments = segments.len(),
+            "compacted partition"
+        );
         Ok(())
     }
 
@@ -249,7 +276,9 @@ impl Inner {
         let removed: Vec<(i64, Vec<Arc<Segment>>)> = {
             let mut state = write(&self.state);
             let kept = state.partitions.split_off(&floor);
-            std::mem::replace(&mut state.partitions, kept).into_iter().collect()
+            std::mem::replace(&mut state.partitions, kept)
+                .into_iter()
+                .collect()
         };
         let mut deleted = self.active.drop_before(floor) as u64;
         for (start, segments) in removed {
@@ -258,13 +287,26 @@ impl Inner {
         }
         segment::sync_dir(&self.data_dir)?;
         self.update_disk_gauge();
-        tracing::info!(floor_ms = floor, deleted, "retention deleted old partitions");
+        tracing::info!(
+            floor_ms = floor,
+            deleted,
+            "retention deleted old partitions"
+        );
         Ok(deleted)
     }
 
     pub(super) fn update_disk_gauge(&self) {
-        let bytes: u64 = read(&self.state).partitions.values().flatten().map(|s| s.file_len).sum();
-        self.metrics.segment_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        self.metrics.rollup_bytes.set(i64::try_from(self.rollup_bytes()).unwrap_or(i64::MAX));
+        let bytes: u64 = read(&self.state)
+            .partitions
+            .values()
+            .flatten()
+            .map(|s| s.file_len)
+            .sum();
+        self.metrics
+            .segment_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.metrics
+            .rollup_bytes
+            .set(i64::try_from(self.rollup_bytes()).unwrap_or(i64::MAX));
     }
 }

@@ -42,12 +42,18 @@ pub struct Frozen {
 }
 
 fn lock(shard: &Mutex<ShardData>) -> std::sync::MutexGuard<'_, ShardData> {
-    shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    shard
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Default for Memtable {
     fn default() -> Self {
-        Self { shards: (0..SHARDS).map(|_| Mutex::default()).collect(), points: AtomicUsize::new(0), verified_from: AtomicU32::new(u32::MAX) }
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            points: AtomicUsize::new(0),
+            verified_from: AtomicU32::new(u32::MAX),
+        }
     }
 }
 
@@ -76,7 +82,10 @@ impl Memtable {
                 let buf = shard.points.entry(id).or_default();
                 buf.ts.push(ts);
                 buf.values.push(value);
-                let latest = shard.latest.entry(id).or_insert((ts, value, id >= verified_from));
+                let latest = shard
+                    .latest
+                    .entry(id)
+                    .or_insert((ts, value, id >= verified_from));
                 if ts >= latest.0 {
                     (latest.0, latest.1) = (ts, value);
                 }
@@ -87,21 +96,36 @@ impl Memtable {
 
     /// Takes every point out, leaving the memtable empty.
     pub fn take(&self, epoch: u64) -> Frozen {
-        let shards: Vec<Shard> = self.shards.iter().map(|s| std::mem::take(&mut lock(s).points)).collect();
+        let shards: Vec<Shard> = self
+            .shards
+            .iter()
+            .map(|s| std::mem::take(&mut lock(s).points))
+            .collect();
         let points = self.points.swap(0, Ordering::Relaxed);
-        Frozen { epoch, shards, points }
+        Frozen {
+            epoch,
+            shards,
+            points,
+        }
     }
 
     /// Copies the points of one series with `from <= ts < to`, in arrival order.
     pub fn copy_range(&self, id: u32, from: i64, to: i64) -> SeriesBuf {
         let shard = lock(&self.shards[id as usize % SHARDS]);
-        shard.points.get(&id).map(|buf| filter_range(buf, from, to)).unwrap_or_default()
+        shard
+            .points
+            .get(&id)
+            .map(|buf| filter_range(buf, from, to))
+            .unwrap_or_default()
     }
 
     /// The newest point of a series written or looked up since the store opened, and
     /// whether it is verified against segments.
     pub fn latest(&self, id: u32) -> Option<(i64, f64, bool)> {
-        lock(&self.shards[id as usize % SHARDS]).latest.get(&id).copied()
+        lock(&self.shards[id as usize % SHARDS])
+            .latest
+            .get(&id)
+            .copied()
     }
 
     /// Records the newest point found in storage, unless a write at or after its timestamp
@@ -135,7 +159,10 @@ impl Memtable {
 
 impl Frozen {
     pub fn copy_range(&self, id: u32, from: i64, to: i64) -> SeriesBuf {
-        self.shards[id as usize % SHARDS].get(&id).map(|buf| filter_range(buf, from, to)).unwrap_or_default()
+        self.shards[id as usize % SHARDS]
+            .get(&id)
+            .map(|buf| filter_range(buf, from, to))
+            .unwrap_or_default()
     }
 }
 

@@ -18,7 +18,10 @@ pub fn merge(sources: Vec<SeriesBuf>) -> SeriesBuf {
     }
     // A stable sort keeps equal timestamps in source order, so the last of a run is newest.
     all.sort_by_key(|p| p.0);
-    let mut out = SeriesBuf { ts: Vec::with_capacity(all.len()), values: Vec::with_capacity(all.len()) };
+    let mut out = SeriesBuf {
+        ts: Vec::with_capacity(all.len()),
+        values: Vec::with_capacity(all.len()),
+    };
     for (ts, value) in all {
         if out.ts.last() == Some(&ts) {
             *out.values.last_mut().expect("values parallel to ts") = value;
@@ -56,7 +59,14 @@ pub struct Summary {
 
 impl Summary {
     fn of(value: f64) -> Summary {
-        Summary { count: 1.0, sum: value, min: value, max: value, first: value, last: value }
+        Summary {
+            count: 1.0,
+            sum: value,
+            min: value,
+            max: value,
+            first: value,
+            last: value,
+        }
     }
 
     fn push(&mut self, value: f64) {
@@ -108,7 +118,10 @@ pub fn summarize(buf: &SeriesBuf, step_ms: i64) -> Vec<(i64, Summary)> {
 /// Combines summaries of finer buckets, sorted by time, into one summary per step.
 /// Each bucket must lie inside one step, which holds when `step_ms` is a multiple of
 /// the bucket width.
-pub fn combine(rows: impl IntoIterator<Item = (i64, Summary)>, step_ms: i64) -> Vec<(i64, Summary)> {
+pub fn combine(
+    rows: impl IntoIterator<Item = (i64, Summary)>,
+    step_ms: i64,
+) -> Vec<(i64, Summary)> {
     let mut out: Vec<(i64, Summary)> = Vec::new();
     for (ts, row) in rows {
         let start = step_start(ts, step_ms);
@@ -125,12 +138,17 @@ mod tests {
     use super::*;
 
     fn buf(points: &[(i64, f64)]) -> SeriesBuf {
-        SeriesBuf { ts: points.iter().map(|p| p.0).collect(), values: points.iter().map(|p| p.1).collect() }
+        SeriesBuf {
+            ts: points.iter().map(|p| p.0).collect(),
+            values: points.iter().map(|p| p.1).collect(),
+        }
     }
 
     #[test]
     fn combined_buckets_equal_direct_summary() {
-        let points: Vec<(i64, f64)> = (0..500).map(|i| (i * 7 - 1_000, f64::from((i * 37 % 23) as i32) * 0.25 - 2.0)).collect();
+        let points: Vec<(i64, f64)> = (0..500)
+            .map(|i| (i * 7 - 1_000, f64::from((i * 37 % 23) as i32) * 0.25 - 2.0))
+            .collect();
         let direct = summarize(&buf(&points), 60);
         let combined = combine(summarize(&buf(&points), 20), 60);
         assert_eq!(combined, direct);
@@ -140,9 +158,21 @@ mod tests {
     fn bool_sum_counts_true_values() {
         let summary = summarize(&buf(&[(0, 1.0), (1, 0.0), (2, 1.0), (3, 1.0)]), 10);
         assert_eq!(summary.len(), 1);
-        assert_eq!(summary[0].1.value(Aggregate::Sum, ValueKind::Bool), Value::Number(3.0));
-        assert_eq!(summary[0].1.value(Aggregate::Mean, ValueKind::Bool), Value::Number(0.75));
-        assert_eq!(summary[0].1.value(Aggregate::First, ValueKind::Bool), Value::Bool(true));
-        assert_eq!(summary[0].1.value(Aggregate::Min, ValueKind::Bool), Value::Bool(false));
+        assert_eq!(
+            summary[0].1.value(Aggregate::Sum, ValueKind::Bool),
+            Value::Number(3.0)
+        );
+        assert_eq!(
+            summary[0].1.value(Aggregate::Mean, ValueKind::Bool),
+            Value::Number(0.75)
+        );
+        assert_eq!(
+            summary[0].1.value(Aggregate::First, ValueKind::Bool),
+            Value::Bool(true)
+        );
+        assert_eq!(
+            summary[0].1.value(Aggregate::Min, ValueKind::Bool),
+            Value::Bool(false)
+        );
     }
 }

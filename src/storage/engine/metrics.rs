@@ -23,19 +23,47 @@ pub struct EngineMetrics {
 impl EngineMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("storage_engine");
-        r.register("points_written", "Points stored", self.points_written.clone());
+        r.register(
+            "points_written",
+            "Points stored",
+            self.points_written.clone(),
+        );
         r.register(
             "points_dropped_retention",
             "Points dropped because they are older than the retention floor",
             self.points_dropped_retention.clone(),
         );
         r.register("series", "Series in the index", self.series.clone());
-        r.register("segment_bytes", "Bytes of sealed segment files", self.segment_bytes.clone());
-        r.register("wal_syncs", "WAL fsync calls (group commits)", self.wal_syncs.clone());
-        r.register("checkpoints", "Memtables sealed into segments", self.checkpoints.clone());
-        r.register("compactions", "Partitions compacted", self.compactions.clone());
-        r.register("rollups", "Rollup segments written (one per partition and tier)", self.rollups.clone());
-        r.register("rollup_bytes", "Bytes of rollup segment files", self.rollup_bytes.clone());
+        r.register(
+            "segment_bytes",
+            "Bytes of sealed segment files",
+            self.segment_bytes.clone(),
+        );
+        r.register(
+            "wal_syncs",
+            "WAL fsync calls (group commits)",
+            self.wal_syncs.clone(),
+        );
+        r.register(
+            "checkpoints",
+            "Memtables sealed into segments",
+            self.checkpoints.clone(),
+        );
+        r.register(
+            "compactions",
+            "Partitions compacted",
+            self.compactions.clone(),
+        );
+        r.register(
+            "rollups",
+            "Rollup segments written (one per partition and tier)",
+            self.rollups.clone(),
+        );
+        r.register(
+            "rollup_bytes",
+            "Bytes of rollup segment files",
+            self.rollup_bytes.clone(),
+        );
         r.register(
             "backpressure_waits",
             "Writes that waited because the memory budget was full",

@@ -27,7 +27,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::model::{Timestamp, Value, ValueKind};
-use crate::storage::{Point, Query, SeriesData, SeriesKey, Selector, StorageError, TimeSeriesStore};
+use crate::storage::{
+    Point, Query, Selector, SeriesData, SeriesKey, StorageError, TimeSeriesStore,
+};
 
 use catalog::{Catalog, IndexDb};
 use memtable::{Frozen, Memtable, SeriesBuf};
@@ -100,17 +102,26 @@ struct Signal {
 
 impl Signal {
     fn new() -> Self {
-        Self { flag: Mutex::new(false), cv: Condvar::new() }
+        Self {
+            flag: Mutex::new(false),
+            cv: Condvar::new(),
+        }
     }
 
     fn notify(&self) {
-        *self.flag.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        *self
+            .flag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
         self.cv.notify_all();
     }
 
     /// Waits until notified or `timeout` passes; returns whether it was notified.
     fn wait(&self, timeout: Duration) -> bool {
-        let guard = self.flag.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = self
+            .flag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (mut guard, _) = self
             .cv
             .wait_timeout_while(guard, timeout, |flag| !*flag)
@@ -157,15 +168,19 @@ pub struct Engine {
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn series_name(key: &SeriesKey) -> String {
@@ -177,7 +192,8 @@ impl Engine {
     /// Opens or creates a store in `dir`, replaying the WAL left by a previous process.
     pub fn open(dir: impl AsRef<Path>, options: EngineOptions) -> Result<Engine, StorageError> {
         let dir = dir.as_ref();
-        let partition_ms = i64::try_from(options.partition_duration.as_millis()).unwrap_or(i64::MAX);
+        let partition_ms =
+            i64::try_from(options.partition_duration.as_millis()).unwrap_or(i64::MAX);
         if partition_ms <= 0 || options.commit_interval.is_zero() {
             return Err(StorageError::InvalidQuery(
                 "partition_duration and commit_interval must be positive".to_owned(),
@@ -210,7 +226,9 @@ impl Engine {
         writer.bytes_in_epoch = replayed_bytes;
 
         let metrics = EngineMetrics::default();
-        metrics.series.set(i64::try_from(catalog.len()).unwrap_or(i64::MAX));
+        metrics
+            .series
+            .set(i64::try_from(catalog.len()).unwrap_or(i64::MAX));
         let segment_count: usize = partitions.values().map(Vec::len).sum();
         tracing::info!(
             dir = %dir.display(),
@@ -231,7 +249,11 @@ impl Engine {
             durable_seq: AtomicU64::new(0),
             active,
             frozen_points: AtomicUsize::new(0),
-            state: RwLock::new(State { frozen: Vec::new(), partitions, rollups }),
+            state: RwLock::new(State {
+                frozen: Vec::new(),
+                partitions,
+                rollups,
+            }),
             index_db: Mutex::new(index_db),
             maintenance: Mutex::new(()),
             retention_floor: AtomicI64::new(floor),
@@ -245,7 +267,10 @@ impl Engine {
             options,
         });
         inner.update_disk_gauge();
-        let threads = vec![spawn_committer(Arc::clone(&inner))?, spawn_maintainer(Arc::clone(&inner))?];
+        let threads = vec![
+            spawn_committer(Arc::clone(&inner))?,
+            spawn_maintainer(Arc::clone(&inner))?,
+        ];
         Ok(Engine { inner, threads })
     }
 
@@ -289,11 +314,19 @@ impl Engine {
 
     /// Bytes of segment files, which is the store's size after a checkpoint.
     pub fn segment_bytes(&self) -> u64 {
-        read(&self.inner.state).partitions.values().flatten().map(|s| s.file_len).sum()
+        read(&self.inner.state)
+            .partitions
+            .values()
+            .flatten()
+            .map(|s| s.file_len)
+            .sum()
     }
 
     /// The newest point of each series that matches `selector`.
-    pub fn latest(&self, selector: &Selector) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
+    pub fn latest(
+        &self,
+        selector: &Selector,
+    ) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
         self.inner.latest(selector)
     }
 
@@ -330,13 +363,20 @@ impl TimeSeriesStore for Engine {
         self.inner.query(query)
     }
 
-    fn latest(&self, selector: &Selector) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
+    fn latest(
+        &self,
+        selector: &Selector,
+    ) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
         Engine::latest(self, selector)
     }
 
     fn series(&self, selector: &Selector) -> Result<Vec<SeriesKey>, StorageError> {
         let catalog = read(&self.inner.catalog);
-        Ok(catalog.select(selector).into_iter().map(|id| catalog.entry(id).0.clone()).collect())
+        Ok(catalog
+            .select(selector)
+            .into_iter()
+            .map(|id| catalog.entry(id).0.clone())
+            .collect())
     }
 
     fn flush(&self) -> Result<(), StorageError> {
@@ -354,7 +394,12 @@ impl TimeSeriesStore for Engine {
 }
 
 /// Replays every WAL file into the memtable. Returns the highest epoch and the bytes read.
-fn replay_wal(dir: &Path, catalog: &mut Catalog, active: &Memtable, floor: i64) -> Result<(u64, u64), StorageError> {
+fn replay_wal(
+    dir: &Path,
+    catalog: &mut Catalog,
+    active: &Memtable,
+    floor: i64,
+) -> Result<(u64, u64), StorageError> {
     let mut max_epoch = 0;
     let mut bytes = 0;
     for (epoch, path) in wal::list_wal_files(dir)? {
@@ -395,7 +440,9 @@ fn spawn_committer(inner: Arc<Inner>) -> Result<JoinHandle<()>, StorageError> {
 }
 
 fn wall_clock_ms() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -458,7 +505,8 @@ impl Inner {
                 )));
             }
             self.checkpoint_requested.notify();
-            self.memory_freed.wait((deadline - now).min(Duration::from_millis(100)));
+            self.memory_freed
+                .wait((deadline - now).min(Duration::from_millis(100)));
         }
         Ok(())
     }
@@ -479,8 +527,11 @@ impl Inner {
         }
 
         let ids = self.resolve_series(&points)?;
-        let rows: Vec<(u32, i64, f64)> =
-            points.iter().zip(&ids).map(|(p, &id)| (id, p.ts.0, p.value.as_f64())).collect();
+        let rows: Vec<(u32, i64, f64)> = points
+            .iter()
+            .zip(&ids)
+            .map(|(p, &id)| (id, p.ts.0, p.value.as_f64()))
+            .collect();
         let mut bytes = Vec::new();
         wal::encode_points(&mut bytes, &rows);
         let seq = lock(&self.wal).append(&bytes)?;
@@ -519,7 +570,12 @@ impl Inner {
             let stored = catalog
                 .id(&p.series)
                 .map(|id| catalog.entry(id).1)
-                .or_else(|| new_series.iter().find(|(k, _)| *k == p.series).map(|(_, kind)| *kind));
+                .or_else(|| {
+                    new_series
+                        .iter()
+                        .find(|(k, _)| *k == p.series)
+                        .map(|(_, kind)| *kind)
+                });
             match stored {
                 Some(kind) => check_kind(&p.series, kind, p.value)?,
                 None => new_series.push((p.series.clone(), p.value.kind())),
@@ -534,9 +590,13 @@ impl Inner {
         for (n, (key, kind)) in new_series.into_iter().enumerate() {
             catalog.insert(first_id + n as u32, key, kind)?;
         }
-        self.metrics.series.set(i64::try_from(catalog.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .series
+            .set(i64::try_from(catalog.len()).unwrap_or(i64::MAX));
         for &i in &missing {
-            ids[i] = catalog.id(&points[i].series).expect("series was just inserted");
+            ids[i] = catalog
+                .id(&points[i].series)
+                .expect("series was just inserted");
         }
         Ok(ids)
     }
@@ -584,15 +644,23 @@ impl Inner {
         }
         let selected: Vec<(u32, SeriesKey, ValueKind)> = {
             let catalog = read(&self.catalog);
-            catalog.select(&query.selector).into_iter().map(|id| {
-                let (key, kind) = catalog.entry(id);
-                (id, key.clone(), *kind)
-            }).collect()
+            catalog
+                .select(&query.selector)
+                .into_iter()
+                .map(|id| {
+                    let (key, kind) = catalog.entry(id);
+                    (id, key.clone(), *kind)
+                })
+                .collect()
         };
         let (segments, frozen, actives) = if raw_range {
             self.snapshot(&selected, from, to)
         } else {
-            (Vec::new(), Vec::new(), vec![SeriesBuf::default(); selected.len()])
+            (
+                Vec::new(),
+                Vec::new(),
+                vec![SeriesBuf::default(); selected.len()],
+            )
         };
 
         let mut out = Vec::new();
@@ -613,9 +681,17 @@ impl Inner {
             let mut points: Vec<(Timestamp, Value)> = match (step_ms, query.aggregation) {
                 (Some(step_ms), Some((_, aggregate))) => {
                     let steps = self.summarize_steps(id, &rollup_plan, &merged, step_ms)?;
-                    steps.into_iter().map(|(start, summary)| (Timestamp(start), summary.value(aggregate, kind))).collect()
+                    steps
+                        .into_iter()
+                        .map(|(start, summary)| (Timestamp(start), summary.value(aggregate, kind)))
+                        .collect()
                 }
-                _ => merged.ts.iter().zip(&merged.values).map(|(&ts, &v)| (Timestamp(ts), Value::from_stored(v, kind))).collect(),
+                _ => merged
+                    .ts
+                    .iter()
+                    .zip(&merged.values)
+                    .map(|(&ts, &v)| (Timestamp(ts), Value::from_stored(v, kind)))
+                    .collect(),
             };
             if points.is_empty() {
                 continue;
@@ -623,7 +699,11 @@ impl Inner {
             if let Some(limit) = query.limit {
                 points.truncate(limit);
             }
-            out.push(SeriesData { series: key, kind, points });
+            out.push(SeriesData {
+                series: key,
+                kind,
+                points,
+            });
         }
         Ok(out)
     }
@@ -666,24 +746,37 @@ impl Inner {
             let (segments, frozen) = {
                 let state = read(&self.state);
                 let first_partition = merge::step_start(from, self.partition_ms);
-                let segments: Vec<Arc<Segment>> =
-                    state.partitions.range(first_partition..to).flat_map(|(_, segs)| segs.iter().cloned()).collect();
+                let segments: Vec<Arc<Segment>> = state
+                    .partitions
+                    .range(first_partition..to)
+                    .flat_map(|(_, segs)| segs.iter().cloned())
+                    .collect();
                 (segments, state.frozen.clone())
             };
-            let actives = selected.iter().map(|(id, _, _)| self.active.copy_range(*id, from, to)).collect();
+            let actives = selected
+                .iter()
+                .map(|(id, _, _)| self.active.copy_range(*id, from, to))
+                .collect();
             if self.epoch.load(Ordering::SeqCst) == epoch {
                 return (segments, frozen, actives);
             }
         }
     }
 
-    fn latest(&self, selector: &Selector) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
+    fn latest(
+        &self,
+        selector: &Selector,
+    ) -> Result<Vec<(SeriesKey, Timestamp, Value)>, StorageError> {
         let selected: Vec<(u32, SeriesKey, ValueKind)> = {
             let catalog = read(&self.catalog);
-            catalog.select(selector).into_iter().map(|id| {
-                let (key, kind) = catalog.entry(id);
-                (id, key.clone(), *kind)
-            }).collect()
+            catalog
+                .select(selector)
+                .into_iter()
+                .map(|id| {
+                    let (key, kind) = catalog.entry(id);
+                    (id, key.clone(), *kind)
+                })
+                .collect()
         };
         let floor = self.retention_floor.load(Ordering::SeqCst);
         let mut out = Vec::with_capacity(selected.len());
@@ -731,5 +824,9 @@ fn check_kind(series: &SeriesKey, stored: ValueKind, value: Value) -> Result<(),
     if stored == value.kind() {
         return Ok(());
     }
-    Err(StorageError::KindMismatch { series: series_name(series), stored, offered: value.kind() })
+    Err(StorageError::KindMismatch {
+        series: series_name(series),
+        stored,
+        offered: value.kind(),
+    })
 }

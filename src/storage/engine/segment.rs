@@ -121,8 +121,14 @@ pub fn write_rollup_segment(
 ) -> Result<Segment, StorageError> {
     let encoded = chunks.into_iter().map(|chunk| {
         let (series, RollupBuf { ts, rows }) = chunk?;
-        let columns: [fn(&Summary) -> f64; ROLLUP_COLUMNS] =
-            [|r| r.count, |r| r.sum, |r| r.min, |r| r.max, |r| r.first, |r| r.last];
+        let columns: [fn(&Summary) -> f64; ROLLUP_COLUMNS] = [
+            |r| r.count,
+            |r| r.sum,
+            |r| r.min,
+            |r| r.max,
+            |r| r.first,
+            |r| r.last,
+        ];
         let mut value_bytes = Vec::new();
         for column in columns {
             let values: Vec<f64> = rows.iter().map(column).collect();
@@ -162,7 +168,8 @@ fn write_file(
         if ts.is_empty() {
             continue;
         }
-        let ts_bytes = simple_compress(&ts, &ChunkConfig::default()).map_err(|e| codec_error(&e))?;
+        let ts_bytes =
+            simple_compress(&ts, &ChunkConfig::default()).map_err(|e| codec_error(&e))?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&ts_bytes);
         crc.update(&value_bytes);
@@ -279,11 +286,22 @@ impl Segment {
             return Err(corrupt(path, "index checksum does not match"));
         }
         let chunks = decode_index(path, &index)?;
-        Ok(Segment { path: path.to_owned(), seq_lo, seq_hi, file_len, rollup, chunks, file })
+        Ok(Segment {
+            path: path.to_owned(),
+            seq_lo,
+            seq_hi,
+            file_len,
+            rollup,
+            chunks,
+            file,
+        })
     }
 
     pub fn chunk(&self, series: u32) -> Option<&ChunkMeta> {
-        let i = self.chunks.binary_search_by_key(&series, |c| c.series).ok()?;
+        let i = self
+            .chunks
+            .binary_search_by_key(&series, |c| c.series)
+            .ok()?;
         Some(&self.chunks[i])
     }
 
@@ -302,12 +320,18 @@ impl Segment {
         let mut bytes = vec![0u8; total];
         self.file.read_exact_at(&mut bytes, meta.offset)?;
         if crc32fast::hash(&bytes) != meta.crc {
-            return Err(corrupt(&self.path, &format!("chunk of series {} fails its checksum", meta.series)));
+            return Err(corrupt(
+                &self.path,
+                &format!("chunk of series {} fails its checksum", meta.series),
+            ));
         }
         let value_bytes = bytes.split_off(meta.ts_len as usize);
         let ts = simple_decompress::<i64>(&bytes).map_err(|e| codec_error(&e))?;
         if ts.len() != meta.points as usize {
-            return Err(corrupt(&self.path, &format!("chunk of series {} has the wrong length", meta.series)));
+            return Err(corrupt(
+                &self.path,
+                &format!("chunk of series {} has the wrong length", meta.series),
+            ));
         }
         Ok((ts, value_bytes))
     }
@@ -315,12 +339,18 @@ impl Segment {
     /// Reads and decodes one chunk of a raw segment, checking its checksum.
     pub fn read_chunk(&self, meta: &ChunkMeta) -> Result<SeriesBuf, StorageError> {
         if self.rollup {
-            return Err(corrupt(&self.path, "a rollup segment was read as raw points"));
+            return Err(corrupt(
+                &self.path,
+                "a rollup segment was read as raw points",
+            ));
         }
         let (ts, value_bytes) = self.read_blobs(meta)?;
         let values = simple_decompress::<f64>(&value_bytes).map_err(|e| codec_error(&e))?;
         if values.len() != meta.points as usize {
-            return Err(corrupt(&self.path, &format!("chunk of series {} has the wrong length", meta.series)));
+            return Err(corrupt(
+                &self.path,
+                &format!("chunk of series {} has the wrong length", meta.series),
+            ));
         }
         Ok(SeriesBuf { ts, values })
     }
@@ -331,7 +361,15 @@ impl Segment {
             return Err(corrupt(&self.path, "a raw segment was read as rollups"));
         }
         let (ts, value_bytes) = self.read_blobs(meta)?;
-        let wrong_length = || corrupt(&self.path, &format!("rollup chunk of series {} has the wrong length", meta.series));
+        let wrong_length = || {
+            corrupt(
+                &self.path,
+                &format!(
+                    "rollup chunk of series {} has the wrong length",
+                    meta.series
+                ),
+            )
+        };
         let mut columns: Vec<Vec<f64>> = Vec::with_capacity(ROLLUP_COLUMNS);
         let mut rest = value_bytes.as_slice();
         for _ in 0..ROLLUP_COLUMNS {

@@ -21,7 +21,11 @@ const POINT_LEN: usize = 20;
 #[derive(Debug)]
 pub enum Record {
     /// A new series and the id every later record uses for it.
-    Series { id: u32, kind: ValueKind, key: SeriesKey },
+    Series {
+        id: u32,
+        kind: ValueKind,
+        key: SeriesKey,
+    },
     /// Points as (series id, timestamp in ms, value).
     Points(Vec<(u32, i64, f64)>),
 }
@@ -36,7 +40,10 @@ pub fn list_wal_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
-        let Some(epoch) = name.to_str().and_then(|n| n.strip_suffix(".wal")).and_then(|n| n.parse().ok())
+        let Some(epoch) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".wal"))
+            .and_then(|n| n.parse().ok())
         else {
             continue;
         };
@@ -58,9 +65,17 @@ pub struct WalWriter {
 
 impl WalWriter {
     pub fn create(dir: &Path, epoch: u64, appended_seq: u64) -> Result<WalWriter, StorageError> {
-        let file = OpenOptions::new().create(true).append(true).open(wal_path(dir, epoch))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(wal_path(dir, epoch))?;
         super::segment::sync_dir(dir)?;
-        Ok(WalWriter { epoch, file, appended_seq, bytes_in_epoch: 0 })
+        Ok(WalWriter {
+            epoch,
+            file,
+            appended_seq,
+            bytes_in_epoch: 0,
+        })
     }
 
     /// Appends encoded records with one `write` call and returns the new sequence number.
@@ -147,7 +162,10 @@ impl<'a> Reader<'a> {
 }
 
 fn decode_payload(payload: &[u8]) -> Option<Record> {
-    let mut r = Reader { bytes: payload, at: 1 };
+    let mut r = Reader {
+        bytes: payload,
+        at: 1,
+    };
     match *payload.first()? {
         RECORD_SERIES => {
             let id = r.u32()?;
@@ -162,7 +180,15 @@ fn decode_payload(payload: &[u8]) -> Option<Record> {
             for _ in 0..tag_count {
                 tags.push((r.string()?, r.string()?));
             }
-            Some(Record::Series { id, kind, key: SeriesKey { measurement, tags, field } })
+            Some(Record::Series {
+                id,
+                kind,
+                key: SeriesKey {
+                    measurement,
+                    tags,
+                    field,
+                },
+            })
         }
         RECORD_POINTS => {
             let count = r.u32()? as usize;
@@ -185,7 +211,10 @@ pub fn read_wal_file(path: &Path) -> Result<(Vec<Record>, bool), StorageError> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let mut records = Vec::new();
-    let mut r = Reader { bytes: &bytes, at: 0 };
+    let mut r = Reader {
+        bytes: &bytes,
+        at: 0,
+    };
     while r.at < bytes.len() {
         let record = (|| {
             let len = r.u32()? as usize;
