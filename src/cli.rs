@@ -238,7 +238,7 @@ async fn reload_on_sighup(hangup: HangupSignal, reloader: Arc<crate::reload::Rel
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "config reload failed; the running config stays")
+                    tracing::error!(error = %e, "config reload failed; the running config stays");
                 }
             }
         }

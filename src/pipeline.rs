@@ -179,7 +179,7 @@ impl Pipeline {
         match self.store.flush() {
             Ok(()) => tracing::info!("storage flushed"),
             Err(e) => {
-                tracing::error!(error = %e, "flushing storage at shutdown failed; recent readings may be lost")
+                tracing::error!(error = %e, "flushing storage at shutdown failed; recent readings may be lost");
             }
         }
     }

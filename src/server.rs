@@ -147,7 +147,7 @@ impl Server {
         let pipeline = tokio::spawn(async move {
             pipeline
                 .run(ingest_rx, &pipeline_registry, pipeline_stop)
-                .await
+                .await;
         });
 
         let denials = Arc::new(MqttDenials::new(&registry));
@@ -386,7 +386,7 @@ fn open_store(
             rollups: storage.rollups.clone(),
             ..EngineOptions::default()
         };
-        let engine = Engine::open(&data_dir.join("tsdb"), options)
+        let engine = Engine::open(data_dir.join("tsdb"), options)
             .context("cannot open the embedded time-series store")?;
         registry.register(|r| engine.register_metrics(r));
         Ok(Arc::new(engine))

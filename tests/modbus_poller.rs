@@ -281,10 +281,10 @@ async fn shipped_profiles_decode_exactly() {
         for (metric, value) in expected {
             match value {
                 Value::Number(n) => {
-                    assert_close(&format!("{name}.{metric}"), value_of(&readings, &metric), n)
+                    assert_close(&format!("{name}.{metric}"), value_of(&readings, &metric), n);
                 }
                 Value::Bool(_) => {
-                    assert_eq!(value_of(&readings, &metric), Some(value), "{name}.{metric}")
+                    assert_eq!(value_of(&readings, &metric), Some(value), "{name}.{metric}");
                 }
             }
         }

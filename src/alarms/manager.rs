@@ -658,7 +658,7 @@ impl AlarmManager {
         let mut t = transition(EventKind::Acknowledged, now, &by, alarm.level, alarm.value);
         t.note.clone_from(&note);
         self.modify(&key, t, |alarm| {
-            alarm.acknowledged = Some(Signoff { by, at: now, note })
+            alarm.acknowledged = Some(Signoff { by, at: now, note });
         })
     }
 

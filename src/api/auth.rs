@@ -70,7 +70,7 @@ impl ApiDenials {
                 "api_denied",
                 "HTTP requests denied for their token, by reason",
                 denied.clone(),
-            )
+            );
         });
         Self {
             denied,

@@ -226,13 +226,13 @@ impl ModbusDeviceConfig {
                 "timeout must be longer than 0; write a duration such as \"1s\"".to_owned(),
             );
         }
-        if let Some(interval) = self.poll_interval {
-            if interval < Duration::from_millis(10) {
-                push(
-                    "poll_interval",
-                    format!("poll_interval {interval:?} is too short; write at least \"10ms\""),
-                );
-            }
+        if let Some(interval) = self.poll_interval
+            && interval < Duration::from_millis(10)
+        {
+            push(
+                "poll_interval",
+                format!("poll_interval {interval:?} is too short; write at least \"10ms\""),
+            );
         }
         if self.retries > 10 {
             push(
@@ -246,13 +246,13 @@ impl ModbusDeviceConfig {
                 format!("max_gap {} is invalid; write 0 to 124", self.max_gap),
             );
         }
-        if let Some(max) = self.max_registers_per_read {
-            if !(1..=125).contains(&max) {
-                push(
-                    "max_registers_per_read",
-                    format!("max_registers_per_read {max} is invalid; write 1 to 125"),
-                );
-            }
+        if let Some(max) = self.max_registers_per_read
+            && !(1..=125).contains(&max)
+        {
+            push(
+                "max_registers_per_read",
+                format!("max_registers_per_read {max} is invalid; write 1 to 125"),
+            );
         }
         if !(1..=2000).contains(&self.max_bits_per_read) {
             push(

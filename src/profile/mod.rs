@@ -222,12 +222,12 @@ pub fn parse(text: &str, path: Option<&Path>) -> Result<Profile, Vec<ProfileErro
     }
     let registers = check_registers(&spec, &mut errors, &invalid);
     errors.extend(check::overlaps(&registers).into_iter().map(&invalid));
-    if let Some(max) = spec.modbus.as_ref().and_then(|m| m.max_registers_per_read) {
-        if !(1..=125).contains(&max) {
-            errors.push(invalid(format!(
-                "[modbus] max_registers_per_read {max} is invalid; write 1 to 125"
-            )));
-        }
+    if let Some(max) = spec.modbus.as_ref().and_then(|m| m.max_registers_per_read)
+        && !(1..=125).contains(&max)
+    {
+        errors.push(invalid(format!(
+            "[modbus] max_registers_per_read {max} is invalid; write 1 to 125"
+        )));
     }
     let mut rules = Vec::new();
     for rule in &spec.rules {

@@ -415,13 +415,13 @@ impl RegisterSpec {
         if !self.offset.is_finite() {
             problems.push(("offset", "offset must be a finite number".to_owned()));
         }
-        if let (Some(min), Some(max)) = (self.valid_min, self.valid_max) {
-            if min > max {
-                problems.push((
-                    "valid_min",
-                    format!("valid_min {min} is greater than valid_max {max}; swap them"),
-                ));
-            }
+        if let (Some(min), Some(max)) = (self.valid_min, self.valid_max)
+            && min > max
+        {
+            problems.push((
+                "valid_min",
+                format!("valid_min {min} is greater than valid_max {max}; swap them"),
+            ));
         }
     }
 

@@ -157,7 +157,7 @@ pub fn check_api(checker: &mut Checker<'_>, api: &ApiSection) {
     match (&api.tls_cert, &api.tls_key) {
         (Some(_), None) => checker.push(None, "api.tls_key", "missing; `tls_cert` needs `tls_key`"),
         (None, Some(_)) => {
-            checker.push(None, "api.tls_cert", "missing; `tls_key` needs `tls_cert`")
+            checker.push(None, "api.tls_cert", "missing; `tls_key` needs `tls_cert`");
         }
         _ => {}
     }

@@ -172,7 +172,7 @@ async fn accept_loop(
                     let _ = accepted.send((tls, peer)).await;
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed")
+                    tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
                 }
                 Err(_) => tracing::debug!(listener = name, %peer, "TLS handshake timed out"),
             }

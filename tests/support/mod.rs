@@ -234,7 +234,7 @@ impl Publisher {
                         }
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
-                        acked_in_loop.notify_waiters()
+                        acked_in_loop.notify_waiters();
                     }
                     Ok(_) => {}
                     Err(_) => break,

@@ -122,10 +122,11 @@ pub fn referenced_fields(expr: &Expr, field_keys: &HashSet<String>, out: &mut Ve
         }
         Expr::Compare { left, right, .. } => {
             for operand in [left, right] {
-                if let Operand::Var(var) = operand {
-                    if is_field(var, field_keys) && !out.contains(&var.name) {
-                        out.push(var.name.clone());
-                    }
+                if let Operand::Var(var) = operand
+                    && is_field(var, field_keys)
+                    && !out.contains(&var.name)
+                {
+                    out.push(var.name.clone());
                 }
             }
         }
