@@ -1,7 +1,7 @@
 //! The pipeline task: takes readings and points from every source, keeps each device's
 //! liveness and latest values, stores the data, and passes readings to the alarm stage.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -32,6 +32,10 @@ pub struct DeviceState {
     pub latest: BTreeMap<MetricName, (Timestamp, Value)>,
     /// Ordering key of each metric's entry in `latest`.
     pub latest_order: BTreeMap<MetricName, Timestamp>,
+    /// Metrics whose `latest` entry was read from storage at start and not yet replaced by
+    /// a received reading. Storage keeps the devices' own timestamps, so such an entry may
+    /// not be the reading the server received last, and nothing may be decided on it.
+    pub restored: BTreeSet<MetricName>,
     /// Polled metrics whose latest read failed or returned an invalid value. A reading of
     /// the metric removes its entry.
     pub bad: BTreeMap<MetricName, BadReading>,
@@ -107,7 +111,8 @@ pub fn restore_states(
             let metric = MetricName::new(series.field.as_str());
             let key = order_key(ts, now);
             state.latest.insert(metric.clone(), (ts, value));
-            state.latest_order.insert(metric, key);
+            state.latest_order.insert(metric.clone(), key);
+            state.restored.insert(metric);
             state.last_seen = Some(state.last_seen.map_or(key, |seen| seen.max(key)));
         }
         if state.last_seen.is_some() {
@@ -304,6 +309,7 @@ impl Pipeline {
                         .latest
                         .insert(reading.metric.clone(), (reading.ts, reading.value));
                     state.latest_order.insert(reading.metric.clone(), key);
+                    state.restored.remove(&reading.metric);
                 }
                 state.bad.remove(&reading.metric);
             }

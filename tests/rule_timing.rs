@@ -15,7 +15,7 @@ use stonelion::clock::{Clock, ManualClock, SharedClock};
 use stonelion::config::builtin::builtin_profiles;
 use stonelion::model::Timestamp;
 use stonelion::server::Server;
-use support::{CONFIG, Publisher, alarms_of, get_json, unique_millis, wait_for};
+use support::{CONFIG, Publisher, alarms_of, get_json, post_json, unique_millis, wait_for};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -313,5 +313,57 @@ async fn restart_keeps_staleness_timer() {
     })
     .await;
     assert_eq!(alarm["state"], "active");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_future_reading_blocks_reset() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start(CONFIG, data.path(), system_clock()).await;
+    let http = server.http_addr;
+    let device = Publisher::connect(server.mqtt_addr, "gas-01").await;
+    let future = unique_millis() + 240_000;
+    publish(
+        &device,
+        serde_json::json!({ "ts": future, "values": { "gas_lel": 5.0 } }),
+    )
+    .await;
+    publish(
+        &device,
+        serde_json::json!({ "values": { "gas_lel": 60.0 } }),
+    )
+    .await;
+    let alarm = wait_for("a level 2 alarm", WAIT, || async {
+        alarms_of(http, "gas-01")
+            .await
+            .into_iter()
+            .find(|a| a["level"] == 2)
+    })
+    .await;
+    let id = alarm["id"].as_i64().unwrap();
+    wait_for("both readings stored", WAIT, || async {
+        let path = format!(
+            "/api/v1/devices/gas-01/series?metric=gas_lel&from=now-1h&to={}",
+            future + 1
+        );
+        let s = get_json(http, &path).await;
+        (s["points"].as_array().map(Vec::len) == Some(2)).then_some(())
+    })
+    .await;
+    drop(device);
+    server.shutdown().await;
+
+    // Storage orders by the device's timestamps, so after the restart the newest stored
+    // reading is the future-dated 5 %LEL, although 60 %LEL arrived last.
+    let server = start(CONFIG, data.path(), system_clock()).await;
+    let http = server.http_addr;
+    let reset = format!("/api/v1/alarms/{id}/reset");
+    let (status, body) =
+        post_json(http, &reset, serde_json::json!({ "by": "x", "note": "n" })).await;
+    assert_eq!(status, 409, "no reset on a restored value: {body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("since the server started"), "{message}");
+    let alarm = get_json(http, &format!("/api/v1/alarms/{id}")).await;
+    assert_eq!(alarm["state"], "active", "{alarm}");
     server.shutdown().await;
 }

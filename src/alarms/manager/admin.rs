@@ -178,6 +178,14 @@ impl AlarmManager {
         if online == Some(false) {
             return Ok(None);
         }
+        if state.is_some_and(|s| s.restored.contains(&rule.metric)) {
+            return Err(ActionError::Conflict(format!(
+                "alarm {id}: no reading of `{}` from device `{}` was received since the server \
+                 started, and the stored latest value may not be the last one the device sent; \
+                 wait for a reading or for the device to go stale",
+                rule.metric, alarm.device
+            )));
+        }
         let latest = state.and_then(|s| s.latest.get(&rule.metric)).copied();
         let Some((ts, latest)) = latest else {
             return Err(ActionError::Conflict(format!(
