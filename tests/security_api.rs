@@ -299,6 +299,17 @@ async fn influxdb_routes_take_token() {
         204,
         "/ping stays open"
     );
+    // A token in the URL ends up in logs, so the other routes take the header only.
+    assert_eq!(
+        query(client.get(format!("http://{http}/metrics?p={VIEWER}"))).await,
+        401,
+        "no query-string token on /metrics"
+    );
+    assert_eq!(
+        query(client.post(format!("http://{http}/api/v1/alarms/1/close?p={OPERATOR}"))).await,
+        401,
+        "no query-string token on the alarm routes"
+    );
     server.shutdown().await;
 }
 

@@ -176,7 +176,13 @@ fn unauthorized(message: &str) -> Response {
     response
 }
 
-/// Returns the token from the `Authorization` header or the `p` query parameter.
+/// Routes that take the token in the `p` query parameter, as InfluxDB 1.x clients send it.
+/// Elsewhere a token in the URL would end up in proxy logs and browser history, so the
+/// other routes take the `Authorization` header only.
+const QUERY_TOKEN_ROUTES: [&str; 4] = ["/query", "/write", "/api/v2/write", "/ping"];
+
+/// Returns the token from the `Authorization` header or, on the InfluxDB-compatible
+/// routes, the `p` query parameter.
 fn presented_token(request: &Request) -> Option<String> {
     if let Some(value) = request
         .headers()
@@ -190,6 +196,9 @@ fn presented_token(request: &Request) -> Option<String> {
             "basic" => basic_password(credentials),
             _ => None,
         };
+    }
+    if !QUERY_TOKEN_ROUTES.contains(&request.uri().path()) {
+        return None;
     }
     let query = request.uri().query()?;
     let params: Vec<(String, String)> = serde_urlencoded::from_str(query).ok()?;
