@@ -453,7 +453,19 @@ impl Pipeline {
             return DevicePoint::Other;
         };
         let Some(entry) = directory.device(&device) else {
-            return DevicePoint::Other;
+            if !directory.is_profile(&point.series.measurement) {
+                return DevicePoint::Other;
+            }
+            // Under a profile's measurement the point would look like a reading of a device,
+            // without the device's checks, as MQTT rejects it too.
+            return DevicePoint::Rejected(Rejection::new(
+                RejectReason::UnknownDevice,
+                format!(
+                    "device `{device}` is not configured; add it to the config or through the device API before \
+                     writing `{}` points for it",
+                    point.series.measurement
+                ),
+            ));
         };
         if entry.profile.as_str() != point.series.measurement {
             return DevicePoint::Rejected(Rejection::new(

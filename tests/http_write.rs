@@ -175,6 +175,10 @@ async fn device_points_checked_like_mqtt() {
             format!("site_summary,site=plant-a alarms_active_level2=0i {now}"),
             "written only by the server",
         ),
+        (
+            format!("gas-detector,site=plant-a,device=gas-99 gas_lel=3 {now}"),
+            "is not configured",
+        ),
     ];
     for (line, needle) in &cases {
         let response = reqwest::Client::new()

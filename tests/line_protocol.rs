@@ -374,3 +374,24 @@ fn timestamp_overflow_rejects_line() {
     assert_eq!(parsed.lines_rejected, 1);
     assert!(parsed.first_error.unwrap().reason.contains("overflows"));
 }
+
+#[test]
+fn repeated_tag_rejects_line() {
+    let parsed = parse_body(
+        "gas-detector,device=gas-a-01,device=gas-a-02 gas_lel=1 1\ngas-detector,device=gas-a-03 gas_lel=2 1",
+        Precision::Seconds,
+        Timestamp(0),
+    );
+    assert_eq!(parsed.points.len(), 1, "the second line is stored");
+    assert_eq!(parsed.points[0].series.tag("device"), Some("gas-a-03"));
+    assert_eq!(parsed.lines_rejected, 1);
+    let error = parsed.first_error.unwrap();
+    assert_eq!(error.line, 1);
+    assert!(
+        error
+            .reason
+            .contains("tag \"device\" appears more than once"),
+        "{}",
+        error.reason
+    );
+}

@@ -28,6 +28,8 @@ pub struct DeviceEntry {
 #[derive(Clone, Debug)]
 pub struct Directory {
     devices: HashMap<DeviceId, Arc<DeviceEntry>>,
+    /// Names of the loaded device profiles, which are the measurements of device readings.
+    profiles: std::collections::HashSet<String>,
     max_age_ms: i64,
     max_skew_ms: i64,
 }
@@ -59,6 +61,11 @@ impl Directory {
         }
         Self {
             devices,
+            profiles: config
+                .profiles
+                .names()
+                .map(|name| name.as_str().to_owned())
+                .collect(),
             max_age_ms: millis(config.ingest.max_age),
             max_skew_ms: millis(config.ingest.max_future_skew),
         }
@@ -66,6 +73,11 @@ impl Directory {
 
     pub fn device(&self, id: &DeviceId) -> Option<&Arc<DeviceEntry>> {
         self.devices.get(id)
+    }
+
+    /// Returns whether `measurement` is the name of a loaded device profile.
+    pub fn is_profile(&self, measurement: &str) -> bool {
+        self.profiles.contains(measurement)
     }
 
     pub fn devices(&self) -> impl Iterator<Item = &Arc<DeviceEntry>> {

@@ -230,6 +230,21 @@ fn add_line(
         .flatten()
         .map(|(k, v)| (k.as_str().to_owned(), v.as_str().to_owned()))
         .collect();
+    // With a tag twice, `device=a,device=b`, readers that take the first or the last
+    // value would attribute the point to different devices.
+    if let Some(repeated) = tags
+        .iter()
+        .enumerate()
+        .find_map(|(i, (key, _))| tags[..i].iter().any(|(k, _)| k == key).then_some(key))
+    {
+        parsed.lines_rejected += 1;
+        parsed.reject(
+            number,
+            text,
+            format!("tag \"{repeated}\" appears more than once; send each tag once"),
+        );
+        return;
+    }
     let before = parsed.points.len();
     for (field, value) in &line.field_set {
         let value = match value {

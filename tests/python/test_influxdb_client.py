@@ -65,7 +65,7 @@ def test_write_then_query_round_trip(client):
     now_ms = int(time.time() * 1000) - 5_000
     points = [
         {
-            "measurement": "temperature-sensor",
+            "measurement": "lab_probe",
             "tags": {"site": "lab", "device": "probe-9", "site_kind": "enterprise"},
             "time": now_ms - step * 1_000,
             "fields": {"temperature_c": 20.0 + step},
@@ -74,7 +74,7 @@ def test_write_then_query_round_trip(client):
     ]
     assert client.write_points(points, time_precision="ms")
     result = client.query(
-        'SELECT "temperature_c" FROM "temperature-sensor" '
+        'SELECT "temperature_c" FROM "lab_probe" '
         "WHERE \"device\" = 'probe-9' ORDER BY time DESC",
         epoch="ms",
     )
