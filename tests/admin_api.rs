@@ -346,6 +346,17 @@ async fn devices_api_creates_and_persists() {
     )
     .await;
     assert_eq!(status, 403, "an operator may not change devices");
+    let duplicate = reqwest::Client::new()
+        .put(format!("http://{http}/api/v1/devices/gas-09"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body(r#"{"site": "nowhere", "site": "plant-a", "profile": "gas-detector"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(duplicate.status(), 400, "a repeated key is ambiguous");
+    let body: Value = duplicate.json().await.unwrap();
+    assert!(body.to_string().contains("duplicate key `site`"), "{body}");
     let (status, body) = request(
         http,
         put.clone(),

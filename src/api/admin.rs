@@ -1,6 +1,7 @@
 //! Handlers of the admin endpoints (config reload, device management) and of the manual
 //! alarm reset.
 
+use crate::ingest::unique_json::UniqueKeys;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -60,9 +61,11 @@ pub async fn reload(
 pub async fn put_device(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Json<Json_>, JsonRejection>,
+    body: Result<Json<UniqueKeys>, JsonRejection>,
 ) -> Response {
-    let Json(body) = match body {
+    // Duplicate keys are rejected: with `"site"` twice, the value that counts would depend
+    // on the parser.
+    let Json(UniqueKeys(body)) = match body {
         Ok(body) => body,
         Err(e) => {
             return ApiError::bad_request(format!(

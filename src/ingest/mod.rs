@@ -9,7 +9,7 @@ pub mod line_protocol;
 pub mod mqtt;
 pub mod payload;
 pub mod reject;
-mod unique_json;
+pub(crate) mod unique_json;
 
 use tokio::sync::{mpsc, oneshot};
 
