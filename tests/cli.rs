@@ -685,6 +685,7 @@ kind = "enterprise"
 id = "g"
 site = "a"
 profile = "gas-detector"
+stale_after = "0s"
 
 [[devices.rules]]
 id = "x"
@@ -709,6 +710,7 @@ level1 = 10
     for needle in [
         "ingest.max_payload_bytes",
         "ingest.stale_after",
+        "devices[0].stale_after",
         "storage.retention",
         "storage.summary_interval",
         "an equals rule cannot watch `gas_lel`",

@@ -492,8 +492,8 @@ pub(super) fn check_action(
     }
     if note_rule == NoteRule::Required && body.note.as_deref().is_none_or(|n| n.trim().is_empty()) {
         return Err(ApiError::bad_request(
-            "missing `note`; closing an alarm requires a note that is not blank and says what \
-             was done, such as {\"note\": \"valve replaced\"}",
+            "missing `note`; closing or resetting an alarm requires a note that is not blank and \
+             says what was done, such as {\"note\": \"valve replaced\"}",
         ));
     }
     let Some(principal) = principal else {

@@ -778,6 +778,15 @@ fn check_devices(
             );
             ok = false;
         }
+        if spec.stale_after.is_some_and(|d| d < Duration::from_secs(1)) {
+            // Below a second every reading would be followed by an offline alarm.
+            checker.push(
+                Some(spans.key("stale_after")),
+                key("stale_after"),
+                "write at least 1s, and longer than the device's reporting interval, such as \"5m\"",
+            );
+            ok = false;
+        }
         if !sites.iter().any(|s| s.id == spec.site) && checker.is_written_site(spec.site.as_str()) {
             // The site's entry is invalid and reported on its own.
             ok = false;
