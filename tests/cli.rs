@@ -578,6 +578,10 @@ retention = "7d"
 [[storage.rollups]]
 resolution = "7h"
 retention = "400d"
+
+[[storage.rollups]]
+resolution = "8h"
+retention = "400d"
 "#,
     )
     .unwrap();
@@ -592,8 +596,11 @@ retention = "400d"
         "not coarser than the tier before it",
         "storage.rollups[2].retention",
         "shorter than storage.retention",
+        "write at least \"30d\"",
         "storage.rollups[3].resolution",
         "divide 1d",
+        "storage.rollups[4].resolution",
+        "resolution 8h is not a multiple of the tier before it (7h)",
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }

@@ -647,6 +647,20 @@ fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
 
 /// Checks `[[storage.rollups]]`: each resolution divides the 1-day partition and is a
 /// larger multiple of the tier before it, and each retention covers the raw retention.
+/// Formats a duration as a config value: whole days as `"365d"` and whole hours as
+/// `"36h"`, because humantime would print 365 days as months and days.
+fn show_duration(duration: Duration) -> String {
+    const DAY: u64 = 86_400;
+    let secs = duration.as_secs();
+    if duration.subsec_nanos() == 0 && secs > 0 && secs % DAY == 0 {
+        format!("{}d", secs / DAY)
+    } else if duration.subsec_nanos() == 0 && secs > 0 && secs % 3_600 == 0 {
+        format!("{}h", secs / 3_600)
+    } else {
+        humantime::format_duration(duration).to_string()
+    }
+}
+
 fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
     const PARTITION: Duration = Duration::from_secs(86_400);
     if !storage.rollups.is_empty()
@@ -661,7 +675,7 @@ fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
             "rollups need the embedded engine; set storage.backend to \"embedded\" or \"both\", or remove [[storage.rollups]]",
         );
     }
-    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let show = show_duration;
     let mut previous: Option<Duration> = None;
     for (index, tier) in storage.rollups.iter().enumerate() {
         let resolution = tier.resolution;
@@ -678,8 +692,7 @@ fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
                 ),
             );
         } else if let Some(previous) = previous
-            && (resolution <= previous
-                || !resolution.as_nanos().is_multiple_of(previous.as_nanos()))
+            && resolution <= previous
         {
             checker.push(
                 None,
@@ -688,6 +701,19 @@ fn check_rollups(checker: &mut Checker<'_>, storage: &StorageSection) {
                     "resolution {} is not coarser than the tier before it ({}); list tiers finest first and make each resolution a larger multiple of the previous one, such as \"1m\" then \"1h\"",
                     show(resolution),
                     show(previous)
+                ),
+            );
+        } else if let Some(previous) = previous
+            && !resolution.as_nanos().is_multiple_of(previous.as_nanos())
+        {
+            checker.push(
+                None,
+                key,
+                format!(
+                    "resolution {} is not a multiple of the tier before it ({}); list tiers finest first and make each resolution a larger multiple of the previous one, such as \"{}\"",
+                    show(resolution),
+                    show(previous),
+                    show(previous * 5)
                 ),
             );
         }
