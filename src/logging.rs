@@ -7,8 +7,8 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-/// The default log filter. rumqttd logs every connection at INFO and routine disconnects
-/// and failed logins at ERROR from its broker module, so that module is silenced; the
+/// The default log filter. rumqttd logs every connection at INFO, and its broker module
+/// logs routine disconnects and failed logins at ERROR, so that module is silenced. The
 /// broker's login and topic checks log and count denials themselves.
 const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,rumqttd::server::broker=off";
 

@@ -41,7 +41,7 @@ pub struct DeviceState {
     pub bad: BTreeMap<MetricName, BadReading>,
 }
 
-/// Why the latest read of a metric gave no value, and when the server saw it.
+/// Reason and server time of a metric's latest read that gave no value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BadReading {
     /// A reason label as in the `modbus_bad_values` and `modbus_errors` metrics, such as
@@ -245,7 +245,7 @@ impl Pipeline {
     }
 
     /// Counts one received message for the source of `readings`. Every source sends the
-    /// readings of one message or poll together; a poll whose values report-on-change
+    /// readings of one message or poll together. A poll whose values report-on-change
     /// partly holds back arrives as two messages, one stored and one not.
     fn count_message(&self, readings: &[Reading], metrics: &PipelineMetrics) {
         if let Some(first) = readings.first() {

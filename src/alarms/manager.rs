@@ -384,8 +384,8 @@ impl AlarmManager {
         let Some(device) = self.devices.get(&reading.device) else {
             return;
         };
-        // A condition holds from when the server received the reading, not from when this
-        // task got to it, so a busy task neither delays nor shortens `min_duration`.
+        // A condition starts when the server received the reading, not when this task got
+        // to it, so a busy task neither delays nor shortens `min_duration`.
         let now = received;
         let key = order_key(reading.ts, received);
         let changes: Vec<(LevelChange, Rule)> = device

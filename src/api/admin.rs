@@ -158,7 +158,7 @@ pub async fn reset(
     body: Result<Json<ActionBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_alarm_id(&id)?;
-    // A reset clears a safety alarm by hand, so, like a close, it needs a note that says why.
+    // A reset clears a safety alarm by hand, so, like a close, it needs a note with the reason.
     let action = check_action(body, principal.as_deref(), NoteRule::Required)?;
     let request = ResetRequest {
         id,

@@ -35,8 +35,8 @@ pub async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint; see docs/api.md for the routes")
 }
 
-/// Answers a known route called with a method it does not take. axum adds the `Allow`
-/// header with the methods the route takes.
+/// Returns the JSON 405 error for a known route called with a method it does not take.
+/// axum adds the `Allow` header with the methods the route takes.
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::method_not_allowed(format!(
         "{method} is not allowed on {}; see the Allow header and docs/api.md for the methods it takes",

@@ -1,7 +1,7 @@
 //! JSON decoding that rejects duplicate object keys.
 //!
 //! `serde_json::Value` keeps the last of two equal keys, so `{"gas_lel": 60, "gas_lel": 1}`
-//! would store 1 while a gateway or validator that reads the first key sees 60. Device
+//! would store 1 while a gateway or validator that reads the first key reads 60. Device
 //! payloads are decoded with [`UniqueKeys`] instead, which fails on the second key.
 
 use std::fmt;

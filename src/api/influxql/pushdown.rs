@@ -5,9 +5,10 @@
 //! The store aggregates per step of whole milliseconds aligned to the Unix epoch, one
 //! series at a time. A statement is pushed down only when that matches what the
 //! evaluator computes from raw points: an interval of whole milliseconds, no offset that
-//! moves windows off the epoch grid, no `tz()`, and no condition on field values. Output
-//! series that merge several tag sets are pushed down only for `min`, `max` and `count`,
-//! because `first` and `last` need point times across series and a sum of per-series
+//! moves windows off the epoch grid, no `tz()`, and no condition on field values.
+//!
+//! Output series that merge several tag sets are pushed down only for `min`, `max` and
+//! `count`. `first` and `last` need point times across series, and a sum of per-series
 //! sums can round differently from the evaluator's sum in time order.
 //!
 //! [`TimeSeriesStore::query`]: crate::storage::TimeSeriesStore::query
