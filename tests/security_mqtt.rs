@@ -485,11 +485,20 @@ async fn rate_limit_spares_other_devices() {
         },
     )
     .await;
-    assert_eq!(
-        latest_gas(http, "gas-01").await,
-        Some(3.0),
-        "the burst of 3 passes, the rest is dropped"
-    );
+    // The denials are counted at the broker, before the accepted readings reach the
+    // pipeline, so the latest value is awaited rather than read once.
+    wait_for(
+        "the burst's last reading",
+        Duration::from_secs(10),
+        || async { (latest_gas(http, "gas-01").await == Some(3.0)).then_some(()) },
+    )
+    .await;
+    let denied = metric(
+        http,
+        r#"stonelion_mqtt_denied_total{reason="rate_limited"}"#,
+    )
+    .await;
+    assert_eq!(denied, 7.0, "the burst of 3 passes, the rest is dropped");
 
     let (calm, calm_events) =
         connect(server.mqtt_addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
