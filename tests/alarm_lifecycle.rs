@@ -446,6 +446,16 @@ async fn api_errors_name_the_bad_value() {
             "yesterday",
         ),
         (
+            "/api/v1/devices/gas-01/series?metric=gas_lel&from=now-99999999999d",
+            400,
+            "now-99999999999d",
+        ),
+        (
+            "/api/v1/devices/gas-01/series?metric=gas_lel&to=9223372036854775807",
+            400,
+            "out of range",
+        ),
+        (
             "/api/v1/devices/gas-01/series?metric=gas_lel&step=1m&agg=median",
             400,
             "median",

@@ -126,6 +126,22 @@ async fn requests_need_token_and_role() {
         "unknown routes do not reveal themselves without a token"
     );
 
+    // A valid token followed by an invalid one: neither header may be picked silently.
+    let response = reqwest::Client::new()
+        .get(format!("http://{http}/api/v1/devices"))
+        .header("authorization", format!("Bearer {VIEWER}"))
+        .header("authorization", "Bearer not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("more than one `Authorization` header"),
+        "{message}"
+    );
+
     let metrics = reqwest::Client::new()
         .get(format!("http://{http}/metrics"))
         .bearer_auth(VIEWER)
@@ -144,6 +160,7 @@ async fn requests_need_token_and_role() {
     assert_eq!(count("missing_token"), 3.0);
     assert_eq!(count("invalid_token"), 1.0);
     assert_eq!(count("role_not_allowed"), 2.0);
+    assert_eq!(count("multiple_authorization_headers"), 1.0);
     server.shutdown().await;
 }
 

@@ -131,6 +131,20 @@ pub async fn authorize(State(auth): State<ApiAuth>, mut request: Request, next: 
     let Some(permission) = required_permission(request.method(), request.uri().path()) else {
         return next.run(request).await;
     };
+    if request
+        .headers()
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .count()
+        > 1
+    {
+        auth.denials
+            .deny("multiple_authorization_headers", &request, None);
+        return ApiError::bad_request(
+            "the request has more than one `Authorization` header; send exactly one",
+        )
+        .into_response();
+    }
     let Some(secret) = presented_token(&request) else {
         auth.denials.deny("missing_token", &request, None);
         return unauthorized("missing API token; send `Authorization: Bearer <token>`");

@@ -306,20 +306,27 @@ fn parse_time(
              milliseconds, or a relative time such as now-1h"
         ))
     };
-    if let Ok(ms) = text.parse::<i64>() {
-        return Ok(Some(Timestamp(ms)));
+    let time = if let Ok(ms) = text.parse::<i64>() {
+        Timestamp(ms)
+    } else if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        Timestamp(t.timestamp_millis())
+    } else {
+        let relative = text.strip_prefix("now").unwrap_or(text).trim();
+        if relative.is_empty() {
+            return Ok(Some(now));
+        }
+        let ago = relative.strip_prefix('-').ok_or_else(invalid)?.trim();
+        let duration = humantime::parse_duration(ago).map_err(|_| invalid())?;
+        let ms = i64::try_from(duration.as_millis()).map_err(|_| invalid())?;
+        Timestamp(now.0.saturating_sub(ms))
+    };
+    if chrono::DateTime::from_timestamp_millis(time.0).is_none() {
+        return Err(ApiError::bad_request(format!(
+            "`{name}` value `{text}` is out of range; times must fall between the years \
+             -262143 and 262142"
+        )));
     }
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
-        return Ok(Some(Timestamp(t.timestamp_millis())));
-    }
-    let relative = text.strip_prefix("now").unwrap_or(text).trim();
-    if relative.is_empty() {
-        return Ok(Some(now));
-    }
-    let ago = relative.strip_prefix('-').ok_or_else(invalid)?.trim();
-    let duration = humantime::parse_duration(ago).map_err(|_| invalid())?;
-    let ms = i64::try_from(duration.as_millis()).map_err(|_| invalid())?;
-    Ok(Some(Timestamp(now.0.saturating_sub(ms))))
+    Ok(Some(time))
 }
 
 fn parse_aggregation(
