@@ -106,6 +106,7 @@ pub fn check_with_managed(
         "\n\n"
     };
     let offset = file_text.matches('\n').count() + separator.len();
+    let file_devices = file_device_count(file_text);
     let combined = format!("{file_text}{separator}{managed_text}");
     match super::parse(&combined, builtin_profiles()) {
         Ok(mut config) => {
@@ -117,9 +118,14 @@ pub fn check_with_managed(
             .map(|problem| {
                 if problem.line > offset {
                     let line = problem.line - offset;
+                    let key = renumber_device_key(&problem.key, file_devices);
                     FileProblem {
                         file: managed_file.display().to_string(),
-                        problem: ConfigProblem { line, ..problem },
+                        problem: ConfigProblem {
+                            line,
+                            key,
+                            ..problem
+                        },
                     }
                 } else {
                     FileProblem {
@@ -129,6 +135,29 @@ pub fn check_with_managed(
                 }
             })
             .collect()),
+    }
+}
+
+/// Returns the number of `[[devices]]` entries in the config file's own text.
+fn file_device_count(file_text: &str) -> usize {
+    toml::from_str::<toml::Table>(file_text)
+        .ok()
+        .and_then(|table| table.get("devices")?.as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+/// Rewrites `devices[N]...` in a key of the merged list to the entry's index in the
+/// managed file, which follows the config file's `file_devices` entries.
+fn renumber_device_key(key: &str, file_devices: usize) -> String {
+    let Some(rest) = key.strip_prefix("devices[") else {
+        return key.to_owned();
+    };
+    let Some((index, tail)) = rest.split_once(']') else {
+        return key.to_owned();
+    };
+    match index.parse::<usize>() {
+        Ok(index) if index >= file_devices => format!("devices[{}]{tail}", index - file_devices),
+        _ => key.to_owned(),
     }
 }
 
@@ -318,6 +347,29 @@ mod tests {
         // Three header lines, the first entry's four lines and a blank line, then the
         // second entry with its keys in order: id, profile, site.
         assert_eq!(problems[0].problem.line, 11);
+    }
+
+    #[test]
+    fn managed_problem_uses_managed_index() {
+        let file = format!(
+            "{FILE}\n[[devices]]\nid = \"gas-01\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n\n\
+             [[devices]]\nid = \"gas-02\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n"
+        );
+        let managed = vec![
+            device("gas-09", "gas-detector"),
+            device("gas-10", "no-such-profile"),
+        ];
+        let problems = check_with_managed(
+            "f.toml",
+            &file,
+            &managed,
+            Path::new("devices.toml"),
+            &Overrides::default(),
+        )
+        .expect_err("unknown profile");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].file, "devices.toml");
+        assert_eq!(problems[0].problem.key, "devices[1].profile");
     }
 
     #[test]
