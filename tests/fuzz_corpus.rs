@@ -82,6 +82,7 @@ fn modbus_scaled_overflow_rejected() {
         data_type: Some(DataType::U32),
         count: None,
         bit: None,
+        bits: None,
         order: Default::default(),
         scale: 1e300,
         offset: 0.0,

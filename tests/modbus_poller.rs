@@ -257,6 +257,15 @@ async fn shipped_profiles_decode_exactly() {
                 sim.set_value(UNIT, register, &Decoded::Bool(on))
                     .expect("bit stored");
                 expected.push((entry.metric.to_string(), Value::Bool(on)));
+            } else if let Some((first, last)) = register.bits {
+                // A packed field shares its word with other metrics, so it is stored with
+                // the other bits kept.
+                let raw = seed % (1 << (last - first + 1));
+                #[allow(clippy::cast_precision_loss)]
+                let value = raw as f64 * register.scale + register.offset;
+                sim.set_value(UNIT, register, &Decoded::Number(value))
+                    .expect("field stored");
+                expected.push((entry.metric.to_string(), Value::Number(value)));
             } else {
                 assert_eq!(
                     register.order,

@@ -188,6 +188,43 @@ modbus = { register = 40001, bit = 1 }
 }
 
 #[test]
+fn packed_fields_share_a_word_without_overlap() {
+    let text = r#"
+name = "status"
+[[metrics]]
+name = "monitoring_state"
+modbus = { register = 40001, bits = [0, 3], codes = { "0" = "warm-up", "1" = "monitoring" } }
+[[metrics]]
+name = "fault_state"
+modbus = { register = 40001, bits = [4, 5] }
+[[metrics]]
+name = "alarm1"
+kind = "bool"
+modbus = { register = 40001, bit = 6 }
+"#;
+    assert!(check_one("fields.toml", text).is_empty());
+    let overlap = text.replace("bit = 6", "bit = 5");
+    assert_one_problem(
+        &check_one("fields.toml", &overlap),
+        &["`fault_state`", "`alarm1`"],
+    );
+    let reversed = text.replace("bits = [4, 5]", "bits = [5, 4]");
+    assert_one_problem(
+        &check_one("fields.toml", &reversed),
+        &["bits [5, 4] are invalid", "first not above last"],
+    );
+    let past_end = text.replace("bits = [4, 5]", "bits = [12, 16]");
+    assert_one_problem(&check_one("fields.toml", &past_end), &["bits [12, 16]"]);
+    let wide_type = text.replace("bits = [4, 5]", "bits = [4, 5], type = \"u32\"");
+    assert_one_problem(
+        &check_one("fields.toml", &wide_type),
+        &["`bits` needs type u16, not u32"],
+    );
+    let both = text.replace("bits = [4, 5]", "bits = [4, 5], bit = 4");
+    assert_one_problem(&check_one("fields.toml", &both), &["not both"]);
+}
+
+#[test]
 fn type_longer_than_span_is_reported() {
     let text = r#"
 name = "span"

@@ -38,6 +38,7 @@ fn register(
         data_type: Some(data_type),
         count,
         bit: None,
+        bits: None,
         order,
         scale,
         offset,
@@ -140,6 +141,7 @@ proptest! {
             data_type: Some(DataType::U16),
             count: None,
             bit: Some(bit),
+            bits: None,
             order: ByteOrder::ABCD,
             scale: 1.0,
             offset: 0.0,
@@ -151,6 +153,49 @@ proptest! {
         let register = spec.check().unwrap();
         let word = decode::set_bit(word, bit, on);
         prop_assert_eq!(decode::decode_words(&register, &[word]).unwrap(), Decoded::Bool(on));
+    }
+
+    #[test]
+    fn modbus_packed_field_roundtrip(
+        word in any::<u16>(),
+        first in 0u8..16,
+        width in 1u8..=16,
+        value in any::<u16>(),
+        order in any_order(),
+    ) {
+        let last = (first + width - 1).min(15);
+        let value = value >> (15 - (last - first));
+        let spec = RegisterSpec {
+            function: Some(Function::InputRegister),
+            address: Some(0),
+            register: None,
+            data_type: Some(DataType::U16),
+            count: None,
+            bit: None,
+            bits: Some([first, last]),
+            order,
+            scale: 1.0,
+            offset: 0.0,
+            valid_min: None,
+            valid_max: None,
+            no_value: Vec::new(),
+            codes: BTreeMap::new(),
+        };
+        let register = spec.check().unwrap();
+        let mut bank = stonelion::modbus::simulator::RegisterBank::default();
+        let stored = if order.swaps_bytes() { word.swap_bytes() } else { word };
+        bank.set_words(Function::InputRegister, 0, &[stored]);
+        bank.set_value(&register, &Decoded::Number(f64::from(value))).unwrap();
+        let words = vec![bank.input_registers[&0]];
+        prop_assert_eq!(
+            decode::decode_words(&register, &words).unwrap(),
+            Decoded::Number(f64::from(value))
+        );
+        // The bits outside the field keep their value.
+        let logical = if order.swaps_bytes() { words[0].swap_bytes() } else { words[0] };
+        let width = u32::from(last - first) + 1;
+        let outside = !((u16::MAX >> (16 - width)) << first);
+        prop_assert_eq!(logical & outside, word & outside);
     }
 }
 

@@ -90,7 +90,14 @@ pub fn decode_words(register: &Register, words: &[u16]) -> Result<Decoded, Decod
     if register.data_type == DataType::String {
         return decode_text(register.order, words);
     }
-    let raw = raw_value(register.data_type, register.order, words)?;
+    let mut raw = raw_value(register.data_type, register.order, words)?;
+    if let Some((first, last)) = register.bits {
+        // As for `bit`, the field is taken after the byte order is undone, and `bits`
+        // needs type u16, so `raw` is a whole number from 0 to 65535.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let word = raw as u16;
+        raw = f64::from(field_value(word, first, last));
+    }
     if register.no_value.contains(&raw) {
         return Err(DecodeError::NoValue { raw });
     }
@@ -283,6 +290,23 @@ fn raw_bytes(data_type: DataType, raw: f64) -> Result<Vec<u8>, String> {
     })
 }
 
+/// Returns the unsigned value of bits `first..=last` of `word`.
+pub fn field_value(word: u16, first: u8, last: u8) -> u16 {
+    let width = u32::from(last - first) + 1;
+    let mask = u16::MAX >> (16 - width);
+    (word >> first) & mask
+}
+
+/// Returns `word` with bits `first..=last` replaced by `value`, which must fit the field.
+pub fn set_field(word: u16, first: u8, last: u8, value: u16) -> Result<u16, String> {
+    let width = u32::from(last - first) + 1;
+    let mask = u16::MAX >> (16 - width);
+    if value > mask {
+        return Err(format!("value {value} does not fit bits {first} to {last}"));
+    }
+    Ok((word & !(mask << first)) | (value << first))
+}
+
 /// Returns `word` with bit `bit` set to `on`.
 pub fn set_bit(word: u16, bit: u8, on: bool) -> u16 {
     if on {
@@ -326,6 +350,62 @@ mod tests {
                 assert_eq!(decoded, Decoded::Bool(expected), "{order} bit {bit}");
             }
         }
+    }
+
+    #[test]
+    fn packed_fields_follow_byte_order() {
+        // The register value 0x5A37: low nibble 7, bits 4-5 3, high byte 0x5A.
+        let cases = [
+            ("ABCD", 0x5A37),
+            ("CDAB", 0x5A37),
+            ("BADC", 0x375A),
+            ("DCBA", 0x375A),
+        ];
+        let fields = [
+            ((0, 3), 7.0),
+            ((4, 5), 3.0),
+            ((8, 15), 90.0),
+            ((0, 15), 23_095.0),
+        ];
+        for (order, word) in cases {
+            for ((first, last), expected) in fields {
+                let mut register = register("u16", order);
+                register.bits = Some((first, last));
+                let decoded = decode_words(&register, &[word]).expect("decodes");
+                assert_eq!(
+                    decoded,
+                    Decoded::Number(expected),
+                    "{order} bits {first}-{last}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn packed_field_scaling_and_no_value() {
+        let mut register = register("u16", "ABCD");
+        register.bits = Some((8, 15));
+        register.scale = 0.5;
+        register.no_value = vec![255.0];
+        assert_eq!(
+            decode_words(&register, &[0x1401]).expect("decodes"),
+            Decoded::Number(10.0),
+            "field 0x14 times 0.5"
+        );
+        assert!(
+            matches!(
+                decode_words(&register, &[0xFF00]),
+                Err(DecodeError::NoValue { .. })
+            ),
+            "no_value compares the field, not the whole register"
+        );
+    }
+
+    #[test]
+    fn set_field_keeps_other_bits() {
+        assert_eq!(set_field(0xFFFF, 4, 5, 1), Ok(0xFFDF));
+        assert_eq!(set_field(0x0000, 0, 15, 0xBEEF), Ok(0xBEEF));
+        assert!(set_field(0, 4, 5, 4).is_err(), "4 needs three bits");
     }
 
     #[test]

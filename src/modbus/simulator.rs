@@ -73,6 +73,9 @@ impl RegisterBank {
                 table.insert(register.address, decode::set_bit(word, bit, *on));
             }
             (false, None, value) => {
+                if let Some((first, last)) = register.bits {
+                    return self.set_field(register, (first, last), value);
+                }
                 let words = decode::encode_words(register, value)?;
                 self.set_words(register.function, register.address, &words);
             }
@@ -83,6 +86,30 @@ impl RegisterBank {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Stores `value` in the packed field `bits` of a register, keeping the other bits.
+    fn set_field(
+        &mut self,
+        register: &Register,
+        (first, last): (u8, u8),
+        value: &Decoded,
+    ) -> Result<(), String> {
+        // Fields are defined on the register value after the byte order is undone.
+        let swap = |word: u16| {
+            if register.order.swaps_bytes() {
+                word.swap_bytes()
+            } else {
+                word
+            }
+        };
+        let encoded = decode::encode_words(register, value)?;
+        let field = swap(encoded.first().copied().unwrap_or(0));
+        let table = self.table(register.function);
+        let word = swap(table.get(&register.address).copied().unwrap_or(0));
+        let word = decode::set_field(word, first, last, field)?;
+        table.insert(register.address, swap(word));
         Ok(())
     }
 

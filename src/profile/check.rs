@@ -40,7 +40,7 @@ pub fn overlaps(registers: &[MetricRegister]) -> Vec<String> {
             }
             problems.push(format!(
                 "metric `{}` ({} {}..{}) overlaps metric `{}` ({} {}..{}); fix one address or \
-                 read single bits with `bit`",
+                 read single bits with `bit` or fields with `bits`",
                 first.metric,
                 a.function.as_str(),
                 a.address,
@@ -58,10 +58,24 @@ pub fn overlaps(registers: &[MetricRegister]) -> Vec<String> {
 fn shares_status_word(first: &MetricRegister, second: &MetricRegister) -> bool {
     let (a, b) = (&first.register, &second.register);
     let one_register = a.span == 1 && b.span == 1 && a.address == b.address && !a.function.is_bit();
-    let distinct_bits = match (a.bit, b.bit) {
-        (Some(x), Some(y)) => x != y,
+    // A whole-register metric may share its word with flags and fields, because a status
+    // word is often read both as a code and bit by bit. Two flags or fields must not share
+    // a bit.
+    let distinct_bits = match (bit_mask(a), bit_mask(b)) {
+        (Some(x), Some(y)) => x & y == 0,
         (Some(_), None) | (None, Some(_)) => true,
         (None, None) => false,
     };
     one_register && distinct_bits
+}
+
+/// Returns the bits of its register that a flag or packed field reads, or `None` for a
+/// metric that reads the whole register.
+fn bit_mask(register: &super::Register) -> Option<u16> {
+    if let Some(bit) = register.bit {
+        return Some(1 << bit);
+    }
+    let (first, last) = register.bits?;
+    let width = u32::from(last - first) + 1;
+    Some((u16::MAX >> (16 - width)) << first)
 }

@@ -145,6 +145,11 @@ pub struct RegisterSpec {
     /// boolean. Only for `u16` registers.
     #[serde(default)]
     pub bit: Option<u8>,
+    /// First and last bit, inclusive (0 = least significant), of an unsigned field packed
+    /// in a `u16` register, such as `[0, 3]` for the low nibble. The metric is the field's
+    /// value, which `no_value`, `scale`, `offset`, the valid range and `codes` then apply to.
+    #[serde(default)]
+    pub bits: Option<[u8; 2]>,
     /// Byte and word order: `ABCD` (default), `CDAB`, `BADC` or `DCBA`.
     #[serde(default)]
     pub order: ByteOrder,
@@ -184,6 +189,8 @@ pub struct Register {
     pub span: u16,
     pub data_type: DataType,
     pub bit: Option<u8>,
+    /// First and last bit of a packed field, checked to be `first <= last <= 15`.
+    pub bits: Option<(u8, u8)>,
     pub order: ByteOrder,
     pub scale: f64,
     pub offset: f64,
@@ -262,6 +269,7 @@ impl RegisterSpec {
             span,
             data_type,
             bit: self.bit,
+            bits: self.bits.map(|[first, last]| (first, last)),
             order: self.order,
             scale: self.scale,
             offset: self.offset,
@@ -339,11 +347,11 @@ impl RegisterSpec {
                     ),
                 ));
             }
-            if self.bit.is_some() || self.count.is_some_and(|c| c != 1) {
+            if self.bit.is_some() || self.bits.is_some() || self.count.is_some_and(|c| c != 1) {
                 problems.push((
                     "bit",
                     format!(
-                        "`bit` and `count` do not apply to a {}; remove them",
+                        "`bit`, `bits` and `count` do not apply to a {}; remove them",
                         function.as_str()
                     ),
                 ));
@@ -367,6 +375,29 @@ impl RegisterSpec {
                 problems.push((
                     "bit",
                     format!("`bit` needs type u16, not {}", data_type.as_str()),
+                ));
+            }
+        }
+        if let Some([first, last]) = self.bits {
+            if first > last || last > 15 {
+                problems.push((
+                    "bits",
+                    format!(
+                        "bits [{first}, {last}] are invalid; write the first and last bit, \
+                         0 to 15, first not above last, such as [0, 3]"
+                    ),
+                ));
+            }
+            if self.bit.is_some() {
+                problems.push((
+                    "bits",
+                    "write `bit` for one flag or `bits` for a field, not both".to_owned(),
+                ));
+            }
+            if data_type != DataType::U16 {
+                problems.push((
+                    "bits",
+                    format!("`bits` needs type u16, not {}", data_type.as_str()),
                 ));
             }
         }
