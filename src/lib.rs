@@ -28,3 +28,9 @@ mod server_http;
 mod server_modbus;
 pub mod storage;
 pub mod summary;
+
+/// The allocator of every binary that links Stonelion: the server, its tests and its
+/// benchmarks. Each point written over HTTP or MQTT allocates its series key, and mimalloc
+/// serves these small allocations with far fewer instructions than glibc's malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
