@@ -5,10 +5,17 @@
 //! ```text
 //! "SLSEG002"                         8-byte magic
 //! chunk data ...                     per chunk: timestamp column, then value column
-//! index: count u32, then per chunk   series u32, points u32, min_ts i64, max_ts i64,
-//!                                    offset u64, ts_len u32, values_len u32, crc32 u32
+//! index: count u32, then per chunk   series, points, min_ts, max_ts - min_ts, ts_len,
+//!                                    values_len as LEB128 varints, crc32 u32
 //! footer: index_offset u64, index_crc32 u32, "SLSEGEND"
 //! ```
+//!
+//! Index entries are delta-coded: `series` is the difference from the previous entry's
+//! series id, `min_ts` the zigzag difference from the previous entry's `min_ts` (both
+//! from 0 for the first entry), and differences wrap around like two's complement. A
+//! chunk's offset is not stored, because chunks follow each other from byte 8. An entry
+//! takes about 12 to 20 bytes instead of version 1's fixed 44 (series u32, points u32,
+//! min_ts i64, max_ts i64, offset u64, ts_len u32, values_len u32, crc32 u32).
 //!
 //! In version 2 each column starts with an encoding byte. Timestamps are either pco
 //! (`0`, then a pco stream) or evenly spaced (`1`, then the first timestamp and the step
@@ -30,6 +37,7 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use integer_encoding::VarInt;
 use pco::ChunkConfig;
 use pco::standalone::{simple_compress, simple_decompress};
 
@@ -49,7 +57,8 @@ const ENCODING_PCO: u8 = 0;
 const ENCODING_PLAIN: u8 = 1;
 const ROLLUP_COLUMNS: usize = 6;
 const FOOTER_MAGIC: &[u8; 8] = b"SLSEGEND";
-const INDEX_ENTRY_LEN: usize = 44;
+/// Length of a version 1 index entry.
+const INDEX_ENTRY_LEN_V1: usize = 44;
 const FOOTER_LEN: usize = 20;
 
 /// Where one series' chunk sits in a segment file.
@@ -292,20 +301,28 @@ fn write_file(
     Segment::open(&path, seq_lo, seq_hi)
 }
 
+/// Encodes a version 2 index. Chunks must follow each other from byte 8 in index order.
 fn encode_index(index: &[ChunkMeta]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(4 + index.len() * INDEX_ENTRY_LEN);
+    let mut bytes = Vec::with_capacity(4 + index.len() * 16);
     bytes.extend_from_slice(&(index.len() as u32).to_le_bytes());
+    let (mut series, mut min_ts) = (0u32, 0i64);
     for c in index {
-        bytes.extend_from_slice(&c.series.to_le_bytes());
-        bytes.extend_from_slice(&c.points.to_le_bytes());
-        bytes.extend_from_slice(&c.min_ts.to_le_bytes());
-        bytes.extend_from_slice(&c.max_ts.to_le_bytes());
-        bytes.extend_from_slice(&c.offset.to_le_bytes());
-        bytes.extend_from_slice(&c.ts_len.to_le_bytes());
-        bytes.extend_from_slice(&c.values_len.to_le_bytes());
+        push_varint(&mut bytes, c.series.wrapping_sub(series));
+        push_varint(&mut bytes, c.points);
+        push_varint(&mut bytes, c.min_ts.wrapping_sub(min_ts));
+        push_varint(&mut bytes, c.max_ts.wrapping_sub(c.min_ts).cast_unsigned());
+        push_varint(&mut bytes, c.ts_len);
+        push_varint(&mut bytes, c.values_len);
         bytes.extend_from_slice(&c.crc.to_le_bytes());
+        (series, min_ts) = (c.series, c.min_ts);
     }
     bytes
+}
+
+fn push_varint<T: VarInt>(out: &mut Vec<u8>, value: T) {
+    let mut buf = [0u8; 10];
+    let len = value.encode_var(&mut buf);
+    out.extend_from_slice(&buf[..len]);
 }
 
 fn read_u32(b: &[u8], at: usize) -> u32 {
@@ -316,14 +333,34 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn decode_index(path: &Path, bytes: &[u8]) -> Result<Vec<ChunkMeta>, StorageError> {
+/// Decodes a segment index whose chunk data ends at `data_end`.
+fn decode_index(
+    path: &Path,
+    version: u8,
+    bytes: &[u8],
+    data_end: u64,
+) -> Result<Vec<ChunkMeta>, StorageError> {
+    if bytes.len() < 4 {
+        return Err(corrupt(path, "index is shorter than its entry count"));
+    }
+    let mut chunks = if version == 1 {
+        decode_index_v1(path, bytes)?
+    } else {
+        decode_index_v2(bytes, data_end)
+            .ok_or_else(|| corrupt(path, "index entries do not match the chunk data"))?
+    };
+    chunks.sort_by_key(|c| c.series);
+    Ok(chunks)
+}
+
+fn decode_index_v1(path: &Path, bytes: &[u8]) -> Result<Vec<ChunkMeta>, StorageError> {
     let count = read_u32(bytes, 0) as usize;
-    if bytes.len() != 4 + count * INDEX_ENTRY_LEN {
+    if bytes.len() != 4 + count * INDEX_ENTRY_LEN_V1 {
         return Err(corrupt(path, "index length does not match its entry count"));
     }
     let mut chunks = Vec::with_capacity(count);
     for i in 0..count {
-        let at = 4 + i * INDEX_ENTRY_LEN;
+        let at = 4 + i * INDEX_ENTRY_LEN_V1;
         chunks.push(ChunkMeta {
             series: read_u32(bytes, at),
             points: read_u32(bytes, at + 4),
@@ -335,8 +372,45 @@ fn decode_index(path: &Path, bytes: &[u8]) -> Result<Vec<ChunkMeta>, StorageErro
             crc: read_u32(bytes, at + 40),
         });
     }
-    chunks.sort_by_key(|c| c.series);
     Ok(chunks)
+}
+
+/// Decodes a version 2 index; `None` when an entry is truncated or the chunks it
+/// describes do not end exactly at `data_end`.
+fn decode_index_v2(bytes: &[u8], data_end: u64) -> Option<Vec<ChunkMeta>> {
+    let count = read_u32(bytes, 0) as usize;
+    let mut rest = &bytes[4..];
+    // Every entry takes at least 10 bytes, which bounds the allocation for a bad count.
+    let mut chunks = Vec::with_capacity(count.min(bytes.len() / 10));
+    let (mut series, mut min_ts, mut offset) = (0u32, 0i64, MAGIC.len() as u64);
+    for _ in 0..count {
+        series = series.wrapping_add(u32::try_from(take_varint::<u64>(&mut rest)?).ok()?);
+        let points = u32::try_from(take_varint::<u64>(&mut rest)?).ok()?;
+        min_ts = min_ts.wrapping_add(take_varint::<i64>(&mut rest)?);
+        let span = take_varint::<u64>(&mut rest)?;
+        let ts_len = u32::try_from(take_varint::<u64>(&mut rest)?).ok()?;
+        let values_len = u32::try_from(take_varint::<u64>(&mut rest)?).ok()?;
+        let (crc, tail) = rest.split_first_chunk::<4>()?;
+        rest = tail;
+        chunks.push(ChunkMeta {
+            series,
+            points,
+            min_ts,
+            max_ts: min_ts.wrapping_add_unsigned(span),
+            offset,
+            ts_len,
+            values_len,
+            crc: u32::from_le_bytes(*crc),
+        });
+        offset = offset.checked_add(u64::from(ts_len) + u64::from(values_len))?;
+    }
+    (rest.is_empty() && offset == data_end).then_some(chunks)
+}
+
+fn take_varint<T: VarInt>(rest: &mut &[u8]) -> Option<T> {
+    let (value, len) = T::decode_var(rest)?;
+    *rest = &rest[len..];
+    Some(value)
 }
 
 /// Syncs a directory so that renames and deletions in it survive a power loss.
@@ -383,7 +457,7 @@ impl Segment {
         if crc32fast::hash(&index) != index_crc {
             return Err(corrupt(path, "index checksum does not match"));
         }
-        let chunks = decode_index(path, &index)?;
+        let chunks = decode_index(path, version, &index, index_offset)?;
         Ok(Segment {
             path: path.to_owned(),
             seq_lo,
@@ -575,6 +649,19 @@ mod tests {
         assert_eq!(encodings(4).1, ENCODING_PCO);
     }
 
+    fn encode_index_v1(c: &ChunkMeta) -> Vec<u8> {
+        let mut bytes = 1u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&c.series.to_le_bytes());
+        bytes.extend_from_slice(&c.points.to_le_bytes());
+        bytes.extend_from_slice(&c.min_ts.to_le_bytes());
+        bytes.extend_from_slice(&c.max_ts.to_le_bytes());
+        bytes.extend_from_slice(&c.offset.to_le_bytes());
+        bytes.extend_from_slice(&c.ts_len.to_le_bytes());
+        bytes.extend_from_slice(&c.values_len.to_le_bytes());
+        bytes.extend_from_slice(&c.crc.to_le_bytes());
+        bytes
+    }
+
     #[test]
     fn version_1_segment_still_reads() {
         let dir = tempfile::tempdir().unwrap();
@@ -599,7 +686,7 @@ mod tests {
         file.extend_from_slice(&ts_bytes);
         file.extend_from_slice(&value_bytes);
         let index_offset = file.len() as u64;
-        let index = encode_index(&[meta]);
+        let index = encode_index_v1(&meta);
         file.extend_from_slice(&index);
         file.extend_from_slice(&index_offset.to_le_bytes());
         file.extend_from_slice(&crc32fast::hash(&index).to_le_bytes());
@@ -612,6 +699,56 @@ mod tests {
         let read = segment.read_chunk(segment.chunk(7).unwrap()).unwrap();
         assert_eq!(read.ts, ts);
         assert_eq!(read.values, values);
+    }
+
+    #[test]
+    fn index_v2_round_trips_and_checks_extent() {
+        let meta = |series, min_ts: i64, max_ts, offset, ts_len, values_len| ChunkMeta {
+            series,
+            points: 3,
+            min_ts,
+            max_ts,
+            offset,
+            ts_len,
+            values_len,
+            crc: 0xDEAD_BEEF,
+        };
+        let index = vec![
+            meta(2, 5_000, 9_000, 8, 17, 25),
+            meta(9, i64::MIN, i64::MAX, 50, 60, 70),
+            meta(10, -3, -3, 180, 1, 1),
+        ];
+        let bytes = encode_index(&index);
+        assert!(
+            bytes.len() < 4 + 3 * INDEX_ENTRY_LEN_V1 / 2,
+            "{} bytes",
+            bytes.len()
+        );
+        let decoded = decode_index_v2(&bytes, 182).unwrap();
+        for (got, want) in decoded.iter().zip(&index) {
+            assert_eq!(
+                (got.series, got.points, got.min_ts, got.max_ts, got.offset),
+                (
+                    want.series,
+                    want.points,
+                    want.min_ts,
+                    want.max_ts,
+                    want.offset
+                )
+            );
+            assert_eq!(
+                (got.ts_len, got.values_len, got.crc),
+                (want.ts_len, want.values_len, want.crc)
+            );
+        }
+        assert!(
+            decode_index_v2(&bytes, 183).is_none(),
+            "chunks must end at the index"
+        );
+        assert!(
+            decode_index_v2(&bytes[..bytes.len() - 1], 182).is_none(),
+            "truncated entry"
+        );
     }
 
     #[test]
