@@ -10,10 +10,11 @@
 //! footer: index_offset u64, index_crc32 u32, "SLSEGEND"
 //! ```
 //!
-//! Index entries are delta-coded: `series` is the difference from the previous entry's
-//! series id, `min_ts` the zigzag difference from the previous entry's `min_ts` (both
-//! from 0 for the first entry), and differences wrap around like two's complement. A
-//! chunk's offset is not stored, because chunks follow each other from byte 8. An entry
+//! Index entries are delta-coded. `series` is the difference from the previous entry's
+//! series id and `min_ts` the zigzag-encoded difference from the previous entry's
+//! `min_ts`, both taken from 0 for the first entry. Differences wrap around like two's
+//! complement. A chunk's offset is not stored, because chunks follow each other from
+//! byte 8. An entry
 //! takes about 12 to 20 bytes instead of version 1's fixed 44 (series u32, points u32,
 //! min_ts i64, max_ts i64, offset u64, ts_len u32, values_len u32, crc32 u32).
 //!
@@ -206,7 +207,8 @@ fn encode_timestamps(ts: &[i64]) -> Result<Vec<u8>, StorageError> {
     Ok(out)
 }
 
-/// Decodes a timestamp column of `points` timestamps; `None` when it is malformed.
+/// Decodes a timestamp column of `points` timestamps, or returns `None` when it is
+/// malformed.
 fn decode_timestamps(version: u8, bytes: &[u8], points: usize) -> Option<Vec<i64>> {
     if version == 1 {
         return simple_decompress::<i64>(bytes).ok();
@@ -229,7 +231,7 @@ fn decode_timestamps(version: u8, bytes: &[u8], points: usize) -> Option<Vec<i64
     }
 }
 
-/// Decodes a raw value column; `None` when it is malformed.
+/// Decodes a raw value column, or returns `None` when it is malformed.
 fn decode_values(version: u8, bytes: &[u8]) -> Option<Vec<f64>> {
     if version == 1 {
         return simple_decompress::<f64>(bytes).ok();
@@ -375,8 +377,8 @@ fn decode_index_v1(path: &Path, bytes: &[u8]) -> Result<Vec<ChunkMeta>, StorageE
     Ok(chunks)
 }
 
-/// Decodes a version 2 index; `None` when an entry is truncated or the chunks it
-/// describes do not end exactly at `data_end`.
+/// Decodes a version 2 index. Returns `None` when an entry is truncated or when the
+/// chunks it describes do not end exactly at `data_end`.
 fn decode_index_v2(bytes: &[u8], data_end: u64) -> Option<Vec<ChunkMeta>> {
     let count = read_u32(bytes, 0) as usize;
     let mut rest = &bytes[4..];
