@@ -28,10 +28,3 @@ mod server_http;
 mod server_modbus;
 pub mod storage;
 pub mod summary;
-
-/// The allocator of every binary that links Stonelion, which includes the server, its
-/// tests and its benchmarks. Each point written over HTTP or MQTT allocates its series
-/// key, and mimalloc serves these small allocations with fewer instructions than glibc's
-/// malloc (callgrind profiles in `docs/benchmarks.md`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
