@@ -23,6 +23,10 @@ use stonelion::model::Timestamp;
 use stonelion::storage::engine::{Engine, EngineOptions};
 use stonelion::storage::{Aggregate, Query, Selector, TimeSeriesStore};
 
+/// The server binary's allocator, so that the `serve` process allocates like `stonelion run`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const LINES_PER_REQUEST: usize = 5_000;
 const CONCURRENCY: usize = 4;
 

@@ -538,3 +538,61 @@ fn memory_budget_applies_backpressure_without_loss() {
     );
     assert_eq!(numbers(&engine, &raw(&s, 0, i64::MAX)).len(), 10_000);
 }
+
+#[test]
+fn write_declares_many_new_series_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    // Each new series appears twice in the batch, far apart, so the second point must
+    // reuse the id declared for the first.
+    let series: Vec<SeriesKey> = (0..3_000).map(|i| gas(&format!("d{i}"))).collect();
+    let mut batch: Vec<Point> = series.iter().map(|s| point(s, 1_000, 1.0)).collect();
+    batch.extend(series.iter().map(|s| point(s, 2_000, 2.0)));
+    engine.write(batch).unwrap();
+
+    let stored = engine.series(&Selector::default()).unwrap();
+    assert_eq!(stored.len(), 3_000);
+    for s in [&series[0], &series[1_499], &series[2_999]] {
+        assert_eq!(
+            numbers(&engine, &raw(s, 0, 10_000)),
+            vec![(1_000, 1.0), (2_000, 2.0)],
+            "{s:?}"
+        );
+    }
+
+    // The ids survive a reopen, which replays the series declarations from the WAL.
+    drop(engine);
+    let engine = open(dir.path());
+    assert_eq!(engine.series(&Selector::default()).unwrap().len(), 3_000);
+    assert_eq!(
+        numbers(&engine, &raw(&series[2_999], 0, 10_000)),
+        vec![(1_000, 1.0), (2_000, 2.0)]
+    );
+}
+
+#[test]
+fn new_series_kind_conflict_late_in_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let mut batch: Vec<Point> = (0..1_000)
+        .map(|i| point(&gas(&format!("d{i}")), 1_000, 1.0))
+        .collect();
+    batch.push(Point {
+        series: gas("d500"),
+        ts: Timestamp(2_000),
+        value: Value::Bool(true),
+    });
+    let err = engine.write(batch).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::KindMismatch {
+                stored: ValueKind::Number,
+                offered: ValueKind::Bool,
+                ..
+            }
+        ),
+        "unexpected error {err}"
+    );
+    assert!(engine.series(&Selector::default()).unwrap().is_empty());
+}

@@ -395,3 +395,64 @@ fn repeated_tag_rejects_line() {
         error.reason
     );
 }
+
+#[test]
+fn tag_order_gives_same_series() {
+    let body = "m,site=s1,device=d1,site_kind=plant a=1,b=2 1\n\
+                m,site_kind=plant,device=d1,site=s1 a=3 2\n\
+                m,device=d1,site_kind=plant,site=s1 b=4 3\n";
+    let parsed = parse_body(body, Precision::Nanoseconds, Timestamp(0));
+    assert!(parsed.first_error.is_none(), "{:?}", parsed.first_error);
+    assert_eq!(parsed.lines_accepted, 3);
+    assert_eq!(parsed.points.len(), 4);
+    let expected_tags = vec![
+        ("device".to_owned(), "d1".to_owned()),
+        ("site".to_owned(), "s1".to_owned()),
+        ("site_kind".to_owned(), "plant".to_owned()),
+    ];
+    for point in &parsed.points {
+        assert_eq!(point.series.measurement, "m");
+        assert_eq!(point.series.tags, expected_tags);
+    }
+    let fields: Vec<&str> = parsed
+        .points
+        .iter()
+        .map(|p| p.series.field.as_str())
+        .collect();
+    assert_eq!(fields, ["a", "b", "a", "b"]);
+    assert_eq!(parsed.points[0].series, parsed.points[2].series);
+    assert_eq!(parsed.points[1].series, parsed.points[3].series);
+}
+
+#[test]
+fn non_finite_field_drops_whole_line() {
+    let body = "m,device=d1 a=1,b=1e999,c=2 1\nm,device=d2 a=5 1\n";
+    let parsed = parse_body(body, Precision::Nanoseconds, Timestamp(0));
+    assert_eq!(parsed.lines_rejected, 1);
+    assert_eq!(parsed.lines_accepted, 1);
+    assert_eq!(
+        parsed.points.len(),
+        1,
+        "no field of the first line is stored"
+    );
+    assert_eq!(parsed.points[0].series.tag("device"), Some("d2"));
+    let error = parsed.first_error.unwrap();
+    assert_eq!(error.line, 1);
+    assert!(
+        error.reason.contains("not a finite number"),
+        "{}",
+        error.reason
+    );
+}
+
+#[test]
+fn line_of_only_string_fields_is_not_accepted() {
+    let parsed = parse_body(
+        "m,device=d1 note=\"hi\" 1\n",
+        Precision::Nanoseconds,
+        Timestamp(0),
+    );
+    assert!(parsed.points.is_empty());
+    assert_eq!(parsed.lines_accepted, 0);
+    assert_eq!(parsed.string_fields_skipped, 1);
+}

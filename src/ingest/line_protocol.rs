@@ -175,7 +175,7 @@ impl ParsedBody {
 /// Parses a line-protocol body into points. Bad lines are skipped and reported, never fatal.
 pub fn parse_body(body: &str, precision: Precision, now: Timestamp) -> ParsedBody {
     let mut parsed = ParsedBody::default();
-    for (index, line) in influxdb_line_protocol::split_lines(body).enumerate() {
+    for (index, line) in split_lines(body).enumerate() {
         let trimmed = line.trim();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
@@ -197,6 +197,18 @@ pub fn parse_body(body: &str, precision: Precision, now: Timestamp) -> ParsedBod
         }
     }
     parsed
+}
+
+/// Splits a body into lines like `influxdb_line_protocol::split_lines`, which scans every
+/// character to find newlines inside quoted string fields. Only a quote or a backslash can
+/// make a newline part of a line, so a body without either splits at every newline, found
+/// with `memchr`.
+fn split_lines(body: &str) -> Box<dyn Iterator<Item = &str> + '_> {
+    if memchr::memchr2(b'"', b'\\', body.as_bytes()).is_some() {
+        Box::new(influxdb_line_protocol::split_lines(body))
+    } else {
+        Box::new(body.split('\n'))
+    }
 }
 
 fn add_line(
@@ -223,29 +235,30 @@ fn add_line(
         },
     };
     let measurement = line.series.measurement.as_str();
-    let tags: Vec<(String, String)> = line
+    // Sorted once per line, because every field of the line shares the tag set.
+    let mut tags: Vec<(&str, &str)> = line
         .series
         .tag_set
         .iter()
         .flatten()
-        .map(|(k, v)| (k.as_str().to_owned(), v.as_str().to_owned()))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    tags.sort_unstable();
     // With a tag twice, `device=a,device=b`, readers that take the first or the last
     // value would attribute the point to different devices.
-    if let Some(repeated) = tags
-        .iter()
-        .enumerate()
-        .find_map(|(i, (key, _))| tags[..i].iter().any(|(k, _)| k == key).then_some(key))
-    {
+    if let Some(repeated) = tags.windows(2).find(|pair| pair[0].0 == pair[1].0) {
         parsed.lines_rejected += 1;
         parsed.reject(
             number,
             text,
-            format!("tag \"{repeated}\" appears more than once; send each tag once"),
+            format!(
+                "tag \"{}\" appears more than once; send each tag once",
+                repeated[0].0
+            ),
         );
         return;
     }
-    let before = parsed.points.len();
+    let mut values = Vec::with_capacity(line.field_set.len());
     for (field, value) in &line.field_set {
         let value = match value {
             FieldValue::F64(v) if !v.is_finite() => {
@@ -258,7 +271,6 @@ fn add_line(
                         field.as_str()
                     ),
                 );
-                parsed.points.truncate(before);
                 return;
             }
             FieldValue::F64(v) => Value::Number(*v),
@@ -278,12 +290,32 @@ fn add_line(
                 continue;
             }
         };
-        let series = SeriesKey::new(measurement, tags.clone(), field.as_str());
+        values.push((field.as_str(), value));
+    }
+    let Some(last) = values.len().checked_sub(1) else {
+        return;
+    };
+    // The tags are already sorted and unique, so the keys are built directly instead of
+    // through `SeriesKey::new`, and the last field takes the owned tags without a copy.
+    let mut owned_tags: Vec<(String, String)> = tags
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    parsed.points.reserve(values.len());
+    for (i, (field, value)) in values.into_iter().enumerate() {
+        let tags = if i == last {
+            std::mem::take(&mut owned_tags)
+        } else {
+            owned_tags.clone()
+        };
+        let series = SeriesKey {
+            measurement: measurement.to_owned(),
+            tags,
+            field: field.to_owned(),
+        };
         parsed.points.push(Point { series, ts, value });
     }
-    if parsed.points.len() > before {
-        parsed.lines_accepted += 1;
-    }
+    parsed.lines_accepted += 1;
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,7 +19,7 @@ fn db_error(err: &rusqlite::Error) -> StorageError {
 /// In-memory view of every series.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    ids: HashMap<SeriesKey, u32>,
+    ids: HashMap<SeriesKey, u32, foldhash::fast::RandomState>,
     /// Indexed by series id.
     entries: Vec<(SeriesKey, ValueKind)>,
     by_measurement: BTreeMap<String, Vec<u32>>,

@@ -13,14 +13,14 @@ pub struct SeriesBuf {
     pub values: Vec<f64>,
 }
 
-pub type Shard = HashMap<u32, SeriesBuf>;
+pub type Shard = HashMap<u32, SeriesBuf, foldhash::fast::RandomState>;
 
 #[derive(Debug, Default)]
 struct ShardData {
     points: Shard,
     /// Newest point per series and whether it is verified against segments. It outlives
     /// checkpoints, so the latest value of every series is known without reading segments.
-    latest: HashMap<u32, (i64, f64, bool)>,
+    latest: HashMap<u32, (i64, f64, bool), foldhash::fast::RandomState>,
 }
 
 /// The memtable that receives writes of the current epoch.

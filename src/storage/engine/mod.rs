@@ -18,7 +18,7 @@ mod rollup;
 mod segment;
 mod wal;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -565,20 +565,21 @@ impl Inner {
         let mut wal = lock(&self.wal);
         let mut catalog = write(&self.catalog);
         let mut new_series: Vec<(SeriesKey, ValueKind)> = Vec::new();
+        // A batch can declare thousands of series, so repeats within it are found by hash.
+        let mut new_kinds: HashMap<&SeriesKey, ValueKind, foldhash::fast::RandomState> =
+            HashMap::default();
         for &i in &missing {
             let p = &points[i];
             let stored = catalog
                 .id(&p.series)
                 .map(|id| catalog.entry(id).1)
-                .or_else(|| {
-                    new_series
-                        .iter()
-                        .find(|(k, _)| *k == p.series)
-                        .map(|(_, kind)| *kind)
-                });
+                .or_else(|| new_kinds.get(&p.series).copied());
             match stored {
                 Some(kind) => check_kind(&p.series, kind, p.value)?,
-                None => new_series.push((p.series.clone(), p.value.kind())),
+                None => {
+                    new_kinds.insert(&p.series, p.value.kind());
+                    new_series.push((p.series.clone(), p.value.kind()));
+                }
             }
         }
         let mut bytes = Vec::new();
