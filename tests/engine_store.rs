@@ -596,3 +596,114 @@ fn new_series_kind_conflict_late_in_batch() {
     );
     assert!(engine.series(&Selector::default()).unwrap().is_empty());
 }
+
+fn series_columns(dir: &std::path::Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(dir.join("index.sqlite")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name FROM pragma_table_info('series')")
+        .unwrap();
+    stmt.query_map([], |row| row.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn series_index_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let gas = gas("d1");
+    let odd = key("gas-detector", "s 1,=\"é\"", "d2", "gas lel");
+    let smoke = key("smoke-detector", "s1", "d3", "smoke");
+    {
+        let engine = open(dir.path());
+        engine.write(vec![point(&gas, 1_000, 1.5)]).unwrap();
+        engine.write(vec![point(&odd, 1_000, 2.5)]).unwrap();
+        engine.checkpoint().unwrap();
+        engine
+            .write(vec![Point {
+                series: smoke.clone(),
+                ts: Timestamp(1_000),
+                value: Value::Bool(true),
+            }])
+            .unwrap();
+        engine.checkpoint().unwrap();
+    }
+    assert_eq!(series_columns(dir.path()), ["first_id", "count", "keys"]);
+
+    let engine = open(dir.path());
+    let mut stored = engine.series(&Selector::default()).unwrap();
+    stored.sort_by(|a, b| a.measurement.cmp(&b.measurement).then(a.tags.cmp(&b.tags)));
+    assert_eq!(stored, vec![gas.clone(), odd.clone(), smoke.clone()]);
+    assert_eq!(numbers(&engine, &raw(&odd, 0, 10_000)), vec![(1_000, 2.5)]);
+    let err = engine.write(vec![point(&smoke, 2_000, 1.0)]).unwrap_err();
+    assert!(
+        matches!(err, StorageError::KindMismatch { .. }),
+        "bool kind lost across reopen: {err}"
+    );
+}
+
+#[test]
+fn series_index_format_1_is_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    let gas = gas("d1");
+    let smoke = key("smoke-detector", "s1", "d3", "smoke");
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("index.sqlite")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE series (
+                 id INTEGER PRIMARY KEY,
+                 measurement TEXT NOT NULL,
+                 tags TEXT NOT NULL,
+                 field TEXT NOT NULL,
+                 kind TEXT NOT NULL
+             );
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+        )
+        .unwrap();
+        for (id, key, kind) in [(0, &gas, "number"), (1, &smoke, "bool")] {
+            conn.execute(
+                "INSERT INTO series (id, measurement, tags, field, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![
+                    id,
+                    key.measurement,
+                    serde_json::to_string(&key.tags).unwrap(),
+                    key.field,
+                    kind
+                ],
+            )
+            .unwrap();
+        }
+    }
+
+    {
+        let engine = open(dir.path());
+        let stored = engine.series(&Selector::default()).unwrap();
+        assert_eq!(stored.len(), 2);
+        assert!(stored.contains(&gas));
+        assert!(stored.contains(&smoke));
+    }
+    assert_eq!(series_columns(dir.path()), ["first_id", "count", "keys"]);
+
+    // The converted index keeps kinds and ids: a new series gets the next id and both
+    // old series keep their kind after a second open.
+    let engine = open(dir.path());
+    let err = engine.write(vec![point(&smoke, 2_000, 1.0)]).unwrap_err();
+    assert!(
+        matches!(err, StorageError::KindMismatch { .. }),
+        "bool kind lost in conversion: {err}"
+    );
+    let fresh = gas_detector_series("d9");
+    engine.write(vec![point(&fresh, 1_000, 3.0)]).unwrap();
+    engine.checkpoint().unwrap();
+    drop(engine);
+    let engine = open(dir.path());
+    assert_eq!(engine.series(&Selector::default()).unwrap().len(), 3);
+    assert_eq!(
+        numbers(&engine, &raw(&fresh, 0, 10_000)),
+        vec![(1_000, 3.0)]
+    );
+}
+
+fn gas_detector_series(device: &str) -> SeriesKey {
+    key("gas-detector", "s2", device, "gas_lel")
+}

@@ -3,7 +3,7 @@
 //! Layout, all integers little-endian:
 //!
 //! ```text
-//! "SLSEG002"                         8-byte magic
+//! "SLSEG003"                         8-byte magic
 //! chunk data ...                     per chunk: timestamp column, then value column
 //! index: count u32, then per chunk   series, points, min_ts, max_ts - min_ts, ts_len,
 //!                                    values_len as LEB128 varints, crc32 u32
@@ -22,9 +22,12 @@
 //! (`0`, then a pco stream) or evenly spaced (`1`, then the first timestamp and the step
 //! as i64). Values are either pco (`0`) or raw little-endian f64 (`1`). The writer keeps
 //! the smaller encoding, because pco's headers (about 50 bytes per column) outweigh the
-//! data of short chunks. Version 1 files (`"SLSEG001"`, `"SLRUP001"`) hold bare pco
-//! columns without the encoding byte. They are still read. New segments, including
-//! those that compaction writes, are version 2.
+//! data of short chunks. Version 3 (`"SLSEG003"`, `"SLRUP003"`) writes evenly spaced
+//! timestamps as the single byte `2`, because the index entry's `points`, `min_ts` and
+//! `max_ts` already define them, and is otherwise version 2. Version 1 files
+//! (`"SLSEG001"`, `"SLRUP001"`) hold bare pco columns without the encoding byte. All
+//! three versions are read. New segments, including those that compaction writes, are
+//! version 3.
 //!
 //! A segment is written to a `.tmp` file, synced and renamed, so a crash leaves either
 //! the whole file or none of it. Chunks are sorted by timestamp with duplicates removed.
@@ -49,13 +52,18 @@ use super::merge::Summary;
 
 const MAGIC_V1: &[u8; 8] = b"SLSEG001";
 const ROLLUP_MAGIC_V1: &[u8; 8] = b"SLRUP001";
-const MAGIC: &[u8; 8] = b"SLSEG002";
-const ROLLUP_MAGIC: &[u8; 8] = b"SLRUP002";
+const MAGIC_V2: &[u8; 8] = b"SLSEG002";
+const ROLLUP_MAGIC_V2: &[u8; 8] = b"SLRUP002";
+const MAGIC: &[u8; 8] = b"SLSEG003";
+const ROLLUP_MAGIC: &[u8; 8] = b"SLRUP003";
 /// Encoding byte of a version 2 column: a pco stream follows.
 const ENCODING_PCO: u8 = 0;
 /// Encoding byte of a version 2 column: evenly spaced timestamps (first, step as i64), or
 /// raw f64 values.
 const ENCODING_PLAIN: u8 = 1;
+/// Encoding byte of a version 3 timestamp column: nothing follows, because the
+/// timestamps are evenly spaced from the index entry's `min_ts` to its `max_ts`.
+const ENCODING_SPAN: u8 = 2;
 const ROLLUP_COLUMNS: usize = 6;
 const FOOTER_MAGIC: &[u8; 8] = b"SLSEGEND";
 /// Length of a version 1 index entry.
@@ -86,7 +94,8 @@ pub struct Segment {
     pub file_len: u64,
     /// Whether the file contains rollup rows instead of raw points.
     pub rollup: bool,
-    /// Format version from the magic: 1 has bare pco columns, 2 adds encoding bytes.
+    /// Format version from the magic: 1 has bare pco columns, 2 adds encoding bytes, and 3
+    /// adds timestamps implied by the index entry.
     version: u8,
     /// Sorted by series id.
     chunks: Vec<ChunkMeta>,
@@ -189,17 +198,29 @@ fn encode_values(values: &[f64]) -> Result<Vec<u8>, StorageError> {
     Ok(out)
 }
 
-/// Encodes a timestamp column (version 2): first and step when evenly spaced, else pco.
+/// The step of `points` timestamps evenly spaced from `first` to `last`, or `None` when
+/// `last - first` is not a multiple of `points - 1`.
+fn span_step(first: i64, last: i64, points: usize) -> Option<i128> {
+    let gaps = i128::try_from(points.checked_sub(1)?).ok()?;
+    let distance = i128::from(last) - i128::from(first);
+    if gaps == 0 {
+        return (distance == 0).then_some(0);
+    }
+    (distance % gaps == 0).then_some(distance / gaps)
+}
+
+/// Encodes a sorted timestamp column (version 3): only the encoding byte when evenly
+/// spaced, else pco.
 fn encode_timestamps(ts: &[i64]) -> Result<Vec<u8>, StorageError> {
-    let step = ts.get(1).map_or(0, |second| second.wrapping_sub(ts[0]));
-    let even = ts
-        .windows(2)
-        .all(|pair| pair[1].wrapping_sub(pair[0]) == step);
+    let first = i128::from(ts[0]);
+    let even = span_step(ts[0], ts[ts.len() - 1], ts.len()).is_some_and(|step| {
+        ts.iter()
+            .enumerate()
+            .all(|(i, &t)| i128::from(t) == first + step * i as i128)
+    });
     let mut out = Vec::new();
     if even {
-        out.push(ENCODING_PLAIN);
-        out.extend_from_slice(&ts[0].to_le_bytes());
-        out.extend_from_slice(&step.to_le_bytes());
+        out.push(ENCODING_SPAN);
     } else {
         out.push(ENCODING_PCO);
         out.extend(simple_compress(ts, &ChunkConfig::default()).map_err(|e| codec_error(&e))?);
@@ -207,9 +228,10 @@ fn encode_timestamps(ts: &[i64]) -> Result<Vec<u8>, StorageError> {
     Ok(out)
 }
 
-/// Decodes a timestamp column of `points` timestamps, or returns `None` when it is
-/// malformed.
-fn decode_timestamps(version: u8, bytes: &[u8], points: usize) -> Option<Vec<i64>> {
+/// Decodes the timestamp column of the chunk described by `meta`, or returns `None` when
+/// it is malformed.
+fn decode_timestamps(version: u8, bytes: &[u8], meta: &ChunkMeta) -> Option<Vec<i64>> {
+    let points = meta.points as usize;
     if version == 1 {
         return simple_decompress::<i64>(bytes).ok();
     }
@@ -226,6 +248,13 @@ fn decode_timestamps(version: u8, bytes: &[u8], points: usize) -> Option<Vec<i64
                 next = next.wrapping_add(step);
             }
             Some(ts)
+        }
+        ENCODING_SPAN if version >= 3 && rest.is_empty() => {
+            let step = span_step(meta.min_ts, meta.max_ts, points)?;
+            let first = i128::from(meta.min_ts);
+            (0..points)
+                .map(|i| i64::try_from(first + step * i as i128).ok())
+                .collect()
         }
         _ => None,
     }
@@ -432,8 +461,10 @@ impl Segment {
         let mut header = [0u8; 8];
         file.read_exact_at(&mut header, 0)?;
         let (rollup, version) = match &header {
-            h if h == MAGIC => (false, 2),
-            h if h == ROLLUP_MAGIC => (true, 2),
+            h if h == MAGIC => (false, 3),
+            h if h == ROLLUP_MAGIC => (true, 3),
+            h if h == MAGIC_V2 => (false, 2),
+            h if h == ROLLUP_MAGIC_V2 => (true, 2),
             h if h == MAGIC_V1 => (false, 1),
             h if h == ROLLUP_MAGIC_V1 => (true, 1),
             _ => {
@@ -501,7 +532,7 @@ impl Segment {
             ));
         }
         let value_bytes = bytes.split_off(meta.ts_len as usize);
-        let Some(ts) = decode_timestamps(self.version, &bytes, meta.points as usize) else {
+        let Some(ts) = decode_timestamps(self.version, &bytes, meta) else {
             return Err(corrupt(
                 &self.path,
                 &format!("timestamps of series {} cannot be decoded", meta.series),
@@ -621,7 +652,7 @@ mod tests {
             (4, chunk(long_even, vec![21.5; 500])),
         ];
         let segment = write_segment(dir.path(), 1, 1, cases.clone().into_iter().map(Ok)).unwrap();
-        assert_eq!(segment.version, 2);
+        assert_eq!(segment.version, 3);
         for (id, expected) in &cases {
             let meta = segment.chunk(*id).unwrap();
             let read = segment.read_chunk(meta).unwrap();
@@ -640,9 +671,12 @@ mod tests {
             segment.file.read_exact_at(&mut bytes, meta.offset).unwrap();
             (bytes[0], bytes[meta.ts_len as usize], meta.ts_len)
         };
-        // Evenly spaced timestamps take 17 bytes however many there are.
-        assert_eq!(encodings(1).0, ENCODING_PLAIN);
-        assert_eq!(encodings(1).2, 17);
+        // Evenly spaced timestamps take 1 byte however many there are, and so do a single
+        // timestamp and the full i64 range.
+        for id in [0, 1, 3, 4] {
+            assert_eq!(encodings(id).0, ENCODING_SPAN, "timestamps of chunk {id}");
+            assert_eq!(encodings(id).2, 1, "timestamp bytes of chunk {id}");
+        }
         assert_eq!(encodings(2).0, ENCODING_PCO);
         // Short value columns are smaller raw, long or constant ones smaller in pco.
         assert_eq!(encodings(0).1, ENCODING_PLAIN);
