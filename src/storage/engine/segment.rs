@@ -32,7 +32,7 @@
 //! A segment is written to a `.tmp` file, synced and renamed, so a crash leaves either
 //! the whole file or none of it. Chunks are sorted by timestamp with duplicates removed.
 //!
-//! Rollup segments use the same layout with the magic `"SLRUP002"`. Their timestamps are
+//! Rollup segments use the same layout with the magic `"SLRUP003"`. Their timestamps are
 //! bucket starts, and their value blob is six pco columns, each prefixed by its length
 //! (u32): count, sum, min, max, first and last of the bucket.
 
@@ -198,8 +198,8 @@ fn encode_values(values: &[f64]) -> Result<Vec<u8>, StorageError> {
     Ok(out)
 }
 
-/// The step of `points` timestamps evenly spaced from `first` to `last`, or `None` when
-/// `last - first` is not a multiple of `points - 1`.
+/// Computes the step of `points` timestamps evenly spaced from `first` to `last`, or
+/// returns `None` when `last - first` is not a multiple of `points - 1`.
 fn span_step(first: i64, last: i64, points: usize) -> Option<i128> {
     let gaps = i128::try_from(points.checked_sub(1)?).ok()?;
     let distance = i128::from(last) - i128::from(first);
