@@ -16,20 +16,24 @@
 //! sure one follows, a dropped packet that needs a reply is replaced by a PINGREQ, which
 //! the router answers with PINGRESP.
 //!
-//! A denied last will in CONNECT closes the connection before CONNACK.
+//! A denied last will in CONNECT closes the connection before CONNACK, and so does a
+//! CONNECT whose client id is in takeover backoff ([`super::takeover`]). From its CONNACK
+//! until DISCONNECT or the end of the connection, the guard holds the connection's
+//! [`LiveConnection`], so takeovers of its client id are counted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
-    Error, Packet, PingReq, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, SubAck, Subscribe, SubscribeReasonCode,
+    ConnectReturnCode, Error, Packet, PingReq, Protocol, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, SubAck, Subscribe, SubscribeReasonCode,
 };
 
-use super::auth::{DenyReason, MqttAccounts, MqttDenials, MqttIdentity};
+use super::auth::{DenyReason, LoginPolicy, MqttAccounts, MqttDenials, MqttIdentity};
+use super::takeover::{ClientIds, LiveConnection};
 
 /// What every connection's guard shares.
 pub struct GuardPolicy {
@@ -39,6 +43,10 @@ pub struct GuardPolicy {
     pub max_messages_per_second: f64,
     /// Publishes one device may send at once above the average.
     pub max_burst_messages: u32,
+    /// Verified-login cache and failed-login backoff.
+    pub login: LoginPolicy,
+    /// Live connections and takeovers by client id.
+    pub clients: Arc<ClientIds>,
 }
 
 /// The guarded codec; see the module docs.
@@ -59,6 +67,8 @@ struct Replies {
     removed_filters: HashMap<u16, Vec<usize>>,
     /// Packet ids of denied QoS 2 publishes whose PUBREL the guard answers.
     denied_exactly_once: HashSet<u16>,
+    /// This connection's record as the live connection of its client id, from CONNACK.
+    live: Option<LiveConnection>,
 }
 
 impl GuardedV4 {
@@ -88,6 +98,7 @@ impl GuardedV4 {
         match packet {
             Packet::Connect(connect, properties, will, will_properties, login) => {
                 self.client_id.clone_from(&connect.client_id);
+                self.check_takeover_backoff()?;
                 if !self.policy.accounts.is_open() {
                     let username = login.as_ref().map_or("", |l| l.username.as_str());
                     self.identity = self.policy.accounts.identity(username).cloned();
@@ -129,6 +140,11 @@ impl GuardedV4 {
             Packet::Subscribe(subscribe, properties) => {
                 Ok(Some(self.filter_subscribe(subscribe, properties)))
             }
+            Packet::Disconnect(disconnect, properties) => {
+                // A client that disconnects cleanly and reconnects takes nothing over.
+                self.replies().live = None;
+                Ok(Some(Packet::Disconnect(disconnect, properties)))
+            }
             Packet::PubRel(release, properties) => {
                 if self.replies().denied_exactly_once.remove(&release.pkid) {
                     let complete = PubComp {
@@ -142,6 +158,25 @@ impl GuardedV4 {
             }
             other => Ok(Some(other)),
         }
+    }
+
+    /// Denies a CONNECT whose client id is in takeover backoff.
+    fn check_takeover_backoff(&self) -> Result<(), Error> {
+        let Some(remaining) = self
+            .policy
+            .clients
+            .backoff_remaining(&self.client_id, Instant::now())
+        else {
+            return Ok(());
+        };
+        let subject = format!(
+            "client id taken over too often, {} s of backoff left",
+            remaining.max(Duration::from_secs(1)).as_secs()
+        );
+        self.policy
+            .denials
+            .deny(DenyReason::TakeoverBackoff, &self.client_id, &subject);
+        Err(Error::InvalidProtocol)
     }
 
     fn new_bucket(&self) -> Option<TokenBucket> {
@@ -277,6 +312,13 @@ impl Protocol for GuardedV4 {
             size += self.inner.write(reply, buffer)?;
         }
         let packet = match packet {
+            Packet::ConnAck(ack, properties) => {
+                // An empty client id gets a unique one from rumqttd, so it is not tracked.
+                if ack.code == ConnectReturnCode::Success && !self.client_id.is_empty() {
+                    replies.live = Some(self.policy.clients.connected(&self.client_id));
+                }
+                Packet::ConnAck(ack, properties)
+            }
             Packet::SubAck(mut ack, properties) => {
                 for index in replies
                     .removed_filters
