@@ -22,7 +22,7 @@ use crate::config::StorageBackend;
 use crate::config::managed::{self, ConfigFile};
 use crate::config::{Config, SharedConfig};
 use crate::ingest::IngestHandle;
-use crate::ingest::auth::{LoginPolicy, MqttAccounts, MqttDenials};
+use crate::ingest::auth::{LoginPolicy, MqttAccounts, MqttDenials, SharedAccounts};
 use crate::ingest::directory::{Directory, SharedDirectory};
 use crate::ingest::guard::GuardPolicy;
 use crate::ingest::login::FailureLimits;
@@ -98,7 +98,7 @@ impl Server {
         managed_devices: Vec<toml::Table>,
         clock: SharedClock,
     ) -> anyhow::Result<Server> {
-        let accounts = Arc::new(MqttAccounts::from_config(&config));
+        let accounts = SharedAccounts::new(MqttAccounts::from_config(&config));
         crate::security::check_exposure(&config, accounts.is_open())?;
         let data_dir = config.server.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
@@ -177,13 +177,14 @@ impl Server {
             guard: guard.clone(),
         })
         .await?;
-        let mqtt_tls_addr = match start_mqtt_tls(&config, broker.addr, guard, &stop_ingest).await? {
-            Some((addr, task)) => {
-                background_ingest.push(task);
-                Some(addr)
-            }
-            None => None,
-        };
+        let mqtt_tls_addr =
+            match start_mqtt_tls(&config, broker.addr, guard.clone(), &stop_ingest).await? {
+                Some((addr, task)) => {
+                    background_ingest.push(task);
+                    Some(addr)
+                }
+                None => None,
+            };
         let rejects = Arc::new(RejectLog::new(&registry));
         let mut ingest_tasks = std::mem::take(&mut background_ingest);
         ingest_tasks.push(spawn_ingest_link(
@@ -212,6 +213,7 @@ impl Server {
             alarms: alarm_handle.clone(),
             webhooks,
             modbus,
+            mqtt: guard,
         }));
 
         let reader = alarm_store::open_connection(&state_db)

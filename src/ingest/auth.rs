@@ -10,18 +10,17 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use tokio::sync::Semaphore;
 
 use super::guard::GuardPolicy;
 use super::login::{
-    FAILURE_TABLE_CAPACITY, FailureLimiter, FailureLimits, FailureOutcome, VERIFIED_CAPACITY,
-    VerifiedLogins,
+    FAILURE_TABLE_CAPACITY, FailureLimiter, FailureLimits, FailureOutcome, PasswordCheckers,
+    VERIFIED_CAPACITY, VerifiedLogins,
 };
 use crate::config::Config;
 use crate::metrics::SharedRegistry;
@@ -161,12 +160,55 @@ impl MqttAccounts {
     }
 }
 
+/// The broker's accounts. Whether the broker is open is fixed at start, because rumqttd's
+/// authentication handler is installed at start. The accounts of a broker with accounts
+/// are replaced when a reload or device change changes them.
+pub struct SharedAccounts {
+    current: RwLock<Arc<MqttAccounts>>,
+    open: bool,
+}
+
+impl SharedAccounts {
+    pub fn new(accounts: MqttAccounts) -> Self {
+        Self {
+            open: accounts.is_open(),
+            current: RwLock::new(Arc::new(accounts)),
+        }
+    }
+
+    /// Returns true when the broker started with no account, so it accepts anyone.
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Returns the accounts in use.
+    pub fn load(&self) -> Arc<MqttAccounts> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the accounts of a broker that started with accounts, returning whether it
+    /// did. An open broker stays open until a restart.
+    pub fn replace(&self, accounts: MqttAccounts) -> bool {
+        if self.open {
+            return false;
+        }
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(accounts);
+        true
+    }
+}
+
 /// Checks a CONNECT's credentials and client id against `accounts`, using the
 /// verified-login cache and the failed-login backoff of `login`.
 ///
 /// A cached credential is accepted without argon2, even while its username is in
 /// backoff. Otherwise a username in backoff is denied without argon2, and the argon2
-/// check runs on the blocking pool, at most `CONCURRENT_PASSWORD_CHECKS` at once. An
+/// check runs on [`PasswordCheckers`], at most `CONCURRENT_PASSWORD_CHECKS` at once. An
 /// unknown username is checked against a dummy hash, so the time taken does not tell
 /// which usernames exist.
 pub async fn authenticate(
@@ -198,18 +240,7 @@ pub async fn authenticate(
     }
 
     let hash = account.map_or_else(|| dummy_hash().to_owned(), |a| a.password_hash.clone());
-    let permit = login
-        .checks
-        .acquire()
-        .await
-        .expect("the password-check semaphore is never closed");
-    let (verified, password) = tokio::task::spawn_blocking(move || {
-        let verified = crate::security::verify_password(password.as_bytes(), &hash);
-        (verified, password)
-    })
-    .await
-    .unwrap_or((false, String::new()));
-    drop(permit);
+    let verified = login.checkers.verify(password.clone(), hash).await;
 
     let now = Instant::now();
     match account {
@@ -259,7 +290,7 @@ pub struct LoginPolicy {
     pub usernames: FailureLimiter<String>,
     /// Failed logins by source address, known only to the MQTT over TLS relay.
     pub sources: FailureLimiter<IpAddr>,
-    checks: Semaphore,
+    checkers: PasswordCheckers,
 }
 
 impl LoginPolicy {
@@ -268,7 +299,7 @@ impl LoginPolicy {
             verified: VerifiedLogins::new(VERIFIED_CAPACITY),
             usernames: FailureLimiter::new(limits, FAILURE_TABLE_CAPACITY),
             sources: FailureLimiter::new(limits, FAILURE_TABLE_CAPACITY),
-            checks: Semaphore::new(CONCURRENT_PASSWORD_CHECKS),
+            checkers: PasswordCheckers::new(CONCURRENT_PASSWORD_CHECKS),
         }
     }
 }
@@ -286,14 +317,9 @@ pub fn auth_handler(
     move |client_id: String, username: String, password: String| {
         let policy = policy.clone();
         Box::pin(async move {
-            let outcome = authenticate(
-                &policy.accounts,
-                &policy.login,
-                &client_id,
-                &username,
-                password,
-            )
-            .await;
+            let accounts = policy.accounts.load();
+            let outcome =
+                authenticate(&accounts, &policy.login, &client_id, &username, password).await;
             let Err(denial) = outcome else {
                 return true;
             };

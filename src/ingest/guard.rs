@@ -32,12 +32,14 @@ use rumqttd::protocol::{
     PubCompReason, PubRec, PubRecReason, SubAck, Subscribe, SubscribeReasonCode,
 };
 
-use super::auth::{DenyReason, LoginPolicy, MqttAccounts, MqttDenials, MqttIdentity};
+use super::auth::{
+    DenyReason, LoginPolicy, MqttAccounts, MqttDenials, MqttIdentity, SharedAccounts,
+};
 use super::takeover::{ClientIds, LiveConnection};
 
 /// What every connection's guard shares.
 pub struct GuardPolicy {
-    pub accounts: Arc<MqttAccounts>,
+    pub accounts: SharedAccounts,
     pub denials: Arc<MqttDenials>,
     /// Average publishes per second of one authenticated device; 0 disables the limit.
     pub max_messages_per_second: f64,
@@ -54,6 +56,8 @@ pub struct GuardedV4 {
     policy: Arc<GuardPolicy>,
     inner: V4,
     client_id: String,
+    /// Whether another connection held this client id when the CONNECT arrived.
+    client_id_was_live: bool,
     identity: Option<MqttIdentity>,
     bucket: Option<TokenBucket>,
     replies: Mutex<Replies>,
@@ -71,12 +75,28 @@ struct Replies {
     live: Option<LiveConnection>,
 }
 
+impl GuardPolicy {
+    /// Replaces the broker's accounts after a reload or device change, and drops the
+    /// verified logins of removed accounts. A cached login of an account whose password
+    /// hash changed no longer matches, because the hash is part of its tag. An open broker
+    /// keeps no accounts until a restart.
+    ///
+    /// NOTE: a connection keeps the identity it logged in with until it disconnects, so a
+    /// removed or changed account's live connection is not closed.
+    pub fn replace_accounts(&self, accounts: MqttAccounts) {
+        if self.accounts.replace(accounts) {
+            self.login.verified.retain_accounts(&self.accounts.load());
+        }
+    }
+}
+
 impl GuardedV4 {
     pub fn new(policy: Arc<GuardPolicy>) -> Self {
         Self {
             policy,
             inner: V4,
             client_id: String::new(),
+            client_id_was_live: false,
             identity: None,
             bucket: None,
             replies: Mutex::default(),
@@ -99,9 +119,10 @@ impl GuardedV4 {
             Packet::Connect(connect, properties, will, will_properties, login) => {
                 self.client_id.clone_from(&connect.client_id);
                 self.check_takeover_backoff()?;
+                self.client_id_was_live = self.policy.clients.is_live(&self.client_id);
                 if !self.policy.accounts.is_open() {
                     let username = login.as_ref().map_or("", |l| l.username.as_str());
-                    self.identity = self.policy.accounts.identity(username).cloned();
+                    self.identity = self.policy.accounts.load().identity(username).cloned();
                     self.bucket = self.new_bucket();
                     if let Some(will) = &will {
                         let topic = String::from_utf8_lossy(&will.topic);
@@ -315,7 +336,9 @@ impl Protocol for GuardedV4 {
             Packet::ConnAck(ack, properties) => {
                 // An empty client id gets a unique one from rumqttd, so it is not tracked.
                 if ack.code == ConnectReturnCode::Success && !self.client_id.is_empty() {
-                    replies.live = Some(self.policy.clients.connected(&self.client_id));
+                    let clients = &self.policy.clients;
+                    let live = clients.connected(&self.client_id, self.client_id_was_live);
+                    replies.live = Some(live);
                 }
                 Packet::ConnAck(ack, properties)
             }

@@ -105,9 +105,19 @@ impl ClientIds {
         (now < until).then(|| until - now)
     }
 
+    /// Returns whether a connection with `client_id` is live.
+    pub fn is_live(&self, client_id: &str) -> bool {
+        self.lock()
+            .clients
+            .get(client_id)
+            .is_some_and(|client| client.live > 0)
+    }
+
     /// Records an accepted connection of `client_id`. When another connection with this
-    /// client id is live, rumqttd has just closed it, so a takeover is counted.
-    pub fn connected(self: &Arc<Self>, client_id: &str) -> LiveConnection {
+    /// client id was live at its CONNECT (`live_at_connect`, from [`Self::is_live`]) or is
+    /// live now, rumqttd has closed it, so a takeover is counted. The older connection's
+    /// record can end before the new CONNACK, because rumqttd closes it first.
+    pub fn connected(self: &Arc<Self>, client_id: &str, live_at_connect: bool) -> LiveConnection {
         let now = Instant::now();
         let mut state = self.lock();
         state.connections += 1;
@@ -115,7 +125,7 @@ impl ClientIds {
             state.clients.retain(|_, client| !client.is_idle(now));
         }
         let client = state.clients.entry(client_id.to_owned()).or_default();
-        let taken_over = client.live > 0;
+        let taken_over = live_at_connect || client.live > 0;
         client.live += 1;
         let mut backoff_started = false;
         if taken_over {
@@ -223,20 +233,20 @@ mod tests {
     #[test]
     fn second_connection_is_takeover() {
         let clients = clients(5);
-        let first = clients.connected("gas-01");
+        let first = clients.connected("gas-01", false);
         assert_eq!(clients.count(), 0);
-        let _second = clients.connected("gas-01");
+        let _second = clients.connected("gas-01", false);
         assert_eq!(clients.count(), 1);
         drop(first);
-        let _other = clients.connected("gas-02");
+        let _other = clients.connected("gas-02", false);
         assert_eq!(clients.count(), 1);
     }
 
     #[test]
     fn reconnect_after_drop_is_not_takeover() {
         let clients = clients(5);
-        drop(clients.connected("gas-01"));
-        let _again = clients.connected("gas-01");
+        drop(clients.connected("gas-01", false));
+        let _again = clients.connected("gas-01", false);
         assert_eq!(clients.count(), 0);
         assert_eq!(clients.lock().clients.len(), 1);
     }
@@ -244,9 +254,9 @@ mod tests {
     #[test]
     fn takeovers_above_limit_start_backoff() {
         let clients = clients(2);
-        let mut live = vec![clients.connected("gas-01")];
+        let mut live = vec![clients.connected("gas-01", false)];
         for _ in 0..2 {
-            live.push(clients.connected("gas-01"));
+            live.push(clients.connected("gas-01", false));
             live.remove(0);
         }
         assert_eq!(
@@ -254,7 +264,7 @@ mod tests {
             None,
             "2 takeovers are within the limit"
         );
-        live.push(clients.connected("gas-01"));
+        live.push(clients.connected("gas-01", false));
         assert_eq!(clients.count(), 3);
         assert!(
             clients
@@ -265,10 +275,20 @@ mod tests {
     }
 
     #[test]
+    fn live_at_connect_is_takeover() {
+        let clients = clients(5);
+        let first = clients.connected("gas-01", false);
+        let live = clients.is_live("gas-01");
+        drop(first);
+        let _second = clients.connected("gas-01", live);
+        assert_eq!(clients.count(), 1);
+    }
+
+    #[test]
     fn idle_client_ids_are_forgotten() {
         let clients = clients(0);
-        let first = clients.connected("gas-01");
-        let second = clients.connected("gas-01");
+        let first = clients.connected("gas-01", false);
+        let second = clients.connected("gas-01", false);
         drop(first);
         drop(second);
         assert_eq!(

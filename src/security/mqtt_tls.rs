@@ -244,6 +244,7 @@ impl ConnectLogin {
         };
         guard
             .accounts
+            .load()
             .password_hash(username)
             .is_some_and(|hash| guard.login.verified.contains(username, hash, password))
     }
