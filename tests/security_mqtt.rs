@@ -802,7 +802,7 @@ async fn client_id_takeovers_counted_and_limited() {
     assert_eq!(metric(http, backoff_sample).await, 1.0);
     assert_eq!(metric(http, takeovers).await, 3.0);
 
-    // The connection that holds the client id keeps publishing.
+    // The connection that has the client id keeps publishing.
     holder
         .publish(
             "telemetry/plant-a/gas-01",
@@ -823,7 +823,8 @@ async fn client_id_takeovers_counted_and_limited() {
     server.shutdown().await;
 }
 
-/// Posts to `path` with an optional JSON body and returns the status and the JSON answer.
+/// Sends a request to `path` with an optional JSON body and returns the status and the
+/// JSON response.
 async fn send_json(
     http: std::net::SocketAddr,
     method: reqwest::Method,

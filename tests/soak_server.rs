@@ -1,6 +1,6 @@
-//! Soak test of the built binary: many simulated devices, each on its own MQTT connection
-//! and logged in with its own password, publish QoS 1 readings for a bounded time while
-//! the test samples the server's resident memory (`VmRSS` in `/proc/PID/status`) and open
+//! Soak test of the built binary. Many simulated devices, each on its own MQTT connection
+//! and logged in with its own password, publish QoS 1 readings for a bounded time. The
+//! test samples the server's resident memory (`VmRSS` in `/proc/PID/status`) and open
 //! file descriptors (`/proc/PID/fd`).
 //!
 //! One device in `RECONNECTING_EVERY` disconnects and logs in again every
@@ -36,7 +36,7 @@ use support::{Receiver, metric, unique_millis, wait_for};
 
 const DEFAULT_DEVICES: usize = 1_000;
 const DEFAULT_SECS: u64 = 300;
-/// Longest soak that `STONELION_SOAK_SECS` may ask for, so a typo cannot hang CI.
+/// Maximum soak that `STONELION_SOAK_SECS` may set, so a typo cannot hang CI.
 const MAX_SECS: u64 = 3_600;
 /// Time between two readings of one device.
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
@@ -73,7 +73,7 @@ fn password(n: usize) -> String {
 }
 
 /// Hashes with the lowest argon2 cost (8 KiB, 1 pass), so that 1,000 logins stay cheap in
-/// a debug build; the server reads the cost from the PHC string.
+/// a debug build. The server reads the cost from the PHC string.
 fn cheap_hash(password: &str) -> String {
     let params = Params::new(8, 1, 1, None).unwrap();
     let salt = SaltString::encode_b64(b"sixteen byte salt").unwrap();

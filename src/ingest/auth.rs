@@ -262,14 +262,14 @@ pub async fn authenticate(
     }
 }
 
-/// Why [`authenticate`] denied a login.
+/// Reason that [`authenticate`] denied a login.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoginDenial {
     /// Unknown username or wrong password, with what the failure did to the backoff.
     WrongPassword(FailureOutcome),
     /// A correct password with a client id that does not belong to the username.
     ClientIdNotAllowed,
-    /// The username is in backoff for this much longer; argon2 did not run.
+    /// The username is in backoff for this much longer, so argon2 did not run.
     Backoff(Duration),
 }
 

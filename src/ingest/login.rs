@@ -8,9 +8,9 @@
 //! - [`VerifiedLogins`]: a device whose password was verified before logs in again
 //!   without argon2. The cache stores an HMAC-SHA256 of the account's password hash and
 //!   the password under a random per-process key, never the password, so a changed hash
-//!   no longer matches. It holds at most [`VERIFIED_CAPACITY`] entries.
+//!   no longer matches. It contains at most [`VERIFIED_CAPACITY`] entries.
 //! - [`FailureLimiter`]: after `max_failed_logins` failures in a row for one key (a
-//!   username, or a source address where the TLS relay knows it), further attempts are
+//!   username, or a source address where the TLS relay sees it), further attempts are
 //!   denied without argon2 for `failed_login_backoff`. A cached credential still logs in
 //!   during a username's backoff, so guessing a device's username cannot lock it out.
 
@@ -30,7 +30,8 @@ type HmacSha256 = Hmac<Sha256>;
 /// this only matters with more accounts than this.
 pub const VERIFIED_CAPACITY: usize = 65_536;
 /// Maximum usernames or source addresses whose failures are tracked at once. When the
-/// table is full, the key whose last failure is oldest and that is not in backoff goes.
+/// table is full, the key whose last failure is oldest and that is not in backoff is
+/// dropped.
 pub const FAILURE_TABLE_CAPACITY: usize = 16_384;
 
 /// Cache of credentials verified recently, by username.
@@ -158,7 +159,7 @@ impl FailureState {
     }
 }
 
-/// What a recorded failure did.
+/// Effect of a recorded failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureOutcome {
     /// Counted; the key is not in backoff.
@@ -241,8 +242,9 @@ impl<K: Eq + Hash + Clone> FailureLimiter<K> {
         if let Some(oldest) = oldest {
             keys.remove(&oldest);
         }
-        // NOTE: with every tracked key in backoff the table grows past its capacity by
-        // the keys added during one backoff; each needed `max_failures` failed logins.
+        // NOTE: when every tracked key is in backoff, the table grows past its capacity
+        // by the keys added during one backoff. Each of them took `max_failures` failed
+        // logins.
     }
 
     pub fn tracked(&self) -> usize {
@@ -297,7 +299,7 @@ impl PasswordCheckers {
                     }
                 });
             if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start an MQTT password-check thread");
+                tracing::error!(error = %e, thread = n, "starting an MQTT password-check thread failed; fewer checks run at once");
             }
         }
         Self {

@@ -6,7 +6,7 @@
 //! Two devices that share a client id, or a stolen credential, would take the id over
 //! from each other in a loop. Each takeover is counted in
 //! `stonelion_mqtt_client_takeovers_total` and logged at WARN, at most once per
-//! `LOG_INTERVAL`. A client id taken over more than `max_per_minute` times within a
+//! `LOG_INTERVAL`, and the start of each backoff is logged at WARN. A client id taken over more than `max_per_minute` times within a
 //! minute is in backoff: its further CONNECTs are denied for `backoff`, while the
 //! connection that holds it stays.
 //!

@@ -5,7 +5,7 @@
 //! certificates required, the CONNECT username must equal the certificate's subject
 //! common name (CN), so a device's certificate works only with that device's account.
 //!
-//! The relay is the one place that knows a client's source address, so it limits failed
+//! The relay is the one place that sees a client's source address, so it limits failed
 //! logins per source: a login the broker closes without CONNACK is a failure, and after
 //! `[mqtt] max_failed_logins` of them in a row the source's logins are denied for
 //! `failed_login_backoff`, unless the credential is in the verified-login cache.
@@ -29,13 +29,13 @@ use crate::ingest::login::FailureOutcome;
 
 /// Maximum time between the end of a client's handshake and its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Maximum time the broker may take to answer a CONNECT. During a login flood a login
+/// Maximum time the broker may take to reply to a CONNECT. During a login flood a login
 /// that is not in the verified-login cache waits for a password-check slot.
 const CONNACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Maximum size of a CONNECT packet that the relay reads, in bytes.
 const MAX_CONNECT_BYTES: usize = 64 * 1024;
 
-/// What the relay checks before it relays a connection.
+/// Checks that the relay runs before it relays a connection.
 pub struct RelayPolicy {
     /// The broker's accounts, verified-login cache, failed-login limits and denials.
     pub guard: Arc<GuardPolicy>,
