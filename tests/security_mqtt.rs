@@ -855,28 +855,35 @@ async fn logs_in(addr: std::net::SocketAddr, username: &str, password: &str) -> 
     true
 }
 
+/// Writes `text` as the config file `stonelion.toml` in `dir` and starts a server from it,
+/// so that `POST /api/v1/admin/reload` reads the file again.
+async fn start_from_file(dir: &std::path::Path, text: &str) -> stonelion::server::Server {
+    let config_path = dir.join("stonelion.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let overrides = stonelion::config::Overrides {
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
+        data_dir: Some(dir.join("data")),
+    };
+    let file = stonelion::config::managed::ConfigFile {
+        path: config_path,
+        overrides,
+    };
+    stonelion::server::Server::start_with_file(
+        file,
+        std::sync::Arc::new(stonelion::clock::SystemClock),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_change_invalidates_cached_login() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
     let config_path = dir.path().join("stonelion.toml");
     let text = config("").replace("WEBHOOK_URL", &receiver.url());
-    std::fs::write(&config_path, &text).unwrap();
-    let overrides = stonelion::config::Overrides {
-        http_listen: Some("127.0.0.1:0".parse().unwrap()),
-        mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
-        data_dir: Some(dir.path().join("data")),
-    };
-    let file = stonelion::config::managed::ConfigFile {
-        path: config_path.clone(),
-        overrides,
-    };
-    let server = stonelion::server::Server::start_with_file(
-        file,
-        std::sync::Arc::new(stonelion::clock::SystemClock),
-    )
-    .await
-    .unwrap();
+    let server = start_from_file(dir.path(), &text).await;
     let (addr, http) = (server.mqtt_addr, server.http_addr);
 
     assert!(logs_in(addr, "gas-01", "pw-gas-01").await, "first login");
@@ -914,5 +921,51 @@ async fn password_change_invalidates_cached_login() {
         !logs_in(addr, "gas-09", "pw-gas-09").await,
         "a deleted device's cached password logged in"
     );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_connected_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let text = config("").replace("WEBHOOK_URL", &receiver.url());
+    let server = start_from_file(dir.path(), &text).await;
+    let (addr, http) = (server.mqtt_addr, server.http_addr);
+    let (device, events) = connect(addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let _device_loop = drive(events);
+
+    let entry = "id = \"gas-01\"\nsite = \"plant-a\"";
+    assert!(
+        text.contains(entry),
+        "the test config has gas-01 in plant-a"
+    );
+    let moved = text.replace(entry, "id = \"gas-01\"\nsite = \"park-b3\"");
+    std::fs::write(dir.path().join("stonelion.toml"), moved).unwrap();
+    let (status, body) = send_json(http, reqwest::Method::POST, "/api/v1/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["devices_changed"], json!(["gas-01"]), "{body}");
+
+    // The connection logged in while gas-01 was in plant-a, and publishes to its new site.
+    device
+        .publish(
+            "telemetry/park-b3/gas-01",
+            QoS::AtLeastOnce,
+            false,
+            reading(24.0),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the reading at the new site",
+        Duration::from_secs(10),
+        || async { (latest_gas(http, "gas-01").await == Some(24.0)).then_some(()) },
+    )
+    .await;
+    let denied = metric(
+        http,
+        r#"stonelion_mqtt_denied_total{reason="publish_not_allowed"}"#,
+    )
+    .await;
+    assert_eq!(denied, 0.0);
     server.shutdown().await;
 }

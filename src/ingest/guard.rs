@@ -56,6 +56,8 @@ pub struct GuardedV4 {
     policy: Arc<GuardPolicy>,
     inner: V4,
     client_id: String,
+    /// The CONNECT's username; empty without one.
+    username: String,
     /// Whether another connection held this client id when the CONNECT arrived.
     client_id_was_live: bool,
     identity: Option<MqttIdentity>,
@@ -81,8 +83,8 @@ impl GuardPolicy {
     /// hash changed no longer matches, because the hash is part of its tag. An open broker
     /// keeps no accounts until a restart.
     ///
-    /// NOTE: a connection keeps the identity it logged in with until it disconnects, so a
-    /// removed or changed account's live connection is not closed.
+    /// NOTE: a live connection is not closed when its account is removed or its password
+    /// changes, and it may keep publishing to the topics its account had at CONNECT.
     pub fn replace_accounts(&self, accounts: MqttAccounts) {
         if self.accounts.replace(accounts) {
             self.login.verified.retain_accounts(&self.accounts.load());
@@ -96,6 +98,7 @@ impl GuardedV4 {
             policy,
             inner: V4,
             client_id: String::new(),
+            username: String::new(),
             client_id_was_live: false,
             identity: None,
             bucket: None,
@@ -122,6 +125,7 @@ impl GuardedV4 {
                 self.client_id_was_live = self.policy.clients.is_live(&self.client_id);
                 if !self.policy.accounts.is_open() {
                     let username = login.as_ref().map_or("", |l| l.username.as_str());
+                    self.username = username.to_owned();
                     self.identity = self.policy.accounts.load().identity(username).cloned();
                     self.bucket = self.new_bucket();
                     if let Some(will) = &will {
@@ -214,12 +218,25 @@ impl GuardedV4 {
         if self.policy.accounts.is_open() {
             return Ok(());
         }
-        if !self
-            .identity
-            .as_ref()
-            .is_some_and(|id| id.may_publish(topic))
-        {
-            return Err(DenyReason::PublishNotAllowed);
+        let allowed = |identity: &Option<MqttIdentity>| {
+            identity.as_ref().is_some_and(|id| id.may_publish(topic))
+        };
+        if !allowed(&self.identity) {
+            // A reload or device change since the CONNECT may have added the account or
+            // moved the device to another site, so the current account decides.
+            let current = self
+                .policy
+                .accounts
+                .load()
+                .identity(&self.username)
+                .cloned();
+            if current.is_none() || current == self.identity || !allowed(&current) {
+                return Err(DenyReason::PublishNotAllowed);
+            }
+            self.identity = current;
+            if self.bucket.is_none() {
+                self.bucket = self.new_bucket();
+            }
         }
         let within_rate = self
             .bucket

@@ -262,9 +262,9 @@ impl<K: Eq + Hash + Clone> FailureLimiter<K> {
 ///
 /// Dedicated threads, rather than tokio's blocking pool, keep argon2's memory (19 MiB per
 /// check at the default cost) in the allocator arenas of a fixed set of threads. On the
-/// blocking pool each check can run on another thread, and glibc keeps the freed memory
-/// in each thread's arena, so resident memory grew by about 20 MiB per thread that ever
-/// ran a check.
+/// blocking pool a check can run on any of its threads, and glibc keeps freed memory in
+/// the arena of the thread that freed it, so resident memory rose in steps of about
+/// 20 MiB (docs/testing.md, soak test).
 pub struct PasswordCheckers {
     jobs: Mutex<std::sync::mpsc::Sender<PasswordJob>>,
     slots: tokio::sync::Semaphore,
