@@ -694,7 +694,7 @@ async fn failed_logins_start_username_backoff() {
     let backoff_sample = r#"stonelion_mqtt_denied_total{reason="login_backoff"}"#;
     let bad_sample = r#"stonelion_mqtt_denied_total{reason="bad_credentials"}"#;
 
-    // gas-01's credential is cached; gas-02's is not.
+    // gas-01's credential is cached, but gas-02's is not.
     let (first, first_events) = connect(addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
     let first_loop = drive(first_events);
     first.disconnect().await.unwrap();
@@ -840,7 +840,7 @@ async fn send_json(
     (status, response.json().await.unwrap_or_default())
 }
 
-/// Returns whether a login gets CONNACK; a successful one is disconnected again.
+/// Returns whether a login gets CONNACK. A successful login is disconnected again.
 async fn logs_in(addr: std::net::SocketAddr, username: &str, password: &str) -> bool {
     let login = Some((username, password));
     let (client, mut events) = AsyncClient::new(options(addr, username, login), 10);

@@ -215,7 +215,7 @@ async fn mqtt_tls_requires_client_certificate() {
     server.shutdown().await;
 }
 
-/// Hashes with a low argon2 cost, so that debug builds verify quickly; the server reads
+/// Hashes with a low argon2 cost, so that debug builds verify quickly. The server reads
 /// the cost from the PHC string.
 fn cheap_hash(password: &str) -> String {
     use argon2::password_hash::{PasswordHasher, SaltString};
@@ -227,7 +227,8 @@ fn cheap_hash(password: &str) -> String {
         .to_string()
 }
 
-/// Publishes one reading of gas-01 over TLS as `username` with `password`.
+/// Publishes one reading to `username`'s topic over TLS, logged in as `username` with
+/// `password`.
 fn mosquitto_pub_login(port: u16, dir: &Path, username: &str, password: &str) -> Output {
     Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
@@ -308,7 +309,7 @@ async fn mqtt_tls_backs_off_failing_source() {
     );
     assert_eq!(metric(backoff_sample).await, 1.0);
 
-    // The plain listener does not know the source, so gas-02 logs in there.
+    // The plain listener does not see the source, so gas-02 logs in there.
     let plain = Command::new("mosquitto_pub")
         .args([
             "-h",

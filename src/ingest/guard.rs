@@ -56,7 +56,7 @@ pub struct GuardedV4 {
     policy: Arc<GuardPolicy>,
     inner: V4,
     client_id: String,
-    /// The CONNECT's username; empty without one.
+    /// The CONNECT's username, or empty without one.
     username: String,
     /// Whether another connection held this client id when the CONNECT arrived.
     client_id_was_live: bool,
