@@ -13,9 +13,14 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,rumqttd::server::broker=off";
 
 /// Messages that rumqttd 0.20's router logs at ERROR when a client has already
-/// disconnected, for example every connection at shutdown. No operator action follows
+/// disconnected, for example every connection at shutdown, and for each client-id
+/// takeover, which `ingest::takeover` counts and logs at WARN. No operator action follows
 /// from them, so they would break the rule that ERROR means an operator must act.
-const ROUTINE_ROUTER_ERRORS: &[&str] = &["no-connection id ", "Connection is already disconnected"];
+const ROUTINE_ROUTER_ERRORS: &[&str] = &[
+    "no-connection id ",
+    "Connection is already disconnected",
+    "Duplicate client_id, dropping previous connection",
+];
 
 /// Initialises logging to stderr with `STONELION_LOG` or the default filter.
 pub fn init() {
@@ -81,6 +86,9 @@ mod tests {
         ));
         assert!(is_routine_router_error(
             "Connection is already disconnected"
+        ));
+        assert!(is_routine_router_error(
+            "Duplicate client_id, dropping previous connection with connection_id: 3"
         ));
         assert!(!is_routine_router_error("Router done!"));
         assert!(!is_routine_router_error("no space for new connection"));

@@ -3,9 +3,10 @@
 //! A reload reads the config file again, merges the managed devices
 //! ([`crate::config::managed`]) and checks the result like `check-config`. A valid config
 //! replaces sites, devices, rules, the offline level, the timestamp window and webhooks.
-//! Settings that take effect only at start (listeners, storage, TLS, MQTT accounts, API
-//! tokens, CORS, `ingest.max_payload_bytes`) keep their running values and are reported
-//! as `restart_required`. An invalid config changes nothing.
+//! Device MQTT passwords change with the devices, unless the broker started open (with no
+//! account). Settings that take effect only at start (listeners, storage, TLS,
+//! `[[mqtt_users]]`, API tokens, CORS, `ingest.max_payload_bytes`) keep their running
+//! values and are reported as `restart_required`. An invalid config changes nothing.
 //!
 //! The alarm stage gets the new rules first, then ingestion gets the new directory, so a
 //! reading of a new device never reaches the alarm stage before its rules. Open alarms
@@ -24,7 +25,9 @@ use crate::alarms::manager::{AlarmHandle, WebhookUpdate};
 use crate::clock::SharedClock;
 use crate::config::managed::{self, ConfigFile, FileProblem};
 use crate::config::{Config, SharedConfig};
+use crate::ingest::auth::MqttAccounts;
 use crate::ingest::directory::{Directory, SharedDirectory};
+use crate::ingest::guard::GuardPolicy;
 use crate::model::DeviceId;
 use crate::notify::{DispatcherHandle, NotifyMetrics, Webhook};
 use crate::server_modbus::ModbusRunner;
@@ -154,6 +157,7 @@ pub struct Reloader {
     /// Taken at shutdown, because the alarm stage ends only when every handle is dropped.
     alarms: std::sync::Mutex<Option<AlarmHandle>>,
     applied: tokio::sync::Mutex<Applied>,
+    mqtt: Arc<GuardPolicy>,
 }
 
 /// The running parts a [`Reloader`] replaces.
@@ -166,6 +170,8 @@ pub struct ReloaderParts {
     pub alarms: AlarmHandle,
     pub webhooks: WebhookRunner,
     pub modbus: ModbusRunner,
+    /// The broker's accounts and login limits, whose device passwords a change replaces.
+    pub mqtt: Arc<GuardPolicy>,
 }
 
 impl Reloader {
@@ -182,6 +188,7 @@ impl Reloader {
             directory: parts.directory,
             alarms: std::sync::Mutex::new(Some(parts.alarms)),
             applied: tokio::sync::Mutex::new(applied),
+            mqtt: parts.mqtt,
         }
     }
 
@@ -312,7 +319,9 @@ impl Reloader {
         let old_table: toml::Table = toml::from_str(&applied.file_text).unwrap_or_default();
         let new_table: toml::Table = toml::from_str(&file_text).unwrap_or_default();
         let mut report = diff_devices(&old, &config);
-        report.restart_required = restart_required(&old_table, &new_table, &old, &config);
+        let mqtt_open = self.mqtt.accounts.is_open();
+        report.restart_required =
+            restart_required(&old_table, &new_table, &old, &config, mqtt_open);
         keep_start_settings(&mut config, &old);
         report.webhooks_changed = old_table.get("webhooks") != new_table.get("webhooks");
 
@@ -340,6 +349,8 @@ impl Reloader {
             AdminError::Failed(format!("the alarm stage did not take the new rules: {e}"))
         })?;
         self.directory.store(Directory::from_config(&config));
+        self.mqtt
+            .replace_accounts(MqttAccounts::from_config(&config));
         self.config.store(config.clone());
         applied.modbus.update(&config).await;
         applied.file_text = file_text;
@@ -382,7 +393,11 @@ fn diff_devices(old: &Config, new: &Config) -> ReloadReport {
     for device in &new.devices {
         match old.device(&device.id) {
             None => report.devices_added.push(device.id.clone()),
-            Some(before) if format!("{before:?}") != format!("{device:?}") => {
+            // `Debug` redacts the password hash, so it is compared on its own.
+            Some(before)
+                if format!("{before:?}") != format!("{device:?}")
+                    || before.mqtt_password_hash != device.mqtt_password_hash =>
+            {
                 report.devices_changed.push(device.id.clone());
             }
             Some(_) => {}
@@ -397,12 +412,14 @@ fn diff_devices(old: &Config, new: &Config) -> ReloadReport {
     report
 }
 
-/// Returns the keys whose change takes effect only at start.
+/// Returns the keys whose change takes effect only at start. Device MQTT passwords are
+/// among them only for a broker that started open (`mqtt_open`).
 fn restart_required(
     old_table: &toml::Table,
     new_table: &toml::Table,
     old: &Config,
     new: &Config,
+    mqtt_open: bool,
 ) -> Vec<String> {
     let empty = toml::Table::new();
     let section = |table: &toml::Table, name: &str| -> toml::Table {
@@ -436,7 +453,10 @@ fn restart_required(
             keys.push(name.to_owned());
         }
     }
-    // The broker's accounts are built at start.
+    // An open broker has no authentication handler until a restart.
+    if !mqtt_open {
+        return keys;
+    }
     let hash = |config: &Config, id: &DeviceId| {
         config
             .device(id)

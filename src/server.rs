@@ -22,11 +22,13 @@ use crate::config::StorageBackend;
 use crate::config::managed::{self, ConfigFile};
 use crate::config::{Config, SharedConfig};
 use crate::ingest::IngestHandle;
-use crate::ingest::auth::{MqttAccounts, MqttDenials};
+use crate::ingest::auth::{LoginPolicy, MqttAccounts, MqttDenials, SharedAccounts};
 use crate::ingest::directory::{Directory, SharedDirectory};
 use crate::ingest::guard::GuardPolicy;
+use crate::ingest::login::FailureLimits;
 use crate::ingest::mqtt::{BrokerSettings, EmbeddedBroker, spawn_ingest_link};
 use crate::ingest::reject::RejectLog;
+use crate::ingest::takeover::{ClientIds, TakeoverLimits};
 use crate::metrics::SharedRegistry;
 use crate::model::DeviceId;
 use crate::pipeline::{DeviceState, DeviceStates, Pipeline};
@@ -96,7 +98,7 @@ impl Server {
         managed_devices: Vec<toml::Table>,
         clock: SharedClock,
     ) -> anyhow::Result<Server> {
-        let accounts = Arc::new(MqttAccounts::from_config(&config));
+        let accounts = SharedAccounts::new(MqttAccounts::from_config(&config));
         crate::security::check_exposure(&config, accounts.is_open())?;
         let data_dir = config.server.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
@@ -151,21 +153,32 @@ impl Server {
         });
 
         let denials = Arc::new(MqttDenials::new(&registry));
-        let guard = GuardPolicy {
+        let guard = Arc::new(GuardPolicy {
             accounts,
-            denials: denials.clone(),
+            denials,
             max_messages_per_second: config.mqtt.max_messages_per_second,
             max_burst_messages: config.mqtt.max_burst_messages,
-        };
+            login: LoginPolicy::new(FailureLimits {
+                max_failures: config.mqtt.max_failed_logins,
+                backoff: config.mqtt.failed_login_backoff,
+            }),
+            clients: Arc::new(ClientIds::new(
+                TakeoverLimits {
+                    max_per_minute: config.mqtt.max_client_takeovers_per_minute,
+                    backoff: config.mqtt.client_takeover_backoff,
+                },
+                &registry,
+            )),
+        });
         let broker = EmbeddedBroker::start(&BrokerSettings {
             listen: config.server.mqtt_listen,
             max_payload_bytes: config.ingest.max_payload_bytes,
             max_connections: 10_000,
-            guard: Arc::new(guard),
+            guard: guard.clone(),
         })
         .await?;
         let mqtt_tls_addr =
-            match start_mqtt_tls(&config, broker.addr, denials, &stop_ingest).await? {
+            match start_mqtt_tls(&config, broker.addr, guard.clone(), &stop_ingest).await? {
                 Some((addr, task)) => {
                     background_ingest.push(task);
                     Some(addr)
@@ -200,6 +213,7 @@ impl Server {
             alarms: alarm_handle.clone(),
             webhooks,
             modbus,
+            mqtt: guard,
         }));
 
         let reader = alarm_store::open_connection(&state_db)
@@ -307,7 +321,7 @@ impl Server {
 async fn start_mqtt_tls(
     config: &Config,
     broker: SocketAddr,
-    denials: Arc<MqttDenials>,
+    guard: Arc<GuardPolicy>,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
     let (Some(listen), Some(cert), Some(key)) = (
@@ -320,12 +334,15 @@ async fn start_mqtt_tls(
     let tls =
         crate::security::tls::server_config(cert, key, config.mqtt.tls_client_ca.as_deref(), &[])
             .context("cannot load the MQTT TLS certificate")?;
-    let bind_certificates = config.mqtt.tls_client_ca.is_some().then_some(denials);
+    let bind_certificates = config.mqtt.tls_client_ca.is_some();
     let (addr, task) = crate::security::mqtt_tls::spawn(
         listen,
         tls,
         broker,
-        bind_certificates,
+        crate::security::mqtt_tls::RelayPolicy {
+            guard,
+            bind_certificates,
+        },
         stop.clone(),
     )
     .await

@@ -580,3 +580,392 @@ async fn open_broker_beyond_loopback_rejected() {
         "{error}"
     );
 }
+
+/// Keeps `clients` rumqttc clients logging in with wrong passwords under fresh unknown
+/// usernames until `stop`, each giving up after 1 s, and counts their attempts.
+fn spawn_login_flood(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    use std::sync::atomic::Ordering;
+    (0..clients)
+        .map(|task| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut attempts = 0u64;
+                // Bounded so that a broken stop flag cannot keep the test running.
+                while !stop.load(Ordering::SeqCst) && attempts < 10_000 {
+                    let name = format!("intruder-{task}-{attempts}");
+                    let login = Some((name.as_str(), "guessed"));
+                    let (_client, mut events) = AsyncClient::new(options(addr, &name, login), 10);
+                    let mut network = events.network_options();
+                    network.set_connection_timeout(1);
+                    events.set_network_options(network);
+                    assert!(
+                        connack(&mut events).await.is_err(),
+                        "a wrong password got CONNACK"
+                    );
+                    attempts += 1;
+                }
+                attempts
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_flood_spares_verified_device() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(""), &receiver.url(), data.path()).await;
+    let (addr, http) = (server.mqtt_addr, server.http_addr);
+
+    // The first login runs argon2 and puts the credential in the verified-login cache.
+    let (first, first_events) = connect(addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let first_loop = drive(first_events);
+    first.disconnect().await.unwrap();
+    first_loop.await.unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = spawn_login_flood(addr, 12, &stop);
+    let sample = r#"stonelion_mqtt_denied_total{reason="bad_credentials"}"#;
+    wait_for(
+        "the flood's first denials",
+        Duration::from_secs(30),
+        || async { (metric(http, sample).await >= 4.0).then_some(()) },
+    )
+    .await;
+
+    let started = std::time::Instant::now();
+    let (cached, cached_events) = connect(addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let cached_time = started.elapsed();
+    let _cached_loop = drive(cached_events);
+
+    // A device without a cached credential waits for a password-check slot.
+    let started = std::time::Instant::now();
+    let (_uncached, mut uncached_events) =
+        AsyncClient::new(options(addr, "gas-b3", Some(("gas-b3", "pw-gas-b3"))), 10);
+    let uncached = connack(&mut uncached_events).await;
+    let uncached_time = started.elapsed();
+    let flood_denials = metric(http, sample).await;
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut attempts = 0;
+    for task in flood {
+        attempts += task.await.unwrap();
+    }
+    println!(
+        "flood: {attempts} logins by 12 clients; cached login {cached_time:?}, uncached \
+         login {uncached_time:?} ({uncached:?}), {flood_denials} bad-credential denials"
+    );
+    assert!(
+        cached_time < Duration::from_secs(3),
+        "the cached login took {cached_time:?} during the flood"
+    );
+    assert!(
+        uncached.is_err() || uncached_time > cached_time,
+        "the uncached login ({uncached_time:?}) was not slower than the cached one, so the \
+         flood did not load the password checks"
+    );
+    cached
+        .publish(
+            "telemetry/plant-a/gas-01",
+            QoS::AtLeastOnce,
+            false,
+            reading(21.0),
+        )
+        .await
+        .unwrap();
+    wait_for("gas-01's reading", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-01").await == Some(21.0)).then_some(())
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_start_username_backoff() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let limits = "[mqtt]\nmax_failed_logins = 3\nfailed_login_backoff = \"1h\"";
+    let server = start_server(&config(limits), &receiver.url(), data.path()).await;
+    let (addr, http) = (server.mqtt_addr, server.http_addr);
+    let backoff_sample = r#"stonelion_mqtt_denied_total{reason="login_backoff"}"#;
+    let bad_sample = r#"stonelion_mqtt_denied_total{reason="bad_credentials"}"#;
+
+    // gas-01's credential is cached, but gas-02's is not.
+    let (first, first_events) = connect(addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let first_loop = drive(first_events);
+    first.disconnect().await.unwrap();
+    first_loop.await.unwrap();
+
+    for device in ["gas-01", "gas-02"] {
+        for attempt in 1..=3 {
+            let (_client, mut events) =
+                AsyncClient::new(options(addr, device, Some((device, "guessed"))), 10);
+            assert!(
+                connack(&mut events).await.is_err(),
+                "{device}: wrong password {attempt} got CONNACK"
+            );
+        }
+    }
+    wait_for(
+        "6 bad-credential denials",
+        Duration::from_secs(30),
+        || async { (metric(http, bad_sample).await >= 6.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(metric(http, backoff_sample).await, 0.0);
+
+    // In backoff, gas-02's correct password is denied without a password check.
+    let (_client, mut events) =
+        AsyncClient::new(options(addr, "gas-02", Some(("gas-02", "pw-gas-02"))), 10);
+    assert!(
+        connack(&mut events).await.is_err(),
+        "gas-02 logged in during its backoff"
+    );
+    wait_for(
+        "a login_backoff denial",
+        Duration::from_secs(10),
+        || async { (metric(http, backoff_sample).await >= 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(metric(http, bad_sample).await, 6.0);
+
+    // A cached credential still logs in, so guessing at gas-01 cannot lock it out.
+    let (device, device_events) = connect(addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let _device_loop = drive(device_events);
+    device
+        .publish(
+            "telemetry/plant-a/gas-01",
+            QoS::AtLeastOnce,
+            false,
+            reading(22.0),
+        )
+        .await
+        .unwrap();
+    wait_for("gas-01's reading", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-01").await == Some(22.0)).then_some(())
+    })
+    .await;
+
+    // A wrong password for gas-01 in backoff is denied by the backoff, not by argon2.
+    let (_client, mut events) =
+        AsyncClient::new(options(addr, "gas-01", Some(("gas-01", "guessed"))), 10);
+    assert!(connack(&mut events).await.is_err());
+    wait_for(
+        "a second login_backoff denial",
+        Duration::from_secs(10),
+        || async { (metric(http, backoff_sample).await >= 2.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(metric(http, bad_sample).await, 6.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_id_takeovers_counted_and_limited() {
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let limits = "[mqtt]\nmax_client_takeovers_per_minute = 2\nclient_takeover_backoff = \"1h\"";
+    let server = start_server(&config(limits), &receiver.url(), data.path()).await;
+    let (addr, http) = (server.mqtt_addr, server.http_addr);
+    let takeovers = "stonelion_mqtt_client_takeovers_total";
+    let backoff_sample = r#"stonelion_mqtt_denied_total{reason="takeover_backoff"}"#;
+    let login = Some(("gas-01", "pw-gas-01"));
+
+    let (mut holder, events) = connect(addr, "gas-01", login).await;
+    let mut holder_loop = drive(events);
+    assert_eq!(metric(http, takeovers).await, 0.0);
+    for expected in 1..=3 {
+        let (newer, events) = connect(addr, "gas-01", login).await;
+        assert_eq!(
+            metric(http, takeovers).await,
+            f64::from(expected),
+            "takeover {expected} was not counted"
+        );
+        tokio::time::timeout(Duration::from_secs(10), holder_loop)
+            .await
+            .expect("the broker closed the older connection within 10 s")
+            .unwrap();
+        holder = newer;
+        holder_loop = drive(events);
+    }
+
+    // Takeover 3 was over the limit of 2 per minute, so new connections are denied.
+    let (_denied, mut denied_events) = AsyncClient::new(options(addr, "gas-01", login), 10);
+    assert!(
+        connack(&mut denied_events).await.is_err(),
+        "a connection in takeover backoff got CONNACK"
+    );
+    assert_eq!(metric(http, backoff_sample).await, 1.0);
+    assert_eq!(metric(http, takeovers).await, 3.0);
+
+    // The connection that has the client id keeps publishing.
+    holder
+        .publish(
+            "telemetry/plant-a/gas-01",
+            QoS::AtLeastOnce,
+            false,
+            reading(23.0),
+        )
+        .await
+        .unwrap();
+    wait_for("the holder's reading", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-01").await == Some(23.0)).then_some(())
+    })
+    .await;
+    assert!(!holder_loop.is_finished(), "the holder was disconnected");
+
+    // Other client ids are not affected.
+    connect(addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
+    server.shutdown().await;
+}
+
+/// Sends a request to `path` with an optional JSON body and returns the status and the
+/// JSON response.
+async fn send_json(
+    http: std::net::SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new().request(method, format!("http://{http}{path}"));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// Returns whether a login gets CONNACK. A successful login is disconnected again.
+async fn logs_in(addr: std::net::SocketAddr, username: &str, password: &str) -> bool {
+    let login = Some((username, password));
+    let (client, mut events) = AsyncClient::new(options(addr, username, login), 10);
+    if connack(&mut events).await.is_err() {
+        return false;
+    }
+    client.disconnect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), drive(events))
+        .await
+        .expect("the connection closed after DISCONNECT")
+        .unwrap();
+    true
+}
+
+/// Writes `text` as the config file `stonelion.toml` in `dir` and starts a server from it,
+/// so that `POST /api/v1/admin/reload` reads the file again.
+async fn start_from_file(dir: &std::path::Path, text: &str) -> stonelion::server::Server {
+    let config_path = dir.join("stonelion.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let overrides = stonelion::config::Overrides {
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
+        data_dir: Some(dir.join("data")),
+    };
+    let file = stonelion::config::managed::ConfigFile {
+        path: config_path,
+        overrides,
+    };
+    stonelion::server::Server::start_with_file(
+        file,
+        std::sync::Arc::new(stonelion::clock::SystemClock),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_change_invalidates_cached_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let config_path = dir.path().join("stonelion.toml");
+    let text = config("").replace("WEBHOOK_URL", &receiver.url());
+    let server = start_from_file(dir.path(), &text).await;
+    let (addr, http) = (server.mqtt_addr, server.http_addr);
+
+    assert!(logs_in(addr, "gas-01", "pw-gas-01").await, "first login");
+    assert!(logs_in(addr, "gas-01", "pw-gas-01").await, "cached login");
+
+    let changed = text.replace(&cheap_hash("pw-gas-01"), &cheap_hash("pw-gas-01-new"));
+    assert_ne!(changed, text);
+    std::fs::write(&config_path, changed).unwrap();
+    let (status, body) = send_json(http, reqwest::Method::POST, "/api/v1/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["devices_changed"], json!(["gas-01"]), "{body}");
+    assert_eq!(body["restart_required"], json!([]), "{body}");
+    assert!(
+        !logs_in(addr, "gas-01", "pw-gas-01").await,
+        "the cached old password logged in after the change"
+    );
+    assert!(
+        logs_in(addr, "gas-01", "pw-gas-01-new").await,
+        "new password"
+    );
+
+    // A managed device's account exists from its PUT until its DELETE.
+    let device = json!({
+        "site": "plant-a",
+        "profile": "gas-detector",
+        "mqtt_password_hash": cheap_hash("pw-gas-09"),
+    });
+    let path = "/api/v1/devices/gas-09";
+    let (status, body) = send_json(http, reqwest::Method::PUT, path, Some(device)).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(logs_in(addr, "gas-09", "pw-gas-09").await, "managed device");
+    let (status, body) = send_json(http, reqwest::Method::DELETE, path, None).await;
+    assert_eq!(status, 204, "{body}");
+    assert!(
+        !logs_in(addr, "gas-09", "pw-gas-09").await,
+        "a deleted device's cached password logged in"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_connected_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let text = config("").replace("WEBHOOK_URL", &receiver.url());
+    let server = start_from_file(dir.path(), &text).await;
+    let (addr, http) = (server.mqtt_addr, server.http_addr);
+    let (device, events) = connect(addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let _device_loop = drive(events);
+
+    let entry = "id = \"gas-01\"\nsite = \"plant-a\"";
+    assert!(
+        text.contains(entry),
+        "the test config has gas-01 in plant-a"
+    );
+    let moved = text.replace(entry, "id = \"gas-01\"\nsite = \"park-b3\"");
+    std::fs::write(dir.path().join("stonelion.toml"), moved).unwrap();
+    let (status, body) = send_json(http, reqwest::Method::POST, "/api/v1/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["devices_changed"], json!(["gas-01"]), "{body}");
+
+    // The connection logged in while gas-01 was in plant-a, and publishes to its new site.
+    device
+        .publish(
+            "telemetry/park-b3/gas-01",
+            QoS::AtLeastOnce,
+            false,
+            reading(24.0),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the reading at the new site",
+        Duration::from_secs(10),
+        || async { (latest_gas(http, "gas-01").await == Some(24.0)).then_some(()) },
+    )
+    .await;
+    let denied = metric(
+        http,
+        r#"stonelion_mqtt_denied_total{reason="publish_not_allowed"}"#,
+    )
+    .await;
+    assert_eq!(denied, 0.0);
+    server.shutdown().await;
+}

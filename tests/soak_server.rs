@@ -1,14 +1,21 @@
-//! Soak test of the built binary: many simulated devices, each on its own MQTT connection,
-//! publish QoS 1 readings for a bounded time while the test samples the server's resident
-//! memory (`VmRSS` in `/proc/PID/status`) and open file descriptors (`/proc/PID/fd`).
+//! Soak test of the built binary. Many simulated devices, each on its own MQTT connection
+//! and logged in with its own password, publish QoS 1 readings for a bounded time. The
+//! test samples the server's resident memory (`VmRSS` in `/proc/PID/status`) and open
+//! file descriptors (`/proc/PID/fd`).
+//!
+//! One device in `RECONNECTING_EVERY` disconnects and logs in again every
+//! `RECONNECT_INTERVAL`, and `BAD_LOGIN_CLIENTS` clients keep guessing the passwords of
+//! some of those devices and of an unknown username, so the verified-login cache and the
+//! failed-login backoff run throughout.
 //!
 //! Flat means the maximum over the second half of the samples is within `GROWTH_LIMIT` of
 //! the maximum over the first half, for both, with samples taken after `WARM_UP`. The
-//! test also checks that the server logged no ERROR line and that every acknowledged
-//! reading was stored.
+//! test also checks that the server logged no ERROR line, that every reading sent was
+//! acknowledged and stored, and that the guessing clients were denied.
 //!
 //! `STONELION_SOAK_DEVICES` (default `DEFAULT_DEVICES`) and `STONELION_SOAK_SECS`
-//! (default `DEFAULT_SECS`) scale it; see docs/testing.md for the figures measured.
+//! (default `DEFAULT_SECS`, at most `MAX_SECS`) scale it; see docs/testing.md for the
+//! figures measured.
 
 #![allow(clippy::unwrap_used)]
 
@@ -22,11 +29,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use support::{Receiver, unique_millis, wait_for};
+use argon2::password_hash::{PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use support::{Receiver, metric, unique_millis, wait_for};
 
 const DEFAULT_DEVICES: usize = 1_000;
-const DEFAULT_SECS: u64 = 90;
+const DEFAULT_SECS: u64 = 300;
+/// Maximum soak that `STONELION_SOAK_SECS` may set, so a typo cannot hang CI.
+const MAX_SECS: u64 = 3_600;
 /// Time between two readings of one device.
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
 /// Time between two samples of memory and descriptors.
@@ -37,6 +48,14 @@ const WARM_UP: Duration = Duration::from_secs(20);
 const GROWTH_LIMIT: f64 = 1.2;
 /// One device in this many moves between 10 and 60 %LEL, so alarms are raised and cleared.
 const ALARMING_EVERY: usize = 50;
+/// One device in this many disconnects and logs in again every `RECONNECT_INTERVAL`.
+const RECONNECTING_EVERY: usize = 20;
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(30);
+/// Clients that guess passwords, each one attempt per `BAD_LOGIN_INTERVAL`.
+const BAD_LOGIN_CLIENTS: usize = 4;
+const BAD_LOGIN_INTERVAL: Duration = Duration::from_millis(500);
+/// Maximum time a device waits for the PUBACKs of its readings before it disconnects.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -49,6 +68,21 @@ fn device_id(n: usize) -> String {
     format!("gas-{n:04}")
 }
 
+fn password(n: usize) -> String {
+    format!("soak-password-{n}")
+}
+
+/// Hashes with the lowest argon2 cost (8 KiB, 1 pass), so that 1,000 logins stay cheap in
+/// a debug build. The server reads the cost from the PHC string.
+fn cheap_hash(password: &str) -> String {
+    let params = Params::new(8, 1, 1, None).unwrap();
+    let salt = SaltString::encode_b64(b"sixteen byte salt").unwrap();
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
 fn config(devices: usize, webhook_url: &str) -> String {
     let mut text = String::from(
         "[ingest]\nstale_after = \"1h\"\n\n[storage]\ncommit_interval = \"500ms\"\n\n\
@@ -56,8 +90,10 @@ fn config(devices: usize, webhook_url: &str) -> String {
     );
     for n in 0..devices {
         text.push_str(&format!(
-            "[[devices]]\nid = \"{}\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n\n",
-            device_id(n)
+            "[[devices]]\nid = \"{}\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n\
+             mqtt_password_hash = \"{}\"\n\n",
+            device_id(n),
+            cheap_hash(&password(n))
         ));
     }
     text.push_str(&format!(
@@ -144,21 +180,31 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Connects one device and publishes a reading every `PUBLISH_INTERVAL` until `stop`,
-/// counting each PUBACK in `acked`.
+/// Counts of the whole soak: readings sent by the devices and acknowledged with PUBACK,
+/// and logins after the first.
+#[derive(Default)]
+struct Counts {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+/// Connects device `n` with its password and returns its client, once CONNACK arrived.
+/// The event loop runs until the connection ends, counting PUBACKs in `acked` and in
+/// `counts`.
 async fn connect_device(
     mqtt: SocketAddr,
     n: usize,
-    stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<()> {
+    counts: Arc<Counts>,
+) -> (AsyncClient, tokio::task::JoinHandle<()>) {
     let device = device_id(n);
-    let mut options =
-        MqttOptions::new(format!("soak-{device}"), mqtt.ip().to_string(), mqtt.port());
+    let mut options = MqttOptions::new(device.as_str(), mqtt.ip().to_string(), mqtt.port());
     options.set_keep_alive(Duration::from_secs(60));
+    options.set_credentials(device.as_str(), password(n));
     let (client, mut events) = AsyncClient::new(options, 10);
     let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut connected = Some(connected_tx);
         while let Ok(event) = events.poll().await {
             match event {
@@ -169,6 +215,7 @@ async fn connect_device(
                 }
                 Event::Incoming(Packet::PubAck(_)) => {
                     acked.fetch_add(1, Ordering::SeqCst);
+                    counts.acked.fetch_add(1, Ordering::SeqCst);
                 }
                 _ => {}
             }
@@ -177,22 +224,68 @@ async fn connect_device(
     tokio::time::timeout(Duration::from_secs(30), connected_rx)
         .await
         .unwrap_or_else(|_| panic!("device {device} got no CONNACK within 30 s"))
-        .unwrap();
+        .unwrap_or_else(|_| panic!("device {device}'s connection closed before CONNACK"));
+    (client, task)
+}
 
+/// Waits until every reading the device sent is acknowledged, then disconnects it.
+async fn disconnect_device(
+    device: &str,
+    client: &AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+    sent: u64,
+    acked: &AtomicU64,
+) {
+    let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
+    while acked.load(Ordering::SeqCst) < sent {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "device {device}: {} of {sent} readings acknowledged after {ACK_TIMEOUT:?}",
+            acked.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.disconnect().await.unwrap();
+    tokio::time::timeout(ACK_TIMEOUT, task)
+        .await
+        .unwrap_or_else(|_| panic!("device {device}'s connection did not close"))
+        .unwrap();
+}
+
+/// Runs device `n`: connects, then publishes a reading every `PUBLISH_INTERVAL` until
+/// `stop`, logging in again every `RECONNECT_INTERVAL` if it is a reconnecting device.
+/// Returns the device's task once its first CONNACK arrived.
+async fn spawn_device(
+    mqtt: SocketAddr,
+    n: usize,
+    stop: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+) -> tokio::task::JoinHandle<()> {
+    let device = device_id(n);
+    let acked = Arc::new(AtomicU64::new(0));
+    let (mut client, mut task) = connect_device(mqtt, n, acked.clone(), counts.clone()).await;
     tokio::spawn(async move {
         let topic = format!("telemetry/plant-a/{device}");
         // Spread the devices over the interval so the load is even.
         let phase = PUBLISH_INTERVAL.mul_f64((n % 100) as f64 / 100.0);
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + phase, PUBLISH_INTERVAL);
-        let mut count = 0u64;
+        let reconnects = n.is_multiple_of(RECONNECTING_EVERY);
+        let mut last_login = Instant::now();
+        let mut sent = 0u64;
         while !stop.load(Ordering::SeqCst) {
             ticker.tick().await;
-            let alarming = n.is_multiple_of(ALARMING_EVERY) && (count / 5) % 2 == 1;
+            if reconnects && last_login.elapsed() >= RECONNECT_INTERVAL {
+                disconnect_device(&device, &client, task, sent, &acked).await;
+                (client, task) = connect_device(mqtt, n, acked.clone(), counts.clone()).await;
+                last_login = Instant::now();
+                counts.reconnects.fetch_add(1, Ordering::SeqCst);
+            }
+            let alarming = n.is_multiple_of(ALARMING_EVERY) && (sent / 5) % 2 == 1;
             let value = if alarming {
                 60.0
             } else {
-                10.0 + (count % 7) as f64
+                10.0 + (sent % 7) as f64
             };
             let payload =
                 serde_json::json!({ "ts": unique_millis(), "values": { "gas_lel": value } })
@@ -201,9 +294,60 @@ async fn connect_device(
                 .publish(topic.as_str(), QoS::AtLeastOnce, false, payload)
                 .await
                 .unwrap();
-            count += 1;
+            sent += 1;
+            counts.sent.fetch_add(1, Ordering::SeqCst);
         }
-        let _ = client.disconnect().await;
+        disconnect_device(&device, &client, task, sent, &acked).await;
+    })
+}
+
+/// Polls until CONNACK (`true`) or until the connection fails or times out (`false`).
+async fn gets_connack(events: &mut EventLoop) -> bool {
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Runs a client that tries a wrong password every `BAD_LOGIN_INTERVAL` until `stop`,
+/// for the usernames of some reconnecting devices and one unknown username in turn.
+/// Returns how many attempts it made; it panics if one got CONNACK.
+fn spawn_bad_logins(
+    mqtt: SocketAddr,
+    client: usize,
+    devices: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    let mut usernames: Vec<String> = (0..devices)
+        .step_by(RECONNECTING_EVERY)
+        .skip(client)
+        .step_by(BAD_LOGIN_CLIENTS)
+        .take(3)
+        .map(device_id)
+        .collect();
+    usernames.push(format!("intruder-{client}"));
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(BAD_LOGIN_INTERVAL);
+        let mut attempts = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            ticker.tick().await;
+            let username = &usernames[attempts as usize % usernames.len()];
+            let mut options = MqttOptions::new(username, mqtt.ip().to_string(), mqtt.port());
+            options.set_credentials(username, "guessed-password");
+            let (_client, mut events) = AsyncClient::new(options, 10);
+            let mut network = events.network_options();
+            network.set_connection_timeout(5);
+            events.set_network_options(network);
+            assert!(
+                !gets_connack(&mut events).await,
+                "a wrong password for {username} got CONNACK"
+            );
+            attempts += 1;
+        }
+        attempts
     })
 }
 
@@ -230,7 +374,12 @@ fn max_of(samples: &[(u64, usize)], pick: impl Fn(&(u64, usize)) -> f64) -> f64 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_memory_and_descriptors_flat() {
     let devices: usize = env_or("STONELION_SOAK_DEVICES", DEFAULT_DEVICES);
-    let duration = Duration::from_secs(env_or("STONELION_SOAK_SECS", DEFAULT_SECS));
+    let secs = env_or("STONELION_SOAK_SECS", DEFAULT_SECS);
+    assert!(
+        secs <= MAX_SECS,
+        "STONELION_SOAK_SECS={secs} is above the maximum of {MAX_SECS}; set a shorter soak"
+    );
+    let duration = Duration::from_secs(secs);
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
     let config_path = dir.path().join("stonelion.toml");
@@ -239,11 +388,14 @@ async fn soak_memory_and_descriptors_flat() {
     let server = ServerProcess::start(&config_path, &dir.path().join("data"), &stderr);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(Counts::default());
     let mut publishers = Vec::with_capacity(devices);
     for n in 0..devices {
-        publishers.push(connect_device(server.mqtt, n, stop.clone(), acked.clone()).await);
+        publishers.push(spawn_device(server.mqtt, n, stop.clone(), counts.clone()).await);
     }
+    let guessers: Vec<_> = (0..BAD_LOGIN_CLIENTS)
+        .map(|client| spawn_bad_logins(server.mqtt, client, devices, stop.clone()))
+        .collect();
 
     // Sampling starts after every device is connected and the warm-up has passed, so
     // connection setup and first allocations do not count as growth.
@@ -261,6 +413,10 @@ async fn soak_memory_and_descriptors_flat() {
     // were connected is checked for ERROR lines.
     let soak_log = std::fs::read_to_string(&stderr).unwrap();
     stop.store(true, Ordering::SeqCst);
+    let mut bad_logins = 0;
+    for guesser in guessers {
+        bad_logins += guesser.await.unwrap();
+    }
     for publisher in publishers {
         publisher.await.unwrap();
     }
@@ -290,18 +446,43 @@ async fn soak_memory_and_descriptors_flat() {
         max_of(second, fds)
     );
 
-    let published = acked.load(Ordering::SeqCst);
+    let sent = counts.sent.load(Ordering::SeqCst);
+    let acked = counts.acked.load(Ordering::SeqCst);
     assert!(
-        published >= devices as u64,
-        "only {published} readings were acknowledged"
+        sent >= devices as u64,
+        "only {sent} readings were sent by {devices} devices"
     );
+    assert_eq!(acked, sent, "readings acknowledged of those sent");
     let http = server.http;
     wait_for(
-        "every acknowledged reading to be stored",
+        "every reading sent to be stored",
         Duration::from_secs(60),
-        || async move { (stored_readings(http).await >= published).then_some(()) },
+        || async move { (stored_readings(http).await >= sent).then_some(()) },
     )
     .await;
+
+    let denied = |reason: &str| {
+        let sample = format!("stonelion_mqtt_denied_total{{reason=\"{reason}\"}}");
+        async move { metric(http, &sample).await }
+    };
+    let bad_credentials = denied("bad_credentials").await;
+    let login_backoff = denied("login_backoff").await;
+    println!(
+        "{bad_logins} logins with wrong passwords: {bad_credentials} denied by a password \
+         check, {login_backoff} by the backoff"
+    );
+    let reconnects = counts.reconnects.load(Ordering::SeqCst);
+    println!("{reconnects} reconnects, each with a new login");
+    assert!(reconnects > 0, "no device logged in again");
+    assert!(bad_logins > 0, "no wrong password was tried");
+    assert!(
+        bad_credentials > 0.0,
+        "no login was denied by a password check"
+    );
+    assert!(
+        login_backoff > 0.0,
+        "no login was denied by the failed-login backoff"
+    );
     assert!(
         !receiver.events("alarm.raised").is_empty(),
         "no alarm was raised during the soak"

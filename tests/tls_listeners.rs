@@ -214,3 +214,117 @@ async fn mqtt_tls_requires_client_certificate() {
     );
     server.shutdown().await;
 }
+
+/// Hashes with a low argon2 cost, so that debug builds verify quickly. The server reads
+/// the cost from the PHC string.
+fn cheap_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(1024, 1, 1, None).unwrap();
+    let salt = SaltString::encode_b64(b"sixteen byte salt").unwrap();
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+/// Publishes one reading to `username`'s topic over TLS, logged in as `username` with
+/// `password`.
+fn mosquitto_pub_login(port: u16, dir: &Path, username: &str, password: &str) -> Output {
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
+        .arg(dir.join("ca.pem"))
+        .args(["-q", "1", "-i", username, "-u", username, "-P", password])
+        .args([
+            "-t",
+            &format!("telemetry/plant-a/{username}/gas_lel"),
+            "-m",
+            "11",
+        ])
+        .output()
+        .expect("mosquitto_pub must be installed (Debian package mosquitto-clients)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_tls_backs_off_failing_source() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = make_pki(certs.path());
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let mut text = config(certs.path(), false).replace(
+        "[mqtt]\n",
+        "[mqtt]\nmax_failed_logins = 3\nfailed_login_backoff = \"1h\"\n",
+    );
+    for device in ["gas-01", "gas-02"] {
+        let entry = format!("id = \"{device}\"\nsite = \"plant-a\"\nprofile = \"gas-detector\"\n");
+        let hash = cheap_hash(&format!("pw-{device}"));
+        let with_hash = format!("{entry}mqtt_password_hash = \"{hash}\"\n");
+        assert!(text.contains(&entry), "the shared config has {device}");
+        text = text.replace(&entry, &with_hash);
+    }
+    let server = start_server(&text, &receiver.url(), data.path()).await;
+    let tls = server
+        .mqtt_tls_addr
+        .expect("the MQTT over TLS listener is on");
+    let port = tls.port();
+    let dir = certs.path();
+    let http = server.http_addr;
+    let backoff_sample = r#"stonelion_mqtt_denied_total{reason="login_backoff"}"#;
+    let metric = |sample: &'static str| {
+        let client = https_client(&pki);
+        async move {
+            let url = format!("https://127.0.0.1:{}/metrics", http.port());
+            let text = client.get(url).send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .find_map(|line| line.strip_prefix(sample)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+    };
+
+    let first = mosquitto_pub_login(port, dir, "gas-01", "pw-gas-01");
+    assert!(
+        first.status.success(),
+        "gas-01's first login failed: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    // Three usernames, one failure each: only the source reaches the limit.
+    for n in 1..=3 {
+        let username = format!("intruder-{n}");
+        let output = mosquitto_pub_login(port, dir, &username, "guessed");
+        assert!(!output.status.success(), "{username} logged in");
+    }
+    assert_eq!(metric(backoff_sample).await, 0.0);
+
+    let uncached = mosquitto_pub_login(port, dir, "gas-02", "pw-gas-02");
+    assert!(
+        !uncached.status.success(),
+        "an uncached login from a source in backoff got through"
+    );
+    assert_eq!(metric(backoff_sample).await, 1.0);
+
+    let cached = mosquitto_pub_login(port, dir, "gas-01", "pw-gas-01");
+    assert!(
+        cached.status.success(),
+        "gas-01's cached login was denied during its source's backoff: {}",
+        String::from_utf8_lossy(&cached.stderr)
+    );
+    assert_eq!(metric(backoff_sample).await, 1.0);
+
+    // The plain listener does not see the source, so gas-02 logs in there.
+    let plain = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.mqtt_addr.port().to_string(),
+        ])
+        .args(["-q", "1", "-i", "gas-02", "-u", "gas-02", "-P", "pw-gas-02"])
+        .args(["-t", "telemetry/plant-a/gas-02/gas_lel", "-m", "12"])
+        .output()
+        .unwrap();
+    assert!(
+        plain.status.success(),
+        "gas-02 on the plain listener: {}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    server.shutdown().await;
+}

@@ -8,15 +8,20 @@
 //! allows on loopback only.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use tokio::sync::Semaphore;
 
+use super::guard::GuardPolicy;
+use super::login::{
+    FAILURE_TABLE_CAPACITY, FailureLimiter, FailureLimits, FailureOutcome, PasswordCheckers,
+    VERIFIED_CAPACITY, VerifiedLogins,
+};
 use crate::config::Config;
 use crate::metrics::SharedRegistry;
 use crate::model::{DeviceId, SiteId};
@@ -147,29 +152,154 @@ impl MqttAccounts {
         self.accounts.get(username).map(|a| &a.identity)
     }
 
-    /// Checks a CONNECT's credentials and client id. The argon2 check runs on the
-    /// blocking pool; an unknown username is checked against a dummy hash, so the time
-    /// taken does not tell which usernames exist.
-    pub async fn authenticate(
-        &self,
-        client_id: &str,
-        username: &str,
-        password: String,
-        checks: &Semaphore,
-    ) -> bool {
-        let account = self.accounts.get(username);
-        let hash = account.map_or_else(|| dummy_hash().to_owned(), |a| a.password_hash.clone());
-        let Ok(_permit) = checks.acquire().await else {
+    /// Returns the argon2 PHC string of `username`'s password.
+    pub fn password_hash(&self, username: &str) -> Option<&str> {
+        self.accounts
+            .get(username)
+            .map(|a| a.password_hash.as_str())
+    }
+}
+
+/// The broker's accounts. Whether the broker is open is fixed at start, because rumqttd's
+/// authentication handler is installed at start. The accounts of a broker with accounts
+/// are replaced when a reload or device change changes them.
+pub struct SharedAccounts {
+    current: RwLock<Arc<MqttAccounts>>,
+    open: bool,
+}
+
+impl SharedAccounts {
+    pub fn new(accounts: MqttAccounts) -> Self {
+        Self {
+            open: accounts.is_open(),
+            current: RwLock::new(Arc::new(accounts)),
+        }
+    }
+
+    /// Returns true when the broker started with no account, so it accepts anyone.
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Returns the accounts in use.
+    pub fn load(&self) -> Arc<MqttAccounts> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the accounts of a broker that started with accounts, returning whether it
+    /// did. An open broker stays open until a restart.
+    pub fn replace(&self, accounts: MqttAccounts) -> bool {
+        if self.open {
             return false;
+        }
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(accounts);
+        true
+    }
+}
+
+/// Checks a CONNECT's credentials and client id against `accounts`, using the
+/// verified-login cache and the failed-login backoff of `login`.
+///
+/// A cached credential is accepted without argon2, even while its username is in
+/// backoff. Otherwise a username in backoff is denied without argon2, and the argon2
+/// check runs on [`PasswordCheckers`], at most `CONCURRENT_PASSWORD_CHECKS` at once. An
+/// unknown username is checked against a dummy hash, so the time taken does not tell
+/// which usernames exist.
+pub async fn authenticate(
+    accounts: &MqttAccounts,
+    login: &LoginPolicy,
+    client_id: &str,
+    username: &str,
+    password: String,
+) -> Result<(), LoginDenial> {
+    let account = accounts.accounts.get(username);
+    let client_id_allowed =
+        |account: &Account| account.identity.client_id_allowed(username, client_id);
+    if let Some(account) = account
+        && login
+            .verified
+            .contains(username, &account.password_hash, password.as_bytes())
+    {
+        return if client_id_allowed(account) {
+            Ok(())
+        } else {
+            Err(LoginDenial::ClientIdNotAllowed)
         };
-        let verified = tokio::task::spawn_blocking(move || {
-            crate::security::verify_password(password.as_bytes(), &hash)
-        })
-        .await
-        .unwrap_or(false);
-        match account {
-            Some(account) => verified && account.identity.client_id_allowed(username, client_id),
-            None => false,
+    }
+    if let Some(remaining) = login
+        .usernames
+        .backoff_remaining(&username.to_owned(), Instant::now())
+    {
+        return Err(LoginDenial::Backoff(remaining));
+    }
+
+    let hash = account.map_or_else(|| dummy_hash().to_owned(), |a| a.password_hash.clone());
+    let verified = login.checkers.verify(password.clone(), hash).await;
+
+    let now = Instant::now();
+    match account {
+        Some(account) if verified => {
+            login
+                .verified
+                .insert(username, &account.password_hash, password.as_bytes());
+            login.usernames.record_success(&username.to_owned(), now);
+            if client_id_allowed(account) {
+                Ok(())
+            } else {
+                Err(LoginDenial::ClientIdNotAllowed)
+            }
+        }
+        _ => {
+            let outcome = login.usernames.record_failure(&username.to_owned(), now);
+            Err(LoginDenial::WrongPassword(outcome))
+        }
+    }
+}
+
+/// Reason that [`authenticate`] denied a login.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginDenial {
+    /// Unknown username or wrong password, with what the failure did to the backoff.
+    WrongPassword(FailureOutcome),
+    /// A correct password with a client id that does not belong to the username.
+    ClientIdNotAllowed,
+    /// The username is in backoff for this much longer, so argon2 did not run.
+    Backoff(Duration),
+}
+
+impl LoginDenial {
+    pub fn reason(self) -> DenyReason {
+        match self {
+            LoginDenial::Backoff(_) => DenyReason::LoginBackoff,
+            _ => DenyReason::BadCredentials,
+        }
+    }
+}
+
+/// Login-flood protection shared by the broker's authentication handler and the MQTT
+/// over TLS relay; see [`super::login`].
+pub struct LoginPolicy {
+    pub verified: VerifiedLogins,
+    /// Failed logins by username.
+    pub usernames: FailureLimiter<String>,
+    /// Failed logins by source address, known only to the MQTT over TLS relay.
+    pub sources: FailureLimiter<IpAddr>,
+    checkers: PasswordCheckers,
+}
+
+impl LoginPolicy {
+    pub fn new(limits: FailureLimits) -> Self {
+        Self {
+            verified: VerifiedLogins::new(VERIFIED_CAPACITY),
+            usernames: FailureLimiter::new(limits, FAILURE_TABLE_CAPACITY),
+            sources: FailureLimiter::new(limits, FAILURE_TABLE_CAPACITY),
+            checkers: PasswordCheckers::new(CONCURRENT_PASSWORD_CHECKS),
         }
     }
 }
@@ -179,29 +309,37 @@ fn dummy_hash() -> &'static str {
     DUMMY.get_or_init(|| crate::security::hash_password("no such account").unwrap_or_default())
 }
 
-/// Builds rumqttd's authentication handler over `accounts`.
+/// Builds rumqttd's authentication handler over the policy's accounts.
 pub fn auth_handler(
-    accounts: Arc<MqttAccounts>,
-    denials: Arc<MqttDenials>,
+    policy: Arc<GuardPolicy>,
 ) -> impl Fn(String, String, String) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync + 'static
 {
-    let checks = Arc::new(Semaphore::new(CONCURRENT_PASSWORD_CHECKS));
     move |client_id: String, username: String, password: String| {
-        let accounts = accounts.clone();
-        let denials = denials.clone();
-        let checks = checks.clone();
+        let policy = policy.clone();
         Box::pin(async move {
-            let accepted = accounts
-                .authenticate(&client_id, &username, password, &checks)
-                .await;
-            if !accepted {
-                denials.deny(
-                    DenyReason::BadCredentials,
-                    &client_id,
-                    &format!("username `{username}`"),
-                );
-            }
-            accepted
+            let accounts = policy.accounts.load();
+            let outcome =
+                authenticate(&accounts, &policy.login, &client_id, &username, password).await;
+            let Err(denial) = outcome else {
+                return true;
+            };
+            let subject = match denial {
+                LoginDenial::Backoff(remaining) => format!(
+                    "username `{username}`, {} s of backoff left after repeated failed logins",
+                    remaining.as_secs().max(1)
+                ),
+                LoginDenial::WrongPassword(FailureOutcome::BackoffStarted) => {
+                    let backoff = policy.login.usernames.limits().backoff;
+                    format!(
+                        "username `{username}`, failed logins reached the limit; denied \
+                         without a password check for {}",
+                        humantime::format_duration(backoff)
+                    )
+                }
+                _ => format!("username `{username}`"),
+            };
+            policy.denials.deny(denial.reason(), &client_id, &subject);
+            false
         })
     }
 }
@@ -220,6 +358,12 @@ pub enum DenyReason {
     WillNotAllowed,
     /// A publish above `[mqtt] max_messages_per_second` and `max_burst_messages`.
     RateLimited,
+    /// A login of a username or source address in backoff after `[mqtt]
+    /// max_failed_logins` failed logins in a row.
+    LoginBackoff,
+    /// A CONNECT with a client id in backoff after more than `[mqtt]
+    /// max_client_takeovers_per_minute` takeovers.
+    TakeoverBackoff,
     /// A TLS client whose certificate's common name is not its CONNECT username.
     CertificateMismatch,
 }
@@ -232,6 +376,8 @@ impl DenyReason {
             DenyReason::SubscribeNotAllowed => "subscribe_not_allowed",
             DenyReason::WillNotAllowed => "will_not_allowed",
             DenyReason::RateLimited => "rate_limited",
+            DenyReason::LoginBackoff => "login_backoff",
+            DenyReason::TakeoverBackoff => "takeover_backoff",
             DenyReason::CertificateMismatch => "certificate_mismatch",
         }
     }
@@ -273,6 +419,11 @@ impl MqttDenials {
                 reason: reason.as_str().to_owned(),
             })
             .inc();
+        self.log(reason, client_id, subject);
+    }
+
+    /// Logs a denial without counting it, sharing the reason's log interval.
+    pub fn log(&self, reason: DenyReason, client_id: &str, subject: &str) {
         let now = Instant::now();
         let mut last = self
             .last_logged

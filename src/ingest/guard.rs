@@ -16,29 +16,39 @@
 //! sure one follows, a dropped packet that needs a reply is replaced by a PINGREQ, which
 //! the router answers with PINGRESP.
 //!
-//! A denied last will in CONNECT closes the connection before CONNACK.
+//! A denied last will in CONNECT closes the connection before CONNACK, and so does a
+//! CONNECT whose client id is in takeover backoff ([`super::takeover`]). From its CONNACK
+//! until DISCONNECT or the end of the connection, the guard holds the connection's
+//! [`LiveConnection`], so takeovers of its client id are counted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
-    Error, Packet, PingReq, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, SubAck, Subscribe, SubscribeReasonCode,
+    ConnectReturnCode, Error, Packet, PingReq, Protocol, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, SubAck, Subscribe, SubscribeReasonCode,
 };
 
-use super::auth::{DenyReason, MqttAccounts, MqttDenials, MqttIdentity};
+use super::auth::{
+    DenyReason, LoginPolicy, MqttAccounts, MqttDenials, MqttIdentity, SharedAccounts,
+};
+use super::takeover::{ClientIds, LiveConnection};
 
 /// What every connection's guard shares.
 pub struct GuardPolicy {
-    pub accounts: Arc<MqttAccounts>,
+    pub accounts: SharedAccounts,
     pub denials: Arc<MqttDenials>,
     /// Average publishes per second of one authenticated device; 0 disables the limit.
     pub max_messages_per_second: f64,
     /// Publishes one device may send at once above the average.
     pub max_burst_messages: u32,
+    /// Verified-login cache and failed-login backoff.
+    pub login: LoginPolicy,
+    /// Live connections and takeovers by client id.
+    pub clients: Arc<ClientIds>,
 }
 
 /// The guarded codec; see the module docs.
@@ -46,6 +56,10 @@ pub struct GuardedV4 {
     policy: Arc<GuardPolicy>,
     inner: V4,
     client_id: String,
+    /// The CONNECT's username, or empty without one.
+    username: String,
+    /// Whether another connection held this client id when the CONNECT arrived.
+    client_id_was_live: bool,
     identity: Option<MqttIdentity>,
     bucket: Option<TokenBucket>,
     replies: Mutex<Replies>,
@@ -59,6 +73,23 @@ struct Replies {
     removed_filters: HashMap<u16, Vec<usize>>,
     /// Packet ids of denied QoS 2 publishes whose PUBREL the guard answers.
     denied_exactly_once: HashSet<u16>,
+    /// This connection's record as the live connection of its client id, from CONNACK.
+    live: Option<LiveConnection>,
+}
+
+impl GuardPolicy {
+    /// Replaces the broker's accounts after a reload or device change, and drops the
+    /// verified logins of removed accounts. A cached login of an account whose password
+    /// hash changed no longer matches, because the hash is part of its tag. An open broker
+    /// keeps no accounts until a restart.
+    ///
+    /// NOTE: a live connection is not closed when its account is removed or its password
+    /// changes, and it may keep publishing to the topics its account had at CONNECT.
+    pub fn replace_accounts(&self, accounts: MqttAccounts) {
+        if self.accounts.replace(accounts) {
+            self.login.verified.retain_accounts(&self.accounts.load());
+        }
+    }
 }
 
 impl GuardedV4 {
@@ -67,6 +98,8 @@ impl GuardedV4 {
             policy,
             inner: V4,
             client_id: String::new(),
+            username: String::new(),
+            client_id_was_live: false,
             identity: None,
             bucket: None,
             replies: Mutex::default(),
@@ -88,9 +121,12 @@ impl GuardedV4 {
         match packet {
             Packet::Connect(connect, properties, will, will_properties, login) => {
                 self.client_id.clone_from(&connect.client_id);
+                self.check_takeover_backoff()?;
+                self.client_id_was_live = self.policy.clients.is_live(&self.client_id);
                 if !self.policy.accounts.is_open() {
                     let username = login.as_ref().map_or("", |l| l.username.as_str());
-                    self.identity = self.policy.accounts.identity(username).cloned();
+                    self.username = username.to_owned();
+                    self.identity = self.policy.accounts.load().identity(username).cloned();
                     self.bucket = self.new_bucket();
                     if let Some(will) = &will {
                         let topic = String::from_utf8_lossy(&will.topic);
@@ -129,6 +165,11 @@ impl GuardedV4 {
             Packet::Subscribe(subscribe, properties) => {
                 Ok(Some(self.filter_subscribe(subscribe, properties)))
             }
+            Packet::Disconnect(disconnect, properties) => {
+                // A client that disconnects cleanly and reconnects takes nothing over.
+                self.replies().live = None;
+                Ok(Some(Packet::Disconnect(disconnect, properties)))
+            }
             Packet::PubRel(release, properties) => {
                 if self.replies().denied_exactly_once.remove(&release.pkid) {
                     let complete = PubComp {
@@ -142,6 +183,25 @@ impl GuardedV4 {
             }
             other => Ok(Some(other)),
         }
+    }
+
+    /// Denies a CONNECT whose client id is in takeover backoff.
+    fn check_takeover_backoff(&self) -> Result<(), Error> {
+        let Some(remaining) = self
+            .policy
+            .clients
+            .backoff_remaining(&self.client_id, Instant::now())
+        else {
+            return Ok(());
+        };
+        let subject = format!(
+            "client id taken over too often, {} s of backoff left",
+            remaining.max(Duration::from_secs(1)).as_secs()
+        );
+        self.policy
+            .denials
+            .deny(DenyReason::TakeoverBackoff, &self.client_id, &subject);
+        Err(Error::InvalidProtocol)
     }
 
     fn new_bucket(&self) -> Option<TokenBucket> {
@@ -158,12 +218,25 @@ impl GuardedV4 {
         if self.policy.accounts.is_open() {
             return Ok(());
         }
-        if !self
-            .identity
-            .as_ref()
-            .is_some_and(|id| id.may_publish(topic))
-        {
-            return Err(DenyReason::PublishNotAllowed);
+        let allowed = |identity: &Option<MqttIdentity>| {
+            identity.as_ref().is_some_and(|id| id.may_publish(topic))
+        };
+        if !allowed(&self.identity) {
+            // A reload or device change since the CONNECT may have added the account or
+            // moved the device to another site, so the current account decides.
+            let current = self
+                .policy
+                .accounts
+                .load()
+                .identity(&self.username)
+                .cloned();
+            if current.is_none() || current == self.identity || !allowed(&current) {
+                return Err(DenyReason::PublishNotAllowed);
+            }
+            self.identity = current;
+            if self.bucket.is_none() {
+                self.bucket = self.new_bucket();
+            }
         }
         let within_rate = self
             .bucket
@@ -277,6 +350,15 @@ impl Protocol for GuardedV4 {
             size += self.inner.write(reply, buffer)?;
         }
         let packet = match packet {
+            Packet::ConnAck(ack, properties) => {
+                // An empty client id gets a unique one from rumqttd, so it is not tracked.
+                if ack.code == ConnectReturnCode::Success && !self.client_id.is_empty() {
+                    let clients = &self.policy.clients;
+                    let live = clients.connected(&self.client_id, self.client_id_was_live);
+                    replies.live = Some(live);
+                }
+                Packet::ConnAck(ack, properties)
+            }
             Packet::SubAck(mut ack, properties) => {
                 for index in replies
                     .removed_filters

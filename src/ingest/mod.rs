@@ -6,9 +6,11 @@ pub mod auth;
 pub mod directory;
 pub mod guard;
 pub mod line_protocol;
+pub mod login;
 pub mod mqtt;
 pub mod payload;
 pub mod reject;
+pub mod takeover;
 pub(crate) mod unique_json;
 
 use tokio::sync::{mpsc, oneshot};

@@ -152,12 +152,8 @@ fn server_settings(settings: &BrokerSettings, addr: SocketAddr) -> ServerSetting
             dynamic_filters: true,
         },
     };
-    let guard = &settings.guard;
-    if !guard.accounts.is_open() {
-        server.set_auth_handler(auth::auth_handler(
-            guard.accounts.clone(),
-            guard.denials.clone(),
-        ));
+    if !settings.guard.accounts.is_open() {
+        server.set_auth_handler(auth::auth_handler(settings.guard.clone()));
     }
     server
 }

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -11,6 +12,10 @@ use super::tokens::{ApiTokenSpec, TokenSet};
 use crate::config::check::{Checker, EntrySpans};
 use crate::config::{Device, Site, check_id};
 use crate::model::SiteId;
+
+/// Shortest and longest `failed_login_backoff` and `client_takeover_backoff`.
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
 /// `[mqtt]`: limits per connection and the optional MQTT over TLS listener.
 #[derive(Clone, Debug, Deserialize)]
@@ -21,6 +26,18 @@ pub struct MqttSection {
     pub max_messages_per_second: f64,
     /// Messages that one connection may publish at once above the average rate.
     pub max_burst_messages: u32,
+    /// Failed logins in a row for one username, or one source address on the TLS
+    /// listener, after which its logins are denied for `failed_login_backoff`; 0 turns
+    /// the limit off.
+    pub max_failed_logins: u32,
+    #[serde(with = "humantime_serde")]
+    pub failed_login_backoff: Duration,
+    /// Takeovers of one client id per minute (a new connection with the client id of a
+    /// live one) above which its new connections are denied for `client_takeover_backoff`;
+    /// 0 turns the limit off.
+    pub max_client_takeovers_per_minute: u32,
+    #[serde(with = "humantime_serde")]
+    pub client_takeover_backoff: Duration,
     /// Address of the MQTT over TLS listener, such as `0.0.0.0:8883`; needs `tls_cert`
     /// and `tls_key`.
     pub tls_listen: Option<SocketAddr>,
@@ -38,6 +55,10 @@ impl Default for MqttSection {
         Self {
             max_messages_per_second: 50.0,
             max_burst_messages: 200,
+            max_failed_logins: 10,
+            failed_login_backoff: Duration::from_secs(60),
+            max_client_takeovers_per_minute: 5,
+            client_takeover_backoff: Duration::from_secs(60),
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
@@ -118,6 +139,30 @@ pub fn check_mqtt(checker: &mut Checker<'_>, mqtt: &MqttSection) {
             "mqtt.max_messages_per_second",
             "must be a number of 0 or more; 0 turns the limit off",
         );
+    }
+    let backoffs = [
+        (
+            "failed_login_backoff",
+            mqtt.max_failed_logins,
+            mqtt.failed_login_backoff,
+        ),
+        (
+            "client_takeover_backoff",
+            mqtt.max_client_takeovers_per_minute,
+            mqtt.client_takeover_backoff,
+        ),
+    ];
+    for (key, limit, backoff) in backoffs {
+        if limit > 0 && !(MIN_BACKOFF..=MAX_BACKOFF).contains(&backoff) {
+            checker.push(
+                None,
+                format!("mqtt.{key}"),
+                format!(
+                    "must be from 1s to 1h, not {}",
+                    humantime::format_duration(backoff)
+                ),
+            );
+        }
     }
     let files = [
         ("tls_cert", mqtt.tls_cert.is_some()),
