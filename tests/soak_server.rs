@@ -9,7 +9,8 @@
 //! failed-login backoff run throughout.
 //!
 //! Flat means the maximum over the second half of the samples is within `GROWTH_LIMIT` of
-//! the maximum over the first half, for both, with samples taken after `WARM_UP`. The
+//! the maximum over the first half, for both, with samples taken after `WARM_UP`. For
+//! memory, the bound of the broker's message log is allowed on top. The
 //! test also checks that the server logged no ERROR line, that every reading sent was
 //! acknowledged and stored, and that the guessing clients were denied.
 //!
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use stonelion::ingest::mqtt::{MESSAGE_LOG_SEGMENT_BYTES, MESSAGE_LOG_SEGMENTS};
 use support::{Receiver, metric, unique_millis, wait_for};
 
 const DEFAULT_DEVICES: usize = 1_000;
@@ -433,9 +435,14 @@ async fn soak_memory_and_descriptors_flat() {
         "only {} samples in {duration:?}",
         samples.len()
     );
+    // The broker's message log for `telemetry/#` grows until it reaches its bound, which
+    // at this message rate takes longer than a default soak, so the log's configured size
+    // is allowed on top of the growth limit.
+    let message_log_kb = (MESSAGE_LOG_SEGMENT_BYTES * MESSAGE_LOG_SEGMENTS / 1024) as f64;
     assert!(
-        max_of(second, rss) <= max_of(first, rss) * GROWTH_LIMIT,
-        "RSS grew from a maximum of {} kB to {} kB",
+        max_of(second, rss) <= max_of(first, rss) * GROWTH_LIMIT + message_log_kb,
+        "RSS grew from a maximum of {} kB to {} kB, more than {GROWTH_LIMIT}x plus the \
+         broker's message log of {message_log_kb} kB",
         max_of(first, rss),
         max_of(second, rss)
     );

@@ -121,14 +121,21 @@ impl EmbeddedBroker {
     }
 }
 
+/// Size of one segment of the router's in-memory message log. rumqttd keeps one log per
+/// subscription filter, so the ingest link's `telemetry/#` log holds the most recent
+/// messages of all devices, up to `MESSAGE_LOG_SEGMENTS` segments. The log is the
+/// buffer a subscriber may fall behind by, and it grows to its bound as messages arrive,
+/// so the broker's memory rises by up to 32 MiB per filter after start.
+pub const MESSAGE_LOG_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// Segments of the router's message log kept in memory per subscription filter.
+pub const MESSAGE_LOG_SEGMENTS: usize = 4;
+
 fn router_config(settings: &BrokerSettings) -> RouterConfig {
     RouterConfig {
         max_connections: settings.max_connections,
         max_outgoing_packet_count: 200,
-        // Each topic keeps at most 4 segments of 8 MiB in memory; the ingest link reads
-        // far faster than that fills.
-        max_segment_size: 8 * 1024 * 1024,
-        max_segment_count: 4,
+        max_segment_size: MESSAGE_LOG_SEGMENT_BYTES,
+        max_segment_count: MESSAGE_LOG_SEGMENTS,
         custom_segment: None,
         initialized_filters: None,
         shared_subscriptions_strategy: rumqttd::Strategy::default(),
