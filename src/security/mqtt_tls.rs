@@ -17,7 +17,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use super::tls::TlsListener;
+use super::tls::{HandshakeFailures, TlsListener};
 use crate::ingest::auth::{DenyReason, MqttDenials};
 
 /// Maximum time between the end of a client's handshake and its CONNECT.
@@ -32,11 +32,12 @@ pub async fn spawn(
     config: Arc<ServerConfig>,
     broker: SocketAddr,
     bind_certificates: Option<Arc<MqttDenials>>,
+    failures: Arc<HandshakeFailures>,
     stop: CancellationToken,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let mut listener = TlsListener::new(listener, config, "mqtt-tls")?;
+    let mut listener = TlsListener::new(listener, config, "mqtt-tls", failures)?;
     let broker = relay_target(broker);
     let task = tokio::spawn(async move {
         loop {
