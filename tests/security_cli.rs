@@ -254,6 +254,7 @@ fn run_rejects_empty_api_client_ca() {
         path("empty.pem")
     );
     std::fs::write(&config, text).unwrap();
+
     let data = dir.path().join("data");
     let output = stonelion(
         &[
@@ -270,6 +271,7 @@ fn run_rejects_empty_api_client_ca() {
         "",
     );
     assert!(!output.status.success(), "`run` started");
+
     let stderr = String::from_utf8_lossy(&output.stderr);
     let expected = format!(
         "invalid [api] tls_client_ca: cannot use the client CA file {}: it contains no PEM \

@@ -235,7 +235,7 @@ fn client_certificate_config(dir: &Path) -> String {
     )
 }
 
-/// An HTTPS client that trusts `pki`'s CA and presents the client certificate in `dir`.
+/// Builds an HTTPS client that trusts `pki`'s CA and presents the client certificate in `dir`.
 fn https_client_with_certificate(pki: &Pki, dir: &Path) -> reqwest::Client {
     let mut pem = std::fs::read(dir.join("client.pem")).unwrap();
     pem.extend(std::fs::read(dir.join("client.key")).unwrap());

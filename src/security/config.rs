@@ -78,7 +78,7 @@ pub struct ApiSection {
     /// Private key of the server certificate, PEM.
     pub tls_key: Option<PathBuf>,
     /// CA certificates, PEM. When set, HTTPS clients must present a certificate that one
-    /// of them signed, and bearer tokens are still required on top.
+    /// of them signed, and API tokens still apply on top.
     pub tls_client_ca: Option<PathBuf>,
     /// Maximum number of series one `/query` request selects.
     pub query_max_series: u64,

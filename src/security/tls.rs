@@ -33,7 +33,7 @@ use crate::metrics::SharedRegistry;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes in progress at once per listener; further connections wait.
 const MAX_PENDING_HANDSHAKES: usize = 256;
-/// How often one listener logs one kind of handshake failure at WARN; repeats in between
+/// How often one listener logs one kind of handshake failure at WARN. Repeats in between
 /// are counted and reported with the next line.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -217,7 +217,7 @@ async fn accept_loop(
     }
 }
 
-/// Why a TLS handshake failed.
+/// Reason for a failed TLS handshake, the `reason` label of its counter.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum HandshakeFailure {
     /// The listener requires a client certificate and the client sent none.
