@@ -50,6 +50,15 @@ fn make_pki(dir: &Path) -> Pki {
     client.distinguished_name.push(DnType::CommonName, "gas-01");
     client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     issue(client, &ca, &ca_key, dir, "client");
+
+    // The same CN as a BMPString (UTF-16), which some CAs write.
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let common_name = rcgen::BmpString::try_from("gas-01").unwrap();
+    client
+        .distinguished_name
+        .push(DnType::CommonName, rcgen::DnValue::BmpString(common_name));
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    issue(client, &ca, &ca_key, dir, "client-bmp");
     Pki { ca_pem: ca.pem() }
 }
 
@@ -197,6 +206,26 @@ async fn mqtt_tls_requires_client_certificate() {
         "the reading sent with a client certificate",
         Duration::from_secs(10),
         || async { (latest_gas(&client, server.http_addr).await == Some(21.5)).then_some(()) },
+    )
+    .await;
+
+    let cert = dir.join("client-bmp.pem").display().to_string();
+    let key = dir.join("client-bmp.key").display().to_string();
+    let bmp = mosquitto_pub(
+        tls.port(),
+        dir,
+        &["--cert", &cert, "--key", &key, "-u", "gas-01"],
+        "22.5",
+    );
+    assert!(
+        bmp.status.success(),
+        "mosquitto_pub with a BMPString CN failed: {}",
+        String::from_utf8_lossy(&bmp.stderr)
+    );
+    wait_for(
+        "the reading sent with a BMPString CN",
+        Duration::from_secs(10),
+        || async { (latest_gas(&client, server.http_addr).await == Some(22.5)).then_some(()) },
     )
     .await;
     let metrics_url = format!("https://127.0.0.1:{}/metrics", server.http_addr.port());

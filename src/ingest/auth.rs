@@ -222,6 +222,8 @@ pub enum DenyReason {
     RateLimited,
     /// A TLS client whose certificate's common name is not its CONNECT username.
     CertificateMismatch,
+    /// A second CONNECT on a connection, which closes it.
+    SecondConnect,
 }
 
 impl DenyReason {
@@ -233,6 +235,7 @@ impl DenyReason {
             DenyReason::WillNotAllowed => "will_not_allowed",
             DenyReason::RateLimited => "rate_limited",
             DenyReason::CertificateMismatch => "certificate_mismatch",
+            DenyReason::SecondConnect => "second_connect",
         }
     }
 }

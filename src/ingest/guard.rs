@@ -16,7 +16,10 @@
 //! sure one follows, a dropped packet that needs a reply is replaced by a PINGREQ, which
 //! the router answers with PINGRESP.
 //!
-//! A denied last will in CONNECT closes the connection before CONNACK.
+//! A denied last will in CONNECT closes the connection before CONNACK. A second CONNECT
+//! on one connection closes it too, because MQTT 3.1.1 (section 3.1) makes it a protocol
+//! violation. rumqttd 0.20 ignores it without checking its credentials, so the guard must
+//! not take its username as the connection's account.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -46,6 +49,8 @@ pub struct GuardedV4 {
     policy: Arc<GuardPolicy>,
     inner: V4,
     client_id: String,
+    /// Whether the connection's CONNECT was read.
+    connected: bool,
     identity: Option<MqttIdentity>,
     bucket: Option<TokenBucket>,
     replies: Mutex<Replies>,
@@ -67,6 +72,7 @@ impl GuardedV4 {
             policy,
             inner: V4,
             client_id: String::new(),
+            connected: false,
             identity: None,
             bucket: None,
             replies: Mutex::default(),
@@ -87,6 +93,14 @@ impl GuardedV4 {
     ) -> Result<Option<Packet>, Error> {
         match packet {
             Packet::Connect(connect, properties, will, will_properties, login) => {
+                if self.connected {
+                    let username = login.as_ref().map_or("", |l| l.username.as_str());
+                    self.policy
+                        .denials
+                        .deny(DenyReason::SecondConnect, &self.client_id, username);
+                    return Err(Error::InvalidProtocol);
+                }
+                self.connected = true;
                 self.client_id.clone_from(&connect.client_id);
                 if !self.policy.accounts.is_open() {
                     let username = login.as_ref().map_or("", |l| l.username.as_str());
@@ -298,14 +312,14 @@ impl Protocol for GuardedV4 {
 /// QoS and packet id of a PUBLISH, read from its bytes because rumqttd keeps both fields
 /// private.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PublishHeader {
-    qos: u8,
-    pkid: u16,
+pub(crate) struct PublishHeader {
+    pub(crate) qos: u8,
+    pub(crate) pkid: u16,
 }
 
 impl PublishHeader {
     /// Reads the header of the packet at the start of `stream` if it is a PUBLISH.
-    fn peek(stream: &[u8]) -> Option<PublishHeader> {
+    pub(crate) fn peek(stream: &[u8]) -> Option<PublishHeader> {
         let first = *stream.first()?;
         if first >> 4 != 3 {
             return None;

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls::ServerConfig;
@@ -23,7 +23,7 @@ use crate::ingest::auth::{DenyReason, MqttDenials};
 /// Maximum time between the end of a client's handshake and its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Maximum size of a CONNECT packet that the relay reads, in bytes.
-const MAX_CONNECT_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_CONNECT_BYTES: usize = 64 * 1024;
 
 /// Starts the listener on `listen`, relaying to the plain listener at `broker`. With
 /// `bind_certificates`, the CONNECT username must equal the client certificate's CN.
@@ -92,7 +92,7 @@ async fn relay(
 }
 
 /// Reads one whole MQTT packet: the fixed header and its remaining length.
-async fn read_packet(stream: &mut TlsStream<TcpStream>) -> io::Result<Vec<u8>> {
+pub(crate) async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Vec<u8>> {
     let mut packet = vec![stream.read_u8().await?];
     let mut remaining = 0usize;
     for shift in [0, 7, 14, 21] {
@@ -117,7 +117,7 @@ async fn read_packet(stream: &mut TlsStream<TcpStream>) -> io::Result<Vec<u8>> {
 
 /// Returns the username of an MQTT 3.1.1 or 5 CONNECT packet, or `None` for another
 /// packet or a CONNECT without one.
-fn connect_username(packet: &[u8]) -> Option<String> {
+pub(crate) fn connect_username(packet: &[u8]) -> Option<String> {
     if packet.first()? >> 4 != 1 {
         return None;
     }
@@ -194,7 +194,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Returns the first common name (OID 2.5.4.3) of a DER certificate's subject.
-fn subject_common_name(certificate: &[u8]) -> Option<String> {
+pub(crate) fn subject_common_name(certificate: &[u8]) -> Option<String> {
     let (_, certificate) = der_element(certificate, 0x30)?;
     let (_, mut tbs) = der_element(certificate, 0x30)?;
     if tbs.first() == Some(&0xa0) {
@@ -211,12 +211,43 @@ fn subject_common_name(certificate: &[u8]) -> Option<String> {
         let (_, attribute) = der_element(set, 0x30)?;
         let (value, oid) = der_element(attribute, 0x06)?;
         if oid == [0x55, 0x04, 0x03] {
-            let tag = *value.first()?;
-            let (_, name) = der_element(value, tag)?;
-            return String::from_utf8(name.to_vec()).ok();
+            return directory_string(value);
         }
     }
     None
+}
+
+/// Decodes an X.520 DirectoryString (RFC 5280, section 4.1.2.4). Returns `None` for a
+/// TeletexString, whose T.61 character set has no agreed mapping to Unicode, and for
+/// bytes that are invalid in their string type.
+fn directory_string(value: &[u8]) -> Option<String> {
+    const UTF8_STRING: u8 = 0x0c;
+    const PRINTABLE_STRING: u8 = 0x13;
+    const IA5_STRING: u8 = 0x16;
+    const UNIVERSAL_STRING: u8 = 0x1c;
+    const BMP_STRING: u8 = 0x1e;
+
+    let tag = *value.first()?;
+    let (_, bytes) = der_element(value, tag)?;
+    match tag {
+        UTF8_STRING => String::from_utf8(bytes.to_vec()).ok(),
+        PRINTABLE_STRING | IA5_STRING if bytes.is_ascii() => String::from_utf8(bytes.to_vec()).ok(),
+        // UCS-2, read as UTF-16 big-endian.
+        BMP_STRING if bytes.len() % 2 == 0 => {
+            let units = bytes
+                .chunks_exact(2)
+                .map(|pair| u16::from_be_bytes([pair[0], pair[1]]));
+            char::decode_utf16(units)
+                .collect::<Result<String, _>>()
+                .ok()
+        }
+        // UTF-32 big-endian.
+        UNIVERSAL_STRING if bytes.len() % 4 == 0 => bytes
+            .chunks_exact(4)
+            .map(|quad| char::from_u32(u32::from_be_bytes([quad[0], quad[1], quad[2], quad[3]])))
+            .collect(),
+        _ => None,
+    }
 }
 
 /// Splits a DER element with tag `tag` off `input`, returning the rest and its content.
