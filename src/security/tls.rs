@@ -273,8 +273,14 @@ struct HandshakeLabels {
 /// because TCP health checks close without a handshake.
 pub struct HandshakeFailures {
     failed: Family<HandshakeLabels, Counter>,
-    last_logged: Mutex<HashMap<(&'static str, HandshakeFailure), (Instant, u64)>>,
+    /// For each listener and reason, when it was last logged and how many were not logged
+    /// since.
+    last_logged: Mutex<HashMap<(&'static str, HandshakeFailure), LastLogged>>,
 }
+
+/// When a failure was last logged, and how many of the same were counted but not logged
+/// since.
+type LastLogged = (Instant, u64);
 
 impl HandshakeFailures {
     pub fn new(registry: &SharedRegistry) -> Self {
