@@ -567,7 +567,8 @@ pub fn mqtt_guard(data: &[u8]) {
             _ => {}
         }
 
-        // The broker's answer to the packet goes out through the guard, behind its replies.
+        // The broker's response to the packet goes out through the guard, behind the
+        // guard's own replies.
         let answer = match packet {
             Packet::Subscribe(subscribe, _) => Packet::SubAck(
                 SubAck {
