@@ -288,7 +288,8 @@ fn check_config(path: &Path) -> ExitCode {
     let file_name = path.display().to_string();
     let mut problems = match config::managed::load(&file) {
         Ok(loaded) => {
-            let problems = config::check_start(&loaded.file_text, Some(&loaded.config));
+            let mut problems = config::check_start(&loaded.file_text, Some(&loaded.config));
+            problems.extend(config::file_problems(&loaded.file_text, &loaded.config));
             if problems.is_empty() {
                 let config = &loaded.config;
                 for problem in config::file_warnings(&loaded.file_text, config) {

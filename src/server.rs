@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
 use crate::alarms::manager::AlarmManager;
@@ -33,6 +34,7 @@ use crate::metrics::SharedRegistry;
 use crate::model::DeviceId;
 use crate::pipeline::{DeviceState, DeviceStates, Pipeline};
 use crate::reload::{Reloader, ReloaderParts, WebhookRunner};
+use crate::security::tls::{HandshakeFailures, TlsError, TlsListener};
 use crate::server_modbus::ModbusRunner;
 use crate::storage::TimeSeriesStore;
 use crate::storage::engine::{Engine, EngineOptions};
@@ -100,6 +102,8 @@ impl Server {
     ) -> anyhow::Result<Server> {
         let accounts = SharedAccounts::new(MqttAccounts::from_config(&config));
         crate::security::check_exposure(&config, accounts.is_open())?;
+        // Loaded before anything opens, so that a bad certificate or CA stops the start.
+        let http_tls = http_tls_config(&config)?;
         let data_dir = config.server.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
@@ -153,6 +157,7 @@ impl Server {
         });
 
         let denials = Arc::new(MqttDenials::new(&registry));
+        let handshake_failures = Arc::new(HandshakeFailures::new(&registry));
         let guard = Arc::new(GuardPolicy {
             accounts,
             denials,
@@ -177,14 +182,21 @@ impl Server {
             guard: guard.clone(),
         })
         .await?;
-        let mqtt_tls_addr =
-            match start_mqtt_tls(&config, broker.addr, guard.clone(), &stop_ingest).await? {
-                Some((addr, task)) => {
-                    background_ingest.push(task);
-                    Some(addr)
-                }
-                None => None,
-            };
+        let mqtt_tls_addr = match start_mqtt_tls(
+            &config,
+            broker.addr,
+            guard.clone(),
+            handshake_failures.clone(),
+            &stop_ingest,
+        )
+        .await?
+        {
+            Some((addr, task)) => {
+                background_ingest.push(task);
+                Some(addr)
+            }
+            None => None,
+        };
         let rejects = Arc::new(RejectLog::new(&registry));
         let mut ingest_tasks = std::mem::take(&mut background_ingest);
         ingest_tasks.push(spawn_ingest_link(
@@ -264,8 +276,14 @@ impl Server {
             })?;
         let http_addr = listener.local_addr()?;
         let stop_http = CancellationToken::new();
-        let http = spawn_http(listener, router, &config, stop_http.clone())?;
-        tracing::info!(%http_addr, tls = config.api.tls_cert.is_some(), "HTTP API listening");
+        let http_tls = http_tls.map(|tls| (tls, handshake_failures));
+        let http = spawn_http(listener, router, http_tls, stop_http.clone())?;
+        tracing::info!(
+            %http_addr,
+            tls = config.api.tls_cert.is_some(),
+            client_certificates = config.api.tls_client_ca.is_some(),
+            "HTTP API listening"
+        );
 
         let background = vec![spawn_retention(
             store.clone(),
@@ -322,6 +340,7 @@ async fn start_mqtt_tls(
     config: &Config,
     broker: SocketAddr,
     guard: Arc<GuardPolicy>,
+    failures: Arc<HandshakeFailures>,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
     let (Some(listen), Some(cert), Some(key)) = (
@@ -343,6 +362,7 @@ async fn start_mqtt_tls(
             guard,
             bind_certificates,
         },
+        failures,
         stop.clone(),
     )
     .await
@@ -355,25 +375,40 @@ async fn start_mqtt_tls(
     Ok(Some((addr, task)))
 }
 
-/// Serves the router over plain HTTP, or HTTPS when `[api]` has a certificate.
+/// Loads the HTTPS config when `[api]` has a certificate, naming the config key of a
+/// file that cannot be used.
+fn http_tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let (Some(cert), Some(key)) = (&config.api.tls_cert, &config.api.tls_key) else {
+        return Ok(None);
+    };
+    let client_ca = config.api.tls_client_ca.as_deref();
+    match crate::security::tls::server_config(cert, key, client_ca, &[b"http/1.1"]) {
+        Ok(tls) => Ok(Some(tls)),
+        Err(e @ TlsError::ClientCa { .. }) => {
+            Err(anyhow::anyhow!("invalid [api] tls_client_ca: {e}"))
+        }
+        Err(e) => Err(anyhow::Error::new(e)
+            .context("cannot load the HTTP TLS certificate ([api] tls_cert and tls_key)")),
+    }
+}
+
+/// Serves the router over plain HTTP, or HTTPS with `tls`.
 fn spawn_http(
     listener: tokio::net::TcpListener,
     router: axum::Router,
-    config: &Config,
+    tls: Option<(Arc<rustls::ServerConfig>, Arc<HandshakeFailures>)>,
     stop: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let served = match (&config.api.tls_cert, &config.api.tls_key) {
-        (Some(cert), Some(key)) => {
-            let tls = crate::security::tls::server_config(cert, key, None, &[b"http/1.1"])
-                .context("cannot load the HTTP TLS certificate")?;
-            let listener = crate::security::tls::TlsListener::new(listener, tls, "http-tls")?;
+    let served = match tls {
+        Some((tls, failures)) => {
+            let listener = TlsListener::new(listener, tls, "http-tls", failures)?;
             tokio::spawn(async move {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
             })
         }
-        _ => tokio::spawn(async move {
+        None => tokio::spawn(async move {
             axum::serve(listener, router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await

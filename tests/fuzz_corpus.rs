@@ -69,6 +69,69 @@ fn corpus_profile() {
 }
 
 #[test]
+fn corpus_mqtt_connect() {
+    replay("mqtt_connect", targets::mqtt_connect);
+}
+
+#[test]
+fn corpus_certificate_common_name() {
+    replay("certificate_common_name", targets::certificate_common_name);
+}
+
+#[test]
+fn corpus_publish_header() {
+    replay("publish_header", targets::publish_header);
+}
+
+#[test]
+fn corpus_mqtt_guard() {
+    replay("mqtt_guard", targets::mqtt_guard);
+}
+
+#[test]
+fn certificate_cn_string_types_read() {
+    // A BMPString common name was read as UTF-8, so "gas-01" came out as
+    // "\0g\0a\0s\0-\00\01", and other UTF-16 bytes could read as another device id.
+    use rcgen::{BmpString, CertificateParams, DnType, DnValue, KeyPair, UniversalString};
+    use stonelion::fuzzing::subject_common_name;
+
+    let key = KeyPair::generate().unwrap();
+    let cases = [
+        (
+            "UTF8String",
+            DnValue::Utf8String("gas-01".to_owned()),
+            Some("gas-01"),
+        ),
+        (
+            "BMPString",
+            DnValue::BmpString(BmpString::try_from("gas-01").unwrap()),
+            Some("gas-01"),
+        ),
+        (
+            "UniversalString",
+            DnValue::UniversalString(UniversalString::try_from("gas-01").unwrap()),
+            Some("gas-01"),
+        ),
+        (
+            "TeletexString",
+            DnValue::TeletexString("gas-01".try_into().unwrap()),
+            None,
+        ),
+    ];
+    for (name, value, expected) in cases {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, value);
+        let certificate = params.self_signed(&key).unwrap();
+        assert_eq!(
+            subject_common_name(certificate.der()).as_deref(),
+            expected,
+            "common name as {name}"
+        );
+    }
+}
+
+#[test]
 fn modbus_scaled_overflow_rejected() {
     // A u32 of 0xFFFFFFFF times a scale of 1e300 overflows to infinity, which must not
     // become a reading: MQTT and HTTP ingest reject non-finite values too.

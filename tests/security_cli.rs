@@ -168,3 +168,122 @@ fn run_rejects_open_wildcard_listener() {
         assert!(stderr.contains(message), "{stderr}");
     }
 }
+
+/// Writes a self-signed server certificate and its key as `server.pem` and `server.key`.
+fn write_server_certificate(dir: &std::path::Path) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let certificate = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("server.pem"), certificate.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+}
+
+#[test]
+fn check_config_rejects_api_client_ca_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    write_server_certificate(dir.path());
+    std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let with_https = |ca: &str| {
+        format!(
+            "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{ca}\"\n",
+            path("server.pem"),
+            path("server.key")
+        )
+    };
+    let cases = [
+        (
+            "without-https",
+            "[api]\ntls_client_ca = \"ca.pem\"\n".to_owned(),
+            "api.tls_client_ca: is set but `tls_cert` and `tls_key` are not; client \
+             certificates need HTTPS, so set both or remove `tls_client_ca`"
+                .to_owned(),
+        ),
+        (
+            "missing-file",
+            with_https(&path("missing.pem")),
+            format!(
+                "api.tls_client_ca: cannot use the client CA file {}",
+                path("missing.pem")
+            ),
+        ),
+        (
+            "empty-file",
+            with_https(&path("empty.pem")),
+            format!(
+                "api.tls_client_ca: cannot use the client CA file {}: it contains no PEM \
+                 certificate; write the PEM certificates of the CA that issues the client \
+                 certificates there",
+                path("empty.pem")
+            ),
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let output = stonelion(&["check-config", config.to_str().unwrap()], "");
+        let report = stdout(&output);
+        assert!(!output.status.success(), "{name}: accepted:\n{report}");
+        assert!(
+            report.contains(&expected),
+            "{name}: missing {expected:?} in:\n{report}"
+        );
+    }
+
+    let valid = dir.path().join("valid.toml");
+    std::fs::write(&valid, with_https(&path("server.pem"))).unwrap();
+    let output = stonelion(&["check-config", valid.to_str().unwrap()], "");
+    assert!(
+        output.status.success(),
+        "a readable client CA was rejected:\n{}",
+        stdout(&output)
+    );
+}
+
+#[test]
+fn run_rejects_empty_api_client_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    write_server_certificate(dir.path());
+    std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let config = dir.path().join("config.toml");
+    let text = format!(
+        "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n",
+        path("server.pem"),
+        path("server.key"),
+        path("empty.pem")
+    );
+    std::fs::write(&config, text).unwrap();
+
+    let data = dir.path().join("data");
+    let output = stonelion(
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ],
+        "",
+    );
+    assert!(!output.status.success(), "`run` started");
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = format!(
+        "invalid [api] tls_client_ca: cannot use the client CA file {}: it contains no PEM \
+         certificate",
+        path("empty.pem")
+    );
+    assert!(
+        stderr.contains(&expected),
+        "missing {expected:?} in:\n{stderr}"
+    );
+    assert!(
+        !data.join("state.sqlite").exists(),
+        "`run` opened its databases before checking the client CA"
+    );
+}

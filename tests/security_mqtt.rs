@@ -969,3 +969,118 @@ async fn reload_moves_connected_device() {
     assert_eq!(denied, 0.0);
     server.shutdown().await;
 }
+
+/// Encodes an MQTT 3.1.1 CONNECT with a username and password.
+fn raw_connect(client_id: &str, username: &str, password: &str) -> Vec<u8> {
+    let string = |s: &str| {
+        let mut bytes = u16::try_from(s.len()).unwrap().to_be_bytes().to_vec();
+        bytes.extend(s.as_bytes());
+        bytes
+    };
+    // Protocol name and level 4, flags: username, password, clean session; keep alive 30 s.
+    let mut body = string("MQTT");
+    body.extend([4, 0xc2, 0, 30]);
+    body.extend(string(client_id));
+    body.extend(string(username));
+    body.extend(string(password));
+    let mut packet = vec![0x10, u8::try_from(body.len()).unwrap()];
+    packet.extend(body);
+    packet
+}
+
+/// Encodes an MQTT 3.1.1 QoS 1 PUBLISH with packet id 1.
+fn raw_publish(topic: &str, payload: &str) -> Vec<u8> {
+    let mut body = u16::try_from(topic.len()).unwrap().to_be_bytes().to_vec();
+    body.extend(topic.as_bytes());
+    body.extend([0, 1]);
+    body.extend(payload.as_bytes());
+    let mut packet = vec![0x32, u8::try_from(body.len()).unwrap()];
+    packet.extend(body);
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_connect_closes_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(""), &receiver.url(), data.path()).await;
+    let http = server.http_addr;
+
+    let (victim, events) = connect(server.mqtt_addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
+    let _victim_loop = drive(events);
+    victim
+        .publish(
+            "telemetry/plant-a/gas-02",
+            QoS::AtLeastOnce,
+            false,
+            reading(40.0),
+        )
+        .await
+        .unwrap();
+    wait_for("gas-02 at 40", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-02").await == Some(40.0)).then_some(())
+    })
+    .await;
+
+    // gas-01 logs in, then sends a second CONNECT as gas-02 with a wrong password, which
+    // rumqttd does not authenticate, and a reading for gas-02.
+    let mut stream = tokio::net::TcpStream::connect(server.mqtt_addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(&raw_connect("gas-01", "gas-01", "pw-gas-01"))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut connack))
+        .await
+        .expect("CONNACK within 10 s")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "gas-01 is logged in");
+    let mut attack = raw_connect("gas-01", "gas-02", "wrong");
+    attack.extend(raw_publish("telemetry/plant-a/gas-02", &reading(0.0)));
+    stream.write_all(&attack).await.unwrap();
+
+    // MQTT 3.1.1 section 3.1: a second CONNECT is a protocol violation that closes the
+    // connection.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "the connection stayed open after a second CONNECT"
+    );
+    assert!(
+        rest.is_empty(),
+        "the broker answered the packets after the second CONNECT: {rest:?}"
+    );
+
+    let (gas01, events) = connect(server.mqtt_addr, "gas-01", Some(("gas-01", "pw-gas-01"))).await;
+    let _gas01_loop = drive(events);
+    gas01
+        .publish(
+            "telemetry/plant-a/gas-01",
+            QoS::AtLeastOnce,
+            false,
+            reading(5.0),
+        )
+        .await
+        .unwrap();
+    wait_for("gas-01's own reading", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-01").await == Some(5.0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        latest_gas(http, "gas-02").await,
+        Some(40.0),
+        "gas-01 published a reading for gas-02"
+    );
+    let denied = metric(
+        http,
+        r#"stonelion_mqtt_denied_total{reason="second_connect"}"#,
+    )
+    .await;
+    assert_eq!(denied, 1.0);
+    server.shutdown().await;
+}

@@ -1,5 +1,6 @@
 //! TLS on the HTTP API and on the MQTT over TLS listener, with certificates generated in
-//! the test: HTTPS with reqwest, MQTT with mosquitto_pub, and client certificates.
+//! the test: HTTPS with reqwest and curl, MQTT with mosquitto_pub, and client
+//! certificates on both.
 
 #![allow(clippy::unwrap_used)]
 
@@ -49,6 +50,15 @@ fn make_pki(dir: &Path) -> Pki {
     client.distinguished_name.push(DnType::CommonName, "gas-01");
     client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     issue(client, &ca, &ca_key, dir, "client");
+
+    // The same CN as a BMPString (UTF-16), which some CAs write.
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let common_name = rcgen::BmpString::try_from("gas-01").unwrap();
+    client
+        .distinguished_name
+        .push(DnType::CommonName, rcgen::DnValue::BmpString(common_name));
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    issue(client, &ca, &ca_key, dir, "client-bmp");
     Pki { ca_pem: ca.pem() }
 }
 
@@ -198,6 +208,26 @@ async fn mqtt_tls_requires_client_certificate() {
         || async { (latest_gas(&client, server.http_addr).await == Some(21.5)).then_some(()) },
     )
     .await;
+
+    let cert = dir.join("client-bmp.pem").display().to_string();
+    let key = dir.join("client-bmp.key").display().to_string();
+    let bmp = mosquitto_pub(
+        tls.port(),
+        dir,
+        &["--cert", &cert, "--key", &key, "-u", "gas-01"],
+        "22.5",
+    );
+    assert!(
+        bmp.status.success(),
+        "mosquitto_pub with a BMPString CN failed: {}",
+        String::from_utf8_lossy(&bmp.stderr)
+    );
+    wait_for(
+        "the reading sent with a BMPString CN",
+        Duration::from_secs(10),
+        || async { (latest_gas(&client, server.http_addr).await == Some(22.5)).then_some(()) },
+    )
+    .await;
     let metrics_url = format!("https://127.0.0.1:{}/metrics", server.http_addr.port());
     let metrics = client
         .get(metrics_url)
@@ -326,5 +356,156 @@ async fn mqtt_tls_backs_off_failing_source() {
         "gas-02 on the plain listener: {}",
         String::from_utf8_lossy(&plain.stderr)
     );
+    server.shutdown().await;
+}
+
+/// A viewer token for the HTTPS tests with client certificates.
+const VIEWER_TOKEN: &str = "viewer-token-0123456789abcdef0123456789abcdef";
+
+/// HTTPS that requires client certificates from `ca.pem` in `dir`, and a viewer token.
+fn client_certificate_config(dir: &Path) -> String {
+    use sha2::Digest as _;
+
+    let path = |name: &str| dir.join(name).display().to_string();
+    let digest = hex::encode(sha2::Sha256::digest(VIEWER_TOKEN.as_bytes()));
+    format!(
+        "[api]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_ca = \"{ca}\"\n\n\
+         [[api_tokens]]\nname = \"wall-display\"\nrole = \"viewer\"\ntoken_sha256 = \"{digest}\"\n\n{}",
+        support::CONFIG,
+        cert = path("server.pem"),
+        key = path("server.key"),
+        ca = path("ca.pem"),
+    )
+}
+
+/// Builds an HTTPS client that trusts `pki`'s CA and presents the client certificate in `dir`.
+fn https_client_with_certificate(pki: &Pki, dir: &Path) -> reqwest::Client {
+    let mut pem = std::fs::read(dir.join("client.pem")).unwrap();
+    pem.extend(std::fs::read(dir.join("client.key")).unwrap());
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn get_status(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+) -> reqwest::Result<u16> {
+    let mut request = client.get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    Ok(request.send().await?.status().as_u16())
+}
+
+/// Runs curl against the API and returns its exit status and stderr.
+async fn curl(dir: &Path, url: &str, certificate: Option<&Path>) -> (Option<i32>, String) {
+    let mut command = tokio::process::Command::new("curl");
+    command
+        .args(["--silent", "--show-error", "--fail", "--max-time", "10"])
+        .arg("--cacert")
+        .arg(dir.join("ca.pem"))
+        .args(["--header", &format!("Authorization: Bearer {VIEWER_TOKEN}")]);
+    if let Some(certificate_dir) = certificate {
+        command
+            .arg("--cert")
+            .arg(certificate_dir.join("client.pem"))
+            .arg("--key")
+            .arg(certificate_dir.join("client.key"));
+    }
+    let output = command
+        .arg(url)
+        .output()
+        .await
+        .expect("curl must be installed (Debian package curl)");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_requires_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = make_pki(certs.path());
+    let other_certs = tempfile::tempdir().unwrap();
+    let other_pki = make_pki(other_certs.path());
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let config = client_certificate_config(certs.path());
+    let server = start_server(&config, &receiver.url(), data.path()).await;
+    let port = server.http_addr.port();
+    let devices = format!("https://127.0.0.1:{port}/api/v1/devices");
+
+    let trusted = https_client_with_certificate(&pki, certs.path());
+    let status = get_status(&trusted, &devices, Some(VIEWER_TOKEN)).await;
+    assert_eq!(status.unwrap(), 200, "a client with a valid certificate");
+    let status = get_status(&trusted, &devices, None).await;
+    assert_eq!(
+        status.unwrap(),
+        401,
+        "a certificate does not replace the token"
+    );
+
+    let without = get_status(&https_client(&pki), &devices, Some(VIEWER_TOKEN)).await;
+    assert!(
+        without.is_err(),
+        "a client without a certificate got {without:?}"
+    );
+    // The other CA's client trusts this server's CA, so only its certificate is wrong.
+    let mut pem = std::fs::read(other_certs.path().join("client.pem")).unwrap();
+    pem.extend(std::fs::read(other_certs.path().join("client.key")).unwrap());
+    let foreign = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let status = get_status(&foreign, &devices, Some(VIEWER_TOKEN)).await;
+    assert!(
+        status.is_err(),
+        "a client with another CA's certificate got {status:?}"
+    );
+    assert_ne!(other_pki.ca_pem, pki.ca_pem);
+
+    // A new connection after the rejected handshakes is still served.
+    let fresh = https_client_with_certificate(&pki, certs.path());
+    let status = get_status(&fresh, &devices, Some(VIEWER_TOKEN)).await;
+    assert_eq!(status.unwrap(), 200, "a valid client after rejected ones");
+
+    let metrics = fresh
+        .get(format!("https://127.0.0.1:{port}/metrics"))
+        .bearer_auth(VIEWER_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["no_client_certificate", "invalid_client_certificate"] {
+        let sample = format!(
+            "stonelion_tls_handshake_failures_total{{listener=\"http-tls\",reason=\"{reason}\"}} 1"
+        );
+        assert!(
+            metrics.lines().any(|l| l == sample),
+            "missing {sample} in:\n{metrics}"
+        );
+    }
+
+    // curl is an independent TLS client (OpenSSL or GnuTLS, as the system builds it).
+    let dir = certs.path();
+    let (code, stderr) = curl(dir, &devices, Some(dir)).await;
+    assert_eq!(code, Some(0), "curl with a client certificate: {stderr}");
+    let (code, _) = curl(dir, &devices, None).await;
+    assert_ne!(code, Some(0), "curl without a client certificate succeeded");
+    let (code, _) = curl(dir, &devices, Some(other_certs.path())).await;
+    assert_ne!(
+        code,
+        Some(0),
+        "curl with another CA's client certificate succeeded"
+    );
+    let (code, stderr) = curl(dir, &devices, Some(dir)).await;
+    assert_eq!(code, Some(0), "curl after rejected handshakes: {stderr}");
     server.shutdown().await;
 }

@@ -439,6 +439,23 @@ pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
     checker.problems
 }
 
+/// Returns a problem when `[api] tls_client_ca` is set and cannot be loaded now: a file
+/// that cannot be read, or that contains no valid PEM certificate. Unlike the files of
+/// [`file_warnings`], `check-config` rejects such a client CA, so that a deployment
+/// pipeline does not install an HTTPS API whose client certificate check cannot start.
+pub fn file_problems(text: &str, config: &Config) -> Vec<ConfigProblem> {
+    let mut checker = Checker::new(text);
+    if let Ok(document) = check::parse_document(text) {
+        checker.index_document(&document);
+    }
+    if let Some(path) = &config.api.tls_client_ca
+        && let Err(e) = crate::security::tls::check_client_ca(path)
+    {
+        checker.push(None, "api.tls_client_ca", e.to_string());
+    }
+    checker.problems
+}
+
 /// Reads the listeners of a config document that has problems; see [`check_start`].
 fn listeners_as_written(
     text: &str,

@@ -366,6 +366,8 @@ pub enum DenyReason {
     TakeoverBackoff,
     /// A TLS client whose certificate's common name is not its CONNECT username.
     CertificateMismatch,
+    /// A second CONNECT on a connection, which closes it.
+    SecondConnect,
 }
 
 impl DenyReason {
@@ -379,6 +381,7 @@ impl DenyReason {
             DenyReason::LoginBackoff => "login_backoff",
             DenyReason::TakeoverBackoff => "takeover_backoff",
             DenyReason::CertificateMismatch => "certificate_mismatch",
+            DenyReason::SecondConnect => "second_connect",
         }
     }
 }

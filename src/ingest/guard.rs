@@ -17,9 +17,12 @@
 //! the router answers with PINGRESP.
 //!
 //! A denied last will in CONNECT closes the connection before CONNACK, and so does a
-//! CONNECT whose client id is in takeover backoff ([`super::takeover`]). From its CONNACK
-//! until DISCONNECT or the end of the connection, the guard holds the connection's
-//! [`LiveConnection`], so takeovers of its client id are counted.
+//! CONNECT whose client id is in takeover backoff ([`super::takeover`]). A second CONNECT
+//! on one connection closes it too, because MQTT 3.1.1 (section 3.1) makes it a protocol
+//! violation. rumqttd 0.20 ignores it without checking its credentials, so the guard must
+//! not take its username as the connection's account. From its CONNACK until DISCONNECT
+//! or the end of the connection, the guard holds the connection's [`LiveConnection`], so
+//! takeovers of its client id are counted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -60,6 +63,8 @@ pub struct GuardedV4 {
     username: String,
     /// Whether another connection held this client id when the CONNECT arrived.
     client_id_was_live: bool,
+    /// Whether the connection's CONNECT was read.
+    connected: bool,
     identity: Option<MqttIdentity>,
     bucket: Option<TokenBucket>,
     replies: Mutex<Replies>,
@@ -100,6 +105,7 @@ impl GuardedV4 {
             client_id: String::new(),
             username: String::new(),
             client_id_was_live: false,
+            connected: false,
             identity: None,
             bucket: None,
             replies: Mutex::default(),
@@ -120,6 +126,14 @@ impl GuardedV4 {
     ) -> Result<Option<Packet>, Error> {
         match packet {
             Packet::Connect(connect, properties, will, will_properties, login) => {
+                if self.connected {
+                    let username = login.as_ref().map_or("", |l| l.username.as_str());
+                    self.policy
+                        .denials
+                        .deny(DenyReason::SecondConnect, &self.client_id, username);
+                    return Err(Error::InvalidProtocol);
+                }
+                self.connected = true;
                 self.client_id.clone_from(&connect.client_id);
                 self.check_takeover_backoff()?;
                 self.client_id_was_live = self.policy.clients.is_live(&self.client_id);
@@ -380,14 +394,14 @@ impl Protocol for GuardedV4 {
 /// QoS and packet id of a PUBLISH, read from its bytes because rumqttd keeps both fields
 /// private.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PublishHeader {
-    qos: u8,
-    pkid: u16,
+pub(crate) struct PublishHeader {
+    pub(crate) qos: u8,
+    pub(crate) pkid: u16,
 }
 
 impl PublishHeader {
     /// Reads the header of the packet at the start of `stream` if it is a PUBLISH.
-    fn peek(stream: &[u8]) -> Option<PublishHeader> {
+    pub(crate) fn peek(stream: &[u8]) -> Option<PublishHeader> {
         let first = *stream.first()?;
         if first >> 4 != 3 {
             return None;

@@ -98,6 +98,9 @@ pub struct ApiSection {
     pub tls_cert: Option<PathBuf>,
     /// Private key of the server certificate, PEM.
     pub tls_key: Option<PathBuf>,
+    /// CA certificates, PEM. When set, HTTPS clients must present a certificate that one
+    /// of them signed, and API tokens still apply on top.
+    pub tls_client_ca: Option<PathBuf>,
     /// Maximum number of series one `/query` request selects.
     pub query_max_series: u64,
     /// Maximum number of raw points one `/query` request reads.
@@ -113,6 +116,7 @@ impl Default for ApiSection {
         ApiSection {
             tls_cert: None,
             tls_key: None,
+            tls_client_ca: None,
             query_max_series: limits.max_series,
             query_max_points: limits.max_points,
             query_max_buckets: limits.max_buckets,
@@ -197,13 +201,20 @@ pub fn check_mqtt(checker: &mut Checker<'_>, mqtt: &MqttSection) {
     }
 }
 
-/// Checks `[api]`: a certificate and a key, or neither, and `/query` limits of at least 1.
+/// Checks `[api]`: a certificate and a key, or neither, a client CA only with both, and
+/// `/query` limits of at least 1.
 pub fn check_api(checker: &mut Checker<'_>, api: &ApiSection) {
     match (&api.tls_cert, &api.tls_key) {
         (Some(_), None) => checker.push(None, "api.tls_key", "missing; `tls_cert` needs `tls_key`"),
         (None, Some(_)) => {
             checker.push(None, "api.tls_cert", "missing; `tls_key` needs `tls_cert`");
         }
+        (None, None) if api.tls_client_ca.is_some() => checker.push(
+            None,
+            "api.tls_client_ca",
+            "is set but `tls_cert` and `tls_key` are not; client certificates need HTTPS, so \
+             set both or remove `tls_client_ca`",
+        ),
         _ => {}
     }
     let limits = [

@@ -22,7 +22,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use super::tls::TlsListener;
+use super::tls::{HandshakeFailures, TlsListener};
 use crate::ingest::auth::DenyReason;
 use crate::ingest::guard::GuardPolicy;
 use crate::ingest::login::FailureOutcome;
@@ -33,7 +33,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// that is not in the verified-login cache waits for a password-check slot.
 const CONNACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Maximum size of a CONNECT packet that the relay reads, in bytes.
-const MAX_CONNECT_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_CONNECT_BYTES: usize = 64 * 1024;
 
 /// Checks that the relay runs before it relays a connection.
 pub struct RelayPolicy {
@@ -49,11 +49,12 @@ pub async fn spawn(
     config: Arc<ServerConfig>,
     broker: SocketAddr,
     policy: RelayPolicy,
+    failures: Arc<HandshakeFailures>,
     stop: CancellationToken,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let mut listener = TlsListener::new(listener, config, "mqtt-tls")?;
+    let mut listener = TlsListener::new(listener, config, "mqtt-tls", failures)?;
     let broker = relay_target(broker);
     let policy = Arc::new(policy);
     let task = tokio::spawn(async move {
@@ -157,7 +158,7 @@ async fn relay(
 }
 
 /// Reads one whole MQTT packet: the fixed header and its remaining length.
-async fn read_packet(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8>> {
+pub(crate) async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Vec<u8>> {
     let mut packet = vec![stream.read_u8().await?];
     let mut remaining = 0usize;
     for shift in [0, 7, 14, 21] {
@@ -179,6 +180,12 @@ async fn read_packet(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8
     packet.resize(header + remaining, 0);
     stream.read_exact(&mut packet[header..]).await?;
     Ok(packet)
+}
+
+/// Returns the username of an MQTT 3.1.1 or 5 CONNECT packet, or `None` for another
+/// packet, a CONNECT that does not parse, or one without a username.
+pub(crate) fn connect_username(packet: &[u8]) -> Option<String> {
+    ConnectLogin::parse(packet)?.username
 }
 
 /// Client id and credentials of a CONNECT packet.
@@ -292,7 +299,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Returns the first common name (OID 2.5.4.3) of a DER certificate's subject.
-fn subject_common_name(certificate: &[u8]) -> Option<String> {
+pub(crate) fn subject_common_name(certificate: &[u8]) -> Option<String> {
     let (_, certificate) = der_element(certificate, 0x30)?;
     let (_, mut tbs) = der_element(certificate, 0x30)?;
     if tbs.first() == Some(&0xa0) {
@@ -309,12 +316,43 @@ fn subject_common_name(certificate: &[u8]) -> Option<String> {
         let (_, attribute) = der_element(set, 0x30)?;
         let (value, oid) = der_element(attribute, 0x06)?;
         if oid == [0x55, 0x04, 0x03] {
-            let tag = *value.first()?;
-            let (_, name) = der_element(value, tag)?;
-            return String::from_utf8(name.to_vec()).ok();
+            return directory_string(value);
         }
     }
     None
+}
+
+/// Decodes an X.520 DirectoryString (RFC 5280, section 4.1.2.4). Returns `None` for a
+/// TeletexString, whose T.61 character set has no agreed mapping to Unicode, and for
+/// bytes that are invalid in their string type.
+fn directory_string(value: &[u8]) -> Option<String> {
+    const UTF8_STRING: u8 = 0x0c;
+    const PRINTABLE_STRING: u8 = 0x13;
+    const IA5_STRING: u8 = 0x16;
+    const UNIVERSAL_STRING: u8 = 0x1c;
+    const BMP_STRING: u8 = 0x1e;
+
+    let tag = *value.first()?;
+    let (_, bytes) = der_element(value, tag)?;
+    match tag {
+        UTF8_STRING => String::from_utf8(bytes.to_vec()).ok(),
+        PRINTABLE_STRING | IA5_STRING if bytes.is_ascii() => String::from_utf8(bytes.to_vec()).ok(),
+        // UCS-2, read as UTF-16 big-endian.
+        BMP_STRING if bytes.len() % 2 == 0 => {
+            let units = bytes
+                .chunks_exact(2)
+                .map(|pair| u16::from_be_bytes([pair[0], pair[1]]));
+            char::decode_utf16(units)
+                .collect::<Result<String, _>>()
+                .ok()
+        }
+        // UTF-32 big-endian.
+        UNIVERSAL_STRING if bytes.len() % 4 == 0 => bytes
+            .chunks_exact(4)
+            .map(|quad| char::from_u32(u32::from_be_bytes([quad[0], quad[1], quad[2], quad[3]])))
+            .collect(),
+        _ => None,
+    }
 }
 
 /// Splits a DER element with tag `tag` off `input`, returning the rest and its content.

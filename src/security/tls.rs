@@ -2,13 +2,19 @@
 //! yields connections once their handshake has finished.
 //!
 //! Handshakes run in their own tasks with a deadline, so a client that opens a connection
-//! and never finishes its handshake delays nobody else.
+//! and never finishes its handshake delays nobody else. Failed handshakes are counted in
+//! `stonelion_tls_handshake_failures_total` by listener and reason.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -17,13 +23,19 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::server::danger::ClientCertVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
+
+use crate::metrics::SharedRegistry;
 
 /// Longest time a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes in progress at once per listener; further connections wait.
 const MAX_PENDING_HANDSHAKES: usize = 256;
+/// How often one listener logs one kind of handshake failure at WARN. Repeats in between
+/// are counted and reported with the next line.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -33,7 +45,10 @@ pub enum TlsError {
     NoCertificate(PathBuf),
     #[error("invalid TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("invalid client CA {path}: {reason}")]
+    #[error(
+        "cannot use the client CA file {path}: {reason}; write the PEM certificates of the CA \
+         that issues the client certificates there"
+    )]
     ClientCa { path: PathBuf, reason: String },
 }
 
@@ -56,26 +71,42 @@ pub fn server_config(
         .with_safe_default_protocol_versions()?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some(path) => {
-            let mut roots = RootCertStore::empty();
-            for certificate in read_certificates(path)? {
-                roots.add(certificate).map_err(|e| TlsError::ClientCa {
-                    path: path.to_owned(),
-                    reason: e.to_string(),
-                })?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError::ClientCa {
-                    path: path.to_owned(),
-                    reason: e.to_string(),
-                })?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(path) => builder.with_client_cert_verifier(client_verifier(path, provider)?),
     };
     let mut config = builder.with_single_cert(chain, key)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// Checks that `path` is a client CA bundle that [`server_config`] accepts: readable PEM
+/// with at least one certificate, each usable as a trust anchor.
+pub fn check_client_ca(path: &Path) -> Result<(), TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    client_verifier(path, provider).map(drop)
+}
+
+/// Builds a verifier that requires a client certificate issued by a CA in `path`.
+fn client_verifier(
+    path: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let invalid = |reason: String| TlsError::ClientCa {
+        path: path.to_owned(),
+        reason,
+    };
+    let certificates = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| invalid(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(invalid("it contains no PEM certificate".to_owned()));
+    }
+    let mut roots = RootCertStore::empty();
+    for certificate in certificates {
+        roots.add(certificate).map_err(|e| invalid(e.to_string()))?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| invalid(e.to_string()))
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -99,15 +130,18 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Starts accepting on `listener`, handshaking each connection in its own task.
+    /// Starts accepting on `listener`, handshaking each connection in its own task. `name`
+    /// is the listener's label in logs and in `failures`.
     pub fn new(
         listener: TcpListener,
         config: Arc<ServerConfig>,
         name: &'static str,
+        failures: Arc<HandshakeFailures>,
     ) -> io::Result<TlsListener> {
         let local_addr = listener.local_addr()?;
         let (tx, accepted) = mpsc::channel(64);
-        let acceptor = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), tx, name));
+        let acceptor = TlsAcceptor::from(config);
+        let acceptor = tokio::spawn(accept_loop(listener, acceptor, tx, name, failures));
         Ok(TlsListener {
             local_addr,
             accepted,
@@ -149,6 +183,7 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     accepted: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
     name: &'static str,
+    failures: Arc<HandshakeFailures>,
 ) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
@@ -165,17 +200,145 @@ async fn accept_loop(
         };
         let acceptor = acceptor.clone();
         let accepted = accepted.clone();
+        let failures = failures.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
                     let _ = accepted.send((tls, peer)).await;
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                Ok(Err(e)) => failures.record(name, peer, HandshakeFailure::of(&e), &e),
+                Err(_) => {
+                    let error = format!("no handshake within {HANDSHAKE_TIMEOUT:?}");
+                    failures.record(name, peer, HandshakeFailure::Timeout, &error);
                 }
-                Err(_) => tracing::debug!(listener = name, %peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// Reason for a failed TLS handshake, the `reason` label of its counter.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The listener requires a client certificate and the client sent none.
+    NoClientCertificate,
+    /// The client's certificate is not issued by a configured client CA, has expired, or
+    /// is otherwise invalid.
+    InvalidClientCertificate,
+    /// Any other TLS error, such as plain HTTP sent to the TLS port or a client that does
+    /// not trust the server certificate.
+    Protocol,
+    /// The client closed or reset the connection before finishing the handshake, as a TCP
+    /// health check does.
+    ConnectionClosed,
+    /// The client did not finish its handshake within the deadline.
+    Timeout,
+}
+
+impl HandshakeFailure {
+    /// Classifies the error of a failed `TlsAcceptor::accept`.
+    pub fn of(error: &io::Error) -> HandshakeFailure {
+        let rustls_error = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        match rustls_error {
+            Some(rustls::Error::NoCertificatesPresented) => HandshakeFailure::NoClientCertificate,
+            Some(rustls::Error::InvalidCertificate(_)) => {
+                HandshakeFailure::InvalidClientCertificate
+            }
+            Some(_) => HandshakeFailure::Protocol,
+            None => HandshakeFailure::ConnectionClosed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::NoClientCertificate => "no_client_certificate",
+            HandshakeFailure::InvalidClientCertificate => "invalid_client_certificate",
+            HandshakeFailure::Protocol => "protocol_error",
+            HandshakeFailure::ConnectionClosed => "connection_closed",
+            HandshakeFailure::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    listener: String,
+    reason: String,
+}
+
+/// Counts failed TLS handshakes by listener and reason, and logs each listener and reason
+/// at WARN at most once per [`LOG_INTERVAL`]. Closed connections are logged at DEBUG only,
+/// because TCP health checks close without a handshake.
+pub struct HandshakeFailures {
+    failed: Family<HandshakeLabels, Counter>,
+    /// For each listener and reason, when it was last logged and how many were not logged
+    /// since.
+    last_logged: Mutex<HashMap<(&'static str, HandshakeFailure), LastLogged>>,
+}
+
+/// When a failure was last logged, and how many of the same were counted but not logged
+/// since.
+type LastLogged = (Instant, u64);
+
+impl HandshakeFailures {
+    pub fn new(registry: &SharedRegistry) -> Self {
+        let failed = Family::<HandshakeLabels, Counter>::default();
+        registry.register(|r| {
+            r.register(
+                "tls_handshake_failures",
+                "TLS handshakes that failed, by listener and reason",
+                failed.clone(),
+            );
+        });
+        Self {
+            failed,
+            last_logged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a failed handshake and logs it unless the same listener logged the same
+    /// reason recently.
+    pub fn record(
+        &self,
+        listener: &'static str,
+        peer: SocketAddr,
+        reason: HandshakeFailure,
+        error: &dyn std::fmt::Display,
+    ) {
+        self.failed
+            .get_or_create(&HandshakeLabels {
+                listener: listener.to_owned(),
+                reason: reason.as_str().to_owned(),
+            })
+            .inc();
+        if reason == HandshakeFailure::ConnectionClosed {
+            tracing::debug!(listener, %peer, error = %error, "TLS connection closed before its handshake finished");
+            return;
+        }
+        let now = Instant::now();
+        let mut last = self
+            .last_logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = last
+            .entry((listener, reason))
+            .or_insert((now.checked_sub(LOG_INTERVAL).unwrap_or(now), 0));
+        if now.duration_since(entry.0) < LOG_INTERVAL {
+            entry.1 += 1;
+            return;
+        }
+        let suppressed = entry.1;
+        *entry = (now, 0);
+        drop(last);
+        tracing::warn!(
+            listener,
+            %peer,
+            reason = reason.as_str(),
+            error = %error,
+            suppressed_since_last_log = suppressed,
+            "TLS handshake failed"
+        );
     }
 }
