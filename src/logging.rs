@@ -9,8 +9,11 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// The default log filter. rumqttd logs every connection at INFO, and its broker module
 /// logs routine disconnects and failed logins at ERROR, so that module is silenced. The
-/// broker's login and topic checks log and count denials themselves.
-const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,rumqttd::server::broker=off";
+/// broker's login and topic checks log and count denials themselves. rustls logs one WARN
+/// per connection for client behaviour the TLS listeners cannot change, such as an IP
+/// address sent as SNI by `mosquitto_pub -h 127.0.0.1`. So only its errors are kept, and
+/// the listeners count failed handshakes and log them at a rate limit.
+const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn,rumqttd::server::broker=off,rustls=error";
 
 /// Messages that rumqttd 0.20's router logs at ERROR when a client has already
 /// disconnected, for example every connection at shutdown, and for each client-id

@@ -456,6 +456,11 @@ async fn api_errors_name_the_bad_value() {
             "out of range",
         ),
         (
+            "/api/v1/devices/gas-01/series?metric=gas_lel&to=253402300800000",
+            400,
+            "253402300800000",
+        ),
+        (
             "/api/v1/devices/gas-01/series?metric=gas_lel&step=1m&agg=median",
             400,
             "median",

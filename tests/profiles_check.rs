@@ -206,7 +206,20 @@ modbus = { register = 40001, bit = 6 }
     let overlap = text.replace("bit = 6", "bit = 5");
     assert_one_problem(
         &check_one("fields.toml", &overlap),
-        &["`fault_state`", "`alarm1`"],
+        &["`fault_state`", "`alarm1`", "both read bits 5 of"],
+    );
+    let three = text.replace("bits = [4, 5]", "bits = [4, 5, 9]");
+    assert_one_problem(
+        &check_one("fields.toml", &three),
+        &["bits [4, 5, 9] are invalid", "write two numbers"],
+    );
+    let on_coil = text.replace(
+        "register = 40001, bits = [4, 5]",
+        "function = \"coil\", address = 7, bits = [4, 5]",
+    );
+    assert_one_problem(
+        &check_one("fields.toml", &on_coil),
+        &["bits", "do not apply to a coil"],
     );
     let reversed = text.replace("bits = [4, 5]", "bits = [5, 4]");
     assert_one_problem(

@@ -172,7 +172,7 @@ proptest! {
             data_type: Some(DataType::U16),
             count: None,
             bit: None,
-            bits: Some([first, last]),
+            bits: Some(vec![first, last]),
             order,
             scale: 1.0,
             offset: 0.0,

@@ -142,6 +142,27 @@ async fn requests_need_token_and_role() {
         "{message}"
     );
 
+    // The same for two `p` parameters, and for a header together with `p`.
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/write?db=x&p={WRITER}&p={VIEWER}"))
+        .body("m v=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400, "two `p` parameters");
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/write?db=x&p={WRITER}"))
+        .bearer_auth(VIEWER)
+        .body("m v=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        400,
+        "a header and a `p` parameter"
+    );
+
     let metrics = reqwest::Client::new()
         .get(format!("http://{http}/metrics"))
         .bearer_auth(VIEWER)
@@ -160,7 +181,7 @@ async fn requests_need_token_and_role() {
     assert_eq!(count("missing_token"), 3.0);
     assert_eq!(count("invalid_token"), 1.0);
     assert_eq!(count("role_not_allowed"), 2.0);
-    assert_eq!(count("multiple_authorization_headers"), 1.0);
+    assert_eq!(count("multiple_credentials"), 3.0);
     server.shutdown().await;
 }
 

@@ -231,7 +231,8 @@ pub fn modbus_decode(data: &[u8]) {
         data_type: Some(types[usize::from(head[3]) % types.len()]),
         count: (head[4] & 0x80 != 0).then_some(u16::from(head[4] & 0x7f)),
         bit: (head[5] & 0x80 != 0).then_some(head[5] & 0x1f),
-        bits: (head[5] & 0x40 != 0).then_some([head[5] & 0x0f, (head[5] & 0x0f) + (head[6] >> 4)]),
+        bits: (head[5] & 0x40 != 0)
+            .then(|| vec![head[5] & 0x0f, (head[5] & 0x0f) + (head[6] >> 4)]),
         order: orders[usize::from(head[6] & 3)],
         scale: [1.0, 0.1, -0.01, 10.0, 1e-300, 1e300][usize::from(head[7] & 7) % 6],
         offset: [0.0, -40.0, 273.15, 1e308][usize::from(head[7] >> 3 & 3)],

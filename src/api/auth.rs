@@ -131,19 +131,9 @@ pub async fn authorize(State(auth): State<ApiAuth>, mut request: Request, next: 
     let Some(permission) = required_permission(request.method(), request.uri().path()) else {
         return next.run(request).await;
     };
-    if request
-        .headers()
-        .get_all(header::AUTHORIZATION)
-        .iter()
-        .count()
-        > 1
-    {
-        auth.denials
-            .deny("multiple_authorization_headers", &request, None);
-        return ApiError::bad_request(
-            "the request has more than one `Authorization` header; send exactly one",
-        )
-        .into_response();
+    if let Some(problem) = ambiguous_credentials(&request) {
+        auth.denials.deny("multiple_credentials", &request, None);
+        return ApiError::bad_request(problem).into_response();
     }
     let Some(secret) = presented_token(&request) else {
         auth.denials.deny("missing_token", &request, None);
@@ -194,6 +184,35 @@ fn unauthorized(message: &str) -> Response {
 /// Elsewhere a token in the URL would end up in proxy logs and browser history, so the
 /// other routes take the `Authorization` header only.
 const QUERY_TOKEN_ROUTES: [&str; 4] = ["/query", "/write", "/api/v2/write", "/ping"];
+
+/// Returns why the request's credentials are ambiguous: more than one `Authorization`
+/// header, more than one `p` parameter, or both. A proxy or log that reads another copy
+/// than Stonelion would disagree about who sent the request.
+fn ambiguous_credentials(request: &Request) -> Option<&'static str> {
+    let headers = request
+        .headers()
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .count();
+    if headers > 1 {
+        return Some("the request has more than one `Authorization` header; send exactly one");
+    }
+    if !QUERY_TOKEN_ROUTES.contains(&request.uri().path()) {
+        return None;
+    }
+    let query = request.uri().query().unwrap_or_default();
+    let params: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap_or_default();
+    let tokens = params.iter().filter(|(key, _)| key == "p").count();
+    if tokens > 1 {
+        return Some("the request has more than one `p` parameter; send exactly one");
+    }
+    if tokens == 1 && headers == 1 {
+        return Some(
+            "the request has both an `Authorization` header and a `p` parameter; send one",
+        );
+    }
+    None
+}
 
 /// Returns the token from the `Authorization` header or, on the InfluxDB-compatible
 /// routes, the `p` query parameter.

@@ -320,10 +320,12 @@ fn parse_time(
         let ms = i64::try_from(duration.as_millis()).map_err(|_| invalid())?;
         Timestamp(now.0.saturating_sub(ms))
     };
-    if chrono::DateTime::from_timestamp_millis(time.0).is_none() {
+    // RFC 3339 has four-digit years, so responses can show only times in years 0 to 9999.
+    let in_range = chrono::DateTime::from_timestamp_millis(time.0)
+        .is_some_and(|t| (0..=9999).contains(&chrono::Datelike::year(&t)));
+    if !in_range {
         return Err(ApiError::bad_request(format!(
-            "`{name}` value `{text}` is out of range; times must fall between the years \
-             -262143 and 262142"
+            "`{name}` value `{text}` is out of range; use a time in the years 0 to 9999"
         )));
     }
     Ok(Some(time))

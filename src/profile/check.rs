@@ -23,8 +23,9 @@ pub fn check_dir(dir: &Path) -> Vec<String> {
 
 /// Finds metrics whose registers overlap within one object table.
 ///
-/// Several metrics may share one 16-bit register when at least one of each pair reads a
-/// single `bit` of it and their bits differ, which is how packed status words are described.
+/// Several metrics may share one 16-bit register when one of each pair reads the whole
+/// register, or both read flags (`bit`) or fields (`bits`) that share no bit, which is how
+/// packed status words are described.
 pub fn overlaps(registers: &[MetricRegister]) -> Vec<String> {
     let mut sorted: Vec<&MetricRegister> = registers.iter().collect();
     sorted.sort_by_key(|r| (r.register.function, r.register.address));
@@ -36,6 +37,20 @@ pub fn overlaps(registers: &[MetricRegister]) -> Vec<String> {
                 break;
             }
             if shares_status_word(first, second) {
+                continue;
+            }
+            if let (Some(x), Some(y)) = (bit_mask(a), bit_mask(b))
+                && a.address == b.address
+            {
+                problems.push(format!(
+                    "metric `{}` and metric `{}` both read bits {} of {} {}; give each its \
+                     own bits",
+                    first.metric,
+                    second.metric,
+                    bit_list(x & y),
+                    a.function.as_str(),
+                    a.address,
+                ));
                 continue;
             }
             problems.push(format!(
@@ -67,6 +82,15 @@ fn shares_status_word(first: &MetricRegister, second: &MetricRegister) -> bool {
         (None, None) => false,
     };
     one_register && distinct_bits
+}
+
+/// Lists the set bits of `mask`, such as `3, 4`.
+fn bit_list(mask: u16) -> String {
+    (0..16)
+        .filter(|bit| mask >> bit & 1 == 1)
+        .map(|bit: u16| bit.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Returns the bits of its register that a flag or packed field reads, or `None` for a

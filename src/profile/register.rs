@@ -149,7 +149,7 @@ pub struct RegisterSpec {
     /// in a `u16` register, such as `[0, 3]` for the low nibble. The metric is the field's
     /// value, which `no_value`, `scale`, `offset`, the valid range and `codes` then apply to.
     #[serde(default)]
-    pub bits: Option<[u8; 2]>,
+    pub bits: Option<Vec<u8>>,
     /// Byte and word order: `ABCD` (default), `CDAB`, `BADC` or `DCBA`.
     #[serde(default)]
     pub order: ByteOrder,
@@ -269,7 +269,10 @@ impl RegisterSpec {
             span,
             data_type,
             bit: self.bit,
-            bits: self.bits.map(|[first, last]| (first, last)),
+            bits: match self.bits.as_deref() {
+                Some(&[first, last]) => Some((first, last)),
+                _ => None,
+            },
             order: self.order,
             scale: self.scale,
             offset: self.offset,
@@ -349,7 +352,7 @@ impl RegisterSpec {
             }
             if self.bit.is_some() || self.bits.is_some() || self.count.is_some_and(|c| c != 1) {
                 problems.push((
-                    "bit",
+                    if self.bits.is_some() { "bits" } else { "bit" },
                     format!(
                         "`bit`, `bits` and `count` do not apply to a {}; remove them",
                         function.as_str()
@@ -378,12 +381,13 @@ impl RegisterSpec {
                 ));
             }
         }
-        if let Some([first, last]) = self.bits {
-            if first > last || last > 15 {
+        if let Some(bits) = &self.bits {
+            let valid = matches!(bits.as_slice(), &[first, last] if first <= last && last <= 15);
+            if !valid {
                 problems.push((
                     "bits",
                     format!(
-                        "bits [{first}, {last}] are invalid; write the first and last bit, \
+                        "bits {bits:?} are invalid; write two numbers, the first and last bit, \
                          0 to 15, first not above last, such as [0, 3]"
                     ),
                 ));

@@ -85,6 +85,8 @@ async fn relay(
     let source = peer.ip();
     let client_id = login.as_ref().map_or("", |l| l.client_id.as_str());
     let username = login.as_ref().and_then(|l| l.username.as_deref());
+    // Shown in log lines; "(none)" cannot be confused with a username in quotes.
+    let shown_username = username.map_or_else(|| "(none)".to_owned(), |u| format!("{u:?}"));
 
     if let Some(remaining) = guard
         .login
@@ -93,7 +95,7 @@ async fn relay(
         && !login.as_ref().is_some_and(|l| l.is_verified(guard))
     {
         let subject = format!(
-            "source {source}, username {username:?}, {} s of backoff left after repeated \
+            "source {source}, username {shown_username}, {} s of backoff left after repeated \
              failed logins",
             remaining.as_secs().max(1)
         );
@@ -110,10 +112,14 @@ async fn relay(
             .and_then(|c| c.first())
             .and_then(|c| subject_common_name(c));
         if username.is_none() || username != common_name.as_deref() {
-            let subject = format!("certificate CN {common_name:?}, username {username:?}");
+            let shown_name = common_name
+                .as_deref()
+                .map_or_else(|| "(none)".to_owned(), |n| format!("{n:?}"));
+            let subject =
+                format!("source {peer}, certificate CN {shown_name}, username {shown_username}");
             guard
                 .denials
-                .deny(DenyReason::CertificateMismatch, &peer.to_string(), &subject);
+                .deny(DenyReason::CertificateMismatch, client_id, &subject);
             return;
         }
     }
@@ -141,7 +147,7 @@ async fn relay(
         if outcome == FailureOutcome::BackoffStarted {
             let backoff = guard.login.sources.limits().backoff;
             let subject = format!(
-                "source {source}, username {username:?}, failed logins reached the limit; \
+                "source {source}, username {shown_username}, failed logins reached the limit; \
                  denied for {}",
                 humantime::format_duration(backoff)
             );
