@@ -55,16 +55,18 @@ pub struct BadReading {
 /// dashboard's time range always contains a recent value.
 pub const DEVICE_STATUS_MEASUREMENT: &str = "device_status";
 
+/// Measurements that only the server writes.
+pub const RESERVED_MEASUREMENTS: [&str; 4] = [
+    DEVICE_STATUS_MEASUREMENT,
+    crate::alarms::manager::ALARM_EVENTS_MEASUREMENT,
+    crate::alarms::manager::ALARM_STATE_MEASUREMENT,
+    crate::summary::SITE_SUMMARY_MEASUREMENT,
+];
+
 /// Returns whether only the server writes `measurement`. Dashboards read alarm and device
 /// state from these, so a client write to them could show a false state.
 pub fn is_reserved_measurement(measurement: &str) -> bool {
-    [
-        DEVICE_STATUS_MEASUREMENT,
-        crate::alarms::manager::ALARM_EVENTS_MEASUREMENT,
-        crate::alarms::manager::ALARM_STATE_MEASUREMENT,
-        crate::summary::SITE_SUMMARY_MEASUREMENT,
-    ]
-    .contains(&measurement)
+    RESERVED_MEASUREMENTS.contains(&measurement)
 }
 
 /// How often every device's liveness is written to `device_status`.
@@ -360,6 +362,11 @@ impl Pipeline {
             // A backend rejects a whole batch for one conflicting point, so the batch is
             // written again point by point to keep every point that does not conflict.
             Err(StorageError::KindMismatch { .. }) => self.store_each(points, metrics),
+            // The engine stored the points of existing series and counted and logged the others.
+            Err(e @ StorageError::SeriesLimit { stored, .. }) => {
+                metrics.points_stored.inc_by(stored as u64);
+                Err(WriteFailure::SeriesLimit(e.to_string()))
+            }
             Err(e) => {
                 metrics.storage_failures.inc();
                 tracing::error!(error = %e, points = count, "storing readings failed");
@@ -375,15 +382,23 @@ impl Pipeline {
     ) -> Result<(), WriteFailure> {
         let mut first_conflict = None;
         let mut conflicts = 0u64;
+        let mut stored = 0usize;
+        // The first series-limit error, with `rejected` summed over every point.
+        let mut series_limit: Option<StorageError> = None;
         for point in points {
             match self.store.write(vec![point]) {
                 Ok(()) => {
                     metrics.points_stored.inc();
+                    stored += 1;
                 }
                 Err(e @ StorageError::KindMismatch { .. }) => {
                     conflicts += 1;
                     first_conflict.get_or_insert_with(|| e.to_string());
                 }
+                Err(e @ StorageError::SeriesLimit { .. }) => match &mut series_limit {
+                    Some(StorageError::SeriesLimit { rejected, .. }) => *rejected += 1,
+                    _ => series_limit = Some(e),
+                },
                 Err(e) => {
                     metrics.storage_failures.inc();
                     tracing::error!(error = %e, "storing readings failed");
@@ -391,11 +406,19 @@ impl Pipeline {
                 }
             }
         }
-        match first_conflict {
-            None => Ok(()),
-            Some(message) => Err(WriteFailure::Conflict(format!(
-                "{conflicts} point(s) not stored: {message}"
-            ))),
+        if let Some(StorageError::SeriesLimit { stored: total, .. }) = &mut series_limit {
+            *total = stored;
+        }
+        let series_limit = series_limit.map(|e| e.to_string());
+        match (first_conflict, series_limit) {
+            (None, None) => Ok(()),
+            (None, Some(limit)) => Err(WriteFailure::SeriesLimit(limit)),
+            (Some(message), limit) => {
+                let also = limit.map(|l| format!("; also: {l}")).unwrap_or_default();
+                Err(WriteFailure::Conflict(format!(
+                    "{conflicts} point(s) not stored: {message}{also}"
+                )))
+            }
         }
     }
 

@@ -434,6 +434,11 @@ fn open_store(
         let options = EngineOptions {
             commit_interval: storage.commit_interval,
             memory_budget_bytes: storage.memory_budget_bytes,
+            max_series: storage.max_series,
+            series_limit_exempt: crate::pipeline::RESERVED_MEASUREMENTS
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect(),
             retention: storage.retention,
             rollups: storage.rollups.clone(),
             ..EngineOptions::default()

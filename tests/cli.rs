@@ -207,6 +207,7 @@ stale_after = "5 parsecs"
 
 [storage]
 memory_budget_bytes = 1024
+max_series = 5000000000
 
 [[sites]]
 id = "plant-a"
@@ -276,6 +277,11 @@ token_sha256 = "not-a-digest"
             "memory_budget_bytes",
             "storage.memory_budget_bytes",
             "write at least 16777216",
+        ),
+        (
+            "max_series",
+            "storage.max_series",
+            "5000000000 is above the engine's maximum of 4294967294 series; write a smaller number, or 0 for no limit",
         ),
         (
             "gas_lle",

@@ -707,3 +707,145 @@ fn series_index_format_1_is_converted() {
 fn gas_detector_series(device: &str) -> SeriesKey {
     key("gas-detector", "s2", device, "gas_lel")
 }
+
+fn limited(dir: &std::path::Path, max_series: usize) -> Engine {
+    let options = EngineOptions {
+        max_series,
+        series_limit_exempt: vec!["alarm_state".to_owned()],
+        ..EngineOptions::default()
+    };
+    Engine::open(dir, options).expect("engine opens")
+}
+
+#[test]
+fn series_limit_keeps_existing_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = limited(dir.path(), 2);
+    engine
+        .write(vec![point(&gas("a"), 1, 1.0), point(&gas("b"), 1, 2.0)])
+        .unwrap();
+    let err = engine
+        .write(vec![
+            point(&gas("c"), 2, 3.0),
+            point(&gas("a"), 2, 1.5),
+            point(&gas("d"), 2, 4.0),
+        ])
+        .unwrap_err();
+    match err {
+        StorageError::SeriesLimit {
+            limit,
+            series,
+            rejected,
+            stored,
+            first,
+        } => {
+            assert_eq!(limit, 2);
+            assert_eq!(series, 2);
+            assert_eq!(rejected, 2);
+            assert_eq!(stored, 1);
+            assert!(first.contains("device=c"), "{first}");
+        }
+        other => panic!("expected a series limit error, got {other}"),
+    }
+    assert_eq!(
+        numbers(&engine, &raw(&gas("a"), 0, 10)),
+        [(1, 1.0), (2, 1.5)]
+    );
+    assert!(numbers(&engine, &raw(&gas("c"), 0, 10)).is_empty());
+    assert_eq!(engine.series(&Selector::default()).unwrap().len(), 2);
+    assert_eq!(engine.metrics().series_limit_rejected.get(), 2);
+}
+
+#[test]
+fn series_limit_exempts_configured_measurements() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = limited(dir.path(), 1);
+    let state = key("alarm_state", "s1", "a", "level");
+    engine
+        .write(vec![point(&state, 1, 1.0), point(&gas("a"), 1, 1.0)])
+        .unwrap();
+    // The exempt series does not take the one free slot, and is still created at the limit.
+    let other_state = key("alarm_state", "s1", "b", "level");
+    engine.write(vec![point(&other_state, 1, 2.0)]).unwrap();
+    let err = engine.write(vec![point(&gas("b"), 1, 1.0)]).unwrap_err();
+    assert!(
+        matches!(err, StorageError::SeriesLimit { series: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(engine.series(&Selector::default()).unwrap().len(), 3);
+}
+
+#[test]
+fn series_limit_zero_means_no_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = limited(dir.path(), 0);
+    let points: Vec<Point> = (0..100)
+        .map(|i| point(&gas(&format!("d{i}")), 1, 1.0))
+        .collect();
+    engine.write(points).unwrap();
+    assert_eq!(engine.series(&Selector::default()).unwrap().len(), 100);
+}
+
+#[test]
+fn series_limit_counts_replayed_series() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = limited(dir.path(), 2);
+        engine
+            .write(vec![point(&gas("a"), 1, 1.0), point(&gas("b"), 1, 2.0)])
+            .unwrap();
+        // No checkpoint: the series are only in the WAL when the engine reopens.
+    }
+    let engine = limited(dir.path(), 2);
+    let err = engine.write(vec![point(&gas("c"), 2, 3.0)]).unwrap_err();
+    assert!(
+        matches!(err, StorageError::SeriesLimit { series: 2, .. }),
+        "{err}"
+    );
+    engine.write(vec![point(&gas("b"), 2, 2.5)]).unwrap();
+    // A higher limit after a restart makes room again.
+    drop(engine);
+    let engine = limited(dir.path(), 3);
+    engine.write(vec![point(&gas("c"), 2, 3.0)]).unwrap();
+}
+
+/// Prints the resident memory that 200,000 new series add to a process (Linux only).
+/// Run with `cargo test --test engine_store series_memory -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, prints a figure"]
+fn series_memory_per_series() {
+    fn rss_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+    const SERIES: usize = 200_000;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = limited(dir.path(), 0);
+    engine.write(vec![point(&gas("warm-up"), 1, 1.0)]).unwrap();
+    engine.checkpoint().unwrap();
+    let before = rss_bytes();
+    for batch in 0..SERIES / 5_000 {
+        let points: Vec<Point> = (0..5_000)
+            .map(|i| {
+                let device = format!("device-{:07}", batch * 5_000 + i);
+                point(
+                    &key("telegraf_cpu", "site-a", &device, "usage_user"),
+                    2,
+                    1.0,
+                )
+            })
+            .collect();
+        engine.write(points).unwrap();
+    }
+    // Sealing the points leaves the series index and per-series state in memory.
+    engine.checkpoint().unwrap();
+    let after = rss_bytes();
+    let per_series = (after.saturating_sub(before)) / SERIES as u64;
+    println!(
+        "{SERIES} series added {} bytes of RSS, {per_series} bytes per series",
+        after - before
+    );
+    assert!(per_series > 0);
+}

@@ -106,6 +106,10 @@ pub struct StorageSection {
     /// Memory for readings not yet sealed into compressed segments, in bytes; writers
     /// wait when it is full (embedded engine only).
     pub memory_budget_bytes: usize,
+    /// Maximum number of series in the embedded engine's index, which is kept in memory
+    /// (about 1.7 KB per series, see `docs/storage.md`); 0 means no limit. Points that would create more series are
+    /// rejected, and points of existing series are still stored.
+    pub max_series: usize,
     /// InfluxDB 2 connection, for the `influxdb2` and `both` backends.
     pub influxdb2: Option<crate::storage::influxdb2::InfluxDb2Config>,
     /// How long raw readings are kept; older partitions are deleted.
@@ -128,6 +132,7 @@ impl Default for StorageSection {
         Self {
             backend: StorageBackend::Embedded,
             memory_budget_bytes: 512 << 20,
+            max_series: crate::storage::engine::DEFAULT_MAX_SERIES,
             influxdb2: None,
             retention: Duration::from_secs(365 * 24 * 3600),
             rollups: Vec::new(),
@@ -657,6 +662,18 @@ fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
             None,
             "storage.memory_budget_bytes",
             "write at least 16777216 (16 MiB)",
+        );
+    }
+    // Series ids are 32-bit, so a larger limit could never be reached.
+    if storage.max_series >= u32::MAX as usize {
+        checker.push(
+            None,
+            "storage.max_series",
+            format!(
+                "{} is above the engine's maximum of {} series; write a smaller number, or 0 for no limit",
+                storage.max_series,
+                u32::MAX - 1
+            ),
         );
     }
     check_rollups(checker, storage);

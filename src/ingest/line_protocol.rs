@@ -517,6 +517,11 @@ async fn store(state: &WriteState, points: Vec<Point>) -> Result<(), WriteError>
             "unprocessable entity",
             message,
         )),
+        // InfluxDB 1.8 rejects points beyond `max-series-per-database` with a 400 whose
+        // message starts with "partial write:", and so does this message.
+        Ok(Err(WriteFailure::SeriesLimit(message))) => {
+            Err(WriteError::new(StatusCode::BAD_REQUEST, "invalid", message))
+        }
         Ok(Err(WriteFailure::Storage(message))) => {
             tracing::warn!(error = %message, "storage rejected an HTTP write");
             Err(WriteError::new(

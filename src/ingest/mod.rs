@@ -72,6 +72,10 @@ pub enum WriteFailure {
     /// the server writes; the other points were stored.
     #[error("{0}")]
     Rejected(String),
+    /// Points needed new series beyond the engine's `[storage] max_series`. The points of
+    /// existing series were stored.
+    #[error("{0}")]
+    SeriesLimit(String),
     /// Storage failed; the client may retry.
     #[error("{0}")]
     Storage(String),

@@ -150,6 +150,18 @@ pub enum StorageError {
         stored: ValueKind,
         offered: ValueKind,
     },
+    /// Some points needed new series beyond the engine's `max_series`. The other points of
+    /// the write were stored, so a caller must not write the batch again.
+    #[error(
+        "partial write: max_series limit of {limit} series reached ({series} series exist); {rejected} point(s) of new series rejected, the first: {first}; {stored} point(s) of existing series stored. Raise [storage] max_series or drop a high-cardinality tag"
+    )]
+    SeriesLimit {
+        limit: usize,
+        series: usize,
+        rejected: usize,
+        stored: usize,
+        first: String,
+    },
     #[error("storage is shut down")]
     Closed,
     #[error("invalid query: {0}")]

@@ -18,10 +18,16 @@ pub struct EngineMetrics {
     pub rollup_bytes: Gauge,
     pub backpressure_waits: Counter,
     pub background_errors: Counter,
+    pub series_limit_rejected: Counter,
 }
 
 impl EngineMetrics {
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "series_limit_rejected",
+            "Points rejected because their new series would exceed [storage] max_series",
+            self.series_limit_rejected.clone(),
+        );
         let r = registry.sub_registry_with_prefix("storage_engine");
         r.register(
             "points_written",

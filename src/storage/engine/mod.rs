@@ -42,6 +42,13 @@ pub use rollup::RollupTier;
 /// Estimated memory per buffered point: 16 bytes of data plus vector growth slack.
 const BYTES_PER_POINT: usize = 24;
 const RETENTION_FLOOR_KEY: &str = "retention_floor_ms";
+/// Series id that `resolve_series` gives to points rejected by `max_series`. Ids count up
+/// from 0, so a real id reaches it only in an index of 2^32 series.
+const REJECTED: u32 = u32::MAX;
+/// Default of [`EngineOptions::max_series`].
+pub const DEFAULT_MAX_SERIES: usize = 1_000_000;
+/// Minimum time between two WARN lines about rejected series.
+const SERIES_LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Tuning of an [`Engine`].
 #[derive(Clone, Debug)]
@@ -66,6 +73,14 @@ pub struct EngineOptions {
     pub retention: Duration,
     /// Downsampling tiers, finest first; empty keeps raw data only.
     pub rollups: Vec<RollupTier>,
+    /// Maximum number of series in the index, which is kept in memory. 0 means no limit.
+    /// Points that would create a series beyond it are rejected, and the other points of
+    /// the write are stored.
+    pub max_series: usize,
+    /// Measurements whose series neither count toward `max_series` nor are rejected by
+    /// it, such as the server's own alarm and device state, so that a flood of client
+    /// series cannot stop them from being stored.
+    pub series_limit_exempt: Vec<String>,
 }
 
 impl Default for EngineOptions {
@@ -80,6 +95,8 @@ impl Default for EngineOptions {
             compaction_min_segments: 4,
             retention: Duration::from_secs(365 * 86_400),
             rollups: Vec::new(),
+            max_series: DEFAULT_MAX_SERIES,
+            series_limit_exempt: Vec::new(),
         }
     }
 }
@@ -159,6 +176,11 @@ struct Inner {
     commit_tick: Signal,
     shutdown: AtomicBool,
     metrics: EngineMetrics,
+    /// Rate limit of the series-limit WARN line: when it was last logged, and the points
+    /// rejected since then.
+    series_limit_log: Mutex<(Option<Instant>, u64)>,
+    /// Series that count toward `max_series`; changed only under the catalog's write lock.
+    limited_series: AtomicUsize,
 }
 
 /// The embedded store. Dropping it stops its threads and syncs the WAL.
@@ -181,6 +203,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn is_exempt(options: &EngineOptions, key: &SeriesKey) -> bool {
+    options.series_limit_exempt.contains(&key.measurement)
 }
 
 fn series_name(key: &SeriesKey) -> String {
@@ -225,6 +251,9 @@ impl Engine {
         // Replayed files are deleted by the first checkpoint, which this size forces.
         writer.bytes_in_epoch = replayed_bytes;
 
+        let limited_series = (0..catalog.len() as u32)
+            .filter(|&id| !is_exempt(&options, &catalog.entry(id).0))
+            .count();
         let metrics = EngineMetrics::default();
         metrics
             .series
@@ -264,6 +293,8 @@ impl Engine {
             commit_tick: Signal::new(),
             shutdown: AtomicBool::new(false),
             metrics,
+            series_limit_log: Mutex::new((None, 0)),
+            limited_series: AtomicUsize::new(limited_series),
             options,
         });
         inner.update_disk_gauge();
@@ -334,7 +365,8 @@ impl Engine {
         &self.inner.metrics
     }
 
-    /// Registers the engine's metrics, prefixed `storage_engine_`.
+    /// Registers the engine's metrics, prefixed `storage_engine_`, and the counter
+    /// `series_limit_rejected`.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.inner.metrics.register(registry);
     }
@@ -530,20 +562,66 @@ impl Inner {
         let rows: Vec<(u32, i64, f64)> = points
             .iter()
             .zip(&ids)
+            .filter(|(_, id)| **id != REJECTED)
             .map(|(p, &id)| (id, p.ts.0, p.value.as_f64()))
             .collect();
-        let mut bytes = Vec::new();
-        wal::encode_points(&mut bytes, &rows);
-        let seq = lock(&self.wal).append(&bytes)?;
-        self.active.insert(&rows);
-        self.metrics.points_written.inc_by(rows.len() as u64);
+        let seq = if rows.is_empty() {
+            lock(&self.wal).appended_seq
+        } else {
+            let mut bytes = Vec::new();
+            wal::encode_points(&mut bytes, &rows);
+            let seq = lock(&self.wal).append(&bytes)?;
+            self.active.insert(&rows);
+            self.metrics.points_written.inc_by(rows.len() as u64);
+            seq
+        };
+        if rows.len() < points.len() {
+            return Err(self.series_limit_error(&points, &ids, rows.len()));
+        }
         Ok(seq)
     }
 
+    /// Counts and logs the points that `resolve_series` rejected because of
+    /// `max_series`, and builds the error returned after the other points were stored.
+    fn series_limit_error(&self, points: &[Point], ids: &[u32], stored: usize) -> StorageError {
+        let rejected = points.len() - stored;
+        self.metrics.series_limit_rejected.inc_by(rejected as u64);
+        let first = ids
+            .iter()
+            .position(|id| *id == REJECTED)
+            .map(|i| series_name(&points[i].series))
+            .unwrap_or_default();
+        let series = self.limited_series.load(Ordering::Relaxed);
+        let limit = self.options.max_series;
+        let mut log = lock(&self.series_limit_log);
+        log.1 += rejected as u64;
+        if log
+            .0
+            .is_none_or(|last| last.elapsed() >= SERIES_LIMIT_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                max_series = limit,
+                series,
+                rejected_points = log.1,
+                first_rejected_series = %first,
+                "points rejected because they would create series beyond [storage] max_series; raise max_series or drop a high-cardinality tag"
+            );
+            *log = (Some(Instant::now()), 0);
+        }
+        StorageError::SeriesLimit {
+            limit,
+            series,
+            rejected,
+            stored,
+            first,
+        }
+    }
+
     /// Maps each point to its series id, creating missing series. Fails before changing
-    /// anything when a value's kind differs from its series' kind.
+    /// anything when a value's kind differs from its series' kind. Points whose new series
+    /// would exceed `max_series` get the id [`REJECTED`], and their series are not created.
     fn resolve_series(&self, points: &[Point]) -> Result<Vec<u32>, StorageError> {
-        let mut ids = vec![u32::MAX; points.len()];
+        let mut ids = vec![REJECTED; points.len()];
         let mut missing = Vec::new();
         {
             let catalog = read(&self.catalog);
@@ -582,22 +660,41 @@ impl Inner {
                 }
             }
         }
-        let mut bytes = Vec::new();
-        let first_id = catalog.len() as u32;
-        for (n, (key, kind)) in new_series.iter().enumerate() {
-            wal::encode_series(&mut bytes, first_id + n as u32, *kind, key);
+        let limited = self.limited_series.load(Ordering::Relaxed);
+        let mut room = match self.options.max_series {
+            0 => usize::MAX,
+            max => max.saturating_sub(limited),
+        };
+        let mut added_limited = 0;
+        new_series.retain(|(key, _)| {
+            if is_exempt(&self.options, key) {
+                return true;
+            }
+            let fits = room > 0;
+            if fits {
+                room -= 1;
+                added_limited += 1;
+            }
+            fits
+        });
+        if !new_series.is_empty() {
+            let mut bytes = Vec::new();
+            let first_id = catalog.len() as u32;
+            for (n, (key, kind)) in new_series.iter().enumerate() {
+                wal::encode_series(&mut bytes, first_id + n as u32, *kind, key);
+            }
+            wal.append(&bytes)?;
+            for (n, (key, kind)) in new_series.into_iter().enumerate() {
+                catalog.insert(first_id + n as u32, key, kind)?;
+            }
+            self.metrics
+                .series
+                .set(i64::try_from(catalog.len()).unwrap_or(i64::MAX));
+            self.limited_series
+                .store(limited + added_limited, Ordering::Relaxed);
         }
-        wal.append(&bytes)?;
-        for (n, (key, kind)) in new_series.into_iter().enumerate() {
-            catalog.insert(first_id + n as u32, key, kind)?;
-        }
-        self.metrics
-            .series
-            .set(i64::try_from(catalog.len()).unwrap_or(i64::MAX));
         for &i in &missing {
-            ids[i] = catalog
-                .id(&points[i].series)
-                .expect("series was just inserted");
+            ids[i] = catalog.id(&points[i].series).unwrap_or(REJECTED);
         }
         Ok(ids)
     }
