@@ -310,7 +310,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// The first bytes that a client sends to the MQTT over TLS relay when client
+/// Checks the first bytes that a client sends to the MQTT over TLS relay when client
 /// certificates are required: the relay reads one packet and takes the CONNECT username
 /// from it. Whenever rumqttd's MQTT 3.1.1 decoder reads the same packet as a CONNECT, its
 /// username must be the relay's, because the relay checks the relay's username against the
@@ -522,7 +522,7 @@ fn guard_policy() -> &'static Arc<GuardPolicy> {
 /// Maximum remaining length of a packet that the guard target decodes, in bytes.
 const GUARD_MAX_PACKET: usize = 64 * 1024;
 
-/// The bytes one MQTT client sends, read through the guard as rumqttd reads them. The
+/// Reads the bytes one MQTT client sends through the guard as rumqttd reads them. The
 /// first CONNECT is the one rumqttd authenticates, so the target takes its username as
 /// logged in. Every PUBLISH and SUBSCRIBE filter that the guard passes on must be allowed
 /// for that account, and the guard's own replies must be valid packets that acknowledge

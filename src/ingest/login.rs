@@ -10,7 +10,7 @@
 //!   the password under a random per-process key, never the password, so a changed hash
 //!   no longer matches. It contains at most [`VERIFIED_CAPACITY`] entries.
 //! - [`FailureLimiter`]: after `max_failed_logins` failures in a row for one key (a
-//!   username, or a source address where the TLS relay sees it), further attempts are
+//!   username, or a source address where the TLS relay receives it), further attempts are
 //!   denied without argon2 for `failed_login_backoff`. A cached credential still logs in
 //!   during a username's backoff, so guessing a device's username cannot lock it out.
 

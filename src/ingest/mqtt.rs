@@ -122,7 +122,7 @@ impl EmbeddedBroker {
 }
 
 /// Size of one segment of the router's in-memory message log. rumqttd keeps one log per
-/// subscription filter, so the ingest link's `telemetry/#` log holds the most recent
+/// subscription filter, so the ingest link's `telemetry/#` log contains the most recent
 /// messages of all devices, up to `MESSAGE_LOG_SEGMENTS` segments. The log is the
 /// buffer a subscriber may fall behind by, and it grows to its bound as messages arrive,
 /// so the broker's memory rises by up to 32 MiB per filter after start.

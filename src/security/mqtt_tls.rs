@@ -5,7 +5,7 @@
 //! certificates required, the CONNECT username must equal the certificate's subject
 //! common name (CN), so a device's certificate works only with that device's account.
 //!
-//! The relay is the one place that sees a client's source address, so it limits failed
+//! The relay is the one place that receives a client's source address, so it limits failed
 //! logins per source: a login the broker closes without CONNACK is a failure, and after
 //! `[mqtt] max_failed_logins` of them in a row the source's logins are denied for
 //! `failed_login_backoff`, unless the credential is in the verified-login cache.

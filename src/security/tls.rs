@@ -2,8 +2,8 @@
 //! yields connections once their handshake has finished.
 //!
 //! Handshakes run in their own tasks with a deadline, so a client that opens a connection
-//! and never finishes its handshake delays nobody else. Failed handshakes are counted in
-//! `stonelion_tls_handshake_failures_total` by listener and reason.
+//! and never finishes its handshake does not delay other clients. Failed handshakes are
+//! counted in `stonelion_tls_handshake_failures_total` by listener and reason.
 
 use std::collections::HashMap;
 use std::io;
