@@ -3,10 +3,12 @@
 //! A reload reads the config file again, merges the managed devices
 //! ([`crate::config::managed`]) and checks the result like `check-config`. A valid config
 //! replaces sites, devices, rules, the offline level, the timestamp window and webhooks.
-//! Device MQTT passwords change with the devices, unless the broker started open (with no
-//! account). Settings that take effect only at start (listeners, storage, TLS,
-//! `[[mqtt_users]]`, API tokens, CORS, `ingest.max_payload_bytes`) keep their running
-//! values and are reported as `restart_required`. An invalid config changes nothing.
+//! MQTT accounts (device passwords and `[[mqtt_users]]`) change too, unless the broker
+//! started open (with no account); live connections of changed accounts are closed
+//! ([`crate::ingest::guard`]). Settings that take effect only at start (listeners,
+//! storage, TLS, `[mqtt]`, API tokens, CORS, `ingest.max_payload_bytes`) keep their
+//! running values and are reported as `restart_required`. An invalid config changes
+//! nothing.
 //!
 //! The alarm stage gets the new rules first, then ingestion gets the new directory, so a
 //! reading of a new device never reaches the alarm stage before its rules. Open alarms
@@ -322,7 +324,7 @@ impl Reloader {
         let mqtt_open = self.mqtt.accounts.is_open();
         report.restart_required =
             restart_required(&old_table, &new_table, &old, &config, mqtt_open);
-        keep_start_settings(&mut config, &old);
+        keep_start_settings(&mut config, &old, mqtt_open);
         report.webhooks_changed = old_table.get("webhooks") != new_table.get("webhooks");
 
         let webhooks = if report.webhooks_changed {
@@ -412,8 +414,9 @@ fn diff_devices(old: &Config, new: &Config) -> ReloadReport {
     report
 }
 
-/// Returns the keys whose change takes effect only at start. Device MQTT passwords are
-/// among them only for a broker that started open (`mqtt_open`).
+/// Returns the keys whose change takes effect only at start. MQTT accounts (device
+/// passwords and `[[mqtt_users]]`) are among them only for a broker that started open
+/// (`mqtt_open`).
 fn restart_required(
     old_table: &toml::Table,
     new_table: &toml::Table,
@@ -448,14 +451,15 @@ fn restart_required(
     {
         keys.push("ingest.max_payload_bytes".to_owned());
     }
-    for name in ["mqtt_users", "api_tokens"] {
-        if old_table.get(name) != new_table.get(name) {
-            keys.push(name.to_owned());
-        }
+    if old_table.get("api_tokens") != new_table.get("api_tokens") {
+        keys.push("api_tokens".to_owned());
     }
     // An open broker has no authentication handler until a restart.
     if !mqtt_open {
         return keys;
+    }
+    if old_table.get("mqtt_users") != new_table.get("mqtt_users") {
+        keys.push("mqtt_users".to_owned());
     }
     let hash = |config: &Config, id: &DeviceId| {
         config
@@ -478,14 +482,67 @@ fn restart_required(
 }
 
 /// Keeps the running values of the settings that take effect only at start.
-fn keep_start_settings(config: &mut Config, running: &Config) {
+/// `[[mqtt_users]]` change with a reload unless the broker started open.
+fn keep_start_settings(config: &mut Config, running: &Config, mqtt_open: bool) {
     let profiles_dir = config.server.profiles_dir.take();
     config.server = running.server.clone();
     config.server.profiles_dir = profiles_dir;
     config.storage = running.storage.clone();
     config.mqtt = running.mqtt.clone();
-    config.mqtt_users = running.mqtt_users.clone();
+    if mqtt_open {
+        config.mqtt_users = running.mqtt_users.clone();
+    }
     config.api = running.api.clone();
     config.api_tokens = running.api_tokens.clone();
     config.ingest.max_payload_bytes = running.ingest.max_payload_bytes;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::builtin::builtin_profiles;
+
+    const HASH_A: &str = "$argon2id$v=19$m=1024,t=1,p=1$c2l4dGVlbiBieXRlIHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
+    fn file(sites: &str) -> String {
+        format!(
+            r#"
+[[sites]]
+id = "plant-a"
+name = "Plant A"
+kind = "enterprise"
+
+[[sites]]
+id = "park-b3"
+name = "Building B3"
+kind = "park_building"
+
+[[mqtt_users]]
+username = "dashboard"
+password_hash = "{HASH_A}"
+sites = {sites}
+"#
+        )
+    }
+
+    #[test]
+    fn mqtt_users_reload_unless_broker_started_open() {
+        let (old_text, new_text) = (file(r#"["plant-a"]"#), file(r#"["park-b3"]"#));
+        let old = crate::config::parse(&old_text, builtin_profiles()).unwrap();
+        let new = crate::config::parse(&new_text, builtin_profiles()).unwrap();
+        let old_table: toml::Table = toml::from_str(&old_text).unwrap();
+        let new_table: toml::Table = toml::from_str(&new_text).unwrap();
+
+        let keys = restart_required(&old_table, &new_table, &old, &new, false);
+        assert!(keys.is_empty(), "{keys:?}");
+        let mut applied = new.clone();
+        keep_start_settings(&mut applied, &old, false);
+        assert_eq!(applied.mqtt_users[0].sites, new.mqtt_users[0].sites);
+
+        let keys = restart_required(&old_table, &new_table, &old, &new, true);
+        assert_eq!(keys, ["mqtt_users"]);
+        let mut applied = new.clone();
+        keep_start_settings(&mut applied, &old, true);
+        assert_eq!(applied.mqtt_users[0].sites, old.mqtt_users[0].sites);
+    }
 }

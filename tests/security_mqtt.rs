@@ -1084,3 +1084,153 @@ async fn second_connect_closes_connection() {
     assert_eq!(denied, 1.0);
     server.shutdown().await;
 }
+
+/// Encodes an MQTT 3.1.1 SUBSCRIBE of one filter at QoS 0, with packet id 1.
+fn raw_subscribe(filter: &str) -> Vec<u8> {
+    let mut body = vec![0, 1];
+    body.extend(u16::try_from(filter.len()).unwrap().to_be_bytes());
+    body.extend(filter.as_bytes());
+    body.push(0);
+    let mut packet = vec![0x82, u8::try_from(body.len()).unwrap()];
+    packet.extend(body);
+    packet
+}
+
+/// Opens a raw connection logged in as `username` and returns it after CONNACK.
+async fn raw_login(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(&raw_connect(client_id, username, password))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut connack))
+        .await
+        .expect("CONNACK within 10 s")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "{username} is logged in");
+    stream
+}
+
+/// Reads until the broker closes `stream` and returns what it sent before closing.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, what: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("{what} stayed open"))
+        .unwrap();
+    rest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_change_closes_live_connections() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let text = config("").replace("WEBHOOK_URL", &receiver.url());
+    let server = start_from_file(dir.path(), &text).await;
+    let (addr, http) = (server.mqtt_addr, server.http_addr);
+
+    let mut device = raw_login(addr, "gas-01", "gas-01", "pw-gas-01").await;
+    device
+        .write_all(&raw_publish("telemetry/plant-a/gas-01", &reading(11.0)))
+        .await
+        .unwrap();
+    let mut puback = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), device.read_exact(&mut puback))
+        .await
+        .expect("PUBACK within 10 s")
+        .unwrap();
+    assert_eq!(puback, [0x40, 2, 0, 1], "the first reading is acknowledged");
+    wait_for("gas-01 at 11", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-01").await == Some(11.0)).then_some(())
+    })
+    .await;
+    let mut viewer = raw_login(addr, "dashboard:raw", "dashboard", "pw-dashboard").await;
+    viewer
+        .write_all(&raw_subscribe("telemetry/plant-a/#"))
+        .await
+        .unwrap();
+    let mut suback = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), viewer.read_exact(&mut suback))
+        .await
+        .expect("SUBACK within 10 s")
+        .unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 0], "the viewer may read plant-a");
+    let (other, events) = connect(addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
+    let _other_loop = drive(events);
+
+    // gas-01 gets a new password, and the dashboard moves from plant-a to park-b3.
+    let mut changed = text.replace(&cheap_hash("pw-gas-01"), &cheap_hash("pw-gas-01-new"));
+    let sites = "password_hash = \"{}\"\nsites = [\"plant-a\"]";
+    let viewer_entry = sites.replace("{}", &cheap_hash("pw-dashboard"));
+    assert!(
+        changed.contains(&viewer_entry),
+        "the test config has the dashboard"
+    );
+    changed = changed.replace(&viewer_entry, &viewer_entry.replace("plant-a", "park-b3"));
+    std::fs::write(dir.path().join("stonelion.toml"), changed).unwrap();
+    let (status, body) = send_json(http, reqwest::Method::POST, "/api/v1/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["devices_changed"], json!(["gas-01"]), "{body}");
+    assert_eq!(body["restart_required"], json!([]), "{body}");
+
+    // gas-01's next packet closes its connection, unacknowledged and not stored.
+    device
+        .write_all(&raw_publish("telemetry/plant-a/gas-01", &reading(99.0)))
+        .await
+        .unwrap();
+    let rest = read_until_closed(&mut device, "the connection with the old password").await;
+    assert!(
+        rest.is_empty(),
+        "the broker answered the old password's publish: {rest:?}"
+    );
+
+    // The unchanged device stays connected, and its reading is not delivered to the
+    // viewer, whose connection closes instead.
+    other
+        .publish(
+            "telemetry/plant-a/gas-02",
+            QoS::AtLeastOnce,
+            false,
+            reading(22.0),
+        )
+        .await
+        .unwrap();
+    wait_for("gas-02 at 22", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-02").await == Some(22.0)).then_some(())
+    })
+    .await;
+    let rest = read_until_closed(&mut viewer, "the viewer moved to another site").await;
+    assert!(
+        rest.is_empty(),
+        "the viewer received plant-a data: {rest:?}"
+    );
+    assert_eq!(latest_gas(http, "gas-01").await, Some(11.0));
+
+    let closed = metric(
+        http,
+        r#"stonelion_mqtt_denied_total{reason="account_changed"}"#,
+    )
+    .await;
+    assert_eq!(closed, 2.0);
+    assert!(
+        logs_in(addr, "gas-01", "pw-gas-01-new").await,
+        "new password"
+    );
+    assert!(
+        logs_in(addr, "dashboard", "pw-dashboard").await,
+        "unchanged password"
+    );
+    server.shutdown().await;
+}

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,13 @@ struct Account {
     identity: MqttIdentity,
 }
 
+/// An account as a connection found it at CONNECT; see [`MqttAccounts::still_valid`].
+#[derive(Clone, Debug)]
+pub struct LoginAccount {
+    password_hash: String,
+    identity: MqttIdentity,
+}
+
 /// The configured MQTT accounts, by username.
 #[derive(Default)]
 pub struct MqttAccounts {
@@ -152,6 +160,33 @@ impl MqttAccounts {
         self.accounts.get(username).map(|a| &a.identity)
     }
 
+    /// Returns whether a connection that logged in as `username` when its account was
+    /// `login` may stay connected with the account as it is now. It may not when the
+    /// account was removed or its password changed. A device that moved to another site
+    /// stays, because its publishes are checked against its current site. A viewer whose
+    /// sites changed does not, because its subscriptions were checked against its old
+    /// sites.
+    pub fn still_valid(&self, username: &str, login: &LoginAccount) -> bool {
+        let Some(account) = self.accounts.get(username) else {
+            return false;
+        };
+        if account.password_hash != login.password_hash {
+            return false;
+        }
+        match (&account.identity, &login.identity) {
+            (MqttIdentity::Device { .. }, MqttIdentity::Device { .. }) => true,
+            (now, then) => now == then,
+        }
+    }
+
+    /// Returns the account of `username` as it is now, for [`Self::still_valid`].
+    pub fn login_account(&self, username: &str) -> Option<LoginAccount> {
+        self.accounts.get(username).map(|a| LoginAccount {
+            password_hash: a.password_hash.clone(),
+            identity: a.identity.clone(),
+        })
+    }
+
     /// Returns the argon2 PHC string of `username`'s password.
     pub fn password_hash(&self, username: &str) -> Option<&str> {
         self.accounts
@@ -165,6 +200,8 @@ impl MqttAccounts {
 /// are replaced when a reload or device change changes them.
 pub struct SharedAccounts {
     current: RwLock<Arc<MqttAccounts>>,
+    /// Counts replacements, so a connection checks its account again only after one.
+    generation: AtomicU64,
     open: bool,
 }
 
@@ -173,12 +210,19 @@ impl SharedAccounts {
         Self {
             open: accounts.is_open(),
             current: RwLock::new(Arc::new(accounts)),
+            generation: AtomicU64::new(0),
         }
     }
 
     /// Returns true when the broker started with no account, so it accepts anyone.
     pub fn is_open(&self) -> bool {
         self.open
+    }
+
+    /// Returns the number of replacements so far. Read it before [`Self::load`]: a
+    /// replacement in between then shows as a newer generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Returns the accounts in use.
@@ -199,6 +243,7 @@ impl SharedAccounts {
             .current
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(accounts);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         true
     }
 }
@@ -368,6 +413,9 @@ pub enum DenyReason {
     CertificateMismatch,
     /// A second CONNECT on a connection, which closes it.
     SecondConnect,
+    /// A live connection whose account was removed, got a new password, or (for an
+    /// `[[mqtt_users]]` account) changed its sites, which closes it.
+    AccountChanged,
 }
 
 impl DenyReason {
@@ -382,6 +430,7 @@ impl DenyReason {
             DenyReason::TakeoverBackoff => "takeover_backoff",
             DenyReason::CertificateMismatch => "certificate_mismatch",
             DenyReason::SecondConnect => "second_connect",
+            DenyReason::AccountChanged => "account_changed",
         }
     }
 }

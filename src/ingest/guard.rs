@@ -23,8 +23,14 @@
 //! not take its username as the connection's account. From its CONNACK until DISCONNECT
 //! or the end of the connection, the guard holds the connection's [`LiveConnection`], so
 //! takeovers of its client id are counted.
+//!
+//! A reload or device change that removes a connection's account, changes its password
+//! or changes a viewer's sites closes the connection at the next packet in either
+//! direction, so no packet passes on the old credentials. A device moved to another site
+//! stays connected and publishes to its new site's topics.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,7 +42,7 @@ use rumqttd::protocol::{
 };
 
 use super::auth::{
-    DenyReason, LoginPolicy, MqttAccounts, MqttDenials, MqttIdentity, SharedAccounts,
+    DenyReason, LoginAccount, LoginPolicy, MqttAccounts, MqttDenials, MqttIdentity, SharedAccounts,
 };
 use super::takeover::{ClientIds, LiveConnection};
 
@@ -66,6 +72,12 @@ pub struct GuardedV4 {
     /// Whether the connection's CONNECT was read.
     connected: bool,
     identity: Option<MqttIdentity>,
+    /// The account of the CONNECT's username when the CONNECT was read.
+    login: Option<LoginAccount>,
+    /// The accounts' generation that `login` was last found valid in.
+    checked_generation: AtomicU64,
+    /// Set once the account changed, so the closing is counted once.
+    account_changed: AtomicBool,
     bucket: Option<TokenBucket>,
     replies: Mutex<Replies>,
 }
@@ -85,11 +97,9 @@ struct Replies {
 impl GuardPolicy {
     /// Replaces the broker's accounts after a reload or device change, and drops the
     /// verified logins of removed accounts. A cached login of an account whose password
-    /// hash changed no longer matches, because the hash is part of its tag. An open broker
-    /// keeps no accounts until a restart.
-    ///
-    /// NOTE: a live connection is not closed when its account is removed or its password
-    /// changes, and it may keep publishing to the topics its account had at CONNECT.
+    /// hash changed no longer matches, because the hash is part of its tag. Live
+    /// connections of changed accounts close at their next packet (see the module docs).
+    /// An open broker keeps no accounts until a restart.
     pub fn replace_accounts(&self, accounts: MqttAccounts) {
         if self.accounts.replace(accounts) {
             self.login.verified.retain_accounts(&self.accounts.load());
@@ -107,9 +117,42 @@ impl GuardedV4 {
             client_id_was_live: false,
             connected: false,
             identity: None,
+            login: None,
+            checked_generation: AtomicU64::new(0),
+            account_changed: AtomicBool::new(false),
             bucket: None,
             replies: Mutex::default(),
         }
+    }
+
+    /// Fails once the connection's account was removed or changed since the CONNECT
+    /// (see [`MqttAccounts::still_valid`]), which closes the connection.
+    fn check_account(&self) -> Result<(), Error> {
+        if !self.connected || self.policy.accounts.is_open() {
+            return Ok(());
+        }
+        if self.account_changed.load(Ordering::Acquire) {
+            return Err(Error::InvalidProtocol);
+        }
+        let generation = self.policy.accounts.generation();
+        if generation == self.checked_generation.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let accounts = self.policy.accounts.load();
+        let valid = self
+            .login
+            .as_ref()
+            .is_some_and(|login| accounts.still_valid(&self.username, login));
+        if valid {
+            self.checked_generation.store(generation, Ordering::Release);
+            return Ok(());
+        }
+        if !self.account_changed.swap(true, Ordering::AcqRel) {
+            self.policy
+                .denials
+                .deny(DenyReason::AccountChanged, &self.client_id, &self.username);
+        }
+        Err(Error::InvalidProtocol)
     }
 
     fn replies(&mut self) -> &mut Replies {
@@ -140,7 +183,11 @@ impl GuardedV4 {
                 if !self.policy.accounts.is_open() {
                     let username = login.as_ref().map_or("", |l| l.username.as_str());
                     self.username = username.to_owned();
-                    self.identity = self.policy.accounts.load().identity(username).cloned();
+                    let generation = self.policy.accounts.generation();
+                    let accounts = self.policy.accounts.load();
+                    self.identity = accounts.identity(username).cloned();
+                    self.login = accounts.login_account(username);
+                    *self.checked_generation.get_mut() = generation;
                     self.bucket = self.new_bucket();
                     if let Some(will) = &will {
                         let topic = String::from_utf8_lossy(&will.topic);
@@ -348,6 +395,7 @@ impl Protocol for GuardedV4 {
         loop {
             let header = PublishHeader::peek(stream);
             let packet = self.inner.read_mut(stream, max_size)?;
+            self.check_account()?;
             if let Some(packet) = self.inspect(packet, header)? {
                 return Ok(packet);
             }
@@ -355,6 +403,7 @@ impl Protocol for GuardedV4 {
     }
 
     fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
+        self.check_account()?;
         let mut replies = self
             .replies
             .lock()
