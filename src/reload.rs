@@ -541,7 +541,7 @@ sites = {sites}
 
         let keys = restart_required(&old_table, &new_table, &old, &new, true);
         assert_eq!(keys, ["mqtt_users"]);
-        let mut applied = new.clone();
+        let mut applied = new;
         keep_start_settings(&mut applied, &old, true);
         assert_eq!(applied.mqtt_users[0].sites, old.mqtt_users[0].sites);
     }
