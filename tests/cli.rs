@@ -557,7 +557,34 @@ fn demo_raises_its_alarm() {
     let energy = meter["latest"]["energy_import_kwh"]["value"].as_f64();
     assert!(energy.is_some_and(|kwh| kwh > 52_000.0), "{meter}");
     assert_eq!(meter["online"], true);
+
+    // The simulated devices disconnect cleanly at shutdown, so the broker publishes none
+    // of their last wills and no device goes offline.
+    let mqtt = listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mqtt="))
+        .unwrap()
+        .to_owned();
+    let (host, port) = mqtt.rsplit_once(':').unwrap();
+    // stdbuf makes mosquitto_sub write each line as it prints it.
+    let mut command = Command::new("stdbuf");
+    command.args(["-oL", "mosquitto_sub", "-d", "-v", "-h", host, "-p", port]);
+    command.args(["-t", "status/#"]);
+    let mut status = Running::spawn(command);
+    status.wait_line("received SUBACK", Duration::from_secs(10));
     assert!(demo.terminate(), "the demo exits cleanly on SIGTERM");
+    status.child.kill().unwrap();
+    status.child.wait().unwrap();
+    let published: Vec<String> = status
+        .seen
+        .into_iter()
+        .chain(status.lines.iter())
+        .filter(|line| line.starts_with("status/"))
+        .collect();
+    assert!(
+        published.is_empty(),
+        "status messages at shutdown: {published:?}"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, QoS};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -109,18 +109,21 @@ async fn run_device(
     ));
     let (client, mut events) = AsyncClient::new(options, 16);
 
+    // The event loop runs until it has sent the DISCONNECT queued at stop, so the broker
+    // does not publish the last will and the device does not look offline.
     let event_stop = stop.clone();
-    let event_loop = tokio::spawn(async move {
+    let mut event_loop = tokio::spawn(async move {
         loop {
-            let event = tokio::select! {
-                () = event_stop.cancelled() => break,
-                event = events.poll() => event,
-            };
-            if let Err(e) = event {
-                tracing::debug!(error = %e, "simulated device lost its MQTT connection; reconnecting");
-                tokio::select! {
-                    () = event_stop.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            match events.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                Ok(_) => {}
+                Err(_) if event_stop.is_cancelled() => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "simulated device lost its MQTT connection; reconnecting");
+                    tokio::select! {
+                        () = event_stop.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
             }
         }
@@ -164,7 +167,12 @@ async fn run_device(
             .await;
     }
     let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), event_loop).await;
+    if tokio::time::timeout(Duration::from_secs(1), &mut event_loop)
+        .await
+        .is_err()
+    {
+        event_loop.abort();
+    }
 }
 
 #[cfg(test)]
