@@ -179,9 +179,11 @@ fn write_server_certificate(dir: &std::path::Path) {
 }
 
 #[test]
-fn check_config_rejects_api_client_ca_problems() {
+fn check_config_rejects_unusable_tls_files() {
     let dir = tempfile::tempdir().unwrap();
     write_server_certificate(dir.path());
+    let other = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(dir.path().join("other.key"), other.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("empty.pem"), "").unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
     let with_https = |ca: &str| {
@@ -200,11 +202,44 @@ fn check_config_rejects_api_client_ca_problems() {
                 .to_owned(),
         ),
         (
-            "missing-file",
-            with_https(&path("missing.pem")),
+            "garbage-certificate",
             format!(
-                "api.tls_client_ca: cannot use the client CA file {}",
-                path("missing.pem")
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("empty.pem"),
+                path("server.key")
+            ),
+            format!(
+                "api.tls_cert: the TLS file {} contains no certificate",
+                path("empty.pem")
+            ),
+        ),
+        (
+            "key-of-another-certificate",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("server.pem"),
+                path("other.key")
+            ),
+            format!(
+                "api.tls_key: the TLS key {} does not belong to the certificate {}; use the \
+                 key that the certificate was issued for",
+                path("other.key"),
+                path("server.pem")
+            ),
+        ),
+        (
+            "empty-mqtt-client-ca",
+            format!(
+                "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+                 tls_client_ca = \"{}\"\n",
+                path("server.pem"),
+                path("server.key"),
+                path("empty.pem")
+            ),
+            format!(
+                "mqtt.tls_client_ca: cannot use the client CA file {}: it contains no PEM \
+                 certificate",
+                path("empty.pem")
             ),
         ),
         (
@@ -237,6 +272,25 @@ fn check_config_rejects_api_client_ca_problems() {
         output.status.success(),
         "a readable client CA was rejected:\n{}",
         stdout(&output)
+    );
+
+    // A file that does not exist yet may be installed after the check, like the
+    // certificate and key.
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(&missing, with_https(&path("missing.pem"))).unwrap();
+    let output = stonelion(&["check-config", missing.to_str().unwrap()], "");
+    let report = stdout(&output);
+    assert!(
+        output.status.success(),
+        "a missing client CA was rejected:\n{report}"
+    );
+    let expected = format!(
+        "api.tls_client_ca: warning: cannot open {}",
+        path("missing.pem")
+    );
+    assert!(
+        report.contains(&expected),
+        "missing {expected:?} in:\n{report}"
     );
 }
 

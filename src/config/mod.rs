@@ -417,18 +417,11 @@ pub fn check_start(text: &str, config: Option<&Config>) -> Vec<ConfigProblem> {
 /// TLS certificate. `run` fails to start unless the file can be opened by then, but it
 /// may be installed after the check, so these are warnings and not problems.
 pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
-    let files = [
-        ("api.tls_cert", &config.api.tls_cert),
-        ("api.tls_key", &config.api.tls_key),
-        ("mqtt.tls_cert", &config.mqtt.tls_cert),
-        ("mqtt.tls_key", &config.mqtt.tls_key),
-        ("mqtt.tls_client_ca", &config.mqtt.tls_client_ca),
-    ];
     let mut checker = Checker::new(text);
     if let Ok(document) = check::parse_document(text) {
         checker.index_document(&document);
     }
-    for (key, path) in files {
+    for (key, path) in tls_files(config) {
         let Some(path) = path else { continue };
         if let Err(e) = std::fs::File::open(path) {
             checker.push(
@@ -444,21 +437,66 @@ pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
     checker.problems
 }
 
-/// Returns a problem when `[api] tls_client_ca` is set and cannot be loaded now: a file
-/// that cannot be read, or that contains no valid PEM certificate. Unlike the files of
-/// [`file_warnings`], `check-config` rejects such a client CA, so that a deployment
-/// pipeline does not install an HTTPS API whose client certificate check cannot start.
+/// Returns a problem for each TLS file that can be opened now but that `run` could not
+/// use: a certificate chain or key that is not PEM, a key that does not fit its
+/// certificate, or a client CA file with no valid certificate. A file that cannot be
+/// opened is left to [`file_warnings`], because it may be installed after the check.
 pub fn file_problems(text: &str, config: &Config) -> Vec<ConfigProblem> {
+    use crate::security::tls::{PairFile, check_client_ca, check_server_files};
+
     let mut checker = Checker::new(text);
     if let Ok(document) = check::parse_document(text) {
         checker.index_document(&document);
     }
-    if let Some(path) = &config.api.tls_client_ca
-        && let Err(e) = crate::security::tls::check_client_ca(path)
-    {
-        checker.push(None, "api.tls_client_ca", e.to_string());
+    let sections = [
+        (
+            "api",
+            &config.api.tls_cert,
+            &config.api.tls_key,
+            &config.api.tls_client_ca,
+        ),
+        (
+            "mqtt",
+            &config.mqtt.tls_cert,
+            &config.mqtt.tls_key,
+            &config.mqtt.tls_client_ca,
+        ),
+    ];
+    for (section, cert, key, client_ca) in sections {
+        if let (Some(cert), Some(key)) = (opens(cert), opens(key))
+            && let Err((file, e)) = check_server_files(cert, key)
+        {
+            let name = match file {
+                PairFile::Certificate => "tls_cert",
+                PairFile::Key => "tls_key",
+            };
+            checker.push(None, &format!("{section}.{name}"), e.to_string());
+        }
+        if let Some(path) = opens(client_ca)
+            && let Err(e) = check_client_ca(path)
+        {
+            checker.push(None, &format!("{section}.tls_client_ca"), e.to_string());
+        }
     }
     checker.problems
+}
+
+/// Returns `path` when it names a file that can be opened now.
+fn opens(path: &Option<PathBuf>) -> Option<&Path> {
+    path.as_deref()
+        .filter(|path| std::fs::File::open(path).is_ok())
+}
+
+/// Returns the TLS files of `config`, by key.
+fn tls_files(config: &Config) -> [(&'static str, &Option<PathBuf>); 6] {
+    [
+        ("api.tls_cert", &config.api.tls_cert),
+        ("api.tls_key", &config.api.tls_key),
+        ("api.tls_client_ca", &config.api.tls_client_ca),
+        ("mqtt.tls_cert", &config.mqtt.tls_cert),
+        ("mqtt.tls_key", &config.mqtt.tls_key),
+        ("mqtt.tls_client_ca", &config.mqtt.tls_client_ca),
+    ]
 }
 
 /// Reads the listeners of a config document that has problems; see [`check_start`].

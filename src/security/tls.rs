@@ -46,6 +46,11 @@ pub enum TlsError {
     #[error("invalid TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error(
+        "the TLS key {key} does not belong to the certificate {cert}; use the key that the \
+         certificate was issued for"
+    )]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error(
         "cannot use the client CA file {path}: {reason}; write the PEM certificates of the CA \
          that issues the client certificates there"
     )]
@@ -62,6 +67,7 @@ pub fn server_config(
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = read_certificates(cert)?;
+    let key_path = key;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
         path: key.to_owned(),
         reason: e.to_string(),
@@ -73,9 +79,52 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
         Some(path) => builder.with_client_cert_verifier(client_verifier(path, provider)?),
     };
-    let mut config = builder.with_single_cert(chain, key)?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| pair_error(e, cert, key_path))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// The file of a certificate and key pair that [`check_server_files`] found unusable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairFile {
+    Certificate,
+    Key,
+}
+
+/// Checks that `cert` and `key` make a server config as [`server_config`] builds it: a
+/// PEM certificate chain, a PEM private key, and a key that rustls accepts for the chain.
+pub fn check_server_files(cert: &Path, key: &Path) -> Result<(), (PairFile, TlsError)> {
+    let chain = read_certificates(cert).map_err(|e| (PairFile::Certificate, e))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        let e = TlsError::File {
+            path: key.to_owned(),
+            reason: e.to_string(),
+        };
+        (PairFile::Key, e)
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(chain, key_der)
+        })
+        .map(drop)
+        .map_err(|e| (PairFile::Key, pair_error(e, cert, key)))
+}
+
+/// Names both files when rustls finds that a key does not fit its certificate.
+fn pair_error(error: rustls::Error, cert: &Path, key: &Path) -> TlsError {
+    match error {
+        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        },
+        other => TlsError::Rustls(other),
+    }
 }
 
 /// Checks that `path` is a client CA bundle that [`server_config`] accepts: readable PEM
