@@ -465,6 +465,18 @@ async fn api_errors_name_the_bad_value() {
             400,
             "median",
         ),
+        (
+            "/api/v1/devices/gas-01/series?metric=gas_lel&limit=-1",
+            400,
+            "`limit` value `-1` is invalid; use a whole number from 1 to 100000",
+        ),
+        (
+            "/api/v1/devices/gas-01/series?metric=gas_lel&limit=0",
+            400,
+            "`0`",
+        ),
+        ("/api/v1/alarms?limit=10001", 400, "from 1 to 10000"),
+        ("/api/v1/alarms?limit=many", 400, "`many`"),
         ("/api/v1/alarms?state=open", 400, "open"),
         ("/api/v1/alarms/abc", 400, "abc"),
         ("/api/v1/alarms/999", 404, "999"),

@@ -26,6 +26,21 @@ const MAX_POINTS: usize = 100_000;
 const DEFAULT_POINTS: usize = 10_000;
 /// Alarms returned when the request sets no `limit`.
 const DEFAULT_ALARMS: usize = 500;
+/// Most alarms one list request returns.
+const MAX_ALARMS: usize = 10_000;
+
+/// Reads a `limit` parameter: a whole number from 1 to `max`, or `default` when absent.
+fn parse_limit(value: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    match value.parse::<usize>() {
+        Ok(limit) if (1..=max).contains(&limit) => Ok(limit),
+        _ => Err(ApiError::bad_request(format!(
+            "`limit` value `{value}` is invalid; use a whole number from 1 to {max}"
+        ))),
+    }
+}
 
 pub async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
@@ -195,7 +210,7 @@ pub struct SeriesParams {
     to: Option<String>,
     step: Option<String>,
     agg: Option<String>,
-    limit: Option<usize>,
+    limit: Option<String>,
 }
 
 pub async fn series(
@@ -242,7 +257,7 @@ pub async fn series(
         )));
     }
     let aggregation = parse_aggregation(params.step.as_deref(), params.agg.as_deref())?;
-    let limit = params.limit.unwrap_or(DEFAULT_POINTS).min(MAX_POINTS);
+    let limit = parse_limit(params.limit.as_deref(), DEFAULT_POINTS, MAX_POINTS)?;
 
     let directory = Directory::from_config(&config);
     let entry = directory
@@ -374,7 +389,7 @@ pub struct AlarmsParams {
     state: Option<String>,
     site: Option<SiteId>,
     device: Option<DeviceId>,
-    limit: Option<usize>,
+    limit: Option<String>,
 }
 
 pub async fn alarms(
@@ -382,6 +397,7 @@ pub async fn alarms(
     params: Result<Query<AlarmsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = parse_limit(params.limit.as_deref(), DEFAULT_ALARMS, MAX_ALARMS)?;
     let alarm_state = params
         .state
         .as_deref()
@@ -397,7 +413,7 @@ pub async fn alarms(
         state: alarm_state,
         site: params.site,
         device: params.device,
-        limit: params.limit.unwrap_or(DEFAULT_ALARMS),
+        limit,
     };
     let reader = state.alarm_reader.clone();
     let alarms = tokio::task::spawn_blocking(move || {
