@@ -446,6 +446,27 @@ fn non_finite_field_drops_whole_line() {
 }
 
 #[test]
+fn nan_and_infinity_fields_are_named() {
+    for (value, line) in [
+        ("NaN", "m,device=d1 a=1,v=NaN 1"),
+        ("-inf", "m,device=d1 v=-inf"),
+        ("+Infinity", "m v=+Infinity,a=2i"),
+    ] {
+        let parsed = parse_body(line, Precision::Nanoseconds, Timestamp(0));
+        assert_eq!(parsed.lines_rejected, 1, "{line}");
+        let reason = parsed.first_error.unwrap().reason;
+        assert!(
+            reason.contains(&format!("field `v` has the value `{value}`")),
+            "{line}: {reason}"
+        );
+    }
+    // Other parse errors keep the parser's message.
+    let parsed = parse_body("m v=nope", Precision::Nanoseconds, Timestamp(0));
+    let reason = parsed.first_error.unwrap().reason;
+    assert!(!reason.contains("has the value"), "{reason}");
+}
+
+#[test]
 fn line_of_only_string_fields_is_not_accepted() {
     let parsed = parse_body(
         "m,device=d1 note=\"hi\" 1\n",

@@ -191,12 +191,32 @@ pub fn parse_body(body: &str, precision: Precision, now: Timestamp) -> ParsedBod
             ),
             Some(Err(err)) => {
                 parsed.lines_rejected += 1;
-                parsed.reject(index + 1, trimmed, format!("invalid line protocol: {err}"));
+                let message = match non_finite_field(trimmed) {
+                    Some((key, value)) => format!(
+                        "invalid line protocol: field `{key}` has the value `{value}`, which \
+                         line protocol cannot carry; leave the field out of the line while the \
+                         reading is not a finite number"
+                    ),
+                    None => format!("invalid line protocol: {err}"),
+                };
+                parsed.reject(index + 1, trimmed, message);
             }
             None => {}
         }
     }
     parsed
+}
+
+/// Returns the first field of `line` whose value is NaN or an infinity, which the line
+/// protocol parser rejects with a message that does not name the field. Only the common
+/// case is recognised: a measurement and tags without escaped spaces.
+fn non_finite_field(line: &str) -> Option<(&str, &str)> {
+    let fields = line.split(' ').nth(1)?;
+    fields.split(',').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        let number = value.trim_start_matches(['+', '-']).to_ascii_lowercase();
+        matches!(number.as_str(), "nan" | "inf" | "infinity").then_some((key, value))
+    })
 }
 
 /// Splits a body into lines like `influxdb_line_protocol::split_lines`, which scans every
