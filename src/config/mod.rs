@@ -470,12 +470,12 @@ pub fn file_problems(text: &str, config: &Config) -> Vec<ConfigProblem> {
                 PairFile::Certificate => "tls_cert",
                 PairFile::Key => "tls_key",
             };
-            checker.push(None, &format!("{section}.{name}"), e.to_string());
+            checker.push(None, format!("{section}.{name}"), e.to_string());
         }
         if let Some(path) = opens(client_ca)
             && let Err(e) = check_client_ca(path)
         {
-            checker.push(None, &format!("{section}.tls_client_ca"), e.to_string());
+            checker.push(None, format!("{section}.tls_client_ca"), e.to_string());
         }
     }
     checker.problems
@@ -724,9 +724,9 @@ fn check_storage(checker: &mut Checker<'_>, storage: &StorageSection) {
 fn show_duration(duration: Duration) -> String {
     const DAY: u64 = 86_400;
     let secs = duration.as_secs();
-    if duration.subsec_nanos() == 0 && secs > 0 && secs % DAY == 0 {
+    if duration.subsec_nanos() == 0 && secs > 0 && secs.is_multiple_of(DAY) {
         format!("{}d", secs / DAY)
-    } else if duration.subsec_nanos() == 0 && secs > 0 && secs % 3_600 == 0 {
+    } else if duration.subsec_nanos() == 0 && secs > 0 && secs.is_multiple_of(3_600) {
         format!("{}h", secs / 3_600)
     } else {
         humantime::format_duration(duration).to_string()

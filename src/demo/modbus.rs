@@ -88,7 +88,7 @@ impl DemoModbus {
             ("energy_export_kwh", 0.0),
         ];
         for (metric, value) in meter {
-            self.set(METER_UNIT, &self.meter, metric, Decoded::Number(value));
+            self.set(METER_UNIT, &self.meter, metric, &Decoded::Number(value));
         }
 
         let gas = controller_gas(t);
@@ -96,13 +96,13 @@ impl DemoModbus {
             CONTROLLER_UNIT,
             &self.controller,
             "gas_lel",
-            Decoded::Number(gas),
+            &Decoded::Number(gas),
         );
         self.set(
             CONTROLLER_UNIT,
             &self.controller,
             "sensor_volts",
-            Decoded::Number(1.2 + gas / 100.0),
+            &Decoded::Number(1.2 + gas / 100.0),
         );
         for metric in self
             .controller
@@ -119,16 +119,16 @@ impl DemoModbus {
                 CONTROLLER_UNIT,
                 &self.controller,
                 metric.name.as_str(),
-                Decoded::Bool(on),
+                &Decoded::Bool(on),
             );
         }
     }
 
-    fn set(&self, unit: u8, profile: &Profile, metric: &str, value: Decoded) {
+    fn set(&self, unit: u8, profile: &Profile, metric: &str, value: &Decoded) {
         let Some(register) = profile.register(&MetricName::from(metric)) else {
             return;
         };
-        if let Err(e) = self.handle.set_value(unit, register, &value) {
+        if let Err(e) = self.handle.set_value(unit, register, value) {
             tracing::warn!(profile = %profile.name, metric, error = %e, "demo cannot set a simulated register");
         }
     }
