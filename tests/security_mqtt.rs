@@ -1234,3 +1234,37 @@ async fn account_change_closes_live_connections() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_reset_before_connack_keeps_broker_up() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let server = start_server(&config(""), &receiver.url(), data.path()).await;
+    let addr = server.mqtt_addr;
+
+    // The client resets the connection right after CONNECT, before the password check
+    // ends, so the broker's CONNACK write fails.
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(&raw_connect("gas-01", "gas-01", "pw-gas-01"))
+            .await
+            .unwrap();
+        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(stream);
+    }
+
+    let mut same = raw_login(addr, "gas-01", "gas-01", "pw-gas-01").await;
+    same.write_all(&raw_publish("telemetry/plant-a/gas-01", &reading(3.0)))
+        .await
+        .unwrap();
+    let http = server.http_addr;
+    wait_for("gas-01 at 3", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-01").await == Some(3.0)).then_some(())
+    })
+    .await;
+    raw_login(addr, "gas-02", "gas-02", "pw-gas-02").await;
+    server.shutdown().await;
+}

@@ -403,7 +403,11 @@ impl Protocol for GuardedV4 {
     }
 
     fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
-        self.check_account()?;
+        // A failed CONNACK write leaves rumqttd's link half started, so an account that
+        // changed since the CONNECT is left to the connection's next packet.
+        if !matches!(packet, Packet::ConnAck(..)) {
+            self.check_account()?;
+        }
         let mut replies = self
             .replies
             .lock()
