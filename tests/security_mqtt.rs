@@ -888,6 +888,17 @@ async fn password_change_invalidates_cached_login() {
 
     assert!(logs_in(addr, "gas-01", "pw-gas-01").await, "first login");
     assert!(logs_in(addr, "gas-01", "pw-gas-01").await, "cached login");
+    // Ten wrong passwords put gas-01 in backoff, which denies the eleventh login; the
+    // password change below ends it.
+    for _ in 0..11 {
+        assert!(!logs_in(addr, "gas-01", "guess").await);
+    }
+    let backoff = metric(
+        http,
+        r#"stonelion_mqtt_denied_total{reason="login_backoff"}"#,
+    )
+    .await;
+    assert_eq!(backoff, 1.0, "the eleventh login is denied by the backoff");
 
     let changed = text.replace(&cheap_hash("pw-gas-01"), &cheap_hash("pw-gas-01-new"));
     assert_ne!(changed, text);
@@ -1266,5 +1277,101 @@ async fn connect_reset_before_connack_keeps_broker_up() {
     })
     .await;
     raw_login(addr, "gas-02", "gas-02", "pw-gas-02").await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_session_does_not_outlive_its_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let text = config("").replace("WEBHOOK_URL", &receiver.url());
+    let server = start_from_file(dir.path(), &text).await;
+    let (addr, http) = (server.mqtt_addr, server.http_addr);
+    let viewer_options = || {
+        let mut options = options(addr, "dashboard:kept", Some(("dashboard", "pw-dashboard")));
+        options.set_clean_session(false);
+        options
+    };
+
+    // The viewer asks for a kept session and subscribes to plant-a at QoS 1.
+    let (viewer, mut events) = AsyncClient::new(viewer_options(), 10);
+    connack(&mut events).await.unwrap();
+    viewer
+        .subscribe("telemetry/plant-a/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next_incoming(&mut events, "SUBACK", |p| match p {
+        Packet::SubAck(ack) => Some(ack),
+        _ => None,
+    })
+    .await;
+    viewer.disconnect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), drive(events))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // While it is away, it loses plant-a, and plant-a publishes.
+    let sites = "password_hash = \"{}\"\nsites = [\"plant-a\"]";
+    let entry = sites.replace("{}", &cheap_hash("pw-dashboard"));
+    assert!(text.contains(&entry), "the test config has the dashboard");
+    let changed = text.replace(&entry, &entry.replace("plant-a", "park-b3"));
+    std::fs::write(dir.path().join("stonelion.toml"), changed).unwrap();
+    let (status, body) = send_json(http, reqwest::Method::POST, "/api/v1/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (gas02, events) = connect(addr, "gas-02", Some(("gas-02", "pw-gas-02"))).await;
+    let _gas02_loop = drive(events);
+    gas02
+        .publish(
+            "telemetry/plant-a/gas-02",
+            QoS::AtLeastOnce,
+            false,
+            reading(7.0),
+        )
+        .await
+        .unwrap();
+    wait_for("gas-02 at 7", Duration::from_secs(10), || async {
+        (latest_gas(http, "gas-02").await == Some(7.0)).then_some(())
+    })
+    .await;
+
+    // Back with the same client id and a kept session asked for, it gets a clean one: no
+    // plant-a message arrives before the park-b3 one it subscribes to now.
+    let (viewer, mut events) = AsyncClient::new(viewer_options(), 10);
+    let session_present = next_incoming(&mut events, "CONNACK", |p| match p {
+        Packet::ConnAck(ack) => Some(ack.session_present),
+        _ => None,
+    })
+    .await;
+    assert!(!session_present, "the broker kept the viewer's old session");
+    viewer
+        .subscribe("telemetry/park-b3/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next_incoming(&mut events, "SUBACK", |p| match p {
+        Packet::SubAck(ack) => Some(ack),
+        _ => None,
+    })
+    .await;
+    let (gasb3, b3_events) = connect(addr, "gas-b3", Some(("gas-b3", "pw-gas-b3"))).await;
+    let _gasb3_loop = drive(b3_events);
+    gasb3
+        .publish(
+            "telemetry/park-b3/gas-b3",
+            QoS::AtLeastOnce,
+            false,
+            reading(8.0),
+        )
+        .await
+        .unwrap();
+    let topic = next_incoming(&mut events, "a park-b3 message", |p| match p {
+        Packet::Publish(publish) => Some(publish.topic),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        topic, "telemetry/park-b3/gas-b3",
+        "a plant-a message came first"
+    );
     server.shutdown().await;
 }

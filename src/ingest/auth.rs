@@ -187,6 +187,11 @@ impl MqttAccounts {
         })
     }
 
+    /// Returns the usernames of the accounts.
+    pub fn usernames(&self) -> impl Iterator<Item = &str> {
+        self.accounts.keys().map(String::as_str)
+    }
+
     /// Returns the argon2 PHC string of `username`'s password.
     pub fn password_hash(&self, username: &str) -> Option<&str> {
         self.accounts

@@ -27,7 +27,9 @@
 //! A reload or device change that removes a connection's account, changes its password
 //! or changes a viewer's sites closes the connection at the next packet in either
 //! direction, so no packet passes on the old credentials. A device moved to another site
-//! stays connected and publishes to its new site's topics.
+//! stays connected and publishes to its new site's topics. A viewer's CONNECT always
+//! starts a clean session, because rumqttd would restore a kept session's subscriptions
+//! without a SUBSCRIBE for the guard to check against the viewer's current sites.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -99,10 +101,20 @@ impl GuardPolicy {
     /// verified logins of removed accounts. A cached login of an account whose password
     /// hash changed no longer matches, because the hash is part of its tag. Live
     /// connections of changed accounts close at their next packet (see the module docs).
-    /// An open broker keeps no accounts until a restart.
+    /// Failed logins counted against a password that changed are forgotten, so they do
+    /// not lock out the new one. An open broker keeps no accounts until a restart.
     pub fn replace_accounts(&self, accounts: MqttAccounts) {
+        let before = self.accounts.load();
+        let changed: Vec<String> = accounts
+            .usernames()
+            .filter(|username| before.password_hash(username) != accounts.password_hash(username))
+            .map(str::to_owned)
+            .collect();
         if self.accounts.replace(accounts) {
             self.login.verified.retain_accounts(&self.accounts.load());
+            for username in &changed {
+                self.login.usernames.forget(username);
+            }
         }
     }
 }
@@ -168,7 +180,7 @@ impl GuardedV4 {
         publish: Option<PublishHeader>,
     ) -> Result<Option<Packet>, Error> {
         match packet {
-            Packet::Connect(connect, properties, will, will_properties, login) => {
+            Packet::Connect(mut connect, properties, will, will_properties, login) => {
                 if self.connected {
                     let username = login.as_ref().map_or("", |l| l.username.as_str());
                     self.policy
@@ -188,6 +200,11 @@ impl GuardedV4 {
                     self.identity = accounts.identity(username).cloned();
                     self.login = accounts.login_account(username);
                     *self.checked_generation.get_mut() = generation;
+                    // A kept session would restore subscriptions that were checked against
+                    // the sites a viewer had then, so a viewer always starts clean.
+                    if matches!(self.identity, Some(MqttIdentity::Viewer { .. })) {
+                        connect.clean_session = true;
+                    }
                     self.bucket = self.new_bucket();
                     if let Some(will) = &will {
                         let topic = String::from_utf8_lossy(&will.topic);

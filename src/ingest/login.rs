@@ -225,6 +225,11 @@ impl<K: Eq + Hash + Clone> FailureLimiter<K> {
         }
     }
 
+    /// Forgets `key`'s failures and ends its backoff.
+    pub fn forget(&self, key: &K) {
+        self.lock().remove(key);
+    }
+
     /// Drops expired entries, then the oldest one not in backoff if none expired.
     fn make_room(&self, keys: &mut HashMap<K, FailureState>, now: Instant) {
         let backoff = self.limits.backoff;
