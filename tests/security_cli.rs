@@ -180,10 +180,20 @@ fn write_server_certificate(dir: &std::path::Path) {
 
 #[test]
 fn check_config_rejects_unusable_tls_files() {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+
     let dir = tempfile::tempdir().unwrap();
     write_server_certificate(dir.path());
     let other = rcgen::KeyPair::generate().unwrap();
     std::fs::write(dir.path().join("other.key"), other.serialize_pem()).unwrap();
+    let pem = std::fs::read_to_string(dir.path().join("server.pem")).unwrap();
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    std::fs::write(dir.path().join("server.der"), der.as_ref()).unwrap();
+    std::fs::write(dir.path().join("text.key"), "not a key").unwrap();
+    let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjAp\n\
+                     -----END ENCRYPTED PRIVATE KEY-----\n";
+    std::fs::write(dir.path().join("encrypted.key"), encrypted).unwrap();
     std::fs::write(dir.path().join("empty.pem"), "").unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
     let with_https = |ca: &str| {
@@ -221,10 +231,46 @@ fn check_config_rejects_unusable_tls_files() {
                 path("other.key")
             ),
             format!(
-                "api.tls_key: the TLS key {} does not belong to the certificate {}; use the \
-                 key that the certificate was issued for",
+                "api.tls_key: the TLS key {} does not belong to the first certificate in {}; \
+                 use the key that the certificate was issued for",
                 path("other.key"),
                 path("server.pem")
+            ),
+        ),
+        (
+            "encrypted-key",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("server.pem"),
+                path("encrypted.key")
+            ),
+            format!(
+                "api.tls_key: the TLS key {} is encrypted",
+                path("encrypted.key")
+            ),
+        ),
+        (
+            "der-certificate-without-key",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("server.der"),
+                path("missing.key")
+            ),
+            format!(
+                "api.tls_cert: the TLS file {} contains no certificate",
+                path("server.der")
+            ),
+        ),
+        (
+            "text-key-without-certificate",
+            format!(
+                "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("missing.pem"),
+                path("text.key")
+            ),
+            format!(
+                "mqtt.tls_key: cannot read the TLS file {}",
+                path("text.key")
             ),
         ),
         (

@@ -442,7 +442,9 @@ pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
 /// certificate, or a client CA file with no valid certificate. A file that cannot be
 /// opened is left to [`file_warnings`], because it may be installed after the check.
 pub fn file_problems(text: &str, config: &Config) -> Vec<ConfigProblem> {
-    use crate::security::tls::{PairFile, check_client_ca, check_server_files};
+    use crate::security::tls::{
+        PairFile, check_certificate_file, check_client_ca, check_key_file, check_server_files,
+    };
 
     let mut checker = Checker::new(text);
     if let Ok(document) = check::parse_document(text) {
@@ -463,13 +465,24 @@ pub fn file_problems(text: &str, config: &Config) -> Vec<ConfigProblem> {
         ),
     ];
     for (section, cert, key, client_ca) in sections {
-        if let (Some(cert), Some(key)) = (opens(cert), opens(key))
+        let (cert, key) = (opens(cert), opens(key));
+        let mut problems = Vec::new();
+        if let Some(Err(e)) = cert.map(check_certificate_file) {
+            problems.push(("tls_cert", e));
+        }
+        if let Some(Err(e)) = key.map(check_key_file) {
+            problems.push(("tls_key", e));
+        }
+        if let (Some(cert), Some(key), true) = (cert, key, problems.is_empty())
             && let Err((file, e)) = check_server_files(cert, key)
         {
             let name = match file {
                 PairFile::Certificate => "tls_cert",
                 PairFile::Key => "tls_key",
             };
+            problems.push((name, e));
+        }
+        for (name, e) in problems {
             checker.push(None, format!("{section}.{name}"), e.to_string());
         }
         if let Some(path) = opens(client_ca)

@@ -166,8 +166,10 @@ async fn run_device(
             .publish(&topic, QoS::AtLeastOnce, false, payload.to_string())
             .await;
     }
+    // A device still connecting when the demo stops (the server started moments before)
+    // gets a few seconds to connect and disconnect cleanly.
     let _ = client.disconnect().await;
-    if tokio::time::timeout(Duration::from_secs(1), &mut event_loop)
+    if tokio::time::timeout(Duration::from_secs(5), &mut event_loop)
         .await
         .is_err()
     {

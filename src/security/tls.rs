@@ -46,10 +46,16 @@ pub enum TlsError {
     #[error("invalid TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error(
-        "the TLS key {key} does not belong to the certificate {cert}; use the key that the \
-         certificate was issued for"
+        "the TLS key {key} does not belong to the first certificate in {cert}; use the key \
+         that the certificate was issued for, and put the server's own certificate first in \
+         the chain, before its intermediates"
     )]
     KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error(
+        "the TLS key {0} is encrypted; write it unencrypted, for example with `openssl pkey \
+         -in KEY -out KEY.plain`, and keep the file readable by Stonelion only"
+    )]
+    EncryptedKey(PathBuf),
     #[error(
         "cannot use the client CA file {path}: {reason}; write the PEM certificates of the CA \
          that issues the client certificates there"
@@ -68,10 +74,7 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = read_certificates(cert)?;
     let key_path = key;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
-        path: key.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let key = read_key(key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -97,13 +100,7 @@ pub enum PairFile {
 /// PEM certificate chain, a PEM private key, and a key that rustls accepts for the chain.
 pub fn check_server_files(cert: &Path, key: &Path) -> Result<(), (PairFile, TlsError)> {
     let chain = read_certificates(cert).map_err(|e| (PairFile::Certificate, e))?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        let e = TlsError::File {
-            path: key.to_owned(),
-            reason: e.to_string(),
-        };
-        (PairFile::Key, e)
-    })?;
+    let key_der = read_key(key).map_err(|e| (PairFile::Key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -114,6 +111,35 @@ pub fn check_server_files(cert: &Path, key: &Path) -> Result<(), (PairFile, TlsE
         })
         .map(drop)
         .map_err(|e| (PairFile::Key, pair_error(e, cert, key)))
+}
+
+/// Checks a certificate chain file on its own, for a key file that cannot be opened yet.
+pub fn check_certificate_file(cert: &Path) -> Result<(), TlsError> {
+    read_certificates(cert).map(drop)
+}
+
+/// Checks a private key file on its own, for a certificate file that cannot be opened yet.
+pub fn check_key_file(key: &Path) -> Result<(), TlsError> {
+    read_key(key).map(drop)
+}
+
+/// Reads the first PEM private key of `path`, naming an encrypted key as such.
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        let encrypted = std::fs::read(path).is_ok_and(|bytes| {
+            bytes
+                .windows(b"ENCRYPTED PRIVATE KEY".len())
+                .any(|w| w == b"ENCRYPTED PRIVATE KEY")
+        });
+        if encrypted {
+            TlsError::EncryptedKey(path.to_owned())
+        } else {
+            TlsError::File {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }
+        }
+    })
 }
 
 /// Names both files when rustls finds that a key does not fit its certificate.
