@@ -301,12 +301,28 @@ impl Reloader {
             &file.overrides,
         )
         .map_err(AdminError::Invalid)?;
+        self.check_accounts_kept(&config)?;
         managed::write_managed(&managed_file, &managed).map_err(|e| {
             tracing::error!(error = %e, file = %managed_file.display(), "writing the managed devices file failed");
             AdminError::Failed(format!("writing {} failed: {e}; the device was not changed", managed_file.display()))
         })?;
         let file_text = applied.file_text.clone();
         self.apply(applied, config, file_text, managed).await
+    }
+
+    /// Refuses a config without MQTT accounts for a broker that started with some: the
+    /// broker would deny every client, and the next start would leave it open.
+    fn check_accounts_kept(&self, config: &Config) -> Result<(), AdminError> {
+        if self.mqtt.accounts.is_open() || !MqttAccounts::from_config(config).is_open() {
+            return Ok(());
+        }
+        Err(AdminError::Conflict(
+            "the new config has no MQTT account (no device `mqtt_password_hash` and no \
+             `[[mqtt_users]]`), so the running broker would deny every client, and a restart \
+             would open it to anyone who reaches the port; keep at least one account, or \
+             stop the server to run an open broker on loopback"
+                .to_owned(),
+        ))
     }
 
     /// Applies a checked config; see the module docs.
@@ -322,6 +338,7 @@ impl Reloader {
         let new_table: toml::Table = toml::from_str(&file_text).unwrap_or_default();
         let mut report = diff_devices(&old, &config);
         let mqtt_open = self.mqtt.accounts.is_open();
+        self.check_accounts_kept(&config)?;
         report.restart_required =
             restart_required(&old_table, &new_table, &old, &config, mqtt_open);
         keep_start_settings(&mut config, &old, mqtt_open);

@@ -1375,3 +1375,32 @@ async fn viewer_session_does_not_outlive_its_sites() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_refuses_to_remove_every_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let text = config("").replace("WEBHOOK_URL", &receiver.url());
+    let server = start_from_file(dir.path(), &text).await;
+    let (addr, http) = (server.mqtt_addr, server.http_addr);
+
+    let no_accounts: String = text
+        .split("[[mqtt_users]]")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|line| !line.starts_with("mqtt_password_hash"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert!(!no_accounts.contains("password_hash"));
+    std::fs::write(dir.path().join("stonelion.toml"), no_accounts).unwrap();
+    let (status, body) = send_json(http, reqwest::Method::POST, "/api/v1/admin/reload", None).await;
+    assert_eq!(status, 409, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no MQTT account"), "{message}");
+    assert!(
+        logs_in(addr, "gas-01", "pw-gas-01").await,
+        "the running accounts were kept"
+    );
+    server.shutdown().await;
+}
