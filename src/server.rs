@@ -178,7 +178,7 @@ impl Server {
         let broker = EmbeddedBroker::start(&BrokerSettings {
             listen: config.server.mqtt_listen,
             max_payload_bytes: config.ingest.max_payload_bytes,
-            max_connections: 10_000,
+            max_connections: config.mqtt.max_connections,
             guard: guard.clone(),
         })
         .await?;

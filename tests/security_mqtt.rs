@@ -1252,7 +1252,8 @@ async fn connect_reset_before_connack_keeps_broker_up() {
 
     let data = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
-    let server = start_server(&config(""), &receiver.url(), data.path()).await;
+    let limits = "[mqtt]\nmax_connections = 8";
+    let server = start_server(&config(limits), &receiver.url(), data.path()).await;
     let addr = server.mqtt_addr;
 
     // The client resets the connection right after CONNECT, before the password check
@@ -1261,6 +1262,20 @@ async fn connect_reset_before_connack_keeps_broker_up() {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream
             .write_all(&raw_connect("gas-01", "gas-01", "pw-gas-01"))
+            .await
+            .unwrap();
+        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(stream);
+    }
+
+    // Viewers may use a new client id for each connection, so resets with fresh client
+    // ids would each keep a connection slot if the broker did not free it; this broker
+    // has only 8 slots.
+    for n in 0..40 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let client_id = format!("dashboard:{n}");
+        stream
+            .write_all(&raw_connect(&client_id, "dashboard", "pw-dashboard"))
             .await
             .unwrap();
         stream.set_linger(Some(Duration::ZERO)).unwrap();

@@ -291,7 +291,21 @@ async fn mqtt_tls_backs_off_failing_source() {
         assert!(text.contains(&entry), "the shared config has {device}");
         text = text.replace(&entry, &with_hash);
     }
-    let server = start_server(&text, &receiver.url(), data.path()).await;
+    // Started from a file, so that devices can be managed through the API.
+    let config_path = data.path().join("stonelion.toml");
+    std::fs::write(&config_path, text.replace("WEBHOOK_URL", &receiver.url())).unwrap();
+    let file = stonelion::config::managed::ConfigFile {
+        path: config_path,
+        overrides: stonelion::config::Overrides {
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
+            data_dir: Some(data.path().join("data")),
+        },
+    };
+    let clock = std::sync::Arc::new(stonelion::clock::SystemClock);
+    let server = stonelion::server::Server::start_with_file(file, clock)
+        .await
+        .unwrap();
     let tls = server
         .mqtt_tls_addr
         .expect("the MQTT over TLS listener is on");
@@ -355,6 +369,28 @@ async fn mqtt_tls_backs_off_failing_source() {
         plain.status.success(),
         "gas-02 on the plain listener: {}",
         String::from_utf8_lossy(&plain.stderr)
+    );
+
+    // A password change ends the source backoffs, which may count a device's retries with
+    // its old password: a new device gets in over TLS from the same source.
+    let url = format!("https://127.0.0.1:{}/api/v1/devices/gas-09", http.port());
+    let device = serde_json::json!({
+        "site": "plant-a",
+        "profile": "gas-detector",
+        "mqtt_password_hash": cheap_hash("pw-gas-09"),
+    });
+    let response = https_client(&pki)
+        .put(url)
+        .json(&device)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let after_change = mosquitto_pub_login(port, dir, "gas-09", "pw-gas-09");
+    assert!(
+        after_change.status.success(),
+        "a new account's login was denied by the source backoff: {}",
+        String::from_utf8_lossy(&after_change.stderr)
     );
     server.shutdown().await;
 }

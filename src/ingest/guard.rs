@@ -102,7 +102,9 @@ impl GuardPolicy {
     /// hash changed no longer matches, because the hash is part of its tag. Live
     /// connections of changed accounts close at their next packet (see the module docs).
     /// Failed logins counted against a password that changed are forgotten, so they do
-    /// not lock out the new one. An open broker keeps no accounts until a restart.
+    /// not lock out the new one: those of its username, and those of every source
+    /// address, which the TLS listener counts without knowing whose password they tried.
+    /// An open broker keeps no accounts until a restart.
     pub fn replace_accounts(&self, accounts: MqttAccounts) {
         let before = self.accounts.load();
         let changed: Vec<String> = accounts
@@ -114,6 +116,9 @@ impl GuardPolicy {
             self.login.verified.retain_accounts(&self.accounts.load());
             for username in &changed {
                 self.login.usernames.forget(username);
+            }
+            if !changed.is_empty() {
+                self.login.sources.clear();
             }
         }
     }

@@ -230,6 +230,11 @@ impl<K: Eq + Hash + Clone> FailureLimiter<K> {
         self.lock().remove(key);
     }
 
+    /// Forgets every key's failures and ends every backoff.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     /// Drops expired entries, then the oldest one not in backoff if none expired.
     fn make_room(&self, keys: &mut HashMap<K, FailureState>, now: Instant) {
         let backoff = self.limits.backoff;

@@ -16,6 +16,8 @@ use crate::model::SiteId;
 /// Shortest and longest `failed_login_backoff` and `client_takeover_backoff`.
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// Highest `[mqtt] max_connections`; rumqttd reserves its tables for this many at start.
+const MAX_CONNECTIONS: usize = 100_000;
 
 /// `[mqtt]`: limits per connection and the optional MQTT over TLS listener.
 #[derive(Clone, Debug, Deserialize)]
@@ -38,6 +40,8 @@ pub struct MqttSection {
     pub max_client_takeovers_per_minute: u32,
     #[serde(with = "humantime_serde")]
     pub client_takeover_backoff: Duration,
+    /// Most client connections the broker holds at once, on both listeners together.
+    pub max_connections: usize,
     /// Address of the MQTT over TLS listener, such as `0.0.0.0:8883`; needs `tls_cert`
     /// and `tls_key`.
     pub tls_listen: Option<SocketAddr>,
@@ -59,6 +63,7 @@ impl Default for MqttSection {
             failed_login_backoff: Duration::from_secs(60),
             max_client_takeovers_per_minute: 5,
             client_takeover_backoff: Duration::from_secs(60),
+            max_connections: 10_000,
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
@@ -142,6 +147,16 @@ pub fn check_mqtt(checker: &mut Checker<'_>, mqtt: &MqttSection) {
             None,
             "mqtt.max_messages_per_second",
             "must be a number of 0 or more; 0 turns the limit off",
+        );
+    }
+    if !(1..=MAX_CONNECTIONS).contains(&mqtt.max_connections) {
+        checker.push(
+            None,
+            "mqtt.max_connections",
+            format!(
+                "must be from 1 to {MAX_CONNECTIONS}, not {}",
+                mqtt.max_connections
+            ),
         );
     }
     let backoffs = [

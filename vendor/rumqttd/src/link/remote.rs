@@ -93,6 +93,8 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
+        // Stonelion patch: kept to unregister the connection if CONNACK cannot be written.
+        let router = router_tx.clone();
         let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
@@ -110,7 +112,13 @@ impl<P: Protocol> RemoteLink<P> {
                 let mut new_props = props.clone().unwrap_or_default();
                 new_props.assigned_client_identifier = assigned_client_id;
                 *props = Some(new_props);
-                network.write(packet).await?;
+                // Stonelion patch: the router registered the connection before CONNACK, so
+                // a client that reset the connection in between kept its slot in the
+                // router for good, and enough of them filled `max_connections`.
+                if let Err(e) = network.write(packet).await {
+                    router.send((id, Event::Disconnect)).ok();
+                    return Err(e.into());
+                }
             }
         }
 
