@@ -194,6 +194,10 @@ fn check_config_rejects_unusable_tls_files() {
     let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjAp\n\
                      -----END ENCRYPTED PRIVATE KEY-----\n";
     std::fs::write(dir.path().join("encrypted.key"), encrypted).unwrap();
+    let traditional = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
+                       DEK-Info: AES-256-CBC,292254ED986F2FF4244D2AE1AF25E4CC\n\n\
+                       MIIBvTBXBgkqhkiG9w0BBQ0wSjAp\n-----END RSA PRIVATE KEY-----\n";
+    std::fs::write(dir.path().join("traditional.key"), traditional).unwrap();
     std::fs::write(dir.path().join("empty.pem"), "").unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
     let with_https = |ca: &str| {
@@ -247,6 +251,18 @@ fn check_config_rejects_unusable_tls_files() {
             format!(
                 "api.tls_key: the TLS key {} is encrypted",
                 path("encrypted.key")
+            ),
+        ),
+        (
+            "traditional-encrypted-key",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("server.pem"),
+                path("traditional.key")
+            ),
+            format!(
+                "api.tls_key: the TLS key {} is encrypted",
+                path("traditional.key")
             ),
         ),
         (

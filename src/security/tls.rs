@@ -118,19 +118,26 @@ pub fn check_certificate_file(cert: &Path) -> Result<(), TlsError> {
     read_certificates(cert).map(drop)
 }
 
-/// Checks a private key file on its own, for a certificate file that cannot be opened yet.
+/// Checks a private key file on its own, for a certificate file that cannot be opened yet:
+/// a PEM key of a type that rustls signs with.
 pub fn check_key_file(key: &Path) -> Result<(), TlsError> {
-    read_key(key).map(drop)
+    let der = read_key(key)?;
+    rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(der)
+        .map(drop)
+        .map_err(|e| TlsError::File {
+            path: key.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
-/// Reads the first PEM private key of `path`, naming an encrypted key as such.
+/// Reads the first PEM private key of `path`, naming an encrypted key as such: PKCS #8
+/// (`ENCRYPTED PRIVATE KEY`) or the traditional format (`Proc-Type: 4,ENCRYPTED`).
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        let encrypted = std::fs::read(path).is_ok_and(|bytes| {
-            bytes
-                .windows(b"ENCRYPTED PRIVATE KEY".len())
-                .any(|w| w == b"ENCRYPTED PRIVATE KEY")
-        });
+        let encrypted = std::fs::read(path)
+            .is_ok_and(|bytes| bytes.windows(b"ENCRYPTED".len()).any(|w| w == b"ENCRYPTED"));
         if encrypted {
             TlsError::EncryptedKey(path.to_owned())
         } else {
