@@ -310,14 +310,14 @@ impl Reloader {
         self.apply(applied, config, file_text, managed).await
     }
 
-    /// Refuses a config without MQTT accounts for a broker that started with some: the
-    /// broker would deny every client, and the next start would leave it open.
+    /// Rejects a config without MQTT accounts for a broker that started with some,
+    /// because the broker would deny every client and the next start would leave it open.
     fn check_accounts_kept(&self, config: &Config) -> Result<(), AdminError> {
         if self.mqtt.accounts.is_open() || !MqttAccounts::from_config(config).is_open() {
             return Ok(());
         }
         Err(AdminError::Conflict(
-            "the new config has no MQTT account (no device `mqtt_password_hash` and no \
+            "the resulting config has no MQTT account (no device `mqtt_password_hash` and no \
              `[[mqtt_users]]`), so the running broker would deny every client, and a restart \
              would open it to anyone who reaches the port; keep at least one account, or \
              stop the server to run an open broker on loopback"

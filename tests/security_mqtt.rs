@@ -1131,13 +1131,13 @@ async fn raw_login(
 }
 
 /// Reads until the broker closes `stream` and returns what it sent before closing.
-async fn read_until_closed(stream: &mut tokio::net::TcpStream, what: &str) -> Vec<u8> {
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, connection: &str) -> Vec<u8> {
     use tokio::io::AsyncReadExt as _;
 
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
         .await
-        .unwrap_or_else(|_| panic!("{what} stayed open"))
+        .unwrap_or_else(|_| panic!("{connection} stayed open"))
         .unwrap();
     rest
 }
@@ -1268,9 +1268,9 @@ async fn connect_reset_before_connack_keeps_broker_up() {
         drop(stream);
     }
 
-    // Viewers may use a new client id for each connection, so resets with fresh client
-    // ids would each keep a connection slot if the broker did not free it; this broker
-    // has only 8 slots.
+    // Viewers may use a new client id for each connection. Each reset with a fresh
+    // client id would keep a connection slot if the broker did not free it, and this
+    // broker has only 8 slots.
     for n in 0..40 {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let client_id = format!("dashboard:{n}");

@@ -26,7 +26,7 @@ const MAX_POINTS: usize = 100_000;
 const DEFAULT_POINTS: usize = 10_000;
 /// Alarms returned when the request sets no `limit`.
 const DEFAULT_ALARMS: usize = 500;
-/// Most alarms one list request returns.
+/// Maximum number of alarms one list request returns.
 const MAX_ALARMS: usize = 10_000;
 
 /// Reads a `limit` parameter: a whole number from 1 to `max`, or `default` when absent.

@@ -40,7 +40,7 @@ pub struct MqttSection {
     pub max_client_takeovers_per_minute: u32,
     #[serde(with = "humantime_serde")]
     pub client_takeover_backoff: Duration,
-    /// Most client connections the broker holds at once, on both listeners together.
+    /// Maximum number of client connections open at once, on both listeners together.
     pub max_connections: usize,
     /// Address of the MQTT over TLS listener, such as `0.0.0.0:8883`; needs `tls_cert`
     /// and `tls_key`.
