@@ -169,6 +169,25 @@ fn run_rejects_open_wildcard_listener() {
     }
 }
 
+/// A self-signed X.509 version 1 certificate for 127.0.0.1, valid until 2126, made with
+/// `openssl x509 -req -signkey` and no extensions, and its P-256 key.
+const VERSION_1_CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----
+MIIBJTCBywIUCZ5VjHiGPL8qryWrcE2y0R+eIHkwCgYIKoZIzj0EAwIwFDESMBAG
+A1UEAwwJMTI3LjAuMC4xMCAXDTI2MTIwNTAwMzgyOFoYDzIxMjYxMTExMDAzODI4
+WjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC
+AAT47QV/dwhaO3CC04YEWug/oM3kLZzD6yYUETUowtwy/DESJ4reIHQweRtghrrZ
+HU0TThir3sJsfgdLbI7JWO+AMAoGCCqGSM49BAMCA0kAMEYCIQDJS6RlUPfPsxmx
+XaLRYoYUEEvI5xtisMyJ3QFja3C7lAIhAL6HtQlP3frkn2PeN4JUEav3/fZlmdGF
+V76pGTpsEosl
+-----END CERTIFICATE-----
+";
+const VERSION_1_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgDmuxrX5s7koi0oAH
+NzT6EDFzohN0AmkI/a17kF4bWaGhRANCAAT47QV/dwhaO3CC04YEWug/oM3kLZzD
+6yYUETUowtwy/DESJ4reIHQweRtghrrZHU0TThir3sJsfgdLbI7JWO+A
+-----END PRIVATE KEY-----
+";
+
 /// Writes a self-signed server certificate and its key as `server.pem` and `server.key`.
 fn write_server_certificate(dir: &std::path::Path) {
     let key = rcgen::KeyPair::generate().unwrap();
@@ -199,6 +218,14 @@ fn check_config_rejects_unusable_tls_files() {
                        MIIBvTBXBgkqhkiG9w0BBQ0wSjAp\n-----END RSA PRIVATE KEY-----\n";
     std::fs::write(dir.path().join("traditional.key"), traditional).unwrap();
     std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+    std::fs::write(dir.path().join("v1.pem"), VERSION_1_CERTIFICATE).unwrap();
+    std::fs::write(dir.path().join("v1.key"), VERSION_1_KEY).unwrap();
+    // A certificate whose PEM block holds bytes that are not a certificate.
+    std::fs::write(
+        dir.path().join("not-x509.pem"),
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
     let with_https = |ca: &str| {
         format!(
@@ -263,6 +290,44 @@ fn check_config_rejects_unusable_tls_files() {
             format!(
                 "api.tls_key: the TLS key {} is encrypted",
                 path("traditional.key")
+            ),
+        ),
+        (
+            "version-1-certificate",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("v1.pem"),
+                path("v1.key")
+            ),
+            format!(
+                "api.tls_cert: cannot use the TLS certificate {}: the first certificate is \
+                 X.509 version 1, and TLS needs version 3",
+                path("v1.pem")
+            ),
+        ),
+        (
+            "version-1-certificate-without-key",
+            format!(
+                "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("v1.pem"),
+                path("missing.key")
+            ),
+            format!(
+                "mqtt.tls_cert: cannot use the TLS certificate {}: the first certificate is \
+                 X.509 version 1",
+                path("v1.pem")
+            ),
+        ),
+        (
+            "certificate-that-is-not-x509",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("not-x509.pem"),
+                path("server.key")
+            ),
+            format!(
+                "api.tls_cert: cannot use the TLS certificate {}: ",
+                path("not-x509.pem")
             ),
         ),
         (
@@ -353,6 +418,46 @@ fn check_config_rejects_unusable_tls_files() {
     assert!(
         report.contains(&expected),
         "missing {expected:?} in:\n{report}"
+    );
+}
+
+#[test]
+fn run_names_a_version_1_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("v1.pem"), VERSION_1_CERTIFICATE).unwrap();
+    std::fs::write(dir.path().join("v1.key"), VERSION_1_KEY).unwrap();
+    let cert = dir.path().join("v1.pem").display().to_string();
+    let key = dir.path().join("v1.key").display().to_string();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[api]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"),
+    )
+    .unwrap();
+
+    let data = dir.path().join("data");
+    let output = stonelion(
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ],
+        "",
+    );
+    assert!(!output.status.success(), "`run` started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = format!(
+        "cannot use the TLS certificate {cert}: the first certificate is X.509 version 1"
+    );
+    assert!(
+        stderr.contains(&expected),
+        "missing {expected:?} in:\n{stderr}"
     );
 }
 

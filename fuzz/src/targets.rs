@@ -126,6 +126,18 @@ struct QueryService {
     _dir: tempfile::TempDir,
 }
 
+/// Limits of the fuzzed `/query` router. The store holds 120 points, so only the bucket
+/// limit matters. With the default of 1,000,000, a `GROUP BY time(1m)` without a time
+/// range fills every minute from the first point to the wall clock. That takes seconds
+/// in a fuzz build, and longer as the date moves on. A low limit keeps each input fast,
+/// reaches the same fill and window code, and reaches the limit's error path too.
+const FUZZ_QUERY_LIMITS: stonelion::api::influxql::QueryLimits =
+    stonelion::api::influxql::QueryLimits {
+        max_series: 1_000,
+        max_points: 100_000,
+        max_buckets: 10_000,
+    };
+
 /// Returns a `/query` router over a small store, built once per process.
 fn query_service() -> &'static QueryService {
     static SERVICE: OnceLock<QueryService> = OnceLock::new();
@@ -163,7 +175,7 @@ fn query_service() -> &'static QueryService {
             .expect("tokio runtime");
         QueryService {
             runtime,
-            router: stonelion::api::influxql::router(store),
+            router: stonelion::api::influxql::router_with_limits(store, FUZZ_QUERY_LIMITS),
             _dir: dir,
         }
     })

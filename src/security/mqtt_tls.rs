@@ -328,6 +328,14 @@ pub(crate) fn subject_common_name(certificate: &[u8]) -> Option<String> {
     None
 }
 
+/// Tells whether a DER certificate is X.509 version 1: its to-be-signed part has no
+/// explicit version field. Returns `false` for bytes that are not a certificate.
+pub(crate) fn is_version_1(certificate: &[u8]) -> bool {
+    der_element(certificate, 0x30)
+        .and_then(|(_, certificate)| der_element(certificate, 0x30))
+        .is_some_and(|(_, tbs)| tbs.first() != Some(&0xa0))
+}
+
 /// Decodes an X.520 DirectoryString (RFC 5280, section 4.1.2.4). Returns `None` for a
 /// TeletexString, whose T.61 character set has no agreed mapping to Unicode, and for
 /// bytes that are invalid in their string type.

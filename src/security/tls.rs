@@ -45,6 +45,8 @@ pub enum TlsError {
     NoCertificate(PathBuf),
     #[error("invalid TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("cannot use the TLS certificate {path}: {reason}")]
+    Certificate { path: PathBuf, reason: String },
     #[error(
         "the TLS key {key} does not belong to the first certificate in {cert}; use the key \
          that the certificate was issued for, and put the server's own certificate first in \
@@ -84,7 +86,7 @@ pub fn server_config(
     };
     let mut config = builder
         .with_single_cert(chain, key)
-        .map_err(|e| pair_error(e, cert, key_path))?;
+        .map_err(|e| pair_error(e, cert, key_path).1)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
@@ -110,7 +112,7 @@ pub fn check_server_files(cert: &Path, key: &Path) -> Result<(), (PairFile, TlsE
                 .with_single_cert(chain, key_der)
         })
         .map(drop)
-        .map_err(|e| (PairFile::Key, pair_error(e, cert, key)))
+        .map_err(|e| pair_error(e, cert, key))
 }
 
 /// Checks a certificate chain file on its own, for a key file that cannot be opened yet.
@@ -149,14 +151,28 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// Names both files when rustls finds that a key does not fit its certificate.
-fn pair_error(error: rustls::Error, cert: &Path, key: &Path) -> TlsError {
+/// Turns a rustls error about a certificate and key pair into an error that names the
+/// file at fault: both files when the key does not fit the certificate, the certificate
+/// file when rustls cannot parse the first certificate.
+fn pair_error(error: rustls::Error, cert: &Path, key: &Path) -> (PairFile, TlsError) {
     match error {
-        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-        },
-        other => TlsError::Rustls(other),
+        rustls::Error::InconsistentKeys(_) => (
+            PairFile::Key,
+            TlsError::KeyMismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            },
+        ),
+        rustls::Error::InvalidCertificate(e) => (
+            PairFile::Certificate,
+            TlsError::Certificate {
+                path: cert.to_owned(),
+                reason: format!(
+                    "{e}; put the server's own PEM certificate first, before its intermediates"
+                ),
+            },
+        ),
+        other => (PairFile::Key, TlsError::Rustls(other)),
     }
 }
 
@@ -200,6 +216,16 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
         })?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate(path.to_owned()));
+    }
+    // rustls parses the server's certificate with webpki, which accepts only version 3,
+    // and reports a version 1 certificate as an unnamed "other" error.
+    if crate::security::mqtt_tls::is_version_1(&chain[0]) {
+        return Err(TlsError::Certificate {
+            path: path.to_owned(),
+            reason: "the first certificate is X.509 version 1, and TLS needs version 3; \
+                     issue it again with a subjectAltName extension, which makes it version 3"
+                .to_owned(),
+        });
     }
     Ok(chain)
 }
