@@ -53,7 +53,7 @@ fn base_seconds() -> i64 {
     chrono::Utc::now().timestamp() / 86_400 * 86_400 - 86_400
 }
 
-fn into_bodies(lines: Vec<String>) -> Vec<String> {
+fn into_bodies(lines: &[String]) -> Vec<String> {
     lines
         .chunks(LINES_PER_REQUEST)
         .map(|chunk| chunk.concat())
@@ -67,7 +67,7 @@ fn random_walk(name: &'static str, series: usize, steps: usize) -> Dataset {
     let mut values = vec![50.0f64; series];
     let mut lines = Vec::with_capacity(series * steps);
     for step in 0..steps {
-        let ts = (base + step as i64) * 1_000_000_000;
+        let ts = (base + i64::try_from(step).expect("small")) * 1_000_000_000;
         for (s, value) in values.iter_mut().enumerate() {
             *value += rng.next_f64() - 0.5;
             lines.push(format!(
@@ -79,7 +79,7 @@ fn random_walk(name: &'static str, series: usize, steps: usize) -> Dataset {
     Dataset {
         name,
         points: lines.len(),
-        bodies: into_bodies(lines),
+        bodies: into_bodies(&lines),
     }
 }
 
@@ -112,7 +112,7 @@ fn realistic(devices: usize) -> Dataset {
     Dataset {
         name: "realistic sensors, 24 h at 1 s",
         points,
-        bodies: into_bodies(lines),
+        bodies: into_bodies(&lines),
     }
 }
 

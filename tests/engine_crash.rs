@@ -45,7 +45,7 @@ fn series(n: u64) -> SeriesKey {
 fn point(n: u64) -> Point {
     Point {
         series: series(n),
-        ts: Timestamp(n as i64 * 1_000),
+        ts: Timestamp(i64::try_from(n).expect("small") * 1_000),
         value: Value::Number(n as f64 * 0.5),
     }
 }
@@ -76,8 +76,10 @@ fn crash_child_writer() {
             .last()
             .map(|(_, b)| *b);
         pending.retain(|(seq, _)| *seq > durable);
-        if committed.is_some() && committed != last_printed {
-            println!("committed {}", committed.unwrap());
+        if let Some(batch) = committed
+            && committed != last_printed
+        {
+            println!("committed {batch}");
             last_printed = committed;
         }
         batch += 1;
@@ -159,7 +161,7 @@ fn verify(dir: &std::path::Path, committed: u64) {
     }
     let expected = (committed + 1) * POINTS_PER_BATCH;
     let missing: Vec<u64> = (0..expected)
-        .filter(|n| !stored.contains_key(&(*n as i64 * 1_000)))
+        .filter(|n| !stored.contains_key(&(i64::try_from(*n).expect("small") * 1_000)))
         .collect();
     assert!(
         missing.is_empty(),
@@ -169,7 +171,7 @@ fn verify(dir: &std::path::Path, committed: u64) {
     );
     for n in 0..expected {
         assert_eq!(
-            stored[&(n as i64 * 1_000)],
+            stored[&(i64::try_from(n).expect("small") * 1_000)],
             n as f64 * 0.5,
             "point {n} has the wrong value"
         );

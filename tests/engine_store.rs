@@ -306,7 +306,7 @@ fn bool_aggregates_keep_kind_where_meaningful() {
         .enumerate()
         .map(|(i, &b)| Point {
             series: smoke.clone(),
-            ts: Timestamp(i as i64 * 1_000),
+            ts: Timestamp(i64::try_from(i).expect("small") * 1_000),
             value: Value::Bool(b),
         })
         .collect();
@@ -357,11 +357,9 @@ fn reopen_after_drop_keeps_everything() {
     let engine = open(dir.path());
     let got = numbers(&engine, &raw(&s, 0, i64::MAX));
     assert_eq!(got.len(), 1_500);
-    assert!(
-        got.iter()
-            .enumerate()
-            .all(|(i, &(ts, v))| ts == i as i64 * 1_000 && v == i as f64 / 10.0)
-    );
+    assert!(got.iter().enumerate().all(|(i, &(ts, v))| {
+        ts == i64::try_from(i).expect("small") * 1_000 && v == i as f64 / 10.0
+    }));
     let smoke_data = engine.query(&raw(&smoke, 0, 10)).unwrap();
     assert_eq!(
         smoke_data[0].points,
@@ -633,7 +631,7 @@ fn series_index_survives_reopen() {
     let engine = open(dir.path());
     let mut stored = engine.series(&Selector::default()).unwrap();
     stored.sort_by(|a, b| a.measurement.cmp(&b.measurement).then(a.tags.cmp(&b.tags)));
-    assert_eq!(stored, vec![gas.clone(), odd.clone(), smoke.clone()]);
+    assert_eq!(stored, vec![gas, odd.clone(), smoke.clone()]);
     assert_eq!(numbers(&engine, &raw(&odd, 0, 10_000)), vec![(1_000, 2.5)]);
     let err = engine.write(vec![point(&smoke, 2_000, 1.0)]).unwrap_err();
     assert!(

@@ -452,9 +452,8 @@ fn run_names_a_version_1_certificate() {
     );
     assert!(!output.status.success(), "`run` started");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let expected = format!(
-        "cannot use the TLS certificate {cert}: the first certificate is X.509 version 1"
-    );
+    let expected =
+        format!("cannot use the TLS certificate {cert}: the first certificate is X.509 version 1");
     assert!(
         stderr.contains(&expected),
         "missing {expected:?} in:\n{stderr}"

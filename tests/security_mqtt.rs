@@ -1264,7 +1264,7 @@ async fn connect_reset_before_connack_keeps_broker_up() {
             .write_all(&raw_connect("gas-01", "gas-01", "pw-gas-01"))
             .await
             .unwrap();
-        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        stream.set_zero_linger().unwrap();
         drop(stream);
     }
 
@@ -1278,7 +1278,7 @@ async fn connect_reset_before_connack_keeps_broker_up() {
             .write_all(&raw_connect(&client_id, "dashboard", "pw-dashboard"))
             .await
             .unwrap();
-        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        stream.set_zero_linger().unwrap();
         drop(stream);
     }
 

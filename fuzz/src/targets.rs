@@ -391,7 +391,7 @@ pub fn certificate_common_name(data: &[u8]) {
         return;
     };
     let value = match choice & 0b111 {
-        0 | 1 | 2 => DnValue::Utf8String(common_name.to_owned()),
+        0..=2 => DnValue::Utf8String(common_name.to_owned()),
         // NOTE: rcgen 0.13.2 accepts '?' in a PrintableString, as X.680 allows, but the
         // yasna 0.5.2 writer it calls panics on it, so such names are skipped.
         3 if common_name.contains('?') => return,
@@ -574,11 +574,9 @@ pub fn mqtt_guard(data: &[u8]) {
         };
         let identity = |logged_in: &Option<Option<MqttIdentity>>| logged_in.clone().flatten();
         match &packet {
-            Packet::Connect(_, _, _, _, login) => {
-                if logged_in.is_none() {
-                    let username = login.as_ref().map_or("", |login| login.username.as_str());
-                    logged_in = Some(policy.accounts.load().identity(username).cloned());
-                }
+            Packet::Connect(_, _, _, _, login) if logged_in.is_none() => {
+                let username = login.as_ref().map_or("", |login| login.username.as_str());
+                logged_in = Some(policy.accounts.load().identity(username).cloned());
             }
             Packet::Publish(publish, _) => {
                 let topic = String::from_utf8_lossy(&publish.topic);
