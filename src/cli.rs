@@ -310,7 +310,9 @@ fn check_config(path: &Path) -> ExitCode {
         }
         Err(mut problems) => {
             // Report the listeners that `run` would reject in the same run as the rest.
-            if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(text) =
+                crate::files::read_text_limited(path, crate::files::MAX_CONFIG_FILE_BYTES)
+            {
                 problems.extend(config::managed::in_file(
                     &file_name,
                     config::check_start(&text, None),

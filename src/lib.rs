@@ -12,6 +12,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ingest;

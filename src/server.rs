@@ -104,6 +104,7 @@ impl Server {
         crate::security::check_exposure(&config, accounts.is_open())?;
         // Loaded before anything opens, so that a bad certificate or CA stops the start.
         let http_tls = http_tls_config(&config)?;
+        let mqtt_tls = mqtt_tls_config(&config)?;
         let data_dir = config.server.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
@@ -175,6 +176,16 @@ impl Server {
                 &registry,
             )),
         });
+        // Bound before the broker starts: the broker acknowledges QoS 1 messages as they
+        // arrive, so a start that failed after it had opened could lose them.
+        let listener = tokio::net::TcpListener::bind(config.server.http_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen for HTTP on {}; free the port or set --http-listen",
+                    config.server.http_listen
+                )
+            })?;
         let broker = EmbeddedBroker::start(&BrokerSettings {
             listen: config.server.mqtt_listen,
             max_payload_bytes: config.ingest.max_payload_bytes,
@@ -184,6 +195,7 @@ impl Server {
         .await?;
         let mqtt_tls_addr = match start_mqtt_tls(
             &config,
+            mqtt_tls,
             broker.addr,
             guard.clone(),
             handshake_failures.clone(),
@@ -266,14 +278,6 @@ impl Server {
         if let Some(cors) = crate::server_http::cors_layer(&config.server.cors_allowed_origins)? {
             router = router.layer(cors);
         }
-        let listener = tokio::net::TcpListener::bind(config.server.http_listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen for HTTP on {}; free the port or set --http-listen",
-                    config.server.http_listen
-                )
-            })?;
         let http_addr = listener.local_addr()?;
         let stop_http = CancellationToken::new();
         let http_tls = http_tls.map(|tls| (tls, handshake_failures));
@@ -335,24 +339,35 @@ impl Server {
     }
 }
 
-/// Starts the MQTT over TLS listener when `[mqtt] tls_listen` is set.
-async fn start_mqtt_tls(
-    config: &Config,
-    broker: SocketAddr,
-    guard: Arc<GuardPolicy>,
-    failures: Arc<HandshakeFailures>,
-    stop: &CancellationToken,
-) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
-    let (Some(listen), Some(cert), Some(key)) = (
+/// Loads the MQTT over TLS config when `[mqtt] tls_listen` is set.
+fn mqtt_tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let (Some(_), Some(cert), Some(key)) = (
         config.mqtt.tls_listen,
         &config.mqtt.tls_cert,
         &config.mqtt.tls_key,
     ) else {
         return Ok(None);
     };
-    let tls =
-        crate::security::tls::server_config(cert, key, config.mqtt.tls_client_ca.as_deref(), &[])
-            .context("cannot load the MQTT TLS certificate")?;
+    let client_ca = config.mqtt.tls_client_ca.as_deref();
+    crate::security::tls::server_config(cert, key, client_ca, &[])
+        .map(Some)
+        .context(
+            "cannot load the MQTT TLS certificate ([mqtt] tls_cert, tls_key and tls_client_ca)",
+        )
+}
+
+/// Starts the MQTT over TLS listener with `tls`, loaded by [`mqtt_tls_config`].
+async fn start_mqtt_tls(
+    config: &Config,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    broker: SocketAddr,
+    guard: Arc<GuardPolicy>,
+    failures: Arc<HandshakeFailures>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
+    let (Some(listen), Some(tls)) = (config.mqtt.tls_listen, tls) else {
+        return Ok(None);
+    };
     let bind_certificates = config.mqtt.tls_client_ca.is_some();
     let (addr, task) = crate::security::mqtt_tls::spawn(
         listen,

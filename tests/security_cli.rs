@@ -5,11 +5,14 @@
 
 use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stonelion");
 
+/// Runs the binary with `stdin`, and fails the test when it has not exited within a
+/// minute, so that a command that blocks shows up as a failure.
 fn stonelion(args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
@@ -28,7 +31,47 @@ fn stonelion(args: &[&str], stdin: &str) -> Output {
         .unwrap()
         .write_all(stdin.as_bytes())
         .unwrap();
-    child.wait_with_output().unwrap()
+    let (done, exited) = std::sync::mpsc::channel();
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        if exited.recv_timeout(Duration::from_secs(60)).is_err() {
+            // The test fails below when the process was killed.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    });
+    let output = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    assert!(
+        output.status.code().is_some(),
+        "`stonelion {}` did not exit within 60 s",
+        args.join(" ")
+    );
+    output
+}
+
+/// Writes `text` as the config of a server in `dir`, runs `stonelion run` with it on
+/// loopback ports picked by the system, checks that it failed to start, and returns its
+/// standard error.
+fn start_failure(dir: &std::path::Path, text: &str) -> String {
+    let config = dir.join("config.toml");
+    std::fs::write(&config, text).unwrap();
+    let output = stonelion(
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            dir.join("data").to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ],
+        "",
+    );
+    assert!(!output.status.success(), "`run` started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 fn stdout(output: &Output) -> String {
@@ -188,6 +231,25 @@ NzT6EDFzohN0AmkI/a17kF4bWaGhRANCAAT47QV/dwhaO3CC04YEWug/oM3kLZzD
 -----END PRIVATE KEY-----
 ";
 
+/// An RSA key of 1,024 bits, which rustls does not sign with.
+const RSA_1024_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIICdwIBADANBgkqhkiG9w0BAQEFAASCAmEwggJdAgEAAoGBALxj96256/GWUetk
+xlkIPOX6LLH/rxvW5C3Nn7bqIwpQw58qTA0liNwnwY5WhiOs7hFOGr41bqHDkZWh
+bJXVW6UhcNq77AnZJjknePmztqJ7fZLcP+OQGuxE0c55kRHdmwSacbcddIh91F9Z
+CUP/1wDrBV6Mmz/SuT5fikYIOpRNAgMBAAECgYEAigxXOp67HtUgQnYeQq+esIea
+qPTLxIK7wjSjjM4Vz0FPmBrOj/OpTmpzk3Ij6ZCXA2dQgYF2CGPfEt6vSzyFYkIg
+dGbtSvTNvbUz+/Ja3qz1ZmrUjqbgXUHHHehVY2KfDBbtlVnVGmLu2sHAWrbMfZ5B
+ioyJ/Kuj9y792Nvqp6ECQQDhbMfw01PWPYDHizfPa76dlCFI4N6wjMzXZBV/F1Lg
+vZnmBx1wO8uNQT7ImuX+RcNRYRwZ3ZzkeAZghSAOxziLAkEA1fFGT+2AT0h8/yhN
+pj/3p7sHC979ZFumus58jYqy9jMDTPMrp588Jo6efh6jpoYWLmSg4A8q+2LZ0coK
+7YiphwJAQZ8vHRYHw8gnou8OEh2lYa3repGrge2a++CwuUyK3c2T7XiIw1FE0hv6
+MN+WsEySrS/9xDHVKFUgVhyq1mJ8PQJBAJMH7jqgDr5uIvl4yWSoMZukfYM7DQob
+sspPfmoIGFX7WRlZRXc9iCk3etVSWUXogPYBUk6qHfAGT4xOPpRgh6ECQBi3xfad
+Qz4TubsYZgpi5mI2gqrWN6efVLSTvJMUSPP1nvVfJAl3yyhcoV8muJ/W/1VG/7v9
+5k9fgYAefqF+i9E=
+-----END PRIVATE KEY-----
+";
+
 /// Writes a self-signed server certificate and its key as `server.pem` and `server.key`.
 fn write_server_certificate(dir: &std::path::Path) {
     let key = rcgen::KeyPair::generate().unwrap();
@@ -226,6 +288,29 @@ fn check_config_rejects_unusable_tls_files() {
         "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
+    std::fs::write(dir.path().join("rsa1024.key"), RSA_1024_KEY).unwrap();
+    let fifo = dir.path().join("fifo.pem");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo failed");
+    // A client CA file holding a device certificate instead of its CA.
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["gas-01".to_owned()])
+        .unwrap()
+        .self_signed(&leaf_key)
+        .unwrap();
+    std::fs::write(dir.path().join("leaf.pem"), leaf.pem()).unwrap();
+    // 300 CAs with 200-character names: over the 65,535 bytes of CA names that a TLS
+    // certificate request can carry.
+    let mut bundle = String::new();
+    for n in 0..300 {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{n:0>200}"));
+        bundle.push_str(&params.self_signed(&leaf_key).unwrap().pem());
+    }
+    std::fs::write(dir.path().join("many-cas.pem"), bundle).unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
     let with_https = |ca: &str| {
         format!(
@@ -331,6 +416,82 @@ fn check_config_rejects_unusable_tls_files() {
             ),
         ),
         (
+            "certificate-that-is-not-x509-without-key",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("not-x509.pem"),
+                path("missing.key")
+            ),
+            format!(
+                "api.tls_cert: cannot use the TLS certificate {}: webpki cannot parse its \
+                 first certificate",
+                path("not-x509.pem")
+            ),
+        ),
+        (
+            "fifo-certificate",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                fifo.display(),
+                path("server.key")
+            ),
+            format!(
+                "api.tls_cert: cannot read the TLS file {}: it is not a regular file",
+                fifo.display()
+            ),
+        ),
+        (
+            "endless-key",
+            format!(
+                "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\n\
+                 tls_key = \"/dev/zero\"\n",
+                path("server.pem"),
+            ),
+            "mqtt.tls_key: cannot read the TLS file /dev/zero: it is not a regular file".to_owned(),
+        ),
+        (
+            "certificate-as-key",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("server.pem"),
+                path("server.pem")
+            ),
+            format!(
+                "api.tls_key: the TLS key file {} contains no PEM private key",
+                path("server.pem")
+            ),
+        ),
+        (
+            "rsa-1024-key",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("missing.pem"),
+                path("rsa1024.key")
+            ),
+            format!(
+                "api.tls_key: rustls cannot sign with the TLS key {}",
+                path("rsa1024.key")
+            ),
+        ),
+        (
+            "device-certificate-as-client-ca",
+            with_https(&path("leaf.pem")),
+            format!(
+                "api.tls_client_ca: cannot use the client CA file {}: certificate 1 of the \
+                 file is not a CA certificate",
+                path("leaf.pem")
+            ),
+        ),
+        (
+            "client-ca-names-over-tls-limit",
+            with_https(&path("many-cas.pem")),
+            format!(
+                "api.tls_client_ca: cannot use the client CA file {}: its 300 CA certificates \
+                 have",
+                path("many-cas.pem")
+            ),
+        ),
+        (
             "der-certificate-without-key",
             format!(
                 "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
@@ -350,7 +511,7 @@ fn check_config_rejects_unusable_tls_files() {
                 path("text.key")
             ),
             format!(
-                "mqtt.tls_key: cannot read the TLS file {}",
+                "mqtt.tls_key: the TLS key file {} contains no PEM private key",
                 path("text.key")
             ),
         ),
@@ -393,7 +554,15 @@ fn check_config_rejects_unusable_tls_files() {
     }
 
     let valid = dir.path().join("valid.toml");
-    std::fs::write(&valid, with_https(&path("server.pem"))).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        ca.self_signed(&ca_key).unwrap().pem(),
+    )
+    .unwrap();
+    std::fs::write(&valid, with_https(&path("ca.pem"))).unwrap();
     let output = stonelion(&["check-config", valid.to_str().unwrap()], "");
     assert!(
         output.status.success(),
@@ -428,30 +597,9 @@ fn run_names_a_version_1_certificate() {
     std::fs::write(dir.path().join("v1.key"), VERSION_1_KEY).unwrap();
     let cert = dir.path().join("v1.pem").display().to_string();
     let key = dir.path().join("v1.key").display().to_string();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!("[api]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"),
-    )
-    .unwrap();
+    let text = format!("[api]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n");
 
-    let data = dir.path().join("data");
-    let output = stonelion(
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--http-listen",
-            "127.0.0.1:0",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-        ],
-        "",
-    );
-    assert!(!output.status.success(), "`run` started");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = start_failure(dir.path(), &text);
     let expected =
         format!("cannot use the TLS certificate {cert}: the first certificate is X.509 version 1");
     assert!(
@@ -461,38 +609,49 @@ fn run_names_a_version_1_certificate() {
 }
 
 #[test]
+fn run_refuses_a_fifo_before_the_broker_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    write_server_certificate(dir.path());
+    let fifo = dir.path().join("fifo.pem");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo failed");
+    let text = format!(
+        "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        fifo.display(),
+        dir.path().join("server.key").display()
+    );
+
+    let stderr = start_failure(dir.path(), &text);
+    let expected = format!(
+        "cannot read the TLS file {}: it is not a regular file",
+        fifo.display()
+    );
+    assert!(
+        stderr.contains(&expected),
+        "missing {expected:?} in:\n{stderr}"
+    );
+    // The MQTT TLS files are loaded before anything listens, so no device could have
+    // had a message acknowledged by a server that then failed to start.
+    assert!(
+        !stderr.contains("embedded MQTT broker listening"),
+        "the broker listened before the TLS files were checked:\n{stderr}"
+    );
+}
+
+#[test]
 fn run_rejects_empty_api_client_ca() {
     let dir = tempfile::tempdir().unwrap();
     write_server_certificate(dir.path());
     std::fs::write(dir.path().join("empty.pem"), "").unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
-    let config = dir.path().join("config.toml");
     let text = format!(
         "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n",
         path("server.pem"),
         path("server.key"),
         path("empty.pem")
     );
-    std::fs::write(&config, text).unwrap();
 
-    let data = dir.path().join("data");
-    let output = stonelion(
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--http-listen",
-            "127.0.0.1:0",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-        ],
-        "",
-    );
-    assert!(!output.status.success(), "`run` started");
-
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = start_failure(dir.path(), &text);
     let expected = format!(
         "invalid [api] tls_client_ca: cannot use the client CA file {}: it contains no PEM \
          certificate",
@@ -503,7 +662,7 @@ fn run_rejects_empty_api_client_ca() {
         "missing {expected:?} in:\n{stderr}"
     );
     assert!(
-        !data.join("state.sqlite").exists(),
+        !dir.path().join("data/state.sqlite").exists(),
         "`run` opened its databases before checking the client CA"
     );
 }

@@ -164,9 +164,20 @@ async fn https_and_mqtt_over_tls() {
 async fn mqtt_tls_requires_client_certificate() {
     let certs = tempfile::tempdir().unwrap();
     let pki = make_pki(certs.path());
+    // The client CA file starts with a UTF-8 byte order mark, as some editors write, and
+    // holds a second CA after the one that issued the client certificates. The PEM reader
+    // skips a block that does not start its line, so without care the issuing CA was lost.
+    let other_key = KeyPair::generate().unwrap();
+    let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = other.self_signed(&other_key).unwrap();
+    let bundle = format!("\u{feff}{}{}", pki.ca_pem, other.pem());
+    std::fs::write(certs.path().join("ca-bom.pem"), bundle).unwrap();
+    let text = config(certs.path(), true).replace("ca.pem\"", "ca-bom.pem\"");
+    assert!(text.contains("ca-bom.pem"));
     let data = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
-    let server = start_server(&config(certs.path(), true), &receiver.url(), data.path()).await;
+    let server = start_server(&text, &receiver.url(), data.path()).await;
     let tls = server
         .mqtt_tls_addr
         .expect("the MQTT over TLS listener is on");

@@ -50,16 +50,19 @@ pub fn managed_path(data_dir: &Path) -> PathBuf {
 /// together. Relative paths in the config are relative to the current directory.
 pub fn load(file: &ConfigFile) -> Result<LoadedConfig, Vec<FileProblem>> {
     let file_name = file.path.display().to_string();
-    let file_text = std::fs::read_to_string(&file.path).map_err(|e| {
-        vec![FileProblem {
-            file: file_name.clone(),
-            problem: ConfigProblem {
-                line: 0,
-                key: String::new(),
-                message: format!("cannot read the config file: {e}; check the path"),
+    let file_text =
+        crate::files::read_text_limited(&file.path, crate::files::MAX_CONFIG_FILE_BYTES).map_err(
+            |e| {
+                vec![FileProblem {
+                    file: file_name.clone(),
+                    problem: ConfigProblem {
+                        line: 0,
+                        key: String::new(),
+                        message: format!("cannot read the config file: {e}; check the path"),
+                    },
+                }]
             },
-        }]
-    })?;
+        )?;
     // The data directory, and so the managed devices file, comes from the file itself.
     let mut alone = super::parse(&file_text, builtin_profiles())
         .map_err(|problems| in_file(&file_name, problems))?;
@@ -193,7 +196,7 @@ pub fn read_managed(path: &Path) -> Result<Vec<toml::Table>, Vec<FileProblem>> {
             },
         }]
     };
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::files::read_text_limited(path, crate::files::MAX_CONFIG_FILE_BYTES) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => {

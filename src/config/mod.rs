@@ -330,14 +330,16 @@ fn render(problems: &[ConfigProblem]) -> String {
 /// Reads and checks a config file. Relative paths in it are relative to the current
 /// directory.
 pub fn load_file(path: &Path, builtin: ProfileSet) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        source_name: path.display().to_string(),
-        problems: vec![ConfigProblem {
-            line: 0,
-            key: String::new(),
-            message: format!("cannot read the config file: {e}; check the path"),
-        }],
-    })?;
+    let text = crate::files::read_text_limited(path, crate::files::MAX_CONFIG_FILE_BYTES).map_err(
+        |e| ConfigError {
+            source_name: path.display().to_string(),
+            problems: vec![ConfigProblem {
+                line: 0,
+                key: String::new(),
+                message: format!("cannot read the config file: {e}; check the path"),
+            }],
+        },
+    )?;
     parse(&text, builtin).map_err(|problems| ConfigError {
         source_name: path.display().to_string(),
         problems,
@@ -423,14 +425,18 @@ pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
     }
     for (key, path) in tls_files(config) {
         let Some(path) = path else { continue };
-        if let Err(e) = std::fs::File::open(path) {
+        if let Err(e) = open_check(path) {
+            let fix = match e.kind() {
+                std::io::ErrorKind::NotFound => "`run` fails to start unless the file exists then",
+                std::io::ErrorKind::PermissionDenied => {
+                    "`run` fails to start unless the user that runs Stonelion can read it"
+                }
+                _ => "`run` fails to start unless the path names a readable file then",
+            };
             checker.push(
                 None,
                 key,
-                format!(
-                    "cannot open {}: {e}; `run` fails to start unless the file exists then",
-                    path.display()
-                ),
+                format!("cannot open {}: {e}; {fix}", path.display()),
             );
         }
     }
@@ -494,10 +500,19 @@ pub fn file_problems(text: &str, config: &Config) -> Vec<ConfigProblem> {
     checker.problems
 }
 
-/// Returns `path` when it names a file that can be opened now.
+/// Returns `path` when it names something that exists and, for a regular file, can be
+/// opened now. Something that is not a regular file, such as a FIFO, is returned without
+/// opening it, which could block, so that the file checks report it.
 fn opens(path: &Option<PathBuf>) -> Option<&Path> {
-    path.as_deref()
-        .filter(|path| std::fs::File::open(path).is_ok())
+    path.as_deref().filter(|path| open_check(path).is_ok())
+}
+
+/// Checks that `path` exists and, when it is a regular file, that it can be opened.
+fn open_check(path: &Path) -> std::io::Result<()> {
+    if std::fs::metadata(path)?.is_file() {
+        std::fs::File::open(path)?;
+    }
+    Ok(())
 }
 
 /// Returns the TLS files of `config`, by key.

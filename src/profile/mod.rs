@@ -186,12 +186,14 @@ impl ProfileSet {
 
 /// Loads and checks one profile file.
 pub fn load_file(path: &Path) -> Result<Profile, Vec<ProfileError>> {
-    let text = std::fs::read_to_string(path).map_err(|source| {
-        vec![ProfileError::Read {
-            path: path.to_owned(),
-            source,
-        }]
-    })?;
+    let text = crate::files::read_text_limited(path, crate::files::MAX_CONFIG_FILE_BYTES).map_err(
+        |source| {
+            vec![ProfileError::Read {
+                path: path.to_owned(),
+                source,
+            }]
+        },
+    )?;
     parse(&text, Some(path))
 }
 

@@ -336,6 +336,59 @@ pub(crate) fn is_version_1(certificate: &[u8]) -> bool {
         .is_some_and(|(_, tbs)| tbs.first() != Some(&0xa0))
 }
 
+/// Tells whether a DER certificate is a version 3 certificate that is not a CA: its basic
+/// constraints extension is missing or sets `cA` to false (RFC 5280, section 4.2.1.9). A
+/// version 1 or 2 certificate has no extensions, so old self-signed roots are not taken
+/// for end entities. Returns `false` for bytes that are not a certificate.
+pub(crate) fn is_end_entity(certificate: &[u8]) -> bool {
+    const BASIC_CONSTRAINTS: [u8; 3] = [0x55, 0x1d, 0x13];
+    let Some((_, certificate)) = der_element(certificate, 0x30) else {
+        return false;
+    };
+    let Some((_, mut tbs)) = der_element(certificate, 0x30) else {
+        return false;
+    };
+    if tbs.first() != Some(&0xa0) {
+        return false;
+    }
+    // version, serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
+    for tag in [0xa0, 0x02, 0x30, 0x30, 0x30, 0x30, 0x30] {
+        match der_element(tbs, tag) {
+            Some((rest, _)) => tbs = rest,
+            None => return false,
+        }
+    }
+    // issuerUniqueID and subjectUniqueID may come before the extensions.
+    for tag in [0x81, 0xa1, 0x82, 0xa2] {
+        if let Some((rest, _)) = der_element(tbs, tag) {
+            tbs = rest;
+        }
+    }
+    let Some(mut extensions) = der_element(tbs, 0xa3)
+        .and_then(|(_, wrapped)| der_element(wrapped, 0x30))
+        .map(|(_, extensions)| extensions)
+    else {
+        return true;
+    };
+    while let Some((rest, extension)) = der_element(extensions, 0x30) {
+        extensions = rest;
+        let Some((mut value, oid)) = der_element(extension, 0x06) else {
+            return false;
+        };
+        if oid != BASIC_CONSTRAINTS {
+            continue;
+        }
+        if let Some((rest, _critical)) = der_element(value, 0x01) {
+            value = rest;
+        }
+        return der_element(value, 0x04)
+            .and_then(|(_, octets)| der_element(octets, 0x30))
+            .and_then(|(_, constraints)| der_element(constraints, 0x01))
+            .is_none_or(|(_, ca)| ca.iter().all(|byte| *byte == 0));
+    }
+    true
+}
+
 /// Decodes an X.520 DirectoryString (RFC 5280, section 4.1.2.4). Returns `None` for a
 /// TeletexString, whose T.61 character set has no agreed mapping to Unicode, and for
 /// bytes that are invalid in their string type.
@@ -410,6 +463,23 @@ fn relay_target(broker: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn certificate(is_ca: rcgen::IsCa) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["device".to_owned()]).unwrap();
+        params.is_ca = is_ca;
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn tells_ca_certificates_from_end_entities() {
+        let ca = certificate(rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained));
+        assert!(!is_end_entity(&ca));
+        assert!(is_end_entity(&certificate(rcgen::IsCa::NoCa)));
+        assert!(is_end_entity(&certificate(rcgen::IsCa::ExplicitNoCa)));
+        assert!(!is_end_entity(b"not a certificate"));
+        assert!(!is_version_1(&ca));
+    }
 
     #[test]
     fn reads_connect_login() {

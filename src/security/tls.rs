@@ -37,12 +37,32 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 /// are counted and reported with the next line.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Largest TLS file read: a certificate chain, key or client CA bundle. A system CA
+/// bundle such as Debian's `ca-certificates.crt` takes about 220 KB.
+pub const MAX_TLS_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Maximum bytes of CA names in one client CA file. The server lists these names
+/// in its certificate request, and TLS bounds that list at 65,535 bytes.
+const MAX_CA_NAMES_BYTES: usize = 0xffff;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read the TLS file {path}: {reason}; check the path and that it is PEM")]
     File { path: PathBuf, reason: String },
+    #[error("cannot read the TLS file {path}: {reason}")]
+    NotReadable { path: PathBuf, reason: String },
     #[error("the TLS file {0} contains no certificate; write the PEM certificate chain there")]
     NoCertificate(PathBuf),
+    #[error(
+        "the TLS key file {0} contains no PEM private key; write the key there (a `BEGIN \
+         PRIVATE KEY`, `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block)"
+    )]
+    NoKey(PathBuf),
+    #[error(
+        "rustls cannot sign with the TLS key {path} ({reason}); use an RSA key of 2048 bits \
+         or more, an ECDSA P-256 or P-384 key, or an Ed25519 key"
+    )]
+    UnsupportedKey { path: PathBuf, reason: String },
     #[error("invalid TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("cannot use the TLS certificate {path}: {reason}")]
@@ -77,6 +97,7 @@ pub fn server_config(
     let chain = read_certificates(cert)?;
     let key_path = key;
     let key = read_key(key)?;
+    check_key(key.clone_key(), key_path)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -123,25 +144,51 @@ pub fn check_certificate_file(cert: &Path) -> Result<(), TlsError> {
 /// Checks a private key file on its own, for a certificate file that cannot be opened yet:
 /// a PEM key of a type that rustls signs with.
 pub fn check_key_file(key: &Path) -> Result<(), TlsError> {
-    let der = read_key(key)?;
+    check_key(read_key(key)?, key)
+}
+
+/// Checks that rustls can sign with `der`, naming the supported key types when it cannot.
+fn check_key(der: PrivateKeyDer<'static>, path: &Path) -> Result<(), TlsError> {
     rustls::crypto::ring::default_provider()
         .key_provider
         .load_private_key(der)
         .map(drop)
-        .map_err(|e| TlsError::File {
-            path: key.to_owned(),
+        .map_err(|e| TlsError::UnsupportedKey {
+            path: path.to_owned(),
             reason: e.to_string(),
         })
+}
+
+/// Reads a TLS file whole. Only a regular file of at most [`MAX_TLS_FILE_BYTES`] is read,
+/// so that a path naming a FIFO or a device such as `/dev/zero` fails at once instead of
+/// blocking the start or filling the memory. A UTF-8 byte order mark, which some editors
+/// write, is dropped: the PEM reader would otherwise skip the block on the first line.
+fn read_tls_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let mut bytes = crate::files::read_limited(path, MAX_TLS_FILE_BYTES).map_err(|e| {
+        let (path, reason) = (path.to_owned(), e.to_string());
+        // The errors that `read_limited` makes itself already name the fix.
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            TlsError::NotReadable { path, reason }
+        } else {
+            TlsError::File { path, reason }
+        }
+    })?;
+    if bytes.starts_with(b"\xef\xbb\xbf") {
+        bytes.drain(..3);
+    }
+    Ok(bytes)
 }
 
 /// Reads the first PEM private key of `path`, naming an encrypted key as such: PKCS #8
 /// (`ENCRYPTED PRIVATE KEY`) or the traditional format (`Proc-Type: 4,ENCRYPTED`).
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        let encrypted = std::fs::read(path)
-            .is_ok_and(|bytes| bytes.windows(b"ENCRYPTED".len()).any(|w| w == b"ENCRYPTED"));
+    let bytes = read_tls_file(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        let encrypted = bytes.windows(b"ENCRYPTED".len()).any(|w| w == b"ENCRYPTED");
         if encrypted {
             TlsError::EncryptedKey(path.to_owned())
+        } else if matches!(e, rustls::pki_types::pem::Error::NoItemsFound) {
+            TlsError::NoKey(path.to_owned())
         } else {
             TlsError::File {
                 path: path.to_owned(),
@@ -163,16 +210,27 @@ fn pair_error(error: rustls::Error, cert: &Path, key: &Path) -> (PairFile, TlsEr
                 key: key.to_owned(),
             },
         ),
-        rustls::Error::InvalidCertificate(e) => (
-            PairFile::Certificate,
-            TlsError::Certificate {
-                path: cert.to_owned(),
-                reason: format!(
-                    "{e}; put the server's own PEM certificate first, before its intermediates"
-                ),
-            },
-        ),
+        rustls::Error::InvalidCertificate(e) => {
+            (PairFile::Certificate, certificate_error(cert, &e))
+        }
         other => (PairFile::Key, TlsError::Rustls(other)),
+    }
+}
+
+/// Names a server certificate that webpki cannot parse.
+fn certificate_error(path: &Path, error: &rustls::CertificateError) -> TlsError {
+    // webpki's reasons, such as `UnsupportedCriticalExtension`, come wrapped in `Other`.
+    let reason = match error {
+        rustls::CertificateError::Other(other) => other.to_string(),
+        error => error.to_string(),
+    };
+    TlsError::Certificate {
+        path: path.to_owned(),
+        reason: format!(
+            "webpki cannot parse its first certificate ({reason}); use a PEM X.509 version 3 \
+             certificate that an ordinary CA or `openssl req -x509` issues, with the server's \
+             own certificate first"
+        ),
     }
 }
 
@@ -192,15 +250,42 @@ fn client_verifier(
         path: path.to_owned(),
         reason,
     };
-    let certificates = CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+    let bytes = read_tls_file(path).map_err(|e| match e {
+        TlsError::File { reason, .. } | TlsError::NotReadable { reason, .. } => invalid(reason),
+        other => invalid(other.to_string()),
+    })?;
+    let certificates = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(e.to_string()))?;
     if certificates.is_empty() {
         return Err(invalid("it contains no PEM certificate".to_owned()));
     }
     let mut roots = RootCertStore::empty();
-    for certificate in certificates {
+    for (index, certificate) in certificates.into_iter().enumerate() {
+        if crate::security::mqtt_tls::is_end_entity(&certificate) {
+            return Err(invalid(format!(
+                "certificate {} of the file is not a CA certificate (its basic constraints \
+                 say `CA:FALSE` or are missing), so anyone holding its key could issue client \
+                 certificates; a client CA file holds CA certificates only",
+                index + 1
+            )));
+        }
         roots.add(certificate).map_err(|e| invalid(e.to_string()))?;
+    }
+    // The server sends the CA names in its certificate request, in a list of at most
+    // 65,535 bytes with a 2-byte length before each name.
+    let names: usize = roots
+        .subjects()
+        .iter()
+        .map(|name| name.as_ref().len() + 2)
+        .sum();
+    if names > MAX_CA_NAMES_BYTES {
+        return Err(invalid(format!(
+            "its {} CA certificates have {names} bytes of names, and the certificate request \
+             of a TLS handshake holds at most {MAX_CA_NAMES_BYTES}; keep only the CAs that \
+             issue client certificates",
+            roots.len()
+        )));
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
@@ -208,23 +293,30 @@ fn client_verifier(
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let chain = CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+    let bytes = read_tls_file(path)?;
+    let chain = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::File {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-    if chain.is_empty() {
+    let Some(first) = chain.first() else {
         return Err(TlsError::NoCertificate(path.to_owned()));
-    }
+    };
     // rustls parses the server's certificate with webpki, which accepts only version 3,
     // and reports a version 1 certificate as an unnamed "other" error.
-    if crate::security::mqtt_tls::is_version_1(&chain[0]) {
+    if crate::security::mqtt_tls::is_version_1(first) {
         return Err(TlsError::Certificate {
             path: path.to_owned(),
             reason: "the first certificate is X.509 version 1, and TLS needs version 3; \
                      issue it again with a subjectAltName extension, which makes it version 3"
                 .to_owned(),
+        });
+    }
+    if let Err(e) = rustls::server::ParsedCertificate::try_from(first) {
+        return Err(match e {
+            rustls::Error::InvalidCertificate(e) => certificate_error(path, &e),
+            other => TlsError::Rustls(other),
         });
     }
     Ok(chain)
