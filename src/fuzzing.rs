@@ -21,7 +21,7 @@ pub fn connect_username(packet: &[u8]) -> Option<String> {
 /// Returns the subject common name of a DER certificate as the MQTT over TLS relay
 /// reads it.
 pub fn subject_common_name(certificate: &[u8]) -> Option<String> {
-    crate::security::mqtt_tls::subject_common_name(certificate)
+    crate::security::x509::subject_common_name(certificate)
 }
 
 /// Returns the QoS and packet id that the MQTT guard reads from the PUBLISH at the start

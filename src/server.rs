@@ -34,7 +34,7 @@ use crate::metrics::SharedRegistry;
 use crate::model::DeviceId;
 use crate::pipeline::{DeviceState, DeviceStates, Pipeline};
 use crate::reload::{Reloader, ReloaderParts, WebhookRunner};
-use crate::security::tls::{HandshakeFailures, TlsError, TlsListener};
+use crate::security::tls::{CertificateExpiry, HandshakeFailures, TlsError, TlsListener};
 use crate::server_modbus::ModbusRunner;
 use crate::storage::TimeSeriesStore;
 use crate::storage::engine::{Engine, EngineOptions};
@@ -159,6 +159,13 @@ impl Server {
 
         let denials = Arc::new(MqttDenials::new(&registry));
         let handshake_failures = Arc::new(HandshakeFailures::new(&registry));
+        let expiry = CertificateExpiry::new(&registry);
+        if let (Some(_), Some(cert)) = (&http_tls, &config.api.tls_cert) {
+            expiry.record("http-tls", cert, chrono::Utc::now());
+        }
+        if let (Some(_), Some(cert)) = (&mqtt_tls, &config.mqtt.tls_cert) {
+            expiry.record("mqtt-tls", cert, chrono::Utc::now());
+        }
         let guard = Arc::new(GuardPolicy {
             accounts,
             denials,

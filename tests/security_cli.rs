@@ -7,6 +7,7 @@ use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use chrono::Datelike as _;
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stonelion");
@@ -588,6 +589,54 @@ fn check_config_rejects_unusable_tls_files() {
         report.contains(&expected),
         "missing {expected:?} in:\n{report}"
     );
+}
+
+#[test]
+fn check_config_warns_of_certificate_dates() {
+    let dir = tempfile::tempdir().unwrap();
+    let today = chrono::Utc::now().date_naive();
+    let date = |days: i64| {
+        let day = today + chrono::TimeDelta::days(days);
+        rcgen::date_time_ymd(
+            day.year(),
+            u8::try_from(day.month()).unwrap(),
+            u8::try_from(day.day()).unwrap(),
+        )
+    };
+    let key = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+    let cases = [
+        ("expired", date(-400), date(-30), "expired at"),
+        ("not-yet-valid", date(30), date(400), "is not valid before"),
+        ("expiring", date(-30), date(10), "expires at"),
+    ];
+    for (name, not_before, not_after, expected) in cases {
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = dir.path().join(format!("{name}.pem"));
+        std::fs::write(&cert, params.self_signed(&key).unwrap().pem()).unwrap();
+        let config = dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            dir.path().join("server.key").display()
+        );
+        std::fs::write(&config, text).unwrap();
+
+        let output = stonelion(&["check-config", config.to_str().unwrap()], "");
+        let report = stdout(&output);
+        // Dates are warnings: the certificate may be replaced before the server starts.
+        assert!(output.status.success(), "{name}: rejected:\n{report}");
+        let expected = format!(
+            "api.tls_cert: warning: the certificate in {} {expected}",
+            cert.display()
+        );
+        assert!(
+            report.contains(&expected),
+            "{name}: missing {expected:?} in:\n{report}"
+        );
+    }
 }
 
 #[test]

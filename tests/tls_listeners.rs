@@ -44,6 +44,7 @@ fn make_pki(dir: &Path) -> Pki {
     server
         .distinguished_name
         .push(DnType::CommonName, "stonelion");
+    server.not_after = rcgen::date_time_ymd(2100, 1, 1);
     issue(server, &ca, &ca_key, dir, "server");
 
     let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -103,6 +104,15 @@ async fn latest_gas(client: &reqwest::Client, http: std::net::SocketAddr) -> Opt
     body["latest"]["gas_lel"]["value"].as_f64()
 }
 
+/// Returns the text of `/metrics` on the HTTPS API at `port`.
+async fn metrics(client: &reqwest::Client, port: u16, token: Option<&str>) -> String {
+    let mut request = client.get(format!("https://127.0.0.1:{port}/metrics"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().text().await.unwrap()
+}
+
 fn https_client(pki: &Pki) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
     reqwest::Client::builder()
@@ -157,6 +167,19 @@ async fn https_and_mqtt_over_tls() {
         || async { (latest_gas(&client, http).await == Some(14.5)).then_some(()) },
     )
     .await;
+
+    // The server certificate expires at 2100-01-01T00:00:00Z.
+    let metrics = metrics(&client, http.port(), None).await;
+    for listener in ["http-tls", "mqtt-tls"] {
+        let sample = format!(
+            "stonelion_tls_certificate_expiry_timestamp_seconds{{listener=\"{listener}\"}} \
+             4102444800"
+        );
+        assert!(
+            metrics.lines().any(|line| line == sample),
+            "missing {sample} in:\n{metrics}"
+        );
+    }
     server.shutdown().await;
 }
 
@@ -165,8 +188,8 @@ async fn mqtt_tls_requires_client_certificate() {
     let certs = tempfile::tempdir().unwrap();
     let pki = make_pki(certs.path());
     // The client CA file starts with a UTF-8 byte order mark, as some editors write, and
-    // holds a second CA after the one that issued the client certificates. The PEM reader
-    // skips a block that does not start its line, so without care the issuing CA was lost.
+    // contains a second CA after the one that issued the client certificates. The PEM
+    // reader skips a block that does not start its line, which used to lose the first CA.
     let other_key = KeyPair::generate().unwrap();
     let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
     other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -239,15 +262,7 @@ async fn mqtt_tls_requires_client_certificate() {
         || async { (latest_gas(&client, server.http_addr).await == Some(22.5)).then_some(()) },
     )
     .await;
-    let metrics_url = format!("https://127.0.0.1:{}/metrics", server.http_addr.port());
-    let metrics = client
-        .get(metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&client, server.http_addr.port(), None).await;
     let sample = r#"stonelion_mqtt_denied_total{reason="certificate_mismatch"} 1"#;
     assert!(
         metrics.lines().any(|l| l == sample),
@@ -521,15 +536,7 @@ async fn https_requires_client_certificate() {
     let status = get_status(&fresh, &devices, Some(VIEWER_TOKEN)).await;
     assert_eq!(status.unwrap(), 200, "a valid client after rejected ones");
 
-    let metrics = fresh
-        .get(format!("https://127.0.0.1:{port}/metrics"))
-        .bearer_auth(VIEWER_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&fresh, port, Some(VIEWER_TOKEN)).await;
     for reason in ["no_client_certificate", "invalid_client_certificate"] {
         let sample = format!(
             "stonelion_tls_handshake_failures_total{{listener=\"http-tls\",reason=\"{reason}\"}} 1"

@@ -417,7 +417,8 @@ pub fn check_start(text: &str, config: Option<&Config>) -> Vec<ConfigProblem> {
 
 /// Returns a warning for each file named in `config` that cannot be opened now, such as a
 /// TLS certificate. `run` fails to start unless the file can be opened by then, but it
-/// may be installed after the check, so these are warnings and not problems.
+/// may be installed after the check, so these are warnings and not problems. A server
+/// certificate that is not valid now, or that expires within 30 days, is a warning too.
 pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
     let mut checker = Checker::new(text);
     if let Ok(document) = check::parse_document(text) {
@@ -425,6 +426,12 @@ pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
     }
     for (key, path) in tls_files(config) {
         let Some(path) = path else { continue };
+        if key.ends_with(".tls_cert")
+            && let Some(validity) = crate::security::tls::Validity::of_file(path)
+            && let Some(warning) = validity.warning(path, chrono::Utc::now())
+        {
+            checker.push(None, key, warning);
+        }
         if let Err(e) = open_check(path) {
             let fix = match e.kind() {
                 std::io::ErrorKind::NotFound => "`run` fails to start unless the file exists then",

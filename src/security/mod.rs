@@ -5,6 +5,7 @@ pub mod config;
 pub mod mqtt_tls;
 pub mod tls;
 pub mod tokens;
+pub mod x509;
 
 use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;

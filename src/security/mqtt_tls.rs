@@ -23,6 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::tls::{HandshakeFailures, TlsListener};
+use super::x509::subject_common_name;
 use crate::ingest::auth::DenyReason;
 use crate::ingest::guard::GuardPolicy;
 use crate::ingest::login::FailureOutcome;
@@ -304,149 +305,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Returns the first common name (OID 2.5.4.3) of a DER certificate's subject.
-pub(crate) fn subject_common_name(certificate: &[u8]) -> Option<String> {
-    let (_, certificate) = der_element(certificate, 0x30)?;
-    let (_, mut tbs) = der_element(certificate, 0x30)?;
-    if tbs.first() == Some(&0xa0) {
-        tbs = der_element(tbs, 0xa0)?.0;
-    }
-    // serialNumber, signature, issuer and validity come before the subject.
-    for tag in [0x02, 0x30, 0x30, 0x30] {
-        tbs = der_element(tbs, tag)?.0;
-    }
-    let (_, mut subject) = der_element(tbs, 0x30)?;
-    while !subject.is_empty() {
-        let (rest, set) = der_element(subject, 0x31)?;
-        subject = rest;
-        let (_, attribute) = der_element(set, 0x30)?;
-        let (value, oid) = der_element(attribute, 0x06)?;
-        if oid == [0x55, 0x04, 0x03] {
-            return directory_string(value);
-        }
-    }
-    None
-}
-
-/// Tells whether a DER certificate is X.509 version 1: its to-be-signed part has no
-/// explicit version field. Returns `false` for bytes that are not a certificate.
-pub(crate) fn is_version_1(certificate: &[u8]) -> bool {
-    der_element(certificate, 0x30)
-        .and_then(|(_, certificate)| der_element(certificate, 0x30))
-        .is_some_and(|(_, tbs)| tbs.first() != Some(&0xa0))
-}
-
-/// Tells whether a DER certificate is a version 3 certificate that is not a CA: its basic
-/// constraints extension is missing or sets `cA` to false (RFC 5280, section 4.2.1.9). A
-/// version 1 or 2 certificate has no extensions, so old self-signed roots are not taken
-/// for end entities. Returns `false` for bytes that are not a certificate.
-pub(crate) fn is_end_entity(certificate: &[u8]) -> bool {
-    const BASIC_CONSTRAINTS: [u8; 3] = [0x55, 0x1d, 0x13];
-    let Some((_, certificate)) = der_element(certificate, 0x30) else {
-        return false;
-    };
-    let Some((_, mut tbs)) = der_element(certificate, 0x30) else {
-        return false;
-    };
-    if tbs.first() != Some(&0xa0) {
-        return false;
-    }
-    // version, serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
-    for tag in [0xa0, 0x02, 0x30, 0x30, 0x30, 0x30, 0x30] {
-        match der_element(tbs, tag) {
-            Some((rest, _)) => tbs = rest,
-            None => return false,
-        }
-    }
-    // issuerUniqueID and subjectUniqueID may come before the extensions.
-    for tag in [0x81, 0xa1, 0x82, 0xa2] {
-        if let Some((rest, _)) = der_element(tbs, tag) {
-            tbs = rest;
-        }
-    }
-    let Some(mut extensions) = der_element(tbs, 0xa3)
-        .and_then(|(_, wrapped)| der_element(wrapped, 0x30))
-        .map(|(_, extensions)| extensions)
-    else {
-        return true;
-    };
-    while let Some((rest, extension)) = der_element(extensions, 0x30) {
-        extensions = rest;
-        let Some((mut value, oid)) = der_element(extension, 0x06) else {
-            return false;
-        };
-        if oid != BASIC_CONSTRAINTS {
-            continue;
-        }
-        if let Some((rest, _critical)) = der_element(value, 0x01) {
-            value = rest;
-        }
-        return der_element(value, 0x04)
-            .and_then(|(_, octets)| der_element(octets, 0x30))
-            .and_then(|(_, constraints)| der_element(constraints, 0x01))
-            .is_none_or(|(_, ca)| ca.iter().all(|byte| *byte == 0));
-    }
-    true
-}
-
-/// Decodes an X.520 DirectoryString (RFC 5280, section 4.1.2.4). Returns `None` for a
-/// TeletexString, whose T.61 character set has no agreed mapping to Unicode, and for
-/// bytes that are invalid in their string type.
-fn directory_string(value: &[u8]) -> Option<String> {
-    const UTF8_STRING: u8 = 0x0c;
-    const PRINTABLE_STRING: u8 = 0x13;
-    const IA5_STRING: u8 = 0x16;
-    const UNIVERSAL_STRING: u8 = 0x1c;
-    const BMP_STRING: u8 = 0x1e;
-
-    let tag = *value.first()?;
-    let (_, bytes) = der_element(value, tag)?;
-    match tag {
-        UTF8_STRING => String::from_utf8(bytes.to_vec()).ok(),
-        PRINTABLE_STRING | IA5_STRING if bytes.is_ascii() => String::from_utf8(bytes.to_vec()).ok(),
-        // UCS-2, read as UTF-16 big-endian.
-        BMP_STRING if bytes.len() % 2 == 0 => {
-            let units = bytes
-                .chunks_exact(2)
-                .map(|pair| u16::from_be_bytes([pair[0], pair[1]]));
-            char::decode_utf16(units)
-                .collect::<Result<String, _>>()
-                .ok()
-        }
-        // UTF-32 big-endian.
-        UNIVERSAL_STRING if bytes.len() % 4 == 0 => bytes
-            .chunks_exact(4)
-            .map(|quad| char::from_u32(u32::from_be_bytes([quad[0], quad[1], quad[2], quad[3]])))
-            .collect(),
-        _ => None,
-    }
-}
-
-/// Splits a DER element with tag `tag` off `input`, returning the rest and its content.
-fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    if *input.first()? != tag {
-        return None;
-    }
-    let first = *input.get(1)?;
-    let (length, header) = if first & 0x80 == 0 {
-        (usize::from(first), 2)
-    } else {
-        let count = usize::from(first & 0x7f);
-        if count == 0 || count > 4 {
-            return None;
-        }
-        let bytes = input.get(2..2 + count)?;
-        (
-            bytes
-                .iter()
-                .fold(0usize, |length, b| (length << 8) | usize::from(*b)),
-            2 + count,
-        )
-    };
-    let end = header.checked_add(length)?;
-    Some((input.get(end..)?, input.get(header..end)?))
-}
-
 /// Returns the address to reach a listener on: its own, or loopback for a wildcard bind.
 fn relay_target(broker: SocketAddr) -> SocketAddr {
     match broker.ip() {
@@ -463,23 +321,6 @@ fn relay_target(broker: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn certificate(is_ca: rcgen::IsCa) -> Vec<u8> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["device".to_owned()]).unwrap();
-        params.is_ca = is_ca;
-        params.self_signed(&key).unwrap().der().to_vec()
-    }
-
-    #[test]
-    fn tells_ca_certificates_from_end_entities() {
-        let ca = certificate(rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained));
-        assert!(!is_end_entity(&ca));
-        assert!(is_end_entity(&certificate(rcgen::IsCa::NoCa)));
-        assert!(is_end_entity(&certificate(rcgen::IsCa::ExplicitNoCa)));
-        assert!(!is_end_entity(b"not a certificate"));
-        assert!(!is_version_1(&ca));
-    }
 
     #[test]
     fn reads_connect_login() {

@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, TimeDelta, Utc};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -262,7 +264,7 @@ fn client_verifier(
     }
     let mut roots = RootCertStore::empty();
     for (index, certificate) in certificates.into_iter().enumerate() {
-        if crate::security::mqtt_tls::is_end_entity(&certificate) {
+        if crate::security::x509::is_end_entity(&certificate) {
             return Err(invalid(format!(
                 "certificate {} of the file is not a CA certificate (its basic constraints \
                  say `CA:FALSE` or are missing), so anyone holding its key could issue client \
@@ -305,7 +307,7 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
     };
     // rustls parses the server's certificate with webpki, which accepts only version 3,
     // and reports a version 1 certificate as an unnamed "other" error.
-    if crate::security::mqtt_tls::is_version_1(first) {
+    if crate::security::x509::is_version_1(first) {
         return Err(TlsError::Certificate {
             path: path.to_owned(),
             reason: "the first certificate is X.509 version 1, and TLS needs version 3; \
@@ -320,6 +322,60 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
         });
     }
     Ok(chain)
+}
+
+/// The validity period of a server's own certificate, the first in its chain file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+}
+
+impl Validity {
+    /// Time before `not_after` from which the certificate is reported as expiring soon.
+    pub const RENEWAL_NOTICE: TimeDelta = TimeDelta::days(30);
+
+    /// Reads the validity period of the first certificate in `cert`. Returns `None` when
+    /// the file cannot be read or parsed, which the other checks report.
+    pub fn of_file(cert: &Path) -> Option<Validity> {
+        let chain = read_certificates(cert).ok()?;
+        let (not_before, not_after) = crate::security::x509::validity(chain.first()?)?;
+        Some(Validity {
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Describes what is wrong at `now` with the certificate in `cert`: not valid yet,
+    /// expired, or expiring within [`Self::RENEWAL_NOTICE`].
+    pub fn warning(&self, cert: &Path, now: DateTime<Utc>) -> Option<String> {
+        let when = |time: DateTime<Utc>| time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        if now < self.not_before {
+            Some(format!(
+                "the certificate in {} is not valid before {}, and clients reject it until \
+                 then; check this machine's clock, or install a certificate valid now",
+                cert.display(),
+                when(self.not_before)
+            ))
+        } else if now > self.not_after {
+            Some(format!(
+                "the certificate in {} expired at {}, and clients reject it; install a renewed \
+                 certificate and restart Stonelion",
+                cert.display(),
+                when(self.not_after)
+            ))
+        } else if self.not_after - now < Self::RENEWAL_NOTICE {
+            Some(format!(
+                "the certificate in {} expires at {}, in {} days; install a renewed \
+                 certificate and restart Stonelion, which reads certificates only at start",
+                cert.display(),
+                when(self.not_after),
+                (self.not_after - now).num_days()
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 /// A listener that yields connections whose TLS handshake has finished.
@@ -458,6 +514,48 @@ impl HandshakeFailure {
             HandshakeFailure::Protocol => "protocol_error",
             HandshakeFailure::ConnectionClosed => "connection_closed",
             HandshakeFailure::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+/// Publishes when the server certificate of each TLS listener expires, as
+/// `stonelion_tls_certificate_expiry_timestamp_seconds{listener}`, so that an alert rule
+/// can warn before clients start to fail their handshakes.
+pub struct CertificateExpiry {
+    expiry: Family<ListenerLabels, Gauge>,
+}
+
+impl CertificateExpiry {
+    pub fn new(registry: &SharedRegistry) -> Self {
+        let expiry = Family::<ListenerLabels, Gauge>::default();
+        registry.register(|r| {
+            r.register(
+                "tls_certificate_expiry_timestamp_seconds",
+                "When the server certificate of each TLS listener expires, in Unix seconds",
+                expiry.clone(),
+            );
+        });
+        Self { expiry }
+    }
+
+    /// Publishes the expiry of the certificate in `cert` for `listener`, and logs a
+    /// warning when the certificate is not valid at `now` or expires soon.
+    pub fn record(&self, listener: &'static str, cert: &Path, now: DateTime<Utc>) {
+        let Some(validity) = Validity::of_file(cert) else {
+            return;
+        };
+        self.expiry
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_owned(),
+            })
+            .set(validity.not_after.timestamp());
+        if let Some(warning) = validity.warning(cert, now) {
+            tracing::warn!(listener, "{warning}");
         }
     }
 }
