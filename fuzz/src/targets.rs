@@ -126,11 +126,12 @@ struct QueryService {
     _dir: tempfile::TempDir,
 }
 
-/// Limits of the fuzzed `/query` router. The store holds 120 points, so only the bucket
-/// limit matters. With the default of 1,000,000, a `GROUP BY time(1m)` without a time
-/// range fills every minute from the first point to the wall clock. That takes seconds
-/// in a fuzz build, and longer as the date moves on. A low limit keeps each input fast,
-/// reaches the same fill and window code, and reaches the limit's error path too.
+/// Limits of the fuzzed `/query` router. The store contains 120 points, so only the bucket
+/// limit matters. The router's clock is fixed at [`NOW`], and the points fall in the
+/// minute before it, but a query may still name a wide time range: with the default limit of 1,000,000, a
+/// `GROUP BY time(1s)` over a year takes seconds in a fuzz build. A low limit keeps each
+/// input fast, reaches the same fill and window code, and reaches the limit's error path
+/// too.
 const FUZZ_QUERY_LIMITS: stonelion::api::influxql::QueryLimits =
     stonelion::api::influxql::QueryLimits {
         max_series: 1_000,
@@ -175,7 +176,9 @@ fn query_service() -> &'static QueryService {
             .expect("tokio runtime");
         QueryService {
             runtime,
-            router: stonelion::api::influxql::router_with_limits(store, FUZZ_QUERY_LIMITS),
+            router: stonelion::api::influxql::router_with_clock(store, FUZZ_QUERY_LIMITS, || {
+                NOW.0 * 1_000_000
+            }),
             _dir: dir,
         }
     })

@@ -97,10 +97,22 @@ pub fn router(store: Arc<dyn TimeSeriesStore>) -> Router {
 /// Builds the router like [`router`], with per-request limits on series, points and
 /// `GROUP BY time()` buckets.
 pub fn router_with_limits(store: Arc<dyn TimeSeriesStore>, limits: QueryLimits) -> Router {
+    router_with_clock(store, limits, now_nanos)
+}
+
+/// Builds the router like [`router_with_limits`], with `now` as the source of the current
+/// time in nanoseconds: the value of `now()` in queries, and the end of `GROUP BY time()`
+/// windows without an upper time bound. A fixed clock makes results independent of the
+/// date, as the fuzz target needs.
+pub fn router_with_clock(
+    store: Arc<dyn TimeSeriesStore>,
+    limits: QueryLimits,
+    now: fn() -> i64,
+) -> Router {
     Router::new()
         .route("/query", get(query_handler).post(query_handler))
         .route("/ping", get(ping_handler).head(ping_handler))
-        .with_state(QueryState { store, limits })
+        .with_state(QueryState { store, limits, now })
 }
 
 /// State of the `/query` routes.
@@ -108,6 +120,7 @@ pub fn router_with_limits(store: Arc<dyn TimeSeriesStore>, limits: QueryLimits) 
 struct QueryState {
     store: Arc<dyn TimeSeriesStore>,
     limits: QueryLimits,
+    now: fn() -> i64,
 }
 
 async fn ping_handler() -> Response {
@@ -117,7 +130,7 @@ async fn ping_handler() -> Response {
 }
 
 async fn query_handler(
-    State(QueryState { store, limits }): State<QueryState>,
+    State(QueryState { store, limits, now }): State<QueryState>,
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
@@ -129,7 +142,7 @@ async fn query_handler(
         }
     };
     let pretty = params.pretty;
-    let now_ns = now_nanos();
+    let now_ns = now();
     let outcome =
         tokio::task::spawn_blocking(move || run_query(store.as_ref(), limits, &params, now_ns))
             .await;
