@@ -8,10 +8,12 @@ use std::path::Path;
 pub const MAX_CONFIG_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Reads `path` whole when it is a regular file of at most `max_bytes` bytes. A directory,
-/// FIFO or device is rejected before it is opened: opening a FIFO blocks until a writer
-/// appears, and a device such as `/dev/zero` never ends.
+/// FIFO or device is rejected: a FIFO would block until a writer appears, and a device
+/// such as `/dev/zero` never ends. The file is opened without blocking and its type is
+/// read from the open file, so swapping the path for a FIFO between checks cannot block.
 pub fn read_limited(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
-    let metadata = std::fs::metadata(path)?;
+    let file = open_without_blocking(path)?;
+    let metadata = file.metadata()?;
     if !metadata.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -22,15 +24,27 @@ pub fn read_limited(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
         return Err(too_large(metadata.len(), max_bytes));
     }
     let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
-    std::fs::File::open(path)?
-        .take(max_bytes.saturating_add(1))
+    file.take(max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)?;
-    // The file may have grown since the metadata was read.
+    // The file may have grown since its size was read.
     let read = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     if read > max_bytes {
         return Err(too_large(read, max_bytes));
     }
     Ok(bytes)
+}
+
+/// Opens `path` for reading with `O_NONBLOCK`, which makes opening a FIFO return at once.
+/// Reads from a regular file are not affected by the flag.
+pub fn open_without_blocking(path: &Path) -> io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    options.open(path)
 }
 
 /// Reads `path` as UTF-8 text, with the bounds of [`read_limited`].

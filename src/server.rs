@@ -183,8 +183,8 @@ impl Server {
                 &registry,
             )),
         });
-        // Bound before the broker starts: the broker acknowledges QoS 1 messages as they
-        // arrive, so a start that failed after it had opened could lose them.
+        // Both bound before the broker starts: the broker acknowledges QoS 1 messages as
+        // they arrive, so a start that failed after it had opened could lose them.
         let listener = tokio::net::TcpListener::bind(config.server.http_listen)
             .await
             .with_context(|| {
@@ -193,6 +193,7 @@ impl Server {
                     config.server.http_listen
                 )
             })?;
+        let mqtt_tls_listener = bind_mqtt_tls(&config, mqtt_tls.clone()).await?;
         let broker = EmbeddedBroker::start(&BrokerSettings {
             listen: config.server.mqtt_listen,
             max_payload_bytes: config.ingest.max_payload_bytes,
@@ -202,14 +203,12 @@ impl Server {
         .await?;
         let mqtt_tls_addr = match start_mqtt_tls(
             &config,
-            mqtt_tls,
+            mqtt_tls_listener,
             broker.addr,
             guard.clone(),
             handshake_failures.clone(),
             &stop_ingest,
-        )
-        .await?
-        {
+        )? {
             Some((addr, task)) => {
                 background_ingest.push(task);
                 Some(addr)
@@ -363,21 +362,40 @@ fn mqtt_tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerC
         )
 }
 
-/// Starts the MQTT over TLS listener with `tls`, loaded by [`mqtt_tls_config`].
-async fn start_mqtt_tls(
+/// Binds `[mqtt] tls_listen` when MQTT over TLS is on.
+async fn bind_mqtt_tls(
     config: &Config,
     tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>> {
+    let (Some(listen), Some(tls)) = (config.mqtt.tls_listen, tls) else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for MQTT over TLS on {listen}; free the port or change [mqtt] \
+                 tls_listen"
+            )
+        })?;
+    Ok(Some((listener, tls)))
+}
+
+/// Starts the MQTT over TLS listener bound by [`bind_mqtt_tls`].
+fn start_mqtt_tls(
+    config: &Config,
+    bound: Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
     broker: SocketAddr,
     guard: Arc<GuardPolicy>,
     failures: Arc<HandshakeFailures>,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
-    let (Some(listen), Some(tls)) = (config.mqtt.tls_listen, tls) else {
+    let Some((listener, tls)) = bound else {
         return Ok(None);
     };
     let bind_certificates = config.mqtt.tls_client_ca.is_some();
     let (addr, task) = crate::security::mqtt_tls::spawn(
-        listen,
+        listener,
         tls,
         broker,
         crate::security::mqtt_tls::RelayPolicy {
@@ -387,12 +405,7 @@ async fn start_mqtt_tls(
         failures,
         stop.clone(),
     )
-    .await
-    .with_context(|| {
-        format!(
-            "cannot listen for MQTT over TLS on {listen}; free the port or change [mqtt] tls_listen"
-        )
-    })?;
+    .context("cannot start the MQTT over TLS listener")?;
     tracing::info!(%addr, client_certificates = config.mqtt.tls_client_ca.is_some(), "MQTT over TLS listening");
     Ok(Some((addr, task)))
 }

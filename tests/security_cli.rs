@@ -215,22 +215,8 @@ fn run_rejects_open_wildcard_listener() {
 
 /// A self-signed X.509 version 1 certificate for 127.0.0.1, valid until 2126, made with
 /// `openssl x509 -req -signkey` and no extensions, and its P-256 key.
-const VERSION_1_CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----
-MIIBJTCBywIUCZ5VjHiGPL8qryWrcE2y0R+eIHkwCgYIKoZIzj0EAwIwFDESMBAG
-A1UEAwwJMTI3LjAuMC4xMCAXDTI2MTIwNTAwMzgyOFoYDzIxMjYxMTExMDAzODI4
-WjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC
-AAT47QV/dwhaO3CC04YEWug/oM3kLZzD6yYUETUowtwy/DESJ4reIHQweRtghrrZ
-HU0TThir3sJsfgdLbI7JWO+AMAoGCCqGSM49BAMCA0kAMEYCIQDJS6RlUPfPsxmx
-XaLRYoYUEEvI5xtisMyJ3QFja3C7lAIhAL6HtQlP3frkn2PeN4JUEav3/fZlmdGF
-V76pGTpsEosl
------END CERTIFICATE-----
-";
-const VERSION_1_KEY: &str = "-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgDmuxrX5s7koi0oAH
-NzT6EDFzohN0AmkI/a17kF4bWaGhRANCAAT47QV/dwhaO3CC04YEWug/oM3kLZzD
-6yYUETUowtwy/DESJ4reIHQweRtghrrZHU0TThir3sJsfgdLbI7JWO+A
------END PRIVATE KEY-----
-";
+const VERSION_1_CERTIFICATE: &str = include_str!("data/version-1-self-signed.pem");
+const VERSION_1_KEY: &str = include_str!("data/version-1-self-signed.key");
 
 /// An RSA key of 1,024 bits, which rustls does not sign with.
 const RSA_1024_KEY: &str = "-----BEGIN PRIVATE KEY-----
@@ -312,6 +298,19 @@ fn check_config_rejects_unusable_tls_files() {
         bundle.push_str(&params.self_signed(&leaf_key).unwrap().pem());
     }
     std::fs::write(dir.path().join("many-cas.pem"), bundle).unwrap();
+    // A certificate whose notAfter ends in a lowercase `z`, which RFC 5280 does not allow.
+    let mut der = der.to_vec();
+    let at = der
+        .windows(2)
+        .rposition(|w| w[0] == 0x17 && w[1] == 13)
+        .expect("a UTCTime");
+    assert_eq!(der[at + 14], b'Z');
+    der[at + 14] = b'z';
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der)
+    );
+    std::fs::write(dir.path().join("lowercase-z.pem"), pem).unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
     let with_https = |ca: &str| {
         format!(
@@ -493,6 +492,19 @@ fn check_config_rejects_unusable_tls_files() {
             ),
         ),
         (
+            "unreadable-validity",
+            format!(
+                "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("lowercase-z.pem"),
+                path("server.key")
+            ),
+            format!(
+                "api.tls_cert: cannot use the TLS certificate {}: the validity dates of \
+                 certificate 1 cannot be read",
+                path("lowercase-z.pem")
+            ),
+        ),
+        (
             "der-certificate-without-key",
             format!(
                 "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
@@ -591,6 +603,23 @@ fn check_config_rejects_unusable_tls_files() {
     );
 }
 
+/// Runs `check-config` on an `[api]` section with `cert` and the `server.key` of `dir`,
+/// checks that it passed, and returns its report.
+fn check_with_key(dir: &std::path::Path, name: &str, cert: &std::path::Path) -> String {
+    let config = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        dir.join("server.key").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = stonelion(&["check-config", config.to_str().unwrap()], "");
+    let report = stdout(&output);
+    // Dates are warnings: the certificate may be replaced before the server starts.
+    assert!(output.status.success(), "{name}: rejected:\n{report}");
+    report
+}
+
 #[test]
 fn check_config_warns_of_certificate_dates() {
     let dir = tempfile::tempdir().unwrap();
@@ -610,24 +639,35 @@ fn check_config_warns_of_certificate_dates() {
         ("not-yet-valid", date(30), date(400), "is not valid before"),
         ("expiring", date(-30), date(10), "expires at"),
     ];
+    // A chain whose intermediate expires before the server's certificate.
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.not_before = date(-400);
+    ca.not_after = date(10);
+    let ca = ca.self_signed(&key).unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    leaf.not_before = date(-30);
+    leaf.not_after = date(400);
+    let leaf = leaf.signed_by(&key, &ca, &key).unwrap();
+    let chain = dir.path().join("chain.pem");
+    std::fs::write(&chain, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+    let report = check_with_key(dir.path(), "chain", &chain);
+    let expected = format!(
+        "api.tls_cert: warning: certificate 2 of the chain in {} expires at",
+        chain.display()
+    );
+    assert!(
+        report.contains(&expected),
+        "missing {expected:?} in:\n{report}"
+    );
+
     for (name, not_before, not_after, expected) in cases {
         let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
         params.not_before = not_before;
         params.not_after = not_after;
         let cert = dir.path().join(format!("{name}.pem"));
         std::fs::write(&cert, params.self_signed(&key).unwrap().pem()).unwrap();
-        let config = dir.path().join(format!("{name}.toml"));
-        let text = format!(
-            "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-            cert.display(),
-            dir.path().join("server.key").display()
-        );
-        std::fs::write(&config, text).unwrap();
-
-        let output = stonelion(&["check-config", config.to_str().unwrap()], "");
-        let report = stdout(&output);
-        // Dates are warnings: the certificate may be replaced before the server starts.
-        assert!(output.status.success(), "{name}: rejected:\n{report}");
+        let report = check_with_key(dir.path(), name, &cert);
         let expected = format!(
             "api.tls_cert: warning: the certificate in {} {expected}",
             cert.display()

@@ -187,14 +187,15 @@ async fn https_and_mqtt_over_tls() {
 async fn mqtt_tls_requires_client_certificate() {
     let certs = tempfile::tempdir().unwrap();
     let pki = make_pki(certs.path());
-    // The client CA file starts with a UTF-8 byte order mark, as some editors write, and
-    // contains a second CA after the one that issued the client certificates. The PEM
-    // reader skips a block that does not start its line, which used to lose the first CA.
+    // The client CA file is two files joined with `cat`, each starting with a UTF-8 byte
+    // order mark, as some editors write: another CA, then the one that issued the client
+    // certificates. The PEM reader skips a block that does not start its line, so each
+    // byte order mark used to hide the CA after it.
     let other_key = KeyPair::generate().unwrap();
     let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
     other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let other = other.self_signed(&other_key).unwrap();
-    let bundle = format!("\u{feff}{}{}", pki.ca_pem, other.pem());
+    let bundle = format!("\u{feff}{}\u{feff}{}", other.pem(), pki.ca_pem);
     std::fs::write(certs.path().join("ca-bom.pem"), bundle).unwrap();
     let text = config(certs.path(), true).replace("ca.pem\"", "ca-bom.pem\"");
     assert!(text.contains("ca-bom.pem"));
@@ -486,6 +487,41 @@ async fn curl(dir: &Path, url: &str, certificate: Option<&Path>) -> (Option<i32>
         .expect("curl must be installed (Debian package curl)");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     (output.status.code(), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_client_ca_names_near_limit() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = make_pki(certs.path());
+    // 265 more CAs with 200-character names: about 57,800 bytes of names in the
+    // certificate request, under the limit of 60,000 but near the 65,535 of TLS.
+    let key = KeyPair::generate().unwrap();
+    let mut bundle = String::new();
+    for n in 0..265 {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{n:0>200}"));
+        bundle.push_str(&params.self_signed(&key).unwrap().pem());
+    }
+    bundle.push_str(&pki.ca_pem);
+    std::fs::write(certs.path().join("ca.pem"), bundle).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let config = client_certificate_config(certs.path());
+    let server = start_server(&config, &receiver.url(), data.path()).await;
+
+    // reqwest negotiates TLS 1.3, whose certificate request carries the names next to
+    // the signature algorithms.
+    let trusted = https_client_with_certificate(&pki, certs.path());
+    let url = format!(
+        "https://127.0.0.1:{}/api/v1/devices",
+        server.http_addr.port()
+    );
+    let status = get_status(&trusted, &url, Some(VIEWER_TOKEN)).await;
+    assert_eq!(status.unwrap(), 200, "a client of the last CA in the file");
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

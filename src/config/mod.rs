@@ -427,7 +427,7 @@ pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
     for (key, path) in tls_files(config) {
         let Some(path) = path else { continue };
         if key.ends_with(".tls_cert")
-            && let Some(validity) = crate::security::tls::Validity::of_file(path)
+            && let Some(validity) = crate::security::tls::ChainValidity::of_file(path)
             && let Some(warning) = validity.warning(path, chrono::Utc::now())
         {
             checker.push(None, key, warning);
@@ -507,19 +507,15 @@ pub fn file_problems(text: &str, config: &Config) -> Vec<ConfigProblem> {
     checker.problems
 }
 
-/// Returns `path` when it names something that exists and, for a regular file, can be
-/// opened now. Something that is not a regular file, such as a FIFO, is returned without
-/// opening it, which could block, so that the file checks report it.
+/// Returns `path` when it can be opened now. Something that is not a regular file, such
+/// as a FIFO, is returned too, so that the file checks report it.
 fn opens(path: &Option<PathBuf>) -> Option<&Path> {
     path.as_deref().filter(|path| open_check(path).is_ok())
 }
 
-/// Checks that `path` exists and, when it is a regular file, that it can be opened.
+/// Checks that `path` can be opened, without blocking on a FIFO.
 fn open_check(path: &Path) -> std::io::Result<()> {
-    if std::fs::metadata(path)?.is_file() {
-        std::fs::File::open(path)?;
-    }
-    Ok(())
+    crate::files::open_without_blocking(path).map(drop)
 }
 
 /// Returns the TLS files of `config`, by key.

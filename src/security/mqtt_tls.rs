@@ -44,16 +44,15 @@ pub struct RelayPolicy {
     pub bind_certificates: bool,
 }
 
-/// Starts the listener on `listen`, relaying to the plain listener at `broker`.
-pub async fn spawn(
-    listen: SocketAddr,
+/// Serves MQTT over TLS on `listener`, relaying to the plain listener at `broker`.
+pub fn spawn(
+    listener: TcpListener,
     config: Arc<ServerConfig>,
     broker: SocketAddr,
     policy: RelayPolicy,
     failures: Arc<HandshakeFailures>,
     stop: CancellationToken,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let mut listener = TlsListener::new(listener, config, "mqtt-tls", failures)?;
     let broker = relay_target(broker);

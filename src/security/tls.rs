@@ -43,9 +43,11 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// bundle such as Debian's `ca-certificates.crt` takes about 220 KB.
 pub const MAX_TLS_FILE_BYTES: u64 = 1024 * 1024;
 
-/// Maximum bytes of CA names in one client CA file. The server lists these names
-/// in its certificate request, and TLS bounds that list at 65,535 bytes.
-const MAX_CA_NAMES_BYTES: usize = 0xffff;
+/// Maximum bytes of CA names in one client CA file, each counted with its 2-byte length.
+/// The server lists these names in its certificate request. TLS bounds the list at 65,535
+/// bytes, and TLS 1.3 puts it in an extension block of at most 65,535 bytes next to the
+/// signature algorithms, so this keeps a margin of about 5,000 bytes.
+const MAX_CA_NAMES_BYTES: usize = 60_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -163,8 +165,8 @@ fn check_key(der: PrivateKeyDer<'static>, path: &Path) -> Result<(), TlsError> {
 
 /// Reads a TLS file whole. Only a regular file of at most [`MAX_TLS_FILE_BYTES`] is read,
 /// so that a path naming a FIFO or a device such as `/dev/zero` fails at once instead of
-/// blocking the start or filling the memory. A UTF-8 byte order mark, which some editors
-/// write, is dropped: the PEM reader would otherwise skip the block on the first line.
+/// blocking the start or filling the memory. UTF-8 byte order marks, which some editors
+/// write, are dropped: the PEM reader would otherwise skip the block that follows one.
 fn read_tls_file(path: &Path) -> Result<Vec<u8>, TlsError> {
     let mut bytes = crate::files::read_limited(path, MAX_TLS_FILE_BYTES).map_err(|e| {
         let (path, reason) = (path.to_owned(), e.to_string());
@@ -175,8 +177,17 @@ fn read_tls_file(path: &Path) -> Result<Vec<u8>, TlsError> {
             TlsError::File { path, reason }
         }
     })?;
-    if bytes.starts_with(b"\xef\xbb\xbf") {
-        bytes.drain(..3);
+    // Files joined with `cat` may have one before each block.
+    const BOM: &[u8] = b"\xef\xbb\xbf";
+    if bytes.windows(BOM.len()).any(|window| window == BOM) {
+        let mut kept = Vec::with_capacity(bytes.len());
+        let mut rest = &bytes[..];
+        while let Some(at) = rest.windows(BOM.len()).position(|window| window == BOM) {
+            kept.extend_from_slice(&rest[..at]);
+            rest = &rest[at + BOM.len()..];
+        }
+        kept.extend_from_slice(rest);
+        bytes = kept;
     }
     Ok(bytes)
 }
@@ -283,9 +294,9 @@ fn client_verifier(
         .sum();
     if names > MAX_CA_NAMES_BYTES {
         return Err(invalid(format!(
-            "its {} CA certificates have {names} bytes of names, and the certificate request \
-             of a TLS handshake holds at most {MAX_CA_NAMES_BYTES}; keep only the CAs that \
-             issue client certificates",
+            "its {} CA certificates have {names} bytes of names, over the limit of \
+             {MAX_CA_NAMES_BYTES} that keeps the TLS certificate request, which lists them, \
+             within its 65,535 bytes; keep only the CAs that issue client certificates",
             roots.len()
         )));
     }
@@ -321,60 +332,115 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
             other => TlsError::Rustls(other),
         });
     }
+    // webpki reads the dates only when a client verifies the chain, so a date in another
+    // form than RFC 5280's would pass here and fail every handshake.
+    if let Some(index) = chain
+        .iter()
+        .position(|certificate| crate::security::x509::validity(certificate).is_none())
+    {
+        return Err(TlsError::Certificate {
+            path: path.to_owned(),
+            reason: format!(
+                "the validity dates of certificate {} cannot be read as RFC 5280 requires \
+                 (UTCTime or GeneralizedTime, to the second, ending in Z), and clients reject \
+                 such a certificate; issue it again",
+                index + 1
+            ),
+        });
+    }
     Ok(chain)
 }
 
-/// The validity period of a server's own certificate, the first in its chain file.
+/// The validity period of one certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Validity {
     pub not_before: DateTime<Utc>,
     pub not_after: DateTime<Utc>,
 }
 
-impl Validity {
-    /// Time before `not_after` from which the certificate is reported as expiring soon.
+/// The validity periods of the certificates in a chain file, the server's own first.
+/// Clients reject the chain when any of them is not valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainValidity {
+    certificates: Vec<Validity>,
+}
+
+impl ChainValidity {
+    /// Time before an expiry from which a certificate is reported as expiring soon.
     pub const RENEWAL_NOTICE: TimeDelta = TimeDelta::days(30);
 
-    /// Reads the validity period of the first certificate in `cert`. Returns `None` when
-    /// the file cannot be read or parsed, which the other checks report.
-    pub fn of_file(cert: &Path) -> Option<Validity> {
+    /// Reads the validity periods of the certificates in `cert`. Returns `None` when the
+    /// file cannot be read or parsed, which the other checks report.
+    pub fn of_file(cert: &Path) -> Option<ChainValidity> {
         let chain = read_certificates(cert).ok()?;
-        let (not_before, not_after) = crate::security::x509::validity(chain.first()?)?;
-        Some(Validity {
-            not_before,
-            not_after,
-        })
+        let certificates = chain
+            .iter()
+            .map(|certificate| {
+                let (not_before, not_after) = crate::security::x509::validity(certificate)?;
+                Some(Validity {
+                    not_before,
+                    not_after,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(ChainValidity { certificates })
     }
 
-    /// Describes what is wrong at `now` with the certificate in `cert`: not valid yet,
-    /// expired, or expiring within [`Self::RENEWAL_NOTICE`].
+    /// Returns the earliest expiry of the chain, when the first certificate stops working.
+    pub fn earliest_expiry(&self) -> Option<DateTime<Utc>> {
+        self.certificates.iter().map(|v| v.not_after).min()
+    }
+
+    /// Describes what is wrong at `now` with the first certificate of the chain in `cert`
+    /// that is not valid yet, has expired, or expires within [`Self::RENEWAL_NOTICE`].
     pub fn warning(&self, cert: &Path, now: DateTime<Utc>) -> Option<String> {
         let when = |time: DateTime<Utc>| time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        if now < self.not_before {
-            Some(format!(
-                "the certificate in {} is not valid before {}, and clients reject it until \
-                 then; check this machine's clock, or install a certificate valid now",
-                cert.display(),
-                when(self.not_before)
-            ))
-        } else if now > self.not_after {
-            Some(format!(
-                "the certificate in {} expired at {}, and clients reject it; install a renewed \
-                 certificate and restart Stonelion",
-                cert.display(),
-                when(self.not_after)
-            ))
-        } else if self.not_after - now < Self::RENEWAL_NOTICE {
-            Some(format!(
-                "the certificate in {} expires at {}, in {} days; install a renewed \
-                 certificate and restart Stonelion, which reads certificates only at start",
-                cert.display(),
-                when(self.not_after),
-                (self.not_after - now).num_days()
-            ))
-        } else {
-            None
-        }
+        let name = |index: usize| {
+            if self.certificates.len() == 1 {
+                format!("the certificate in {}", cert.display())
+            } else {
+                format!(
+                    "certificate {} of the chain in {}",
+                    index + 1,
+                    cert.display()
+                )
+            }
+        };
+        self.certificates
+            .iter()
+            .enumerate()
+            .find_map(|(index, validity)| {
+                let left = validity.not_after - now;
+                if now < validity.not_before {
+                    Some(format!(
+                        "{} is not valid before {}, and clients reject it until then; check \
+                         this machine's clock, or install a certificate valid now",
+                        name(index),
+                        when(validity.not_before)
+                    ))
+                } else if now > validity.not_after {
+                    Some(format!(
+                        "{} expired at {}, and clients reject it; install a renewed \
+                         certificate and restart Stonelion",
+                        name(index),
+                        when(validity.not_after)
+                    ))
+                } else if left < Self::RENEWAL_NOTICE {
+                    let left = if left.num_days() > 0 {
+                        format!("{} days", left.num_days())
+                    } else {
+                        format!("{} hours", left.num_hours())
+                    };
+                    Some(format!(
+                        "{} expires at {}, in {left}; install a renewed certificate and \
+                         restart Stonelion, which reads certificates only at start",
+                        name(index),
+                        when(validity.not_after)
+                    ))
+                } else {
+                    None
+                }
+            })
     }
 }
 
@@ -523,7 +589,7 @@ struct ListenerLabels {
     listener: String,
 }
 
-/// Publishes when the server certificate of each TLS listener expires, as
+/// Publishes the earliest expiry of each TLS listener's certificate chain, as
 /// `stonelion_tls_certificate_expiry_timestamp_seconds{listener}`, so that an alert rule
 /// can warn before clients start to fail their handshakes.
 pub struct CertificateExpiry {
@@ -536,24 +602,26 @@ impl CertificateExpiry {
         registry.register(|r| {
             r.register(
                 "tls_certificate_expiry_timestamp_seconds",
-                "When the server certificate of each TLS listener expires, in Unix seconds",
+                "When the first certificate of each TLS listener's chain expires, in Unix seconds",
                 expiry.clone(),
             );
         });
         Self { expiry }
     }
 
-    /// Publishes the expiry of the certificate in `cert` for `listener`, and logs a
-    /// warning when the certificate is not valid at `now` or expires soon.
+    /// Publishes the earliest expiry of the chain in `cert` for `listener`, and logs a
+    /// warning when a certificate of it is not valid at `now` or expires soon.
     pub fn record(&self, listener: &'static str, cert: &Path, now: DateTime<Utc>) {
-        let Some(validity) = Validity::of_file(cert) else {
+        let Some(validity) = ChainValidity::of_file(cert) else {
             return;
         };
-        self.expiry
-            .get_or_create(&ListenerLabels {
-                listener: listener.to_owned(),
-            })
-            .set(validity.not_after.timestamp());
+        if let Some(expiry) = validity.earliest_expiry() {
+            self.expiry
+                .get_or_create(&ListenerLabels {
+                    listener: listener.to_owned(),
+                })
+                .set(expiry.timestamp());
+        }
         if let Some(warning) = validity.warning(cert, now) {
             tracing::warn!(listener, "{warning}");
         }

@@ -36,10 +36,11 @@ pub(crate) fn is_version_1(certificate: &[u8]) -> bool {
         .is_some_and(|(_, tbs)| tbs.first() != Some(&0xa0))
 }
 
-/// Tells whether a DER certificate is a version 3 certificate that is not a CA: its basic
-/// constraints extension is missing or sets `cA` to false (RFC 5280, section 4.2.1.9). A
-/// version 1 or 2 certificate has no extensions, so old self-signed roots are not taken
-/// for end entities. Returns `false` for bytes that are not a certificate.
+/// Tells whether a DER certificate is not a CA certificate. A version 3 certificate is a
+/// CA when its basic constraints extension sets `cA` to true (RFC 5280, section 4.2.1.9).
+/// A version 1 or 2 certificate has no extensions, so it counts as a CA only when it is
+/// self-signed, as old roots are: issuer and subject are the same name. Returns `false`
+/// for bytes that are not a certificate.
 pub(crate) fn is_end_entity(certificate: &[u8]) -> bool {
     const BASIC_CONSTRAINTS: [u8; 3] = [0x55, 0x1d, 0x13];
     let Some((_, certificate)) = der_element(certificate, 0x30) else {
@@ -49,7 +50,7 @@ pub(crate) fn is_end_entity(certificate: &[u8]) -> bool {
         return false;
     };
     if tbs.first() != Some(&0xa0) {
-        return false;
+        return !is_self_signed(tbs);
     }
     // version, serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
     for tag in [0xa0, 0x02, 0x30, 0x30, 0x30, 0x30, 0x30] {
@@ -87,6 +88,20 @@ pub(crate) fn is_end_entity(certificate: &[u8]) -> bool {
             .is_none_or(|(_, ca)| ca.iter().all(|byte| *byte == 0));
     }
     true
+}
+
+/// Tells whether the to-be-signed part of a version 1 certificate, which starts with the
+/// serial number, names the same issuer and subject.
+fn is_self_signed(tbs: &[u8]) -> bool {
+    let issuer_and_subject = || {
+        let (rest, _serial) = der_element(tbs, 0x02)?;
+        let (rest, _signature) = der_element(rest, 0x30)?;
+        let (rest, issuer) = der_element(rest, 0x30)?;
+        let (rest, _validity) = der_element(rest, 0x30)?;
+        let (_, subject) = der_element(rest, 0x30)?;
+        Some((issuer, subject))
+    };
+    issuer_and_subject().is_some_and(|(issuer, subject)| issuer == subject)
 }
 
 /// Returns the validity period of a DER certificate, `notBefore` and `notAfter`. Returns
@@ -206,6 +221,26 @@ mod tests {
         assert!(is_end_entity(&certificate(rcgen::IsCa::ExplicitNoCa)));
         assert!(!is_end_entity(b"not a certificate"));
         assert!(!is_version_1(&ca));
+
+        // Version 1 certificates made with `openssl x509 -req`: self-signed, and issued by
+        // a CA. Both have the subject CN=127.0.0.1.
+        let self_signed = pem_der(VERSION_1_SELF_SIGNED);
+        assert!(is_version_1(&self_signed));
+        assert!(!is_end_entity(&self_signed), "a version 1 root is a CA");
+        let issued = pem_der(VERSION_1_ISSUED);
+        assert!(is_version_1(&issued));
+        assert!(is_end_entity(&issued), "a version 1 leaf is not a CA");
+    }
+
+    const VERSION_1_SELF_SIGNED: &str = include_str!("../../tests/data/version-1-self-signed.pem");
+    const VERSION_1_ISSUED: &str = include_str!("../../tests/data/version-1-issued.pem");
+
+    fn pem_der(pem: &str) -> Vec<u8> {
+        use tokio_rustls::rustls::pki_types::CertificateDer;
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
     }
 
     #[test]
