@@ -8,17 +8,18 @@ use std::path::Path;
 pub const MAX_CONFIG_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Reads `path` whole when it is a regular file of at most `max_bytes` bytes. A directory,
-/// FIFO or device is rejected: a FIFO would block until a writer appears, and a device
-/// such as `/dev/zero` never ends. The file is opened without blocking and its type is
-/// read from the open file, so swapping the path for a FIFO between checks cannot block.
+/// FIFO or device is rejected before it is opened: a FIFO would block until a writer
+/// appears, a device such as `/dev/zero` never ends, and opening some devices, such as a
+/// watchdog, acts on them. The file is then opened without blocking and its type read
+/// again from the open file, so a path swapped for a FIFO in between cannot block.
 pub fn read_limited(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
     let file = open_without_blocking(path)?;
     let metadata = file.metadata()?;
     if !metadata.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "it is not a regular file (a directory, FIFO or device); name a regular file",
-        ));
+        return Err(not_regular());
     }
     if metadata.len() > max_bytes {
         return Err(too_large(metadata.len(), max_bytes));
@@ -58,6 +59,13 @@ pub fn read_text_limited(path: &Path, max_bytes: u64) -> io::Result<String> {
             ),
         )
     })
+}
+
+fn not_regular() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "it is not a regular file (a directory, FIFO or device); name a regular file",
+    )
 }
 
 fn too_large(size: u64, max_bytes: u64) -> io::Error {

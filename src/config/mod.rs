@@ -507,15 +507,20 @@ pub fn file_problems(text: &str, config: &Config) -> Vec<ConfigProblem> {
     checker.problems
 }
 
-/// Returns `path` when it can be opened now. Something that is not a regular file, such
-/// as a FIFO, is returned too, so that the file checks report it.
+/// Returns `path` when it exists and, for a regular file, can be opened now. Something
+/// that is not a regular file, such as a FIFO, is returned too, so that the file checks
+/// report it.
 fn opens(path: &Option<PathBuf>) -> Option<&Path> {
     path.as_deref().filter(|path| open_check(path).is_ok())
 }
 
-/// Checks that `path` can be opened, without blocking on a FIFO.
+/// Checks that `path` exists and, when it is a regular file, that it can be opened.
+/// Something else, such as a FIFO or a device, is not opened: the file checks reject it.
 fn open_check(path: &Path) -> std::io::Result<()> {
-    crate::files::open_without_blocking(path).map(drop)
+    if std::fs::metadata(path)?.is_file() {
+        crate::files::open_without_blocking(path)?;
+    }
+    Ok(())
 }
 
 /// Returns the TLS files of `config`, by key.

@@ -275,6 +275,14 @@ fn client_verifier(
     }
     let mut roots = RootCertStore::empty();
     for (index, certificate) in certificates.into_iter().enumerate() {
+        if crate::security::x509::is_version_1(&certificate) {
+            return Err(invalid(format!(
+                "certificate {} of the file is X.509 version 1, which cannot mark itself as a \
+                 CA, so it is not trusted to issue client certificates; issue the CA again as \
+                 version 3 with `CA:TRUE`",
+                index + 1
+            )));
+        }
         if crate::security::x509::is_end_entity(&certificate) {
             return Err(invalid(format!(
                 "certificate {} of the file is not a CA certificate (its basic constraints \
@@ -391,8 +399,9 @@ impl ChainValidity {
         self.certificates.iter().map(|v| v.not_after).min()
     }
 
-    /// Describes what is wrong at `now` with the first certificate of the chain in `cert`
-    /// that is not valid yet, has expired, or expires within [`Self::RENEWAL_NOTICE`].
+    /// Describes what is wrong at `now` with the chain in `cert`. A certificate that is
+    /// not valid yet or has expired, which clients reject now, comes before one that
+    /// expires within [`Self::RENEWAL_NOTICE`], and the soonest of those comes first.
     pub fn warning(&self, cert: &Path, now: DateTime<Utc>) -> Option<String> {
         let when = |time: DateTime<Utc>| time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let name = |index: usize| {
@@ -406,42 +415,50 @@ impl ChainValidity {
                 )
             }
         };
-        self.certificates
-            .iter()
-            .enumerate()
-            .find_map(|(index, validity)| {
-                let left = validity.not_after - now;
-                if now < validity.not_before {
-                    Some(format!(
-                        "{} is not valid before {}, and clients reject it until then; check \
-                         this machine's clock, or install a certificate valid now",
-                        name(index),
-                        when(validity.not_before)
-                    ))
-                } else if now > validity.not_after {
-                    Some(format!(
-                        "{} expired at {}, and clients reject it; install a renewed \
-                         certificate and restart Stonelion",
-                        name(index),
-                        when(validity.not_after)
-                    ))
-                } else if left < Self::RENEWAL_NOTICE {
-                    let left = if left.num_days() > 0 {
-                        format!("{} days", left.num_days())
-                    } else {
-                        format!("{} hours", left.num_hours())
-                    };
-                    Some(format!(
-                        "{} expires at {}, in {left}; install a renewed certificate and \
-                         restart Stonelion, which reads certificates only at start",
-                        name(index),
-                        when(validity.not_after)
-                    ))
-                } else {
-                    None
-                }
-            })
+        let certificates = self.certificates.iter().enumerate();
+        for (index, validity) in certificates.clone() {
+            if now < validity.not_before {
+                return Some(format!(
+                    "{} is not valid before {}, and clients reject it until then; check this \
+                     machine's clock, or install a certificate valid now",
+                    name(index),
+                    when(validity.not_before)
+                ));
+            }
+            if now > validity.not_after {
+                return Some(format!(
+                    "{} expired at {}, and clients reject it; install a renewed certificate \
+                     and restart Stonelion",
+                    name(index),
+                    when(validity.not_after)
+                ));
+            }
+        }
+        let (index, soonest) = certificates.min_by_key(|(_, validity)| validity.not_after)?;
+        let left = soonest.not_after - now;
+        (left < Self::RENEWAL_NOTICE).then(|| {
+            format!(
+                "{} expires at {}, in {}; install a renewed certificate and restart Stonelion, \
+                 which reads certificates only at start",
+                name(index),
+                when(soonest.not_after),
+                duration_words(left)
+            )
+        })
     }
+}
+
+/// Writes a positive time span in its largest whole unit: days, hours or minutes.
+fn duration_words(span: TimeDelta) -> String {
+    let (count, unit) = if span.num_days() > 0 {
+        (span.num_days(), "day")
+    } else if span.num_hours() > 0 {
+        (span.num_hours(), "hour")
+    } else {
+        (span.num_minutes(), "minute")
+    };
+    let plural = if count == 1 { "" } else { "s" };
+    format!("{count} {unit}{plural}")
 }
 
 /// A listener that yields connections whose TLS handshake has finished.
@@ -602,7 +619,7 @@ impl CertificateExpiry {
         registry.register(|r| {
             r.register(
                 "tls_certificate_expiry_timestamp_seconds",
-                "When the first certificate of each TLS listener's chain expires, in Unix seconds",
+                "The earliest expiry of each TLS listener's certificate chain, in Unix seconds",
                 expiry.clone(),
             );
         });
@@ -706,5 +723,64 @@ impl HandshakeFailures {
             suppressed_since_last_log = suppressed,
             "TLS handshake failed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validity(now: DateTime<Utc>, before: i64, after: i64) -> Validity {
+        Validity {
+            not_before: now + TimeDelta::days(before),
+            not_after: now + TimeDelta::days(after),
+        }
+    }
+
+    #[test]
+    fn warning_names_the_worst_certificate() {
+        let now = Utc::now();
+        let path = Path::new("chain.pem");
+        // The server's certificate expires in 20 days, its intermediate expired yesterday.
+        let chain = ChainValidity {
+            certificates: vec![validity(now, -30, 20), validity(now, -400, -1)],
+        };
+        let warning = chain.warning(path, now).unwrap();
+        assert!(
+            warning.starts_with("certificate 2 of the chain in chain.pem expired at"),
+            "{warning}"
+        );
+        assert_eq!(chain.earliest_expiry(), Some(now - TimeDelta::days(1)));
+
+        // Both expire soon: the intermediate first.
+        let chain = ChainValidity {
+            certificates: vec![validity(now, -30, 20), validity(now, -400, 10)],
+        };
+        let warning = chain.warning(path, now).unwrap();
+        assert!(
+            warning.starts_with("certificate 2 of the chain in chain.pem expires at"),
+            "{warning}"
+        );
+
+        let chain = ChainValidity {
+            certificates: vec![validity(now, -30, 400), validity(now, 1, 800)],
+        };
+        let warning = chain.warning(path, now).unwrap();
+        assert!(warning.contains("is not valid before"), "{warning}");
+
+        let chain = ChainValidity {
+            certificates: vec![validity(now, -30, 31)],
+        };
+        assert_eq!(chain.warning(path, now), None);
+    }
+
+    #[test]
+    fn duration_in_largest_whole_unit() {
+        assert_eq!(duration_words(TimeDelta::days(3)), "3 days");
+        assert_eq!(duration_words(TimeDelta::hours(36)), "1 day");
+        assert_eq!(duration_words(TimeDelta::hours(12)), "12 hours");
+        assert_eq!(duration_words(TimeDelta::minutes(90)), "1 hour");
+        assert_eq!(duration_words(TimeDelta::minutes(30)), "30 minutes");
+        assert_eq!(duration_words(TimeDelta::seconds(61)), "1 minute");
     }
 }

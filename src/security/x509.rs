@@ -2,7 +2,7 @@
 //! subject common name, the version, the basic constraints and the validity dates.
 //! rustls and webpki verify certificates, but do not expose these fields.
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 
 /// Returns the first common name (OID 2.5.4.3) of a DER certificate's subject.
 pub(crate) fn subject_common_name(certificate: &[u8]) -> Option<String> {
@@ -36,11 +36,11 @@ pub(crate) fn is_version_1(certificate: &[u8]) -> bool {
         .is_some_and(|(_, tbs)| tbs.first() != Some(&0xa0))
 }
 
-/// Tells whether a DER certificate is not a CA certificate. A version 3 certificate is a
-/// CA when its basic constraints extension sets `cA` to true (RFC 5280, section 4.2.1.9).
-/// A version 1 or 2 certificate has no extensions, so it counts as a CA only when it is
-/// self-signed, as old roots are: issuer and subject are the same name. Returns `false`
-/// for bytes that are not a certificate.
+/// Tells whether a DER certificate is not a CA certificate: a CA certificate is version 3
+/// with a basic constraints extension that sets `cA` to true (RFC 5280, section 4.2.1.9).
+/// A version 1 or 2 certificate has no extensions, so it cannot mark itself as a CA, and
+/// a name check cannot tell an old root from a leaf that copies its issuer's name.
+/// Returns `false` for bytes that are not a certificate.
 pub(crate) fn is_end_entity(certificate: &[u8]) -> bool {
     const BASIC_CONSTRAINTS: [u8; 3] = [0x55, 0x1d, 0x13];
     let Some((_, certificate)) = der_element(certificate, 0x30) else {
@@ -50,7 +50,7 @@ pub(crate) fn is_end_entity(certificate: &[u8]) -> bool {
         return false;
     };
     if tbs.first() != Some(&0xa0) {
-        return !is_self_signed(tbs);
+        return true;
     }
     // version, serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
     for tag in [0xa0, 0x02, 0x30, 0x30, 0x30, 0x30, 0x30] {
@@ -90,20 +90,6 @@ pub(crate) fn is_end_entity(certificate: &[u8]) -> bool {
     true
 }
 
-/// Tells whether the to-be-signed part of a version 1 certificate, which starts with the
-/// serial number, names the same issuer and subject.
-fn is_self_signed(tbs: &[u8]) -> bool {
-    let issuer_and_subject = || {
-        let (rest, _serial) = der_element(tbs, 0x02)?;
-        let (rest, _signature) = der_element(rest, 0x30)?;
-        let (rest, issuer) = der_element(rest, 0x30)?;
-        let (rest, _validity) = der_element(rest, 0x30)?;
-        let (_, subject) = der_element(rest, 0x30)?;
-        Some((issuer, subject))
-    };
-    issuer_and_subject().is_some_and(|(issuer, subject)| issuer == subject)
-}
-
 /// Returns the validity period of a DER certificate, `notBefore` and `notAfter`. Returns
 /// `None` for bytes that are not a certificate.
 pub(crate) fn validity(certificate: &[u8]) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
@@ -123,25 +109,35 @@ pub(crate) fn validity(certificate: &[u8]) -> Option<(DateTime<Utc>, DateTime<Ut
 }
 
 /// Reads an X.509 Time (RFC 5280, section 4.1.2.5): a UTCTime `YYMMDDHHMMSSZ`, whose
-/// years 50 to 99 are in the 1900s, or a GeneralizedTime `YYYYMMDDHHMMSSZ`.
+/// years 50 to 99 are in the 1900s, or a GeneralizedTime `YYYYMMDDHHMMSSZ`. Nothing else
+/// is accepted: no fractions, offsets, spaces or leap seconds, as in webpki.
 fn time(input: &[u8]) -> Option<(&[u8], DateTime<Utc>)> {
     const UTC_TIME: u8 = 0x17;
     const GENERALIZED_TIME: u8 = 0x18;
 
     let tag = *input.first()?;
     let (rest, value) = der_element(input, tag)?;
-    let text = std::str::from_utf8(value).ok()?;
-    let text = match tag {
-        UTC_TIME => {
-            let year: u32 = text.get(..2)?.parse().ok()?;
-            let century = if year >= 50 { "19" } else { "20" };
-            format!("{century}{text}")
+    let (zone, digits) = value.split_last()?;
+    if *zone != b'Z' || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| {
+        digits[range]
+            .iter()
+            .fold(0u32, |n, digit| n * 10 + u32::from(digit - b'0'))
+    };
+    let (year, fields) = match (tag, digits.len()) {
+        (UTC_TIME, 12) => {
+            let year = number(0..2);
+            (if year >= 50 { 1900 + year } else { 2000 + year }, 2)
         }
-        GENERALIZED_TIME => text.to_owned(),
+        (GENERALIZED_TIME, 14) => (number(0..4), 4),
         _ => return None,
     };
-    let time = NaiveDateTime::parse_from_str(&text, "%Y%m%d%H%M%SZ").ok()?;
-    Some((rest, time.and_utc()))
+    let field = |n: usize| number(fields + 2 * n..fields + 2 * n + 2);
+    let date = NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, field(0), field(1))?;
+    let time = NaiveTime::from_hms_opt(field(2), field(3), field(4))?;
+    Some((rest, NaiveDateTime::new(date, time).and_utc()))
 }
 
 /// Decodes an X.520 DirectoryString (RFC 5280, section 4.1.2.4). Returns `None` for a
@@ -223,10 +219,13 @@ mod tests {
         assert!(!is_version_1(&ca));
 
         // Version 1 certificates made with `openssl x509 -req`: self-signed, and issued by
-        // a CA. Both have the subject CN=127.0.0.1.
+        // a CA. Neither can be a CA.
         let self_signed = pem_der(VERSION_1_SELF_SIGNED);
         assert!(is_version_1(&self_signed));
-        assert!(!is_end_entity(&self_signed), "a version 1 root is a CA");
+        assert!(
+            is_end_entity(&self_signed),
+            "a version 1 root cannot say it is a CA"
+        );
         let issued = pem_der(VERSION_1_ISSUED);
         assert!(is_version_1(&issued));
         assert!(is_end_entity(&issued), "a version 1 leaf is not a CA");
@@ -265,5 +264,41 @@ mod tests {
             );
         }
         assert!(validity(b"not a certificate").is_none());
+    }
+
+    #[test]
+    fn reads_only_rfc_5280_times() {
+        let read = |tag: u8, text: &str| {
+            let mut der = vec![tag, u8::try_from(text.len()).unwrap()];
+            der.extend(text.as_bytes());
+            time(&der).map(|(_, time)| time.to_rfc3339())
+        };
+        assert_eq!(
+            read(0x17, "491231235959Z").as_deref(),
+            Some("2049-12-31T23:59:59+00:00")
+        );
+        assert_eq!(
+            read(0x17, "500101000000Z").as_deref(),
+            Some("1950-01-01T00:00:00+00:00")
+        );
+        assert_eq!(
+            read(0x18, "21000101000000Z").as_deref(),
+            Some("2100-01-01T00:00:00+00:00")
+        );
+        for (tag, text) in [
+            (0x18, "20301231235960Z"),
+            (0x18, "20301231 235959Z"),
+            (0x18, " 20301231235959Z"),
+            (0x17, "30 1231235959Z"),
+            (0x18, "20301231235959.5Z"),
+            (0x18, "20301231235959+0000"),
+            (0x18, "20301231235959z"),
+            (0x18, "20300230000000Z"),
+            (0x17, "3012312359Z"),
+            (0x17, "20301231235959Z"),
+            (0x04, "301231235959Z"),
+        ] {
+            assert_eq!(read(tag, text), None, "{tag:#x} {text:?}");
+        }
     }
 }
