@@ -290,14 +290,15 @@ fn check_config(path: &Path) -> ExitCode {
         Ok(loaded) => {
             let mut problems = config::check_start(&loaded.file_text, Some(&loaded.config));
             problems.extend(config::file_problems(&loaded.file_text, &loaded.config));
+            let config = &loaded.config;
+            // Printed with problems too, so that one run shows everything to fix.
+            for problem in config::file_warnings(&loaded.file_text, config) {
+                println!(
+                    "{file_name}:{}: {}: warning: {}",
+                    problem.line, problem.key, problem.message
+                );
+            }
             if problems.is_empty() {
-                let config = &loaded.config;
-                for problem in config::file_warnings(&loaded.file_text, config) {
-                    println!(
-                        "{file_name}:{}: {}: warning: {}",
-                        problem.line, problem.key, problem.message
-                    );
-                }
                 println!(
                     "{file_name}: valid ({} sites, {} devices, {} webhooks)",
                     config.sites.len(),

@@ -566,6 +566,16 @@ fn check_config_rejects_unusable_tls_files() {
         );
     }
 
+    // A config with problems still shows its warnings: the certificate of the
+    // unsupported key's case is missing.
+    let config = dir.path().join("rsa-1024-key.toml");
+    let report = stdout(&stonelion(&["check-config", config.to_str().unwrap()], ""));
+    let expected = format!("api.tls_cert: warning: cannot open {}", path("missing.pem"));
+    assert!(
+        report.contains(&expected),
+        "missing {expected:?} in:\n{report}"
+    );
+
     let valid = dir.path().join("valid.toml");
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
