@@ -10,8 +10,8 @@ pub const MAX_CONFIG_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// Reads `path` whole when it is a regular file of at most `max_bytes` bytes. A directory,
 /// FIFO or device is rejected before it is opened: a FIFO would block until a writer
 /// appears, a device such as `/dev/zero` never ends, and opening some devices, such as a
-/// watchdog, acts on them. The file is then opened without blocking and its type read
-/// again from the open file, so a path swapped for a FIFO in between cannot block.
+/// watchdog, acts on them. The file is then opened with `O_NONBLOCK` and its type read
+/// again from the open file, so a path swapped for a FIFO in between fails at once.
 pub fn read_limited(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
     if !std::fs::metadata(path)?.is_file() {
         return Err(not_regular());

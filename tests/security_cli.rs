@@ -277,8 +277,8 @@ fn check_config_rejects_unusable_tls_files() {
     .unwrap();
     std::fs::write(dir.path().join("rsa1024.key"), RSA_1024_KEY).unwrap();
     let fifo = dir.path().join("fifo.pem");
-    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
-    assert!(made.success(), "mkfifo failed");
+    let mkfifo = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(mkfifo.success(), "mkfifo failed");
     // A client CA file holding a device certificate instead of its CA.
     let leaf_key = rcgen::KeyPair::generate().unwrap();
     let leaf = rcgen::CertificateParams::new(vec!["gas-01".to_owned()])
@@ -712,8 +712,8 @@ fn run_refuses_a_fifo_before_the_broker_listens() {
     let dir = tempfile::tempdir().unwrap();
     write_server_certificate(dir.path());
     let fifo = dir.path().join("fifo.pem");
-    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
-    assert!(made.success(), "mkfifo failed");
+    let mkfifo = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(mkfifo.success(), "mkfifo failed");
     let text = format!(
         "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
         fifo.display(),

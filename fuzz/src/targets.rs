@@ -128,10 +128,10 @@ struct QueryService {
 
 /// Limits of the fuzzed `/query` router. The store contains 120 points, so only the bucket
 /// limit matters. The router's clock is fixed at [`NOW`], and the points fall in the
-/// minute before it, but a query may still name a wide time range: with the default limit of 1,000,000, a
-/// `GROUP BY time(1s)` over a year takes seconds in a fuzz build. A low limit keeps each
-/// input fast, reaches the same fill and window code, and reaches the limit's error path
-/// too.
+/// minute before it. A query may still name a wide time range, and with the default
+/// limit of 1,000,000 a `GROUP BY time(1s)` over a year takes seconds in a fuzz build. A
+/// low limit keeps each input fast, reaches the same fill and window code, and reaches
+/// the limit's error path too.
 const FUZZ_QUERY_LIMITS: stonelion::api::influxql::QueryLimits =
     stonelion::api::influxql::QueryLimits {
         max_series: 1_000,

@@ -180,14 +180,14 @@ fn read_tls_file(path: &Path) -> Result<Vec<u8>, TlsError> {
     // Files joined with `cat` may have one before each block.
     const BOM: &[u8] = b"\xef\xbb\xbf";
     if bytes.windows(BOM.len()).any(|window| window == BOM) {
-        let mut kept = Vec::with_capacity(bytes.len());
+        let mut without_marks = Vec::with_capacity(bytes.len());
         let mut rest = &bytes[..];
         while let Some(at) = rest.windows(BOM.len()).position(|window| window == BOM) {
-            kept.extend_from_slice(&rest[..at]);
+            without_marks.extend_from_slice(&rest[..at]);
             rest = &rest[at + BOM.len()..];
         }
-        kept.extend_from_slice(rest);
-        bytes = kept;
+        without_marks.extend_from_slice(rest);
+        bytes = without_marks;
     }
     Ok(bytes)
 }
