@@ -101,7 +101,7 @@ impl Server {
         clock: SharedClock,
     ) -> anyhow::Result<Server> {
         let accounts = SharedAccounts::new(MqttAccounts::from_config(&config));
-        crate::security::check_exposure(&config, accounts.is_open())?;
+        crate::security::check_listeners(&config, accounts.is_open())?;
         // Loaded before anything opens, so that a bad certificate or CA stops the start.
         let http_tls = http_tls_config(&config)?;
         let mqtt_tls = mqtt_tls_config(&config)?;

@@ -383,6 +383,38 @@ fn check_config_rejects_open_listener() {
 }
 
 #[test]
+fn check_config_rejects_listeners_on_one_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ports.toml");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nmqtt_listen = \"127.0.0.1:1883\"\n\n[mqtt]\ntls_listen = \
+             \"127.0.0.1:1883\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "ports.toml:5: mqtt.tls_listen: the MQTT listener on 127.0.0.1:1883 ([server] \
+             mqtt_listen or --mqtt-listen) and the MQTT over TLS listener on 127.0.0.1:1883 \
+             ([mqtt] tls_listen) cannot share port 1883; give each listener its own port"
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_config_warns_of_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tls.toml");

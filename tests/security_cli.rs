@@ -186,6 +186,32 @@ token_sha256 = "abc"
 }
 
 #[test]
+fn run_rejects_listeners_on_one_port() {
+    let data = tempfile::tempdir().unwrap();
+    // Refused before anything binds, so the port is never opened.
+    let args = [
+        "run",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--mqtt-listen",
+        "127.0.0.1:18830",
+        "--http-listen",
+        "0.0.0.0:18830",
+    ];
+    let output = stonelion(&args, "");
+    assert!(!output.status.success(), "`run` started on one port twice");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "the HTTP listener on 0.0.0.0:18830 ([server] http_listen or --http-listen) and \
+             the MQTT listener on 127.0.0.1:18830 ([server] mqtt_listen or --mqtt-listen) \
+             cannot share port 18830"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn run_rejects_open_wildcard_listener() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap();

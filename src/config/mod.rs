@@ -387,8 +387,9 @@ pub fn parse(text: &str, builtin: ProfileSet) -> Result<Config, Vec<ConfigProble
 }
 
 /// Checks what `stonelion run` rejects after the config parses and before it opens
-/// anything: a listener beyond loopback that accepts anyone. `text` is the config text,
-/// used for line numbers, and `config` the config checked from it.
+/// anything: a listener beyond loopback that accepts anyone, or two listeners on one
+/// port. `text` is the config text, used for line numbers, and `config` the config
+/// checked from it.
 ///
 /// Without `config`, because the text has other problems, the check reads the listen
 /// addresses as written, with defaults for absent or invalid ones. It counts credentials
@@ -409,7 +410,7 @@ pub fn check_start(text: &str, config: Option<&Config>) -> Vec<ConfigProblem> {
     };
     let mut checker = Checker::new(text);
     checker.index_document(&document);
-    for (key, error) in listeners.exposure_problems() {
+    for (key, error) in listeners.problems() {
         checker.push(None, key, error.to_string());
     }
     checker.problems

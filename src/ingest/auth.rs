@@ -4,7 +4,7 @@
 //! Devices log in with their device id as username and the password whose argon2 hash is
 //! their `mqtt_password_hash`. Other clients (`[[mqtt_users]]`) may only subscribe, to
 //! the topics of their sites. With no account configured the broker is open: anyone who
-//! reaches the port may connect and publish to any topic, which `security::check_exposure`
+//! reaches the port may connect and publish to any topic, which `security::check_listeners`
 //! allows on loopback only.
 
 use std::collections::HashMap;

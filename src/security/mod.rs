@@ -72,9 +72,10 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-/// An open listener on an address that other hosts can reach.
+/// A listener setting that `run` refuses: an open listener on an address that other hosts
+/// can reach, or two listeners on one port.
 #[derive(Debug, thiserror::Error)]
-pub enum ExposureError {
+pub enum ListenerError {
     #[error(
         "the MQTT broker would accept anyone on {addr}: no device has `mqtt_password_hash` and \
          no [[mqtt_users]] is configured; add credentials (see `stonelion hash-password`) or \
@@ -86,14 +87,34 @@ pub enum ExposureError {
          token (see `stonelion generate-token`) or listen on 127.0.0.1"
     )]
     OpenApi { addr: SocketAddr },
+    #[error(
+        "the {} on {} ({}) and the {} on {} ({}) cannot share port {port}; give each listener \
+         its own port",
+        first.name, first.addr, first.setting, second.name, second.addr, second.setting
+    )]
+    SharedPort {
+        first: NamedListener,
+        second: NamedListener,
+        port: u16,
+    },
 }
 
-/// Rejects open listeners beyond loopback, and logs a WARN for each open loopback one.
+/// A listener as named in errors: what it is, its address and the settings that choose
+/// the address.
+#[derive(Clone, Copy, Debug)]
+pub struct NamedListener {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    pub setting: &'static str,
+}
+
+/// Rejects open listeners beyond loopback and listeners that share a port, and logs a WARN
+/// for each open loopback listener.
 ///
 /// `mqtt_open` is true when no MQTT account is configured.
-pub fn check_exposure(config: &Config, mqtt_open: bool) -> Result<(), ExposureError> {
+pub fn check_listeners(config: &Config, mqtt_open: bool) -> Result<(), ListenerError> {
     let listeners = Listeners::of(config, mqtt_open);
-    if let Some((_, error)) = listeners.exposure_problems().into_iter().next() {
+    if let Some((_, error)) = listeners.problems().into_iter().next() {
         return Err(error);
     }
     if listeners.mqtt_open {
@@ -136,26 +157,81 @@ impl Listeners {
         }
     }
 
-    /// Returns every open listener beyond loopback, with the config key of its address,
-    /// such as `server.http_listen`.
-    pub fn exposure_problems(&self) -> Vec<(&'static str, ExposureError)> {
-        let mut problems = Vec::new();
+    /// Returns every open listener beyond loopback and every pair of listeners that share
+    /// a port, with the config key of the address to change, such as
+    /// `server.http_listen`.
+    pub fn problems(&self) -> Vec<(&'static str, ListenerError)> {
+        let mut problems = self.shared_ports();
         if self.mqtt_open {
             let listeners = std::iter::once(("server.mqtt_listen", self.mqtt_listen))
                 .chain(self.mqtt_tls_listen.map(|addr| ("mqtt.tls_listen", addr)));
             for (key, addr) in listeners {
                 if !addr.ip().is_loopback() {
-                    problems.push((key, ExposureError::OpenMqtt { addr }));
+                    problems.push((key, ListenerError::OpenMqtt { addr }));
                 }
             }
         }
         if self.api_open && !self.http_listen.ip().is_loopback() {
             problems.push((
                 "server.http_listen",
-                ExposureError::OpenApi {
+                ListenerError::OpenApi {
                     addr: self.http_listen,
                 },
             ));
+        }
+        problems
+    }
+
+    /// Returns a problem for each pair of listeners whose addresses cannot both be bound:
+    /// the same port, on the same address or with either on every address (`0.0.0.0` or
+    /// `[::]`). With port 0 the system picks a free port, so port 0 never collides.
+    fn shared_ports(&self) -> Vec<(&'static str, ListenerError)> {
+        let mut named = vec![
+            (
+                "server.http_listen",
+                NamedListener {
+                    name: "HTTP listener",
+                    addr: self.http_listen,
+                    setting: "[server] http_listen or --http-listen",
+                },
+            ),
+            (
+                "server.mqtt_listen",
+                NamedListener {
+                    name: "MQTT listener",
+                    addr: self.mqtt_listen,
+                    setting: "[server] mqtt_listen or --mqtt-listen",
+                },
+            ),
+        ];
+        if let Some(addr) = self.mqtt_tls_listen {
+            named.push((
+                "mqtt.tls_listen",
+                NamedListener {
+                    name: "MQTT over TLS listener",
+                    addr,
+                    setting: "[mqtt] tls_listen",
+                },
+            ));
+        }
+        let mut problems = Vec::new();
+        for (i, &(_, first)) in named.iter().enumerate() {
+            for &(key, second) in &named[i + 1..] {
+                let (a, b) = (first.addr, second.addr);
+                if a.port() != 0
+                    && a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                {
+                    problems.push((
+                        key,
+                        ListenerError::SharedPort {
+                            first,
+                            second,
+                            port: a.port(),
+                        },
+                    ));
+                }
+            }
         }
         problems
     }
@@ -172,6 +248,51 @@ mod tests {
         assert!(check_password_hash(&hash).is_ok());
         assert!(verify_password(b"correct horse", &hash));
         assert!(!verify_password(b"wrong horse", &hash));
+    }
+
+    fn listeners(http: &str, mqtt: &str, tls: Option<&str>) -> Listeners {
+        Listeners {
+            http_listen: http.parse().unwrap(),
+            mqtt_listen: mqtt.parse().unwrap(),
+            mqtt_tls_listen: tls.map(|addr| addr.parse().unwrap()),
+            api_open: false,
+            mqtt_open: false,
+        }
+    }
+
+    #[test]
+    fn listeners_on_one_port_are_refused() {
+        let problems = listeners("127.0.0.1:8080", "0.0.0.0:1883", Some("0.0.0.0:1883")).problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let (key, error) = &problems[0];
+        assert_eq!(*key, "mqtt.tls_listen");
+        let message = error.to_string();
+        assert_eq!(
+            message,
+            "the MQTT listener on 0.0.0.0:1883 ([server] mqtt_listen or --mqtt-listen) and the \
+             MQTT over TLS listener on 0.0.0.0:1883 ([mqtt] tls_listen) cannot share port \
+             1883; give each listener its own port"
+        );
+
+        // `[::]` takes the port on every address, 127.0.0.1 included.
+        let problems = listeners("[::]:1883", "127.0.0.1:1883", None).problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "server.mqtt_listen");
+        // All three on one port: each pair is named.
+        let problems = listeners("0.0.0.0:9000", "0.0.0.0:9000", Some("0.0.0.0:9000")).problems();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn listeners_that_can_share_a_port_are_accepted() {
+        for (http, mqtt, tls) in [
+            ("127.0.0.1:0", "127.0.0.1:0", Some("127.0.0.1:0")),
+            ("127.0.0.1:8080", "127.0.0.2:8080", None),
+            ("127.0.0.1:8080", "127.0.0.1:1883", Some("127.0.0.1:8883")),
+        ] {
+            let problems = listeners(http, mqtt, tls).problems();
+            assert!(problems.is_empty(), "{http} {mqtt} {tls:?}: {problems:?}");
+        }
     }
 
     #[test]
