@@ -183,8 +183,8 @@ impl Listeners {
     }
 
     /// Returns a problem for each pair of listeners whose addresses cannot both be bound:
-    /// the same port, on the same address or with either on every address (`0.0.0.0` or
-    /// `[::]`). With port 0 the system picks a free port, so port 0 never collides.
+    /// the same port, on the same address or with either on every address of the other's
+    /// family. With port 0 the system picks a free port, so port 0 never collides.
     fn shared_ports(&self) -> Vec<(&'static str, ListenerError)> {
         let mut named = vec![
             (
@@ -220,7 +220,7 @@ impl Listeners {
                 let (a, b) = (first.addr, second.addr);
                 if a.port() != 0
                     && a.port() == b.port()
-                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                    && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
                 {
                     problems.push((
                         key,
@@ -235,6 +235,13 @@ impl Listeners {
         }
         problems
     }
+}
+
+/// Whether a listener on `wildcard` takes the port of `addr` too: `0.0.0.0` takes it on
+/// every IPv4 address, and `[::]`, which also accepts IPv4 unless the system is set to
+/// IPv6 only, on every address.
+fn covers(wildcard: SocketAddr, addr: SocketAddr) -> bool {
+    wildcard.ip().is_unspecified() && (wildcard.is_ipv6() || addr.is_ipv4())
 }
 
 #[cfg(test)]
@@ -288,6 +295,7 @@ mod tests {
         for (http, mqtt, tls) in [
             ("127.0.0.1:0", "127.0.0.1:0", Some("127.0.0.1:0")),
             ("127.0.0.1:8080", "127.0.0.2:8080", None),
+            ("0.0.0.0:8080", "[::1]:8080", None),
             ("127.0.0.1:8080", "127.0.0.1:1883", Some("127.0.0.1:8883")),
         ] {
             let problems = listeners(http, mqtt, tls).problems();
