@@ -500,6 +500,16 @@ fn check_config_rejects_unusable_tls_files() {
             ),
         ),
         (
+            // One fix only, at the end of the line.
+            "fifo-client-ca",
+            with_https(&fifo.display().to_string()),
+            format!(
+                "api.tls_client_ca: cannot use the client CA file {}: it is not a regular file \
+                 (a directory, FIFO or device); name a regular file\n",
+                fifo.display()
+            ),
+        ),
+        (
             "device-certificate-as-client-ca",
             with_https(&path("leaf.pem")),
             format!(

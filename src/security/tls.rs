@@ -82,10 +82,8 @@ pub enum TlsError {
          -in KEY -out KEY.plain`, and keep the file readable by Stonelion only"
     )]
     EncryptedKey(PathBuf),
-    #[error(
-        "cannot use the client CA file {path}: {reason}; write the PEM certificates of the CA \
-         that issues the client certificates there"
-    )]
+    /// `reason` ends with the fix.
+    #[error("cannot use the client CA file {path}: {reason}")]
     ClientCa { path: PathBuf, reason: String },
 }
 
@@ -263,15 +261,21 @@ fn client_verifier(
         path: path.to_owned(),
         reason,
     };
+    let write_ca = "write the PEM certificates of the CA that issues the client certificates \
+                    there";
     let bytes = read_tls_file(path).map_err(|e| match e {
-        TlsError::File { reason, .. } | TlsError::NotReadable { reason, .. } => invalid(reason),
-        other => invalid(other.to_string()),
+        // Its reasons name their fix already.
+        TlsError::NotReadable { reason, .. } => invalid(reason),
+        TlsError::File { reason, .. } => invalid(format!("{reason}; check the path")),
+        other => invalid(format!("{other}; {write_ca}")),
     })?;
     let certificates = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| invalid(format!("{e}; {write_ca}")))?;
     if certificates.is_empty() {
-        return Err(invalid("it contains no PEM certificate".to_owned()));
+        return Err(invalid(format!(
+            "it contains no PEM certificate; {write_ca}"
+        )));
     }
     let mut roots = RootCertStore::empty();
     for (index, certificate) in certificates.into_iter().enumerate() {
@@ -291,7 +295,12 @@ fn client_verifier(
                 index + 1
             )));
         }
-        roots.add(certificate).map_err(|e| invalid(e.to_string()))?;
+        roots.add(certificate).map_err(|e| {
+            invalid(format!(
+                "certificate {} of the file: {e}; {write_ca}",
+                index + 1
+            ))
+        })?;
     }
     // The server sends the CA names in its certificate request, in a list of at most
     // 65,535 bytes with a 2-byte length before each name.
@@ -310,7 +319,7 @@ fn client_verifier(
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
-        .map_err(|e| invalid(e.to_string()))
+        .map_err(|e| invalid(format!("{e}; {write_ca}")))
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
