@@ -61,6 +61,17 @@ pub fn read_text_limited(path: &Path, max_bytes: u64) -> io::Result<String> {
     })
 }
 
+/// Describes an error of [`read_limited`] or [`read_text_limited`] followed by its fix.
+/// The errors these functions make themselves name their fix already.
+pub fn with_fix(error: &io::Error) -> String {
+    let fix = match error.kind() {
+        io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => return error.to_string(),
+        io::ErrorKind::PermissionDenied => "let the user that runs Stonelion read it",
+        _ => "check the path",
+    };
+    format!("{error}; {fix}")
+}
+
 fn not_regular() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
@@ -71,7 +82,10 @@ fn not_regular() -> io::Error {
 fn too_large(size: u64, max_bytes: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
-        format!("it has {size} bytes or more, over the limit of {max_bytes}"),
+        format!(
+            "it has {size} bytes or more, over the limit of {max_bytes}; check that the path \
+             names the intended file"
+        ),
     )
 }
 
@@ -96,6 +110,22 @@ mod tests {
             let e = read_limited(path, 1024).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{}", path.display());
             assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+    }
+
+    #[test]
+    fn each_error_ends_with_one_fix() {
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(with_fix(&denied).ends_with("; let the user that runs Stonelion read it"));
+        let missing = io::Error::from(io::ErrorKind::NotFound);
+        assert!(with_fix(&missing).ends_with("; check the path"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.pem");
+        std::fs::write(&path, b"abcd").unwrap();
+        for e in [read_limited(dir.path(), 8), read_limited(&path, 2)] {
+            let e = e.unwrap_err();
+            assert_eq!(with_fix(&e), e.to_string());
+            assert_eq!(e.to_string().matches("; ").count(), 1, "{e}");
         }
     }
 

@@ -407,9 +407,26 @@ fn check_config_rejects_listeners_on_one_port() {
     assert!(
         stdout.contains(
             "ports.toml:5: mqtt.tls_listen: the MQTT listener on 127.0.0.1:1883 ([server] \
-             mqtt_listen or --mqtt-listen) and the MQTT over TLS listener on 127.0.0.1:1883 \
-             ([mqtt] tls_listen) cannot share port 1883; give each listener its own port"
+             mqtt_listen, --mqtt-listen or STONELION_MQTT_LISTEN) and the MQTT over TLS \
+             listener on 127.0.0.1:1883 ([mqtt] tls_listen) cannot share port 1883; give each \
+             listener its own port"
         ),
+        "{stdout}"
+    );
+
+    // A listener that keeps its default is not written, so the other one's line is named.
+    std::fs::write(
+        &path,
+        "# ports\n[server]\nhttp_listen = \"127.0.0.1:1883\"\n",
+    )
+    .unwrap();
+    let output = stonelion()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("ports.toml:3: server.http_listen: the HTTP listener on 127.0.0.1:1883"),
         "{stdout}"
     );
 }

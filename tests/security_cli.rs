@@ -203,9 +203,9 @@ fn run_rejects_listeners_on_one_port() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(
-            "the HTTP listener on 0.0.0.0:18830 ([server] http_listen or --http-listen) and \
-             the MQTT listener on 127.0.0.1:18830 ([server] mqtt_listen or --mqtt-listen) \
-             cannot share port 18830"
+            "the HTTP listener on 0.0.0.0:18830 ([server] http_listen, --http-listen or \
+             STONELION_HTTP_LISTEN) and the MQTT listener on 127.0.0.1:18830 ([server] \
+             mqtt_listen, --mqtt-listen or STONELION_MQTT_LISTEN) cannot share port 18830"
         ),
         "{stderr}"
     );

@@ -99,6 +99,12 @@ impl<'a> Checker<'a> {
             + 1
     }
 
+    /// Whether the indexed document sets `key`, a dotted path such as
+    /// `server.http_listen`.
+    pub fn is_written(&self, key: &str) -> bool {
+        self.index.exact(key).is_some()
+    }
+
     /// Records a problem of `key`, a dotted path such as `devices[0].rules[1].metric`.
     ///
     /// The line is that of the key when the document has it, else that of `span`, else

@@ -411,6 +411,16 @@ pub fn check_start(text: &str, config: Option<&Config>) -> Vec<ConfigProblem> {
     let mut checker = Checker::new(text);
     checker.index_document(&document);
     for (key, error) in listeners.problems() {
+        // Two listeners on one port are reported on a key that the file sets, when one
+        // of them keeps its default.
+        let key = match &error {
+            crate::security::ListenerError::SharedPort(shared)
+                if !checker.is_written(shared.second.key) =>
+            {
+                shared.first.key
+            }
+            _ => key,
+        };
         checker.push(None, key, error.to_string());
     }
     checker.problems
@@ -568,6 +578,7 @@ fn listeners_as_written(
         http_listen: server.http_listen,
         mqtt_listen: server.mqtt_listen,
         mqtt_tls_listen: mqtt.tls_listen,
+        ipv6_only: crate::security::ipv6_only(),
         api_open: entries("api_tokens").is_empty(),
         mqtt_open: entries("mqtt_users").is_empty() && !device_has_password,
     }

@@ -43,6 +43,24 @@ pub async fn run(overrides: Overrides, webhook_listen: SocketAddr) -> anyhow::Re
             problems,
         })?;
     overrides.apply(&mut config.server);
+    // The receiver is bound already, so a server listener on its port would fail to bind.
+    let listeners = crate::security::Listeners::of(&config, false);
+    let mut named = listeners.named();
+    named.insert(
+        0,
+        crate::security::NamedListener {
+            name: "demo webhook receiver",
+            addr: receiver_addr,
+            setting: "--webhook-listen",
+            key: "",
+        },
+    );
+    if let Some(shared) = crate::security::shared_ports(&named, listeners.ipv6_only)
+        .into_iter()
+        .next()
+    {
+        return Err(shared.into());
+    }
     let data_dir = config.server.data_dir.clone();
     let sites = config.sites.clone();
 

@@ -10,7 +10,7 @@ pub mod x509;
 use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::config::Config;
 
@@ -87,25 +87,74 @@ pub enum ListenerError {
          token (see `stonelion generate-token`) or listen on 127.0.0.1"
     )]
     OpenApi { addr: SocketAddr },
-    #[error(
-        "the {} on {} ({}) and the {} on {} ({}) cannot share port {port}; give each listener \
-         its own port",
-        first.name, first.addr, first.setting, second.name, second.addr, second.setting
-    )]
-    SharedPort {
-        first: NamedListener,
-        second: NamedListener,
-        port: u16,
-    },
+    #[error(transparent)]
+    SharedPort(#[from] SharedPort),
 }
 
-/// A listener as named in errors: what it is, its address and the settings that choose
-/// the address.
+/// A listener as named in errors: what it is, its address, the settings that choose the
+/// address, and the config key to report a problem on.
 #[derive(Clone, Copy, Debug)]
 pub struct NamedListener {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub setting: &'static str,
+    pub key: &'static str,
+}
+
+/// Two listeners that cannot both be bound.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the {} on {} ({}) and the {} on {} ({}) cannot share port {port}; give each listener its \
+     own port",
+    first.name, first.addr, first.setting, second.name, second.addr, second.setting
+)]
+pub struct SharedPort {
+    pub first: NamedListener,
+    pub second: NamedListener,
+    pub port: u16,
+}
+
+/// Returns each pair of `listeners` that cannot both be bound: the same port,
+/// on the same address or with one on every address of the other's family. With port 0
+/// the system picks a free port, so port 0 never collides. `ipv6_only` says whether a
+/// listener on `[::]` accepts IPv6 only; see [`ipv6_only`].
+pub fn shared_ports(listeners: &[NamedListener], ipv6_only: bool) -> Vec<SharedPort> {
+    let mut errors = Vec::new();
+    for (i, &first) in listeners.iter().enumerate() {
+        for &second in &listeners[i + 1..] {
+            // An IPv4-mapped address such as `[::ffff:127.0.0.1]` binds its IPv4 address.
+            let (a, b) = (
+                first.addr.ip().to_canonical(),
+                second.addr.ip().to_canonical(),
+            );
+            let port = first.addr.port();
+            if port != 0
+                && port == second.addr.port()
+                && (a == b || covers(a, b, ipv6_only) || covers(b, a, ipv6_only))
+            {
+                errors.push(SharedPort {
+                    first,
+                    second,
+                    port,
+                });
+            }
+        }
+    }
+    errors
+}
+
+/// Whether a listener on `wildcard` takes the port of `addr` too: `0.0.0.0` takes it on
+/// every IPv4 address, and `[::]` on every IPv6 address and, unless the system makes
+/// IPv6 sockets accept IPv6 only, every IPv4 address too.
+fn covers(wildcard: IpAddr, addr: IpAddr, ipv6_only: bool) -> bool {
+    wildcard.is_unspecified()
+        && (wildcard.is_ipv6() == addr.is_ipv6() || (wildcard.is_ipv6() && !ipv6_only))
+}
+
+/// Whether new IPv6 sockets on this system accept IPv6 only (Linux's
+/// `net.ipv6.bindv6only`, off by default), so that `[::]` leaves IPv4 ports free.
+pub fn ipv6_only() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|value| value.trim() == "1")
 }
 
 /// Rejects open listeners beyond loopback and listeners that share a port, and logs a WARN
@@ -140,6 +189,8 @@ pub struct Listeners {
     pub http_listen: SocketAddr,
     pub mqtt_listen: SocketAddr,
     pub mqtt_tls_listen: Option<SocketAddr>,
+    /// Whether `[::]` leaves IPv4 ports free; see [`ipv6_only`].
+    pub ipv6_only: bool,
     /// True when no `[[api_tokens]]` entry is configured.
     pub api_open: bool,
     /// True when no MQTT account (device password or `[[mqtt_users]]`) is configured.
@@ -152,6 +203,7 @@ impl Listeners {
             http_listen: config.server.http_listen,
             mqtt_listen: config.server.mqtt_listen,
             mqtt_tls_listen: config.mqtt.tls_listen,
+            ipv6_only: ipv6_only(),
             api_open: config.api_tokens.is_empty(),
             mqtt_open,
         }
@@ -166,12 +218,12 @@ impl Listeners {
             let listeners = std::iter::once(("server.mqtt_listen", self.mqtt_listen))
                 .chain(self.mqtt_tls_listen.map(|addr| ("mqtt.tls_listen", addr)));
             for (key, addr) in listeners {
-                if !addr.ip().is_loopback() {
+                if !addr.ip().to_canonical().is_loopback() {
                     problems.push((key, ListenerError::OpenMqtt { addr }));
                 }
             }
         }
-        if self.api_open && !self.http_listen.ip().is_loopback() {
+        if self.api_open && !self.http_listen.ip().to_canonical().is_loopback() {
             problems.push((
                 "server.http_listen",
                 ListenerError::OpenApi {
@@ -182,66 +234,41 @@ impl Listeners {
         problems
     }
 
-    /// Returns a problem for each pair of listeners whose addresses cannot both be bound:
-    /// the same port, on the same address or with either on every address of the other's
-    /// family. With port 0 the system picks a free port, so port 0 never collides.
+    /// Returns a problem for each pair of listeners that cannot both be bound, with the
+    /// config key of the second.
     fn shared_ports(&self) -> Vec<(&'static str, ListenerError)> {
+        shared_ports(&self.named(), self.ipv6_only)
+            .into_iter()
+            .map(|shared| (shared.second.key, shared.into()))
+            .collect()
+    }
+
+    /// Returns the listeners as named in errors.
+    pub fn named(&self) -> Vec<NamedListener> {
         let mut named = vec![
-            (
-                "server.http_listen",
-                NamedListener {
-                    name: "HTTP listener",
-                    addr: self.http_listen,
-                    setting: "[server] http_listen or --http-listen",
-                },
-            ),
-            (
-                "server.mqtt_listen",
-                NamedListener {
-                    name: "MQTT listener",
-                    addr: self.mqtt_listen,
-                    setting: "[server] mqtt_listen or --mqtt-listen",
-                },
-            ),
+            NamedListener {
+                name: "HTTP listener",
+                addr: self.http_listen,
+                setting: "[server] http_listen, --http-listen or STONELION_HTTP_LISTEN",
+                key: "server.http_listen",
+            },
+            NamedListener {
+                name: "MQTT listener",
+                addr: self.mqtt_listen,
+                setting: "[server] mqtt_listen, --mqtt-listen or STONELION_MQTT_LISTEN",
+                key: "server.mqtt_listen",
+            },
         ];
         if let Some(addr) = self.mqtt_tls_listen {
-            named.push((
-                "mqtt.tls_listen",
-                NamedListener {
-                    name: "MQTT over TLS listener",
-                    addr,
-                    setting: "[mqtt] tls_listen",
-                },
-            ));
+            named.push(NamedListener {
+                name: "MQTT over TLS listener",
+                addr,
+                setting: "[mqtt] tls_listen",
+                key: "mqtt.tls_listen",
+            });
         }
-        let mut problems = Vec::new();
-        for (i, &(_, first)) in named.iter().enumerate() {
-            for &(key, second) in &named[i + 1..] {
-                let (a, b) = (first.addr, second.addr);
-                if a.port() != 0
-                    && a.port() == b.port()
-                    && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
-                {
-                    problems.push((
-                        key,
-                        ListenerError::SharedPort {
-                            first,
-                            second,
-                            port: a.port(),
-                        },
-                    ));
-                }
-            }
-        }
-        problems
+        named
     }
-}
-
-/// Whether a listener on `wildcard` takes the port of `addr` too: `0.0.0.0` takes it on
-/// every IPv4 address, and `[::]`, which also accepts IPv4 unless the system is set to
-/// IPv6 only, on every address.
-fn covers(wildcard: SocketAddr, addr: SocketAddr) -> bool {
-    wildcard.ip().is_unspecified() && (wildcard.is_ipv6() || addr.is_ipv4())
 }
 
 #[cfg(test)]
@@ -262,8 +289,18 @@ mod tests {
             http_listen: http.parse().unwrap(),
             mqtt_listen: mqtt.parse().unwrap(),
             mqtt_tls_listen: tls.map(|addr| addr.parse().unwrap()),
+            ipv6_only: false,
             api_open: false,
             mqtt_open: false,
+        }
+    }
+
+    fn named(addr: SocketAddr) -> NamedListener {
+        NamedListener {
+            name: "listener",
+            addr,
+            setting: "test",
+            key: "test",
         }
     }
 
@@ -273,21 +310,66 @@ mod tests {
         assert_eq!(problems.len(), 1, "{problems:?}");
         let (key, error) = &problems[0];
         assert_eq!(*key, "mqtt.tls_listen");
-        let message = error.to_string();
         assert_eq!(
-            message,
-            "the MQTT listener on 0.0.0.0:1883 ([server] mqtt_listen or --mqtt-listen) and the \
-             MQTT over TLS listener on 0.0.0.0:1883 ([mqtt] tls_listen) cannot share port \
-             1883; give each listener its own port"
+            error.to_string(),
+            "the MQTT listener on 0.0.0.0:1883 ([server] mqtt_listen, --mqtt-listen or \
+             STONELION_MQTT_LISTEN) and the MQTT over TLS listener on 0.0.0.0:1883 ([mqtt] \
+             tls_listen) cannot share port 1883; give each listener its own port"
         );
-
-        // `[::]` takes the port on every address, 127.0.0.1 included.
-        let problems = listeners("[::]:1883", "127.0.0.1:1883", None).problems();
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!(problems[0].0, "server.mqtt_listen");
         // All three on one port: each pair is named.
         let problems = listeners("0.0.0.0:9000", "0.0.0.0:9000", Some("0.0.0.0:9000")).problems();
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn shared_ports_of_wildcards_and_mapped_addresses() {
+        // (first, second, collides with IPv4 accepted on `[::]`, collides when IPv6 only)
+        let cases = [
+            ("0.0.0.0:1883", "127.0.0.1:1883", true, true),
+            ("[::]:1883", "127.0.0.1:1883", true, false),
+            ("[::]:1883", "0.0.0.0:1883", true, false),
+            ("[::]:1883", "[::1]:1883", true, true),
+            ("0.0.0.0:1883", "[::1]:1883", false, false),
+            ("[::ffff:127.0.0.1]:1883", "127.0.0.1:1883", true, true),
+            ("[::ffff:0.0.0.0]:1883", "127.0.0.1:1883", true, true),
+            ("[::ffff:127.0.0.1]:1883", "[::1]:1883", false, false),
+            ("127.0.0.1:1883", "127.0.0.2:1883", false, false),
+            ("127.0.0.1:0", "127.0.0.1:0", false, false),
+        ];
+        for (first, second, dual_stack, v6_only) in cases {
+            let pair = [
+                named(first.parse().unwrap()),
+                named(second.parse().unwrap()),
+            ];
+            assert_eq!(
+                !shared_ports(&pair, false).is_empty(),
+                dual_stack,
+                "{first} {second}"
+            );
+            assert_eq!(
+                !shared_ports(&pair, true).is_empty(),
+                v6_only,
+                "{first} {second}"
+            );
+        }
+    }
+
+    /// Compares the check with what the system does, on loopback addresses only.
+    #[test]
+    fn shared_ports_agree_with_binds_on_loopback() {
+        let addresses = ["127.0.0.1", "127.0.0.2", "[::1]", "[::ffff:127.0.0.1]"];
+        for first in addresses {
+            for second in addresses {
+                let held = std::net::TcpListener::bind(format!("{first}:0"))
+                    .unwrap_or_else(|e| panic!("cannot bind {first}: {e}"));
+                let port = held.local_addr().unwrap().port();
+                let a: SocketAddr = format!("{first}:{port}").parse().unwrap();
+                let b: SocketAddr = format!("{second}:{port}").parse().unwrap();
+                let binds = std::net::TcpListener::bind(b).is_ok();
+                let refused = !shared_ports(&[named(a), named(b)], ipv6_only()).is_empty();
+                assert_eq!(refused, !binds, "{a} then {b}");
+            }
+        }
     }
 
     #[test]
@@ -295,12 +377,21 @@ mod tests {
         for (http, mqtt, tls) in [
             ("127.0.0.1:0", "127.0.0.1:0", Some("127.0.0.1:0")),
             ("127.0.0.1:8080", "127.0.0.2:8080", None),
-            ("0.0.0.0:8080", "[::1]:8080", None),
             ("127.0.0.1:8080", "127.0.0.1:1883", Some("127.0.0.1:8883")),
         ] {
             let problems = listeners(http, mqtt, tls).problems();
             assert!(problems.is_empty(), "{http} {mqtt} {tls:?}: {problems:?}");
         }
+    }
+
+    #[test]
+    fn mapped_loopback_counts_as_loopback() {
+        let mut open = listeners("[::ffff:127.0.0.1]:8080", "[::ffff:127.0.0.1]:1883", None);
+        open.api_open = true;
+        open.mqtt_open = true;
+        assert!(open.problems().is_empty(), "{:?}", open.problems());
+        open.http_listen = "[::ffff:10.0.0.1]:8080".parse().unwrap();
+        assert_eq!(open.problems().len(), 1);
     }
 
     #[test]

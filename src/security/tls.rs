@@ -51,10 +51,9 @@ const MAX_CA_NAMES_BYTES: usize = 60_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read the TLS file {path}: {reason}; check the path and that it is PEM")]
-    File { path: PathBuf, reason: String },
+    /// `reason` ends with the fix.
     #[error("cannot read the TLS file {path}: {reason}")]
-    NotReadable { path: PathBuf, reason: String },
+    File { path: PathBuf, reason: String },
     #[error("the TLS file {0} contains no certificate; write the PEM certificate chain there")]
     NoCertificate(PathBuf),
     #[error(
@@ -166,15 +165,11 @@ fn check_key(der: PrivateKeyDer<'static>, path: &Path) -> Result<(), TlsError> {
 /// blocking the start or filling the memory. UTF-8 byte order marks, which some editors
 /// write, are dropped: the PEM reader would otherwise skip the block that follows one.
 fn read_tls_file(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let mut bytes = crate::files::read_limited(path, MAX_TLS_FILE_BYTES).map_err(|e| {
-        let (path, reason) = (path.to_owned(), e.to_string());
-        // The errors that `read_limited` makes itself already name the fix.
-        if e.kind() == std::io::ErrorKind::InvalidInput {
-            TlsError::NotReadable { path, reason }
-        } else {
-            TlsError::File { path, reason }
-        }
-    })?;
+    let mut bytes =
+        crate::files::read_limited(path, MAX_TLS_FILE_BYTES).map_err(|e| TlsError::File {
+            path: path.to_owned(),
+            reason: crate::files::with_fix(&e),
+        })?;
     // Files joined with `cat` may have one before each block.
     const BOM: &[u8] = b"\xef\xbb\xbf";
     if bytes.windows(BOM.len()).any(|window| window == BOM) {
@@ -203,7 +198,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         } else {
             TlsError::File {
                 path: path.to_owned(),
-                reason: e.to_string(),
+                reason: format!("{e}; write the key there as PEM"),
             }
         }
     })
@@ -264,9 +259,7 @@ fn client_verifier(
     let write_ca = "write the PEM certificates of the CA that issues the client certificates \
                     there";
     let bytes = read_tls_file(path).map_err(|e| match e {
-        // Its reasons name their fix already.
-        TlsError::NotReadable { reason, .. } => invalid(reason),
-        TlsError::File { reason, .. } => invalid(format!("{reason}; check the path")),
+        TlsError::File { reason, .. } => invalid(reason),
         other => invalid(format!("{other}; {write_ca}")),
     })?;
     let certificates = CertificateDer::pem_slice_iter(&bytes)
@@ -328,7 +321,7 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::File {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason: format!("{e}; write the certificate chain there as PEM"),
         })?;
     let Some(first) = chain.first() else {
         return Err(TlsError::NoCertificate(path.to_owned()));
