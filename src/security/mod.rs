@@ -88,7 +88,13 @@ pub enum ListenerError {
     )]
     OpenApi { addr: SocketAddr },
     #[error(transparent)]
-    SharedPort(#[from] SharedPort),
+    SharedPort(Box<SharedPort>),
+}
+
+impl From<SharedPort> for ListenerError {
+    fn from(shared: SharedPort) -> Self {
+        Self::SharedPort(Box::new(shared))
+    }
 }
 
 /// A listener as named in errors: what it is, its address, the settings that choose the
