@@ -7,8 +7,9 @@
 //! started open (with no account); live connections of changed accounts are closed
 //! ([`crate::ingest::guard`]). Settings that take effect only at start (listeners,
 //! storage, TLS, `[mqtt]`, API tokens, CORS, `ingest.max_payload_bytes`) keep their
-//! running values and are reported as `restart_required`. An invalid config changes
-//! nothing.
+//! running values and are reported as `restart_required` until a restart. What would stop
+//! the next start, such as two listeners on one port, is reported as `start_problems`.
+//! An invalid config changes nothing.
 //!
 //! The alarm stage gets the new rules first, then ingestion gets the new directory, so a
 //! reading of a new device never reaches the alarm stage before its rules. Open alarms
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alarms::manager::{AlarmHandle, WebhookUpdate};
 use crate::clock::SharedClock;
 use crate::config::managed::{self, ConfigFile, FileProblem};
-use crate::config::{Config, SharedConfig};
+use crate::config::{Config, ConfigProblem, SharedConfig};
 use crate::ingest::auth::MqttAccounts;
 use crate::ingest::directory::{Directory, SharedDirectory};
 use crate::ingest::guard::GuardPolicy;
@@ -54,8 +55,13 @@ pub struct ReloadReport {
     pub devices_removed: Vec<DeviceId>,
     pub devices_changed: Vec<DeviceId>,
     pub webhooks_changed: bool,
-    /// Keys whose new values are not applied until the server restarts.
+    /// Keys whose values differ from those the server started with, which are not
+    /// applied until the server restarts.
     pub restart_required: Vec<String>,
+    /// Problems of the reloaded file that `check-config` reports and that would stop the
+    /// next start, such as two listeners on one port or an unusable TLS file. The reload
+    /// is applied anyway, because the running values of those settings are kept.
+    pub start_problems: Vec<ConfigProblem>,
 }
 
 impl ReloadReport {
@@ -69,6 +75,11 @@ impl ReloadReport {
             "devices_changed": self.devices_changed,
             "webhooks_changed": self.webhooks_changed,
             "restart_required": self.restart_required,
+            "start_problems": self.start_problems.iter().map(|problem| json!({
+                "line": problem.line,
+                "key": problem.key,
+                "message": problem.message,
+            })).collect::<Vec<_>>(),
         })
     }
 }
@@ -160,6 +171,10 @@ pub struct Reloader {
     alarms: std::sync::Mutex<Option<AlarmHandle>>,
     applied: tokio::sync::Mutex<Applied>,
     mqtt: Arc<GuardPolicy>,
+    /// The config file's table and the config when the server started, which
+    /// `restart_required` compares with.
+    started_table: toml::Table,
+    started: Arc<Config>,
 }
 
 /// The running parts a [`Reloader`] replaces.
@@ -178,6 +193,8 @@ pub struct ReloaderParts {
 
 impl Reloader {
     pub fn new(parts: ReloaderParts) -> Self {
+        let started_table = toml::from_str(&parts.file_text).unwrap_or_default();
+        let started = parts.config.load();
         let applied = Applied {
             file_text: parts.file_text,
             managed: parts.managed,
@@ -191,6 +208,8 @@ impl Reloader {
             alarms: std::sync::Mutex::new(Some(parts.alarms)),
             applied: tokio::sync::Mutex::new(applied),
             mqtt: parts.mqtt,
+            started_table,
+            started,
         }
     }
 
@@ -214,7 +233,13 @@ impl Reloader {
         let file = self.file()?;
         let mut applied = self.applied.lock().await;
         let loaded = managed::load(file).map_err(AdminError::Invalid)?;
-        let report = self
+        let mut start_problems =
+            crate::config::check_start(&loaded.file_text, Some(&loaded.config));
+        start_problems.extend(crate::config::file_problems(
+            &loaded.file_text,
+            &loaded.config,
+        ));
+        let mut report = self
             .apply(
                 &mut applied,
                 loaded.config,
@@ -231,6 +256,15 @@ impl Reloader {
             restart_required = ?report.restart_required,
             "config reloaded"
         );
+        for problem in &start_problems {
+            tracing::warn!(
+                file = %file.path.display(),
+                problem = %problem,
+                "the reloaded config is applied, but the next start would fail; fix the file \
+                 before restarting"
+            );
+        }
+        report.start_problems = start_problems;
         Ok(report)
     }
 
@@ -339,8 +373,13 @@ impl Reloader {
         let mut report = diff_devices(&old, &config);
         let mqtt_open = self.mqtt.accounts.is_open();
         self.check_accounts_kept(&config)?;
-        report.restart_required =
-            restart_required(&old_table, &new_table, &old, &config, mqtt_open);
+        report.restart_required = restart_required(
+            &self.started_table,
+            &new_table,
+            &self.started,
+            &config,
+            mqtt_open,
+        );
         keep_start_settings(&mut config, &old, mqtt_open);
         report.webhooks_changed = old_table.get("webhooks") != new_table.get("webhooks");
 

@@ -214,6 +214,11 @@ deadband = 1
         device_ids(http).await,
         ["gas-01", "gas-03", "smoke-01", "temp-01"]
     );
+    // The retention still runs with its start value, so a second reload lists it again.
+    let (status, body) = reload(http, ADMIN).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restart_required"], json!(["storage.retention"]));
+    assert_eq!(body["start_problems"], json!([]));
 
     // The removed device's alarm stays in the list, unchanged.
     let after = alarms_of(http, "gas-02").await;
@@ -266,6 +271,50 @@ async fn reload_moves_webhook_deliveries() {
         at_first,
         [json!("gas-01")],
         "the old URL gets nothing after the reload"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reports_what_would_stop_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let files = write_config(dir.path(), &config_text(), &receiver.url());
+    let server = start_from_file(&files).await;
+    let http = server.http_addr;
+
+    // A certificate file that is not PEM: `run` would refuse to start with it.
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    std::fs::write(&key, "not a key\n").unwrap();
+    let text = format!(
+        "{}\n[api]\ntls_cert = {:?}\ntls_key = {:?}\n",
+        config_text(),
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    write_config(dir.path(), &text, &receiver.url());
+    let (status, body) = reload(http, ADMIN).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["restart_required"],
+        json!(["api.tls_cert", "api.tls_key"])
+    );
+    let problems = body["start_problems"].as_array().unwrap();
+    let keys: Vec<&str> = problems
+        .iter()
+        .map(|p| p["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["api.tls_cert", "api.tls_key"], "{body}");
+    let message = problems[0]["message"].as_str().unwrap();
+    assert!(message.contains("contains no certificate"), "{message}");
+    assert!(problems[0]["line"].as_u64().unwrap() > 0, "{body}");
+
+    // The server keeps serving plain HTTP with the running settings.
+    assert_eq!(
+        device_ids(http).await,
+        ["gas-01", "gas-02", "smoke-01", "temp-01"]
     );
     server.shutdown().await;
 }
