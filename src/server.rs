@@ -187,10 +187,11 @@ impl Server {
         // they arrive, so a start that failed after it had opened could lose them.
         let listener = tokio::net::TcpListener::bind(config.server.http_listen)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot listen for HTTP on {}; free the port or set --http-listen",
-                    config.server.http_listen
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen for HTTP on {}: {e}; {}",
+                    config.server.http_listen,
+                    crate::security::bind_fix(&e, crate::security::HTTP_LISTEN_SETTING)
                 )
             })?;
         let mqtt_tls_listener = bind_mqtt_tls(&config, mqtt_tls.clone()).await?;
@@ -370,14 +371,12 @@ async fn bind_mqtt_tls(
     let (Some(listen), Some(tls)) = (config.mqtt.tls_listen, tls) else {
         return Ok(None);
     };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for MQTT over TLS on {listen}; free the port or change [mqtt] \
-                 tls_listen"
-            )
-        })?;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen for MQTT over TLS on {listen}: {e}; {}",
+            crate::security::bind_fix(&e, crate::security::MQTT_TLS_LISTEN_SETTING)
+        )
+    })?;
     Ok(Some((listener, tls)))
 }
 

@@ -212,6 +212,53 @@ fn run_rejects_listeners_on_one_port() {
 }
 
 #[test]
+fn run_names_the_setting_of_a_port_in_use() {
+    let data = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().to_string();
+    let cases = [
+        (
+            [
+                "--http-listen",
+                port.as_str(),
+                "--mqtt-listen",
+                "127.0.0.1:0",
+            ],
+            format!(
+                "cannot listen for HTTP on {port}: Address already in use (os error 98); another \
+                 process holds the port; stop it or change [server] http_listen, --http-listen \
+                 or STONELION_HTTP_LISTEN"
+            ),
+        ),
+        (
+            [
+                "--http-listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                port.as_str(),
+            ],
+            format!(
+                "cannot listen for MQTT on {port}: Address already in use (os error 98); another \
+                 process holds the port; stop it or change [server] mqtt_listen, --mqtt-listen \
+                 or STONELION_MQTT_LISTEN"
+            ),
+        ),
+    ];
+    for (listen, message) in cases {
+        let mut args = vec!["run", "--data-dir", data.path().to_str().unwrap()];
+        args.extend(listen);
+        let output = stonelion(&args, "");
+        assert!(
+            !output.status.success(),
+            "`run {}` started",
+            listen.join(" ")
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&message), "{stderr}");
+    }
+}
+
+#[test]
 fn run_rejects_open_wildcard_listener() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap();

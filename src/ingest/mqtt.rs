@@ -57,8 +57,13 @@ pub struct EmbeddedBroker {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot listen for MQTT on {addr}: {reason}; free the port or set --mqtt-listen")]
-    Listen { addr: SocketAddr, reason: String },
+    /// `fix` names the settings that choose the address.
+    #[error("cannot listen for MQTT on {addr}: {reason}; {fix}")]
+    Listen {
+        addr: SocketAddr,
+        reason: String,
+        fix: String,
+    },
     #[error("cannot open the in-process link to the broker: {0}")]
     Link(String),
 }
@@ -107,6 +112,10 @@ impl EmbeddedBroker {
         Err(BrokerError::Listen {
             addr: settings.listen,
             reason: last_error,
+            fix: format!(
+                "free the port or change {}",
+                crate::security::MQTT_LISTEN_SETTING
+            ),
         })
     }
 
@@ -175,14 +184,13 @@ pub fn broker_payload_limit(ingest_limit: usize) -> usize {
 
 /// Checks that the address is free, choosing a free port for port 0.
 fn resolve_port(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
-    let probe = std::net::TcpListener::bind(listen).map_err(|e| BrokerError::Listen {
+    let error = |e: std::io::Error| BrokerError::Listen {
         addr: listen,
         reason: e.to_string(),
-    })?;
-    probe.local_addr().map_err(|e| BrokerError::Listen {
-        addr: listen,
-        reason: e.to_string(),
-    })
+        fix: crate::security::bind_fix(&e, crate::security::MQTT_LISTEN_SETTING),
+    };
+    let probe = std::net::TcpListener::bind(listen).map_err(error)?;
+    probe.local_addr().map_err(error)
 }
 
 /// Waits until the listener has bound its port, or the listener task reports an error.

@@ -163,6 +163,34 @@ pub fn ipv6_only() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|value| value.trim() == "1")
 }
 
+/// The settings that choose the HTTP listener's address.
+pub const HTTP_LISTEN_SETTING: &str =
+    "[server] http_listen, --http-listen or STONELION_HTTP_LISTEN";
+/// The settings that choose the MQTT listener's address.
+pub const MQTT_LISTEN_SETTING: &str =
+    "[server] mqtt_listen, --mqtt-listen or STONELION_MQTT_LISTEN";
+/// The setting that chooses the MQTT over TLS listener's address.
+pub const MQTT_TLS_LISTEN_SETTING: &str = "[mqtt] tls_listen";
+
+/// Returns the fix for a listener that could not bind its address, which `setting`
+/// chooses.
+pub fn bind_fix(error: &std::io::Error, setting: &str) -> String {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::AddrInUse => {
+            format!("another process holds the port; stop it or change {setting}")
+        }
+        ErrorKind::AddrNotAvailable => {
+            format!("the address is not one of this host's; change {setting}")
+        }
+        ErrorKind::PermissionDenied => format!(
+            "ports below 1024 need the CAP_NET_BIND_SERVICE capability; grant it or change \
+             {setting}"
+        ),
+        _ => format!("this system cannot listen on the address; change {setting}"),
+    }
+}
+
 /// Rejects open listeners beyond loopback and listeners that share a port, and logs a WARN
 /// for each open loopback listener.
 ///
@@ -255,13 +283,13 @@ impl Listeners {
             NamedListener {
                 name: "HTTP listener",
                 addr: self.http_listen,
-                setting: "[server] http_listen, --http-listen or STONELION_HTTP_LISTEN",
+                setting: HTTP_LISTEN_SETTING,
                 key: "server.http_listen",
             },
             NamedListener {
                 name: "MQTT listener",
                 addr: self.mqtt_listen,
-                setting: "[server] mqtt_listen, --mqtt-listen or STONELION_MQTT_LISTEN",
+                setting: MQTT_LISTEN_SETTING,
                 key: "server.mqtt_listen",
             },
         ];
@@ -269,7 +297,7 @@ impl Listeners {
             named.push(NamedListener {
                 name: "MQTT over TLS listener",
                 addr,
-                setting: "[mqtt] tls_listen",
+                setting: MQTT_TLS_LISTEN_SETTING,
                 key: "mqtt.tls_listen",
             });
         }
@@ -388,6 +416,19 @@ mod tests {
             let problems = listeners(http, mqtt, tls).problems();
             assert!(problems.is_empty(), "{http} {mqtt} {tls:?}: {problems:?}");
         }
+    }
+
+    #[test]
+    fn bind_fix_follows_the_cause() {
+        use std::io::{Error, ErrorKind};
+        let fix = |kind| bind_fix(&Error::from(kind), MQTT_TLS_LISTEN_SETTING);
+        assert_eq!(
+            fix(ErrorKind::AddrInUse),
+            "another process holds the port; stop it or change [mqtt] tls_listen"
+        );
+        assert!(fix(ErrorKind::AddrNotAvailable).starts_with("the address is not one"));
+        assert!(fix(ErrorKind::PermissionDenied).contains("CAP_NET_BIND_SERVICE"));
+        assert!(fix(ErrorKind::InvalidInput).ends_with("change [mqtt] tls_listen"));
     }
 
     #[test]
