@@ -175,6 +175,8 @@ pub struct Reloader {
     /// `restart_required` compares with.
     started_table: toml::Table,
     started: Arc<Config>,
+    /// Digests of the TLS files when the server started, by key; see [`tls_digests`].
+    started_tls: Vec<(&'static str, Option<[u8; 32]>)>,
 }
 
 /// The running parts a [`Reloader`] replaces.
@@ -195,6 +197,7 @@ impl Reloader {
     pub fn new(parts: ReloaderParts) -> Self {
         let started_table = toml::from_str(&parts.file_text).unwrap_or_default();
         let started = parts.config.load();
+        let started_tls = tls_digests(&started);
         let applied = Applied {
             file_text: parts.file_text,
             managed: parts.managed,
@@ -210,6 +213,7 @@ impl Reloader {
             mqtt: parts.mqtt,
             started_table,
             started,
+            started_tls,
         }
     }
 
@@ -233,12 +237,7 @@ impl Reloader {
         let file = self.file()?;
         let mut applied = self.applied.lock().await;
         let loaded = managed::load(file).map_err(AdminError::Invalid)?;
-        let mut start_problems =
-            crate::config::check_start(&loaded.file_text, Some(&loaded.config));
-        start_problems.extend(crate::config::file_problems(
-            &loaded.file_text,
-            &loaded.config,
-        ));
+        let start_problems = start_problems(file, &loaded.file_text, &loaded.config);
         let mut report = self
             .apply(
                 &mut applied,
@@ -380,6 +379,14 @@ impl Reloader {
             &config,
             mqtt_open,
         );
+        for (key, digest) in tls_digests(&config) {
+            let started = self.started_tls.iter().find(|(k, _)| *k == key);
+            if started.is_some_and(|(_, before)| *before != digest)
+                && !report.restart_required.iter().any(|k| k == key)
+            {
+                report.restart_required.push(key.to_owned());
+            }
+        }
         keep_start_settings(&mut config, &old, mqtt_open);
         report.webhooks_changed = old_table.get("webhooks") != new_table.get("webhooks");
 
@@ -434,6 +441,57 @@ impl Reloader {
     pub async fn stop_webhooks(&self) {
         self.applied.lock().await.webhooks.stop().await;
     }
+}
+
+/// Returns what `check-config` reports about the start-only settings of a reloaded file
+/// and that would stop the next start. Listen addresses are those the server runs with:
+/// a problem of an address that a flag or environment variable sets has no line,
+/// because the file's line shows another value.
+fn start_problems(file: &ConfigFile, text: &str, config: &Config) -> Vec<ConfigProblem> {
+    let mut problems = crate::config::check_start(text, Some(config));
+    for problem in &mut problems {
+        let overridden = match problem.key.as_str() {
+            "server.http_listen" if file.overrides.http_listen.is_some() => {
+                "--http-listen or STONELION_HTTP_LISTEN"
+            }
+            "server.mqtt_listen" if file.overrides.mqtt_listen.is_some() => {
+                "--mqtt-listen or STONELION_MQTT_LISTEN"
+            }
+            _ => continue,
+        };
+        problem.line = 0;
+        problem.message = format!(
+            "{} (the address comes from {overridden}, which overrides the file)",
+            problem.message
+        );
+    }
+    problems.extend(crate::config::unopenable_files(text, config));
+    problems.extend(crate::config::file_problems(text, config));
+    problems
+}
+
+/// Returns the SHA-256 digest of each TLS file that `config` names, by key, or `None` for
+/// a file that cannot be read. The server reads these files only at start, so a file
+/// replaced since then is listed in `restart_required`.
+fn tls_digests(config: &Config) -> Vec<(&'static str, Option<[u8; 32]>)> {
+    use sha2::{Digest as _, Sha256};
+    let files = [
+        ("api.tls_cert", &config.api.tls_cert),
+        ("api.tls_key", &config.api.tls_key),
+        ("api.tls_client_ca", &config.api.tls_client_ca),
+        ("mqtt.tls_cert", &config.mqtt.tls_cert),
+        ("mqtt.tls_key", &config.mqtt.tls_key),
+        ("mqtt.tls_client_ca", &config.mqtt.tls_client_ca),
+    ];
+    files
+        .into_iter()
+        .filter_map(|(key, path)| {
+            let path = path.as_deref()?;
+            let bytes =
+                crate::files::read_limited(path, crate::security::tls::MAX_TLS_FILE_BYTES).ok();
+            Some((key, bytes.map(|bytes| Sha256::digest(&bytes).into())))
+        })
+        .collect()
 }
 
 fn reject_file_device(file: &ConfigFile, file_text: &str, id: &str) -> Result<(), AdminError> {
@@ -579,6 +637,41 @@ password_hash = "{HASH_A}"
 sites = {sites}
 "#
         )
+    }
+
+    #[test]
+    fn overridden_address_problem_has_no_line() {
+        // No API token, so an API beyond loopback would be open.
+        let text = "[server]\nhttp_listen = \"127.0.0.1:8080\"\n".to_owned() + &file("[\"plant-a\"]");
+        let file = ConfigFile {
+            path: PathBuf::from("stonelion.toml"),
+            overrides: crate::config::Overrides {
+                http_listen: Some("0.0.0.0:8080".parse().unwrap()),
+                ..Default::default()
+            },
+        };
+        let mut config = crate::config::parse(&text, builtin_profiles()).unwrap();
+        file.overrides.apply(&mut config.server);
+        let problems = start_problems(&file, &text, &config);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "server.http_listen");
+        assert_eq!(problems[0].line, 0);
+        assert!(
+            problems[0].message.ends_with(
+                "(the address comes from --http-listen or STONELION_HTTP_LISTEN, which \
+                 overrides the file)"
+            ),
+            "{}",
+            problems[0].message
+        );
+
+        // Without the flag, the file's own address is fine.
+        let config = crate::config::parse(&text, builtin_profiles()).unwrap();
+        let file = ConfigFile {
+            path: file.path,
+            overrides: crate::config::Overrides::default(),
+        };
+        assert!(start_problems(&file, &text, &config).is_empty());
     }
 
     #[test]

@@ -311,11 +311,65 @@ async fn reload_reports_what_would_stop_the_next_start() {
     assert!(message.contains("contains no certificate"), "{message}");
     assert!(problems[0]["line"].as_u64().unwrap() > 0, "{body}");
 
+    // A missing file stops the next start too.
+    std::fs::remove_file(&key).unwrap();
+    let (status, body) = reload(http, ADMIN).await;
+    assert_eq!(status, 200, "{body}");
+    let problems = body["start_problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|p| p["key"] == "api.tls_key"
+            && p["message"]
+                .as_str()
+                .unwrap()
+                .contains("`run` fails to start unless the file exists then")),
+        "{body}"
+    );
+
     // The server keeps serving plain HTTP with the running settings.
     assert_eq!(
         device_ids(http).await,
         ["gas-01", "gas-02", "smoke-01", "temp-01"]
     );
+    server.shutdown().await;
+}
+
+/// Writes a self-signed certificate for 127.0.0.1 and its key.
+fn write_certificate(cert: &Path, key: &Path) {
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    std::fs::write(cert, params.self_signed(&pair).unwrap().pem()).unwrap();
+    std::fs::write(key, pair.serialize_pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_lists_a_replaced_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let (cert, key) = (dir.path().join("mqtt.pem"), dir.path().join("mqtt.key"));
+    write_certificate(&cert, &key);
+    let text = format!(
+        "{}\n[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+        config_text(),
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let files = write_config(dir.path(), &text, &receiver.url());
+    let server = start_from_file(&files).await;
+    let http = server.http_addr;
+    let (status, body) = reload(http, ADMIN).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restart_required"], json!([]), "{body}");
+
+    // The listener keeps the certificate it read at start, so the new one needs a restart.
+    write_certificate(&cert, &key);
+    let (status, body) = reload(http, ADMIN).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["restart_required"],
+        json!(["mqtt.tls_cert", "mqtt.tls_key"]),
+        "{body}"
+    );
+    assert_eq!(body["start_problems"], json!([]), "{body}");
     server.shutdown().await;
 }
 

@@ -443,22 +443,39 @@ pub fn file_warnings(text: &str, config: &Config) -> Vec<ConfigProblem> {
         {
             checker.push(None, key, warning);
         }
-        if let Err(e) = open_check(path) {
-            let fix = match e.kind() {
-                std::io::ErrorKind::NotFound => "`run` fails to start unless the file exists then",
-                std::io::ErrorKind::PermissionDenied => {
-                    "`run` fails to start unless the user that runs Stonelion can read it"
-                }
-                _ => "`run` fails to start unless the path names a readable file then",
-            };
-            checker.push(
-                None,
-                key,
-                format!("cannot open {}: {e}; {fix}", path.display()),
-            );
+        if let Some(warning) = open_warning(path) {
+            checker.push(None, key, warning);
         }
     }
     checker.problems
+}
+
+/// Returns a problem for each TLS file named in `config` that cannot be opened now. For a
+/// running server these stop the next start; [`file_warnings`] lists them as warnings.
+pub fn unopenable_files(text: &str, config: &Config) -> Vec<ConfigProblem> {
+    let mut checker = Checker::new(text);
+    if let Ok(document) = check::parse_document(text) {
+        checker.index_document(&document);
+    }
+    for (key, path) in tls_files(config) {
+        if let Some(problem) = path.as_deref().and_then(open_warning) {
+            checker.push(None, key, problem);
+        }
+    }
+    checker.problems
+}
+
+/// Describes why `path` cannot be opened now, if it cannot.
+fn open_warning(path: &Path) -> Option<String> {
+    let e = open_check(path).err()?;
+    let fix = match e.kind() {
+        std::io::ErrorKind::NotFound => "`run` fails to start unless the file exists then",
+        std::io::ErrorKind::PermissionDenied => {
+            "`run` fails to start unless the user that runs Stonelion can read it"
+        }
+        _ => "`run` fails to start unless the path names a readable file then",
+    };
+    Some(format!("cannot open {}: {e}; {fix}", path.display()))
 }
 
 /// Returns a problem for each TLS file that can be opened now but that `run` could not

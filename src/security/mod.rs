@@ -184,8 +184,8 @@ pub fn bind_fix(error: &std::io::Error, setting: &str) -> String {
             format!("the address is not one of this host's; change {setting}")
         }
         ErrorKind::PermissionDenied => format!(
-            "ports below 1024 need the CAP_NET_BIND_SERVICE capability; grant it or change \
-             {setting}"
+            "ports below net.ipv4.ip_unprivileged_port_start (1024 by default) need the \
+             CAP_NET_BIND_SERVICE capability; grant it or change {setting}"
         ),
         _ => format!("this system cannot listen on the address; change {setting}"),
     }
