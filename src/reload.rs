@@ -379,6 +379,16 @@ impl Reloader {
             &config,
             mqtt_open,
         );
+        // A restart with the same flags and environment keeps their values.
+        if let Some(file) = &self.file {
+            let overrides = &file.overrides;
+            report.restart_required.retain(|key| match key.as_str() {
+                "server.http_listen" => overrides.http_listen.is_none(),
+                "server.mqtt_listen" => overrides.mqtt_listen.is_none(),
+                "server.data_dir" => overrides.data_dir.is_none(),
+                _ => true,
+            });
+        }
         for (key, digest) in tls_digests(&config) {
             let started = self.started_tls.iter().find(|(k, _)| *k == key);
             if started.is_some_and(|(_, before)| *before != digest)
@@ -642,7 +652,8 @@ sites = {sites}
     #[test]
     fn overridden_address_problem_has_no_line() {
         // No API token, so an API beyond loopback would be open.
-        let text = "[server]\nhttp_listen = \"127.0.0.1:8080\"\n".to_owned() + &file("[\"plant-a\"]");
+        let text =
+            "[server]\nhttp_listen = \"127.0.0.1:8080\"\n".to_owned() + &file("[\"plant-a\"]");
         let file = ConfigFile {
             path: PathBuf::from("stonelion.toml"),
             overrides: crate::config::Overrides {

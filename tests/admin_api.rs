@@ -220,6 +220,21 @@ deadband = 1
     assert_eq!(body["restart_required"], json!(["storage.retention"]));
     assert_eq!(body["start_problems"], json!([]));
 
+    // The test's flags set the listen addresses, so changing them in the file needs no
+    // restart.
+    assert!(text.contains("[storage]") && !text.contains("[server]"));
+    write_config(
+        dir.path(),
+        &text.replace(
+            "[storage]",
+            "[server]\nmqtt_listen = \"127.0.0.1:1884\"\n\n[storage]",
+        ),
+        &receiver.url(),
+    );
+    let (status, body) = reload(http, ADMIN).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restart_required"], json!(["storage.retention"]));
+
     // The removed device's alarm stays in the list, unchanged.
     let after = alarms_of(http, "gas-02").await;
     assert_eq!(after.len(), 1, "{after:?}");
