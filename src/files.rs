@@ -114,7 +114,7 @@ mod tests {
     }
 
     #[test]
-    fn each_error_ends_with_one_fix() {
+    fn errors_end_with_one_fix() {
         let denied = io::Error::from(io::ErrorKind::PermissionDenied);
         assert!(with_fix(&denied).ends_with("; let the user that runs Stonelion read it"));
         let missing = io::Error::from(io::ErrorKind::NotFound);

@@ -175,7 +175,7 @@ pub struct Reloader {
     /// `restart_required` compares with.
     started_table: toml::Table,
     started: Arc<Config>,
-    /// Digests of the TLS files when the server started, by key; see [`tls_digests`].
+    /// Digests of the TLS files, by key, when the server started (see [`tls_digests`]).
     started_tls: Vec<(&'static str, Option<[u8; 32]>)>,
 }
 
@@ -483,17 +483,12 @@ fn start_problems(file: &ConfigFile, text: &str, config: &Config) -> Vec<ConfigP
 /// Returns the SHA-256 digest of each TLS file that `config` names, by key, or `None` for
 /// a file that cannot be read. The server reads these files only at start, so a file
 /// replaced since then is listed in `restart_required`.
+///
+/// NOTE: the start checks read these files again, so a file replaced during a reload can
+/// be listed here while `start_problems` judged the old contents, or the reverse.
 fn tls_digests(config: &Config) -> Vec<(&'static str, Option<[u8; 32]>)> {
     use sha2::{Digest as _, Sha256};
-    let files = [
-        ("api.tls_cert", &config.api.tls_cert),
-        ("api.tls_key", &config.api.tls_key),
-        ("api.tls_client_ca", &config.api.tls_client_ca),
-        ("mqtt.tls_cert", &config.mqtt.tls_cert),
-        ("mqtt.tls_key", &config.mqtt.tls_key),
-        ("mqtt.tls_client_ca", &config.mqtt.tls_client_ca),
-    ];
-    files
+    crate::config::tls_files(config)
         .into_iter()
         .filter_map(|(key, path)| {
             let path = path.as_deref()?;

@@ -222,7 +222,8 @@ deadband = 1
 
     // The test's flags set the listen addresses, so changing them in the file needs no
     // restart.
-    assert!(text.contains("[storage]") && !text.contains("[server]"));
+    assert!(text.contains("[storage]"));
+    assert!(!text.contains("[server]"));
     write_config(
         dir.path(),
         &text.replace(
@@ -291,14 +292,14 @@ async fn reload_moves_webhook_deliveries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reload_reports_what_would_stop_the_next_start() {
+async fn reload_reports_start_problems() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start().await;
     let files = write_config(dir.path(), &config_text(), &receiver.url());
     let server = start_from_file(&files).await;
     let http = server.http_addr;
 
-    // A certificate file that is not PEM: `run` would refuse to start with it.
+    // A certificate file that is not PEM, which `run` rejects at start.
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, "not a certificate\n").unwrap();

@@ -212,10 +212,10 @@ fn run_rejects_listeners_on_one_port() {
 }
 
 #[test]
-fn run_names_the_setting_of_a_port_in_use() {
+fn run_port_in_use_names_setting() {
     let data = tempfile::tempdir().unwrap();
-    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = held.local_addr().unwrap().to_string();
+    let occupied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = occupied.local_addr().unwrap().to_string();
     let cases = [
         (
             [

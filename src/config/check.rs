@@ -99,7 +99,7 @@ impl<'a> Checker<'a> {
             + 1
     }
 
-    /// Whether the indexed document sets `key`, a dotted path such as
+    /// Returns whether the indexed document sets `key`, a dotted path such as
     /// `server.http_listen`.
     pub fn is_written(&self, key: &str) -> bool {
         self.index.exact(key).is_some()

@@ -552,7 +552,7 @@ fn open_check(path: &Path) -> std::io::Result<()> {
 }
 
 /// Returns the TLS files of `config`, by key.
-fn tls_files(config: &Config) -> [(&'static str, &Option<PathBuf>); 6] {
+pub fn tls_files(config: &Config) -> [(&'static str, &Option<PathBuf>); 6] {
     [
         ("api.tls_cert", &config.api.tls_cert),
         ("api.tls_key", &config.api.tls_key),

@@ -72,7 +72,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-/// A listener setting that `run` refuses: an open listener on an address that other hosts
+/// A listener setting that `run` rejects: an open listener on an address that other hosts
 /// can reach, or two listeners on one port.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
@@ -122,8 +122,8 @@ pub struct SharedPort {
 
 /// Returns each pair of `listeners` that cannot both be bound: the same port,
 /// on the same address or with one on every address of the other's family. With port 0
-/// the system picks a free port, so port 0 never collides. `ipv6_only` says whether a
-/// listener on `[::]` accepts IPv6 only; see [`ipv6_only`].
+/// the system picks a free port, so port 0 never collides. `ipv6_only` is true when a
+/// listener on `[::]` accepts IPv6 only (see [`ipv6_only`]).
 pub fn shared_ports(listeners: &[NamedListener], ipv6_only: bool) -> Vec<SharedPort> {
     let mut errors = Vec::new();
     for (i, &first) in listeners.iter().enumerate() {
@@ -149,7 +149,7 @@ pub fn shared_ports(listeners: &[NamedListener], ipv6_only: bool) -> Vec<SharedP
     errors
 }
 
-/// Whether a listener on `wildcard` takes the port of `addr` too: `0.0.0.0` takes it on
+/// Returns whether a listener on `wildcard` takes the port of `addr` too: `0.0.0.0` takes it on
 /// every IPv4 address, and `[::]` on every IPv6 address and, unless the system makes
 /// IPv6 sockets accept IPv6 only, every IPv4 address too.
 fn covers(wildcard: IpAddr, addr: IpAddr, ipv6_only: bool) -> bool {
@@ -157,7 +157,7 @@ fn covers(wildcard: IpAddr, addr: IpAddr, ipv6_only: bool) -> bool {
         && (wildcard.is_ipv6() == addr.is_ipv6() || (wildcard.is_ipv6() && !ipv6_only))
 }
 
-/// Whether new IPv6 sockets on this system accept IPv6 only (Linux's
+/// Returns whether new IPv6 sockets on this system accept IPv6 only (Linux's
 /// `net.ipv6.bindv6only`, off by default), so that `[::]` leaves IPv4 ports free.
 pub fn ipv6_only() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|value| value.trim() == "1")
@@ -339,7 +339,7 @@ mod tests {
     }
 
     #[test]
-    fn listeners_on_one_port_are_refused() {
+    fn listeners_on_one_port_rejected() {
         let problems = listeners("127.0.0.1:8080", "0.0.0.0:1883", Some("0.0.0.0:1883")).problems();
         assert_eq!(problems.len(), 1, "{problems:?}");
         let (key, error) = &problems[0];
@@ -394,9 +394,9 @@ mod tests {
         let addresses = ["127.0.0.1", "127.0.0.2", "[::1]", "[::ffff:127.0.0.1]"];
         for first in addresses {
             for second in addresses {
-                let held = std::net::TcpListener::bind(format!("{first}:0"))
+                let occupied = std::net::TcpListener::bind(format!("{first}:0"))
                     .unwrap_or_else(|e| panic!("cannot bind {first}: {e}"));
-                let port = held.local_addr().unwrap().port();
+                let port = occupied.local_addr().unwrap().port();
                 let a: SocketAddr = format!("{first}:{port}").parse().unwrap();
                 let b: SocketAddr = format!("{second}:{port}").parse().unwrap();
                 let binds = std::net::TcpListener::bind(b).is_ok();
