@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Write variants of TOML fuzz inputs, for merging into the `config` and `profile` corpora.
+
+For each `key = value` line of each UTF-8 input, one variant drops the line and one
+variant per replacement value puts that value in place of the old one. The replacements
+are values of every TOML type, integers at the edges of Modbus ranges, NaN and the
+infinities, and the enum strings of profiles and configs. So each key gets every type
+and every known value at least once, which libFuzzer reaches by chance only, one byte at
+a time.
+
+Usage: toml_variants.py CORPUS_DIR OUT_DIR
+Then keep only the variants that add coverage:
+  TARGET -merge=1 -set_cover_merge=1 -use_counters=0 corpus/TARGET OUT_DIR
+"""
+
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+REPLACEMENTS = [
+    # TOML types and the edges of integer and float ranges.
+    '"x"', '""', "0", "-1", "1", "2", "3", "125", "126", "65535", "65536", "-0.0", "1.5",
+    "1e308", "nan", "inf", "-inf", "true", "false", "[]", '["a"]', "[1, 2]", "{}",
+    "{ a = 1 }", "1979-05-27T07:32:00Z", "1979-05-27",
+    # Byte orders, rule kinds and durations.
+    '"ABCD"', '"CDAB"', '"BADC"', '"DCBA"', '"above"', '"below"', '"equals"', '"10s"',
+    '"0s"', '"1h"',
+    # Data types, metric kinds, register tables and register references.
+    '"u16"', '"i16"', '"u32"', '"i32"', '"f32"', '"u64"', '"i64"', '"f64"', '"bool"',
+    '"string"', '"number"', '"coil"', '"discrete_input"', '"input_register"',
+    '"holding_register"', '"40001"', '"30001"', '"10001"', '"00001"', '"40001.3"',
+]
+
+KEY_LINE = re.compile(r'^(\s*[A-Za-z0-9_."-]+\s*=\s*)(.*)$')
+
+
+def variants(text):
+    """Yields each text with one `key = value` line dropped or its value replaced."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        match = KEY_LINE.match(line)
+        if not match:
+            continue
+        before, after = lines[:index], lines[index + 1 :]
+        yield "\n".join(before + after)
+        for value in REPLACEMENTS:
+            yield "\n".join(before + [match.group(1) + value] + after)
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    corpus, out = Path(sys.argv[1]), Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    written = set()
+    for path in sorted(corpus.iterdir()):
+        try:
+            text = path.read_bytes().decode()
+        except UnicodeDecodeError:
+            continue
+        for variant in variants(text):
+            data = variant.encode()
+            name = hashlib.sha1(data).hexdigest()
+            if name not in written:
+                written.add(name)
+                (out / name).write_bytes(data)
+    print(f"{len(written)} variants written to {out}")
+
+
+if __name__ == "__main__":
+    main()
