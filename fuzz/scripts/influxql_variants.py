@@ -69,7 +69,7 @@ def replacements(token, next_char, keywords):
         return keywords
     if re.fullmatch(r'\w+|".*"', token):
         return NAMES + FUNCTIONS[:5]
-    if token.startswith("'") or token.startswith("/"):
+    if token.startswith("'") or (token.startswith("/") and len(token) > 1):
         return LITERALS
     return OPERATORS
 
@@ -78,7 +78,13 @@ def main():
     if len(sys.argv) != 5:
         sys.exit(__doc__)
     corpus, dictionary, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    if not sys.argv[4].isdigit():
+        sys.exit(f"LIMIT {sys.argv[4]!r} is invalid; write a number of variants such as 150000")
     limit = int(sys.argv[4])
+    if not corpus.is_dir():
+        sys.exit(f"corpus folder {corpus} not found; name a folder of fuzz inputs")
+    if not dictionary.is_file():
+        sys.exit(f"dictionary {dictionary} not found; name a libFuzzer dictionary file")
     entries = [
         line.strip().strip('"').strip()
         for line in dictionary.read_text().splitlines()

@@ -44,20 +44,25 @@ def variants(text):
             continue
         before, after = lines[:index], lines[index + 1 :]
         yield "\n".join(before + after)
+        ending = "\r" if line.endswith("\r") else ""
         for value in REPLACEMENTS:
-            yield "\n".join(before + [match.group(1) + value] + after)
+            yield "\n".join(before + [match.group(1) + value + ending] + after)
 
 
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     corpus, out = Path(sys.argv[1]), Path(sys.argv[2])
+    if not corpus.is_dir():
+        sys.exit(f"corpus folder {corpus} not found; name a folder of fuzz inputs")
     out.mkdir(parents=True, exist_ok=True)
     written = set()
+    skipped = 0
     for path in sorted(corpus.iterdir()):
         try:
             text = path.read_bytes().decode()
         except UnicodeDecodeError:
+            skipped += 1
             continue
         for variant in variants(text):
             data = variant.encode()
@@ -65,7 +70,7 @@ def main():
             if name not in written:
                 written.add(name)
                 (out / name).write_bytes(data)
-    print(f"{len(written)} variants written to {out}")
+    print(f"{len(written)} variants written to {out}; {skipped} inputs not UTF-8, skipped")
 
 
 if __name__ == "__main__":
