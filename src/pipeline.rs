@@ -294,7 +294,10 @@ impl Pipeline {
                     });
                 }
                 let state = states.entry(reading.device.clone()).or_default();
-                if state.online != Some(true) && !came_online.contains(&reading.device) {
+                // Set under the same lock as the latest values, so the API shows a new
+                // reading and the device online together.
+                if state.online != Some(true) {
+                    state.online = Some(true);
                     came_online.push(reading.device.clone());
                 }
                 // Server time, so a device clock running ahead cannot keep it online.
@@ -321,8 +324,11 @@ impl Pipeline {
         } else {
             self.store_points(points, metrics)
         };
+        if !came_online.is_empty() {
+            self.update_gauges(metrics);
+        }
         for device in came_online {
-            self.set_liveness(&device, true, &LivenessCause::Reading, metrics)
+            self.announce_liveness(&device, true, &LivenessCause::Reading, metrics)
                 .await;
         }
         // Rules run on readings even when storage failed: an alarm must not wait for a disk.
@@ -553,9 +559,20 @@ impl Pipeline {
             changed
         };
         self.update_gauges(metrics);
-        if !changed {
-            return;
+        if changed {
+            self.announce_liveness(device, online, cause, metrics).await;
         }
+    }
+
+    /// Stores, logs and sends to the alarm stage a liveness change that `states` already
+    /// holds.
+    async fn announce_liveness(
+        &self,
+        device: &DeviceId,
+        online: bool,
+        cause: &LivenessCause,
+        metrics: &PipelineMetrics,
+    ) {
         if let Some(point) = self.status_point(&self.directory.load(), device, online) {
             let _ = self.store_points(vec![point], metrics);
         }
