@@ -88,6 +88,41 @@ fn corpus_mqtt_guard() {
     replay("mqtt_guard", targets::mqtt_guard);
 }
 
+/// Fails when a seed named after a shipped file differs from that file. A stale seed
+/// leaves the fuzzer to rediscover, one byte at a time, every key added since it was
+/// copied.
+#[test]
+fn seeds_match_shipped_files() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pairs = vec![
+        (
+            "stonelion.example.toml".to_string(),
+            "fuzz/corpus/config/example.toml".to_string(),
+        ),
+        (
+            "src/demo/demo.toml".to_string(),
+            "fuzz/corpus/config/demo.toml".to_string(),
+        ),
+    ];
+    for entry in std::fs::read_dir(root.join("device-profiles")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".toml") {
+            pairs.push((
+                format!("device-profiles/{name}"),
+                format!("fuzz/corpus/profile/{name}"),
+            ));
+        }
+    }
+    for (shipped, seed) in pairs {
+        let expected = std::fs::read(root.join(&shipped)).unwrap();
+        let found = std::fs::read(root.join(&seed)).unwrap_or_default();
+        assert!(
+            found == expected,
+            "the fuzz seed {seed} differs from {shipped}; copy it: cp {shipped} {seed}"
+        );
+    }
+}
+
 #[test]
 fn certificate_cn_string_types_read() {
     // A BMPString common name was read as UTF-8, so "gas-01" came out as
