@@ -6,7 +6,8 @@ variant per replacement value puts that value in place of the old one. The repla
 are values of every TOML type, integers at the edges of Modbus ranges, NaN and the
 infinities, and the enum strings of profiles and configs. So each key gets every type
 and every known value at least once, which libFuzzer reaches by chance only, one byte at
-a time.
+a time. Commented-out keys and tables, such as the optional sections of the example
+config, are uncommented one line at a time and one block of adjacent lines at a time.
 
 Usage: toml_variants.py CORPUS_DIR OUT_DIR
 Then keep only the variants that add coverage:
@@ -33,11 +34,24 @@ REPLACEMENTS = [
 ]
 
 KEY_LINE = re.compile(r'^(\s*[A-Za-z0-9_."-]+\s*=\s*)(.*)$')
+COMMENTED_LINE = re.compile(r'^\s*#\s?(\s*(\[.*\]|[A-Za-z0-9_."-]+\s*=.*))$')
 
 
 def variants(text):
-    """Yields each text with one `key = value` line dropped or its value replaced."""
+    """Yields each text with one `key = value` line dropped or its value replaced, or with
+    commented-out TOML lines uncommented."""
     lines = text.split("\n")
+    block = []
+    for index, line in enumerate(lines + [""]):
+        match = COMMENTED_LINE.match(line)
+        if match:
+            block.append(index)
+            yield "\n".join(lines[:index] + [match.group(1)] + lines[index + 1 :])
+            continue
+        if len(block) > 1:
+            uncommented = [COMMENTED_LINE.match(lines[i]).group(1) for i in block]
+            yield "\n".join(lines[: block[0]] + uncommented + lines[index:])
+        block = []
     for index, line in enumerate(lines):
         match = KEY_LINE.match(line)
         if not match:
