@@ -34,7 +34,8 @@ REPLACEMENTS = [
 ]
 
 KEY_LINE = re.compile(r'^(\s*[A-Za-z0-9_."-]+\s*=\s*)(.*)$')
-COMMENTED_LINE = re.compile(r'^\s*#\s?(\s*(\[.*\]|[A-Za-z0-9_."-]+\s*=.*))$')
+# A table header may end in a comment or, in a CRLF file, a carriage return.
+COMMENTED_LINE = re.compile(r'^\s*#\s?(\s*(\[.*|[A-Za-z0-9_."-]+\s*=.*))$')
 
 
 def variants(text):
@@ -48,9 +49,13 @@ def variants(text):
             block.append(index)
             yield "\n".join(lines[:index] + [match.group(1)] + lines[index + 1 :])
             continue
-        if len(block) > 1:
-            uncommented = [COMMENTED_LINE.match(lines[i]).group(1) for i in block]
-            yield "\n".join(lines[: block[0]] + uncommented + lines[index:])
+        # The whole block, and the part of it from each table header on: the keys before
+        # a header may repeat keys of the table above the block.
+        starts = [block[0]] if len(block) > 1 else []
+        starts += [i for i in block[1:] if lines[i].lstrip(" \t#").startswith("[")]
+        for start in starts:
+            uncommented = [COMMENTED_LINE.match(lines[i]).group(1) for i in block if i >= start]
+            yield "\n".join(lines[:start] + uncommented + lines[index:])
         block = []
     for index, line in enumerate(lines):
         match = KEY_LINE.match(line)
@@ -68,11 +73,16 @@ def main():
         sys.exit(__doc__)
     corpus, out = Path(sys.argv[1]), Path(sys.argv[2])
     if not corpus.is_dir():
-        sys.exit(f"corpus folder {corpus} not found; name a folder of fuzz inputs")
-    out.mkdir(parents=True, exist_ok=True)
+        sys.exit(f"corpus folder {corpus} not found or not a folder; name a folder of fuzz inputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"cannot create the output folder {out}: {error.strerror}; name a new folder")
     written = set()
     skipped = 0
     for path in sorted(corpus.iterdir()):
+        if not path.is_file():
+            continue
         try:
             text = path.read_bytes().decode()
         except UnicodeDecodeError:
