@@ -53,6 +53,9 @@ for ((generation = 1; generation <= max; generation++)); do
     break
   fi
   ls "$corpus" | sort > "$work/before"
+  # libFuzzer resumes from an existing control file, whose list names the files of the
+  # generation before.
+  rm -f "$work/merge-control"
   # Run the merge in the background, so that Ctrl-C stops it rather than waiting for it.
   "$binary" -merge=1 -set_cover_merge=1 -use_counters=0 -rss_limit_mb=4096 \
     -merge_control_file="$work/merge-control" -artifact_prefix="$work/artifacts/" \
