@@ -564,8 +564,8 @@ impl Pipeline {
         }
     }
 
-    /// Stores, logs and sends to the alarm stage a liveness change that `states` already
-    /// holds.
+    /// Stores, logs and sends to the alarm stage a liveness change that is already recorded
+    /// in `states`.
     async fn announce_liveness(
         &self,
         device: &DeviceId,

@@ -7,7 +7,7 @@ are values of every TOML type, integers at the edges of Modbus ranges, NaN and t
 infinities, and the enum strings of profiles and configs. So each key gets every type
 and every known value at least once, which libFuzzer reaches by chance only, one byte at
 a time. Commented-out keys and tables, such as the optional sections of the example
-config, are uncommented one line at a time and one block of adjacent lines at a time.
+config, are uncommented one line at a time, and also as blocks of adjacent lines.
 
 Usage: toml_variants.py CORPUS_DIR OUT_DIR
 Then keep only the variants that add coverage:
@@ -35,6 +35,8 @@ REPLACEMENTS = [
 
 KEY_LINE = re.compile(r'^(\s*[A-Za-z0-9_."-]+\s*=\s*)(.*)$')
 # A table header may end in a comment or, in a CRLF file, a carriage return.
+# NOTE: prose such as "# 0 = off" matches too, and a commented multi-line array is
+# uncommented on its first line only. Both give invalid TOML, which reaches parse errors only.
 COMMENTED_LINE = re.compile(r'^\s*#\s?(\s*(\[.*|[A-Za-z0-9_."-]+\s*=.*))$')
 
 
@@ -49,8 +51,8 @@ def variants(text):
             block.append(index)
             yield "\n".join(lines[:index] + [match.group(1)] + lines[index + 1 :])
             continue
-        # The whole block, and the part of it from each table header on: the keys before
-        # a header may repeat keys of the table above the block.
+        # Uncomment the whole block, and also its part from each table header on, because
+        # keys before a header may repeat keys of the table above the block.
         starts = [block[0]] if len(block) > 1 else []
         starts += [i for i in block[1:] if lines[i].lstrip(" \t#").startswith("[")]
         for start in starts:

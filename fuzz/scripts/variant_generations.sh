@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Merges variants of SEED_DIR's inputs into fuzz/corpus/TARGET, then variants of the
-# inputs that the merge kept, and so on: each generation starts from the inputs the one
-# before added. It stops when a generation adds nothing, or after MAX generations.
-# The corpus folder is changed in place; the seeds themselves are not added.
+# inputs that this merge kept, and so on. Each generation starts from the inputs that the
+# one before added, and the run stops when a generation adds nothing or after MAX
+# generations. The corpus folder changes in place, and the seeds themselves are not added.
 #
 # Usage: fuzz/scripts/variant_generations.sh TARGET SEED_DIR [MAX]
 #   TARGET is config, profile or influxql; MAX defaults to 50.
@@ -53,8 +53,8 @@ for ((generation = 1; generation <= max; generation++)); do
     break
   fi
   ls "$corpus" | sort > "$work/before"
-  # libFuzzer resumes from an existing control file, whose list names the files of the
-  # generation before.
+  # libFuzzer resumes a merge from an existing control file, which lists the previous
+  # generation's files.
   rm -f "$work/merge-control"
   # Run the merge in the background, so that Ctrl-C stops it rather than waiting for it.
   "$binary" -merge=1 -set_cover_merge=1 -use_counters=0 -rss_limit_mb=4096 \
@@ -64,22 +64,21 @@ for ((generation = 1; generation <= max; generation++)); do
   status=0
   wait "$merge_pid" || status=$?
   merge_pid=""
-  # libFuzzer restarts a merge whose inner process crashed and reports success, so a
-  # crash shows only in the log.
+  # libFuzzer restarts a merge whose inner process crashed and then reports success, so
+  # a crash shows only in the log.
   if [[ $status -ne 0 ]] || grep -qE 'deadly signal|panicked|successful in ([2-9]|[0-9]{2,}) attempt' "$work/merge.log"; then
     kept_log=$(mktemp "/tmp/variant-merge-$target.XXXXXX.log")
     cp "$work/merge.log" "$kept_log"
     mkdir -p "$fuzz/artifacts/$target"
     cp "$work/artifacts/"* "$fuzz/artifacts/$target/" 2> /dev/null || true
-    echo "the merge of generation $generation failed (exit status $status) or one of its runs crashed." >&2
-    echo "Its log is $kept_log; crashing inputs are in $fuzz/artifacts/$target/." >&2
+    echo "the merge of generation $generation failed (exit status $status), or an input crashed the target." >&2
+    echo "Read the merge log $kept_log; crashing inputs are in $fuzz/artifacts/$target/." >&2
     exit 1
   fi
   rm -rf "$work/seeds"
   mkdir "$work/seeds"
-  # Kept variants are those that the merge added to the corpus. Both folders name files
-  # by the SHA-1 of their content, and a file that another process writes into the
-  # corpus during the merge is not a variant.
+  # A kept variant is a new corpus file with a variant's name (both are SHA-1 names), so a
+  # file that another process writes into the corpus meanwhile is not counted.
   ls "$corpus" | sort | comm -13 "$work/before" - > "$work/added"
   ls "$work/variants" | sort | comm -12 "$work/added" - | while read -r name; do
     cp "$work/variants/$name" "$work/seeds/"
