@@ -194,3 +194,155 @@ fn modbus_scaled_overflow_rejected() {
         Err(DecodeError::NotFinite)
     );
 }
+
+/// Runs one of the corpus scripts of `fuzz/scripts/` and returns the files it wrote.
+fn run_script(args: &[&str], out: &Path) -> Vec<(PathBuf, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var("STONELION_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let status = std::process::Command::new(&python)
+        .args(args)
+        .current_dir(root)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot start {python}: {e}; install Python 3.11 or newer"));
+    assert!(status.success(), "{args:?} failed with {status}");
+    let mut files: Vec<(PathBuf, String)> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            (path, text)
+        })
+        .collect();
+    files.sort();
+    for (path, text) in &files {
+        if let Err(e) = text.parse::<toml::Table>() {
+            panic!("{} is not valid TOML: {e}", path.display());
+        }
+    }
+    files
+}
+
+/// Asserts that some input passed and that the messages name every listed check.
+fn assert_reaches(input_kind: &str, accepted: usize, messages: &[String], checks: &[&str]) {
+    assert!(
+        accepted > 0,
+        "no {input_kind} was accepted; the first problems: {:?}",
+        &messages[..messages.len().min(5)]
+    );
+    for check in checks {
+        assert!(
+            messages.iter().any(|m| m.contains(check)),
+            "no {input_kind} reached the check that says `{check}`"
+        );
+    }
+}
+
+#[test]
+fn profile_combinations_reach_register_checks() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let files = run_script(
+        &["fuzz/scripts/profile_combinations.py", dir, "2000", "7"],
+        out.path(),
+    );
+    assert_eq!(files.len(), 2000);
+    let mut accepted = 0;
+    let mut messages = Vec::new();
+    for (_, text) in &files {
+        match stonelion::profile::parse(text, None) {
+            Ok(_) => accepted += 1,
+            Err(errors) => messages.extend(errors.iter().map(ToString::to_string)),
+        }
+    }
+    let checks = [
+        "not both",
+        "but `function` says",
+        "runs past 65535",
+        "a register has bits 0 to 15",
+        "first not above last",
+        "string length",
+        "but `count` is",
+        "swap them",
+        "is not a decimal integer",
+        "overlaps metric",
+        "both read bits",
+        "must be greater than level1",
+    ];
+    assert_reaches("combined profile", accepted, &messages, &checks);
+}
+
+#[test]
+fn config_combinations_reach_entry_checks() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let files = run_script(
+        &["fuzz/scripts/config_combinations.py", dir, "1000", "7"],
+        out.path(),
+    );
+    assert_eq!(files.len(), 1000);
+    let builtin = stonelion::config::builtin::builtin_profiles();
+    let mut accepted = 0;
+    let mut messages = Vec::new();
+    for (_, text) in &files {
+        match stonelion::config::parse(text, builtin.clone()) {
+            Ok(_) => accepted += 1,
+            Err(problems) => messages.extend(problems.iter().map(ToString::to_string)),
+        }
+    }
+    let checks = [
+        "applies to transport rtu only",
+        "is invalid on a serial bus",
+        "unknown site",
+        "is a device id",
+        "has no metric",
+        "rule cannot watch",
+        "is not supported",
+        "unknown profile",
+    ];
+    assert_reaches("combined config", accepted, &messages, &checks);
+}
+
+#[test]
+fn toml_recombine_writes_documents_and_type_sweeps() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let corpus = tempfile::tempdir().unwrap();
+    for seed in ["example.toml", "demo.toml"] {
+        std::fs::copy(
+            root.join("fuzz/corpus/config").join(seed),
+            corpus.path().join(seed),
+        )
+        .unwrap();
+    }
+    let corpus_dir = corpus.path().to_str().unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().to_str().unwrap();
+    let files = run_script(
+        &["fuzz/scripts/toml_recombine.py", corpus_dir, out_dir, "300", "7"],
+        out.path(),
+    );
+    assert_eq!(files.len(), 300);
+
+    let sweep = tempfile::tempdir().unwrap();
+    let sweep_dir = sweep.path().to_str().unwrap();
+    let files = run_script(
+        &["fuzz/scripts/toml_recombine.py", "--sweep", corpus_dir, sweep_dir],
+        sweep.path(),
+    );
+    assert!(files.len() > 100, "the sweep wrote only {} files", files.len());
+    // Most sweep values have a type that their key does not take.
+    let builtin = stonelion::config::builtin::builtin_profiles();
+    let type_errors = files
+        .iter()
+        .filter(|(_, text)| match stonelion::config::parse(text, builtin.clone()) {
+            Ok(_) => false,
+            Err(problems) => problems.iter().any(|p| p.message.contains("invalid type")),
+        })
+        .count();
+    assert!(
+        type_errors * 2 > files.len(),
+        "only {type_errors} of {} sweep documents gave a type error",
+        files.len()
+    );
+}
