@@ -13,14 +13,15 @@ most pairs of values meet in some file.
 Usage: config_combinations.py OUT_DIR [COUNT] [SEED]
 
 COUNT is the number of configs (20,000 by default). SEED makes the output reproducible
-(1 by default). The metrics of each profile are read from `device-profiles/`. Merge the
-output as `docs/testing.md` describes.
+(1 by default). OUT_DIR must be new or empty. The metrics of each profile are read from
+`device-profiles/`. Merge the output as `docs/testing.md` describes.
 """
 
 import os
 import random
-import sys
 import tomllib
+
+import corpus_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROFILES_DIR = os.path.join(HERE, "..", "..", "device-profiles")
@@ -202,17 +203,15 @@ def config(rng, profile_metrics):
 
 
 def main():
-    if len(sys.argv) < 2:
-        sys.exit("usage: config_combinations.py OUT_DIR [COUNT] [SEED]")
-    out = sys.argv[1]
-    count = int(sys.argv[2]) if len(sys.argv) > 2 else 20_000
-    rng = random.Random(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+    parser = corpus_args.parser("Writes configs that combine the keys of their entries.")
+    args = parser.parse_args()
+    corpus_args.create_out_dir(parser, args.out_dir)
+    rng = random.Random(args.seed)
     profile_metrics = profiles()
-    os.makedirs(out, exist_ok=True)
-    for i in range(count):
-        with open(os.path.join(out, f"combo-{i:06}.toml"), "w", encoding="utf-8") as f:
+    for i in range(args.count):
+        with open(os.path.join(args.out_dir, f"combo-{i:06}.toml"), "w", encoding="utf-8") as f:
             f.write(config(rng, profile_metrics))
-    print(f"wrote {count} configs to {out}")
+    print(f"wrote {args.count} configs to {args.out_dir}")
 
 
 if __name__ == "__main__":

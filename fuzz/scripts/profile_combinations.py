@@ -7,17 +7,21 @@ So they never reach the checks that look at two keys together, such as a data ty
 a `count`, a `bit` with a bit table, or a vendor register number with a `function` that
 contradicts it. This script draws each key of a register from a list of values (absent,
 valid, at a limit, past it) and writes profiles of one to three metrics, so that most
-pairs of values meet in some file. Rules get the same treatment.
+pairs of values meet in some file. Rules get the same treatment. About a third of the
+profiles instead hold two to five valid registers a few addresses apart, for the overlap
+check.
 
 Usage: profile_combinations.py OUT_DIR [COUNT] [SEED]
 
 COUNT is the number of profiles (20,000 by default). SEED makes the output
-reproducible (1 by default). Merge the output as `docs/testing.md` describes.
+reproducible (1 by default). OUT_DIR must be new or empty. Merge the output as
+`docs/testing.md` describes.
 """
 
 import os
 import random
-import sys
+
+import corpus_args
 
 FUNCTIONS = ["coil", "discrete_input", "input_register", "holding_register"]
 TYPES = ["bool", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64", "string"]
@@ -147,7 +151,8 @@ def near_register(rng, function, base):
 def near_profile(rng):
     """Writes a profile whose valid registers lie close together, for the overlap check."""
     function = rng.choice(FUNCTIONS)
-    base = rng.choice([0, 100, 65530])
+    # 65526 leaves room for the longest register drawn here, a 6-register string.
+    base = rng.choice([0, 100, 65526])
     blocks = ['name = "near"']
     for i in range(rng.randint(2, 5)):
         kind, spec = near_register(rng, function, base)
@@ -173,16 +178,14 @@ def profile(rng):
 
 
 def main():
-    if len(sys.argv) < 2:
-        sys.exit("usage: profile_combinations.py OUT_DIR [COUNT] [SEED]")
-    out = sys.argv[1]
-    count = int(sys.argv[2]) if len(sys.argv) > 2 else 20_000
-    rng = random.Random(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
-    os.makedirs(out, exist_ok=True)
-    for i in range(count):
-        with open(os.path.join(out, f"combo-{i:06}.toml"), "w", encoding="utf-8") as f:
+    parser = corpus_args.parser("Writes device profiles that combine register and rule keys.")
+    args = parser.parse_args()
+    corpus_args.create_out_dir(parser, args.out_dir)
+    rng = random.Random(args.seed)
+    for i in range(args.count):
+        with open(os.path.join(args.out_dir, f"combo-{i:06}.toml"), "w", encoding="utf-8") as f:
             f.write(profile(rng))
-    print(f"wrote {count} profiles to {out}")
+    print(f"wrote {args.count} profiles to {args.out_dir}")
 
 
 if __name__ == "__main__":

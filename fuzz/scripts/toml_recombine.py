@@ -10,11 +10,11 @@ drops or adds keys with values seen elsewhere at the same path. The checks of `c
 then see combinations such as a Modbus device with a serial port and a TCP host, or a
 rule with the thresholds of another.
 
-Usage: toml_recombine.py CORPUS_DIR OUT_DIR [COUNT] [SEED]
-       toml_recombine.py --sweep CORPUS_DIR OUT_DIR
+Usage: toml_recombine.py [--sweep] CORPUS_DIR OUT_DIR [COUNT] [SEED]
 
 COUNT is the number of files (20,000 by default). SEED makes the output reproducible
-(1 by default). Merge the output as `docs/testing.md` describes.
+(1 by default). OUT_DIR must be new or empty. Merge the output as `docs/testing.md`
+describes.
 
 With `--sweep`, the script writes instead, for each key path of the corpus and a value of
 each TOML type, a document that holds only that key, such as
@@ -32,8 +32,9 @@ import json
 import math
 import os
 import random
-import sys
 import tomllib
+
+import corpus_args
 
 ARRAY = "[]"
 # Values of every TOML type, for the type errors of each key.
@@ -48,6 +49,8 @@ def load(corpus):
     docs = []
     for name in sorted(os.listdir(corpus)):
         path = os.path.join(corpus, name)
+        if not os.path.isfile(path):
+            continue
         try:
             with open(path, "rb") as f:
                 docs.append(tomllib.loads(f.read().decode("utf-8")))
@@ -176,44 +179,36 @@ def sweep(pools, out):
 
 
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "--sweep":
-        if len(sys.argv) != 4:
-            sys.exit("usage: toml_recombine.py --sweep CORPUS_DIR OUT_DIR")
-        corpus, out = sys.argv[2], sys.argv[3]
-        pools = {}
-        for doc in load(corpus):
-            collect(doc, (), pools)
-        os.makedirs(out, exist_ok=True)
-        print(f"wrote {sweep(pools, out)} files to {out}")
-        return
+    parser = corpus_args.parser("Writes TOML files that recombine the keys of a corpus.", corpus=True)
+    parser.add_argument("--sweep", action="store_true",
+                        help="write one document per key path and TOML type instead; "
+                        "COUNT and SEED do not apply")
+    args = parser.parse_args()
 
-    if len(sys.argv) < 3:
-        sys.exit("usage: toml_recombine.py CORPUS_DIR OUT_DIR [COUNT] [SEED]")
-    corpus, out = sys.argv[1], sys.argv[2]
-    count = int(sys.argv[3]) if len(sys.argv) > 3 else 20_000
-    rng = random.Random(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
-    if not os.path.isdir(corpus):
-        sys.exit(f"{corpus} is not a directory; give the corpus folder, such as fuzz/corpus/config")
-
-    docs = load(corpus)
+    docs = load(args.corpus)
     if not docs:
-        sys.exit(f"no file in {corpus} is valid TOML; nothing to recombine")
+        parser.error(f"no file in {args.corpus} is valid TOML; give a folder of TOML files")
     pools = {}
     for doc in docs:
         collect(doc, (), pools)
+    corpus_args.create_out_dir(parser, args.out_dir)
+    if args.sweep:
+        print(f"wrote {sweep(pools, args.out_dir)} files to {args.out_dir}")
+        return
 
-    os.makedirs(out, exist_ok=True)
+    rng = random.Random(args.seed)
     written = 0
-    for i in range(count):
+    for i in range(args.count):
         doc = mutate(rng.choice(docs), (), pools, rng, rng.choice([0.1, 0.3, 0.6]))
         try:
             text = document_text(doc)
         except TypeError:
             continue
-        with open(os.path.join(out, f"recombined-{i:06}.toml"), "w", encoding="utf-8") as f:
+        path = os.path.join(args.out_dir, f"recombined-{i:06}.toml")
+        with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         written += 1
-    print(f"read {len(docs)} TOML files, {len(pools)} key paths; wrote {written} files to {out}")
+    print(f"read {len(docs)} TOML files, {len(pools)} key paths; wrote {written} files to {args.out_dir}")
 
 
 if __name__ == "__main__":
