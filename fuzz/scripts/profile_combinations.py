@@ -166,7 +166,9 @@ def profile(rng):
         return near_profile(rng)
     names = [f"m{i}" for i in range(rng.randint(1, 3))]
     if rng.random() < 0.2:
-        names[0] = rng.choice(["M0", "0m", "m_0", "m-0", "", "é", "m0_", "_m", "mé", "m 0"])
+        # Names that break snake_case, with characters of one to four UTF-8 bytes.
+        names[0] = rng.choice(["M0", "0m", "m_0", "m-0", "", "é", "m0_", "_m", "mé", "m 0",
+                               "中", "m中", "😀", "m😀", "é0"])
     if len(names) > 1 and rng.random() < 0.1:
         names[1] = names[0]
     blocks = ['name = "combo"']
