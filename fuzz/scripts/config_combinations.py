@@ -98,7 +98,7 @@ def device_rule(rng, metrics, index):
              f'metric = "{metric}"', f'kind = "{kind}"']
     if kind == "equals":
         lines += [rng.choice(["equals = true", "equals = false", ""]),
-                  rng.choice(["", "level = 1", "level = 3", "level1 = 5"])]
+                  rng.choice(["", "level = 1", "level = 3", "level1 = 5", "level2 = 5"])]
     else:
         lines += [rng.choice(["level1 = 10", "level2 = 30", "level1 = 10\nlevel2 = 30",
                               "level1 = 30\nlevel2 = 10", "", "level1 = nan", "equals = true"])]
@@ -177,10 +177,18 @@ def clean_config(rng, profile_metrics):
     return "\n\n".join(blocks) + "\n"
 
 
+ORIGINS = ["https://grafana.example", "http://10.0.0.5:3000", "http://[::1]:3000",
+           "https://grafana.example/", "https://*.example", "grafana.example", "ftp://a",
+           "https://", "http://a_b", "https://a b", "HTTPS://A.EXAMPLE"]
+
+
 def config(rng, profile_metrics):
     if rng.random() < 0.1:
         return clean_config(rng, profile_metrics)
     blocks = []
+    if rng.random() < 0.2:
+        origins = rng.sample(ORIGINS, rng.randint(0, 3))
+        blocks.append("[server]\ncors_allowed_origins = [" + ", ".join(quoted(o) for o in origins) + "]")
     if rng.random() < 0.3:
         blocks.append("[ingest]\nstale_after = " + quoted(rng.choice(DURATIONS)))
     if rng.random() < 0.2:
