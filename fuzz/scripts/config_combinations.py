@@ -216,9 +216,7 @@ def main():
     corpus_args.create_out_dir(parser, args.out_dir)
     rng = random.Random(args.seed)
     profile_metrics = profiles()
-    for i in range(args.count):
-        with open(os.path.join(args.out_dir, f"combo-{i:06}.toml"), "w", encoding="utf-8") as f:
-            f.write(config(rng, profile_metrics))
+    corpus_args.write_numbered(args.out_dir, args.count, lambda: config(rng, profile_metrics))
     print(f"wrote {args.count} configs to {args.out_dir}")
 
 

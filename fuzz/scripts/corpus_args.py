@@ -64,3 +64,10 @@ def parser(description, corpus=False):
     result.add_argument("seed", metavar="SEED", type=seed, nargs="?", default=1,
                         help="seed of the random choices; one seed gives one output (default 1)")
     return result
+
+
+def write_numbered(out_dir, count, make_text):
+    """Writes `count` files named combo-000000.toml and up, each from `make_text()`."""
+    for i in range(count):
+        with open(os.path.join(out_dir, f"combo-{i:06}.toml"), "w", encoding="utf-8") as f:
+            f.write(make_text())

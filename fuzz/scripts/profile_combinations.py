@@ -18,7 +18,6 @@ reproducible (1 by default). OUT_DIR must be new or empty. Merge the output as
 `docs/testing.md` describes.
 """
 
-import os
 import random
 
 import corpus_args
@@ -184,9 +183,7 @@ def main():
     args = parser.parse_args()
     corpus_args.create_out_dir(parser, args.out_dir)
     rng = random.Random(args.seed)
-    for i in range(args.count):
-        with open(os.path.join(args.out_dir, f"combo-{i:06}.toml"), "w", encoding="utf-8") as f:
-            f.write(profile(rng))
+    corpus_args.write_numbered(args.out_dir, args.count, lambda: profile(rng))
     print(f"wrote {args.count} profiles to {args.out_dir}")
 
 
