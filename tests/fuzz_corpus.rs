@@ -327,7 +327,13 @@ fn toml_recombine_writes_documents_and_type_sweeps() {
     let out = tempfile::tempdir().unwrap();
     let out_dir = out.path().to_str().unwrap();
     let files = run_script(
-        &["fuzz/scripts/toml_recombine.py", corpus_dir, out_dir, "300", "7"],
+        &[
+            "fuzz/scripts/toml_recombine.py",
+            corpus_dir,
+            out_dir,
+            "300",
+            "7",
+        ],
         out.path(),
     );
     assert_eq!(files.len(), 300);
@@ -335,22 +341,225 @@ fn toml_recombine_writes_documents_and_type_sweeps() {
     let sweep = tempfile::tempdir().unwrap();
     let sweep_dir = sweep.path().to_str().unwrap();
     let files = run_script(
-        &["fuzz/scripts/toml_recombine.py", "--sweep", corpus_dir, sweep_dir],
+        &[
+            "fuzz/scripts/toml_recombine.py",
+            "--sweep",
+            corpus_dir,
+            sweep_dir,
+        ],
         sweep.path(),
     );
-    assert!(files.len() > 100, "the sweep wrote only {} files", files.len());
+    assert!(
+        files.len() > 100,
+        "the sweep wrote only {} files",
+        files.len()
+    );
     // Most sweep values have a type that their key does not take.
     let builtin = stonelion::config::builtin::builtin_profiles();
     let type_errors = files
         .iter()
-        .filter(|(_, text)| match stonelion::config::parse(text, builtin.clone()) {
-            Ok(_) => false,
-            Err(problems) => problems.iter().any(|p| p.message.contains("invalid type")),
-        })
+        .filter(
+            |(_, text)| match stonelion::config::parse(text, builtin.clone()) {
+                Ok(_) => false,
+                Err(problems) => problems.iter().any(|p| p.message.contains("invalid type")),
+            },
+        )
         .count();
     assert!(
         type_errors * 2 > files.len(),
         "only {type_errors} of {} sweep documents gave a type error",
         files.len()
     );
+}
+
+/// Writes an executable that prints `report` to stderr and exits with `status`, as a
+/// fuzz target replaying a corpus with `-print_coverage=1` does.
+fn fake_target(dir: &Path, name: &str, report: &str, status: i32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    let script = format!("#!/bin/sh\ncat >&2 <<'REPORT'\n{report}REPORT\nexit {status}\n");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Runs `fuzz/scripts/own_edges.py` and returns its output.
+fn run_own_edges(args: &[&str]) -> std::process::Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var("STONELION_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    std::process::Command::new(&python)
+        .arg("fuzz/scripts/own_edges.py")
+        .args(args)
+        .current_dir(root)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {python}: {e}; install Python 3"))
+}
+
+/// Runs `fuzz/scripts/own_edges.py`, asserts that it succeeded and returns its standard
+/// output.
+fn own_edges_stdout(args: &[&str]) -> String {
+    let output = run_own_edges(args);
+    assert!(
+        output.status.success(),
+        "own_edges.py {args:?} failed with {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn own_edges_counts_and_compares() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("my repo");
+    std::fs::create_dir_all(repo.join("src")).unwrap();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    std::fs::write(corpus.join("input"), "x").unwrap();
+    let src = repo.join("src");
+    let src = src.to_str().unwrap();
+
+    // `from_str` and `check_limits` are covered in both reports, `parse_line` only
+    // before, `check_cors` and a serde visitor that inlines a line of `src/` only after.
+    let before_report = format!(
+        "\
+COVERED_FUNC: hits: 3 edges: 5/9 <stonelion::Origin as core::str::FromStr>::from_str {src}/config/mod.rs:700
+  UNCOVERED_PC: {src}/config/mod.rs:710
+  UNCOVERED_PC: {src}/config/mod.rs:712
+  UNCOVERED_PC: /rustc/abc/library/core/src/ub_checks.rs:73
+  UNCOVERED_PC: /deps/hashbrown-0.16.1/src/control/bitmask.rs:50
+COVERED_FUNC: hits: 1 edges: 2/5 toml::de::parse /deps/toml/src/de.rs:10
+  UNCOVERED_PC: /deps/toml/src/de.rs:12
+  UNCOVERED_PC: {src}/config/spec.rs:40
+  UNCOVERED_PC: {src}x/other.rs:1
+COVERED_FUNC: hits: 4 edges: 4/6 stonelion::config::check_limits {src}/config/mod.rs:800
+  UNCOVERED_PC: {src}/config/mod.rs:801
+COVERED_FUNC: hits: 1 edges: 1/4 stonelion::config::parse_line {src}/config/mod.rs:900
+"
+    );
+    // The fuzzer covered line 710 and a hash probe in `from_str`, while a shortened input
+    // lost line 801 of `check_limits` and all of `parse_line`.
+    let after_report = format!(
+        "\
+COVERED_FUNC: hits: 9 edges: 7/9 <stonelion::Origin as core::str::FromStr>::from_str {src}/config/mod.rs:700
+  UNCOVERED_PC: {src}/config/mod.rs:712
+  UNCOVERED_PC: /rustc/abc/library/core/src/ub_checks.rs:73
+COVERED_FUNC: hits: 1 edges: 2/5 toml::de::parse /deps/toml/src/de.rs:10
+  UNCOVERED_PC: /deps/toml/src/de.rs:12
+  UNCOVERED_PC: {src}/config/spec.rs:40
+  UNCOVERED_PC: {src}x/other.rs:1
+COVERED_FUNC: hits: 4 edges: 3/6 stonelion::config::check_limits {src}/config/mod.rs:800
+  UNCOVERED_PC: {src}/config/mod.rs:801
+  UNCOVERED_PC: {src}/config/mod.rs:801
+COVERED_FUNC: hits: 2 edges: 3/3 stonelion::config::check_cors {src}/config/mod.rs:690
+COVERED_FUNC: hits: 2 edges: 2/7 serde::de::Visitor::visit_map /deps/serde/src/de.rs:30
+  UNCOVERED_PC: {src}/config/spec.rs:12
+COVERED_FUNC: hits: 2 edges: 2/2 alloc::vec::Vec::push /rustc/abc/library/alloc/src/vec/mod.rs:5
+"
+    );
+    let before_target = fake_target(dir.path(), "before", &before_report, 0);
+    let after_target = fake_target(dir.path(), "after", &after_report, 0);
+    let before_json = dir.path().join("before.json");
+    let after_json = dir.path().join("after.json");
+    let repo = repo.to_str().unwrap();
+    let corpus = corpus.to_str().unwrap();
+    let count = |target: &Path, json: &Path| {
+        let target = target.to_str().unwrap();
+        let json = json.to_str().unwrap();
+        own_edges_stdout(&["count", "--src", repo, target, json, corpus])
+    };
+
+    assert_eq!(
+        count(&before_target, &before_json).trim(),
+        "own 10 in 3 functions; uncovered on src/ lines 4 in 4 covered functions"
+    );
+    // Both reports come from fake targets, so mark them as one build.
+    let after_count = count(&after_target, &after_json);
+    assert_eq!(
+        after_count.trim(),
+        "own 13 in 3 functions; uncovered on src/ lines 5 in 6 covered functions"
+    );
+    let mut after_data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&after_json).unwrap()).unwrap();
+    let before_data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&before_json).unwrap()).unwrap();
+    after_data["binary_sha256"] = before_data["binary_sha256"].clone();
+    std::fs::write(&after_json, after_data.to_string()).unwrap();
+
+    let before_json = before_json.to_str().unwrap();
+    let after_json = after_json.to_str().unwrap();
+    let comparison = own_edges_stdout(&["compare", before_json, after_json]);
+    let lines: Vec<&str> = comparison.lines().collect();
+    let origin =
+        format!("<stonelion::Origin as core::str::FromStr>::from_str at {src}/config/mod.rs:700");
+    assert_eq!(
+        lines,
+        [
+            format!("+1 config/mod.rs:710 in {origin}"),
+            format!(
+                "newly covered function: serde::de::Visitor::visit_map at /deps/serde/src/de.rs:30, \
+                 2/7 edges, not own, with src/ lines"
+            ),
+            format!(
+                "newly covered function: stonelion::config::check_cors at {src}/config/mod.rs:690, \
+                 3/3 edges, own"
+            ),
+            format!(
+                "-1 config/mod.rs:801 in stonelion::config::check_limits at {src}/config/mod.rs:800"
+            ),
+            format!(
+                "no longer covered function: stonelion::config::parse_line at {src}/config/mod.rs:900"
+            ),
+            "own 10 -> 13; edges gained on src/ lines 0; newly covered functions: 1 own with 3 \
+             edges, 1 others with src/ lines and 2 edges"
+                .to_owned(),
+        ]
+    );
+
+    // The two fake targets are different files, so their counts do not compare.
+    let after_target_json = dir.path().join("after-target.json");
+    count(&after_target, &after_target_json);
+    let mismatch = run_own_edges(&["compare", before_json, after_target_json.to_str().unwrap()]);
+    assert!(!mismatch.status.success());
+    assert!(String::from_utf8_lossy(&mismatch.stderr).contains("different builds"));
+
+    // A crash during the replay is reported with the text before the coverage report.
+    let crash_report =
+        format!("==1==ERROR: AddressSanitizer: heap-buffer-overflow\nCOVERAGE:\n{after_report}");
+    let crashing = fake_target(dir.path(), "crashing", &crash_report, 1);
+    let crashing = crashing.to_str().unwrap();
+    let crashed = run_own_edges(&["count", "--src", repo, crashing, "/dev/null", corpus]);
+    let message = String::from_utf8_lossy(&crashed.stderr);
+    assert!(!crashed.status.success());
+    assert!(
+        message.contains("exited with status 1 during the replay"),
+        "{message}"
+    );
+    assert!(message.contains("heap-buffer-overflow"), "{message}");
+    assert!(!message.contains("UNCOVERED_PC"), "{message}");
+
+    // A root other than the build's covers no function of its own.
+    let elsewhere = dir.path().to_str().unwrap();
+    let after_target = after_target.to_str().unwrap();
+    let wrong_root = run_own_edges(&[
+        "count",
+        "--src",
+        elsewhere,
+        after_target,
+        "/dev/null",
+        corpus,
+    ]);
+    assert!(!wrong_root.status.success());
+    assert!(String::from_utf8_lossy(&wrong_root.stderr).contains("has no src/ folder"));
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    let wrong_root = run_own_edges(&[
+        "count",
+        "--src",
+        elsewhere,
+        after_target,
+        "/dev/null",
+        corpus,
+    ]);
+    assert!(!wrong_root.status.success());
+    assert!(String::from_utf8_lossy(&wrong_root.stderr).contains("no covered function is in"));
 }
