@@ -538,28 +538,24 @@ COVERED_FUNC: hits: 2 edges: 2/2 alloc::vec::Vec::push /rustc/abc/library/alloc/
     assert!(message.contains("heap-buffer-overflow"), "{message}");
     assert!(!message.contains("UNCOVERED_PC"), "{message}");
 
-    // A root other than the build's covers no function of its own.
+    // A root other than the build's is rejected, first because it has no `src/` folder,
+    // then because no covered function is in it.
     let elsewhere = dir.path().to_str().unwrap();
     let after_target = after_target.to_str().unwrap();
-    let wrong_root = run_own_edges(&[
+    let wrong_root_args = [
         "count",
         "--src",
         elsewhere,
         after_target,
         "/dev/null",
         corpus,
-    ]);
+    ];
+    let wrong_root = run_own_edges(&wrong_root_args);
     assert!(!wrong_root.status.success());
     assert!(String::from_utf8_lossy(&wrong_root.stderr).contains("has no src/ folder"));
+
     std::fs::create_dir(dir.path().join("src")).unwrap();
-    let wrong_root = run_own_edges(&[
-        "count",
-        "--src",
-        elsewhere,
-        after_target,
-        "/dev/null",
-        corpus,
-    ]);
+    let wrong_root = run_own_edges(&wrong_root_args);
     assert!(!wrong_root.status.success());
     assert!(String::from_utf8_lossy(&wrong_root.stderr).contains("no covered function is in"));
 }

@@ -173,12 +173,27 @@ def load_count(path):
         functions = data["functions"]
         for function in functions.values():
             if not {"covered", "total", "own", "uncovered_src"} <= function.keys():
-                raise KeyError("a function entry misses a field")
+                raise KeyError("a function entry is missing a field")
         return data["binary_sha256"], functions
     except (OSError, ValueError) as error:
         sys.exit(f"cannot read {path}: {error}")
     except (KeyError, TypeError, AttributeError):
         sys.exit(f"{path} is not a file that `own_edges.py count` wrote; count again")
+
+
+def print_line_changes(key, before_uncovered, after_uncovered):
+    """Prints the `src/` lines of one function whose edges AFTER covers and BEFORE does
+    not (`+n`), or the reverse (`-n`), and returns the net count."""
+    was = collections.Counter(before_uncovered)
+    now = collections.Counter(after_uncovered)
+    gained = 0
+    for location, n in sorted((was - now).items()):
+        print(f"+{n} {location} in {key}")
+        gained += n
+    for location, n in sorted((now - was).items()):
+        print(f"-{n} {location} in {key}")
+        gained -= n
+    return gained
 
 
 def compare(args):
@@ -187,32 +202,29 @@ def compare(args):
     after_binary, after = load_count(args.after)
     if before_binary != after_binary:
         sys.exit(f"{args.before} and {args.after} come from different builds, whose line "
-                 f"numbers differ; count both with one binary")
+                 f"numbers differ. Count both with one binary.")
+
     gained = 0
     new_own = []
     new_other = []
     for key, function in sorted(after.items()):
-        if key not in before:
-            if function["own"]:
-                new_own.append(function["covered"])
-            elif function["uncovered_src"]:
-                new_other.append(function["covered"])
-            else:
-                continue
-            print(f"newly covered function: {key}, {function['covered']}/{function['total']} "
-                  f"edges, {'own' if function['own'] else 'not own, with src/ lines'}")
+        if key in before:
+            gained += print_line_changes(key, before[key]["uncovered_src"],
+                                         function["uncovered_src"])
             continue
-        was = collections.Counter(before[key]["uncovered_src"])
-        now = collections.Counter(function["uncovered_src"])
-        for location, n in sorted((was - now).items()):
-            print(f"+{n} {location} in {key}")
-            gained += n
-        for location, n in sorted((now - was).items()):
-            print(f"-{n} {location} in {key}")
-            gained -= n
+        if function["own"]:
+            new_own.append(function["covered"])
+        elif function["uncovered_src"]:
+            new_other.append(function["covered"])
+        else:
+            continue
+        print(f"newly covered function: {key}, {function['covered']}/{function['total']} "
+              f"edges, {'own' if function['own'] else 'not own, with src/ lines'}")
+
     for key in sorted(before.keys() - after.keys()):
         if before[key]["own"] or before[key]["uncovered_src"]:
             print(f"no longer covered function: {key}")
+
     own_before, _ = summarize(before)
     own_after, _ = summarize(after)
     print(f"own {own_before} -> {own_after}; edges gained on src/ lines {gained}; "
